@@ -1,0 +1,45 @@
+# The two commands of the quick start: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test unit integration lint bench peers clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# compat mode puts the checkout on sys.path, so twistd finds
+	# twisted/plugins/cargobay_plugin.py from any directory.
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+## Start the proxy: on config.toml (or $$CONFIG_PATH) when there is one,
+## otherwise on the embedded development config.
+run: $(STAMP)
+	@if [ -f "$${CONFIG_PATH:-config.toml}" ]; then \
+	    exec $(BIN)/twistd -n --pidfile= cargobay; \
+	else \
+	    echo "no $${CONFIG_PATH:-config.toml}: starting on the embedded development config"; \
+	    exec $(BIN)/twistd -n --pidfile= cargobay --dev; \
+	fi
+
+peers:
+	sh scripts/install-peers.sh
+
+## Everything: unit tests and the integration tests against real peers.
+test: $(STAMP) peers
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check cargobay tests
+	$(BIN)/mypy cargobay
+
+bench: $(STAMP) peers
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) cargobay.egg-info

@@ -1,0 +1,665 @@
+"""
+Serving blobs: from the cache when it has them, otherwise streamed from the
+upstream to the client and into the cache at the same time.
+
+A miss starts one L{Fetch} per blob.  The request that started it (the
+primary) receives the upstream body directly, with push-producer flow control
+all the way to the upstream connection: when that client stops reading, the
+proxy stops reading upstream.  Every concurrent request for the same blob joins
+the fetch as a follower and tails the temporary file as it grows.  Nothing is
+sent past the last byte until the digest is verified, so a client can never
+see a complete body with wrong content: on any failure its connection is cut.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import IO, Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.iweb import IRequest, IResponse
+from zope.interface import implementer
+
+from cargobay.cache import BlobCache, BlobKey, BlobWriter, CacheWriteError, Entry
+from cargobay.errors import RegistryError, blob_unknown
+from cargobay.reference import Digest
+from cargobay.upstream import Upstream, discard_body, map_status
+
+log = Logger()
+
+#: Bytes read from a cache file per write to a client.
+CHUNK_SIZE = 256 * 1024
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def abort_request(request: Any) -> None:
+    """
+    Cut the client's connection, so that a body that cannot be completed
+    correctly never looks complete.
+    """
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if transport is not None and hasattr(transport, "abortConnection"):
+        transport.abortConnection()
+    elif transport is not None:
+        transport.loseConnection()
+
+
+class Fetch:
+    """
+    One upstream download of one blob into a temporary cache file, followed by
+    any number of clients.
+    """
+
+    def __init__(self, key: BlobKey) -> None:
+        self.key = key
+        self.writer: BlobWriter | None = None
+        self.total: int | None = None
+        #: Bytes in the temporary file that followers may send: everything
+        #: but the last byte until the whole blob is verified.
+        self.safe_end = 0
+        self.state = "starting"  # starting, running, done, failed
+        self.entry: Entry | None = None
+        self.error: RegistryError | None = None
+        self._listeners: set[Callable[[], None]] = set()
+        self._started: list[Deferred[Fetch]] = []
+
+    def when_started(self) -> Deferred[Fetch]:
+        """
+        Fires with this fetch once the upstream answered, or fails with the
+        L{RegistryError} to send.
+        """
+        d: Deferred[Fetch] = Deferred()
+        if self.state == "starting":
+            self._started.append(d)
+        elif self.error is not None:
+            d.errback(self.error)
+        else:
+            d.callback(self)
+        return d
+
+    def started(self, writer: BlobWriter, total: int | None) -> None:
+        self.writer = writer
+        self.total = total
+        self.state = "running"
+        waiting, self._started = self._started, []
+        for d in waiting:
+            d.callback(self)
+
+    def refused(self, error: RegistryError) -> None:
+        self.state = "failed"
+        self.error = error
+        waiting, self._started = self._started, []
+        for d in waiting:
+            d.errback(error)
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        self._listeners.add(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        self._listeners.discard(listener)
+
+    def progressed(self, written: int) -> None:
+        self.safe_end = max(0, written - 1)
+        self._notify()
+
+    def finished(self, entry: Entry | None, ok: bool) -> None:
+        self.state = "done" if ok and entry is not None else "failed"
+        self.entry = entry
+        if self.state == "done":
+            self.safe_end = entry.size if entry is not None else self.safe_end
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+
+@implementer(IPushProducer)
+class BlobPipe(Protocol):
+    """
+    Receives an upstream blob body: hashes it, writes it to the cache writer
+    (if any) and to the primary client (if still there), and decides at the end
+    whether the result is correct.
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        expected_length: int | None,
+        writer: BlobWriter | None,
+        request: IRequest | None,
+        fetch: Fetch | None,
+        clock: Any,
+        idle_timeout: float,
+        describe: str,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self._digest = digest
+        self._hasher = digest.hasher()
+        self._expected = expected_length
+        self._writer = writer
+        self._request = request
+        self._fetch = fetch
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._describe = describe
+        self._on_bytes = on_bytes
+        self._received = 0
+        self._held = b""
+        self._client_paused = False
+        self._timer: IDelayedCall | None = None
+        self._failure_reason: str | None = None
+        self.done: Deferred[bool] = Deferred()
+
+    # -- Protocol (upstream side) ------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self._request is not None:
+            self._request.registerProducer(self, True)
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self._received += len(data)
+        if self._expected is not None and self._received > self._expected:
+            self._give_up("sent more bytes than its Content-Length")
+            return
+        self._hasher.update(data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
+        if self._writer is not None:
+            try:
+                self._writer.write(data)
+            except CacheWriteError:
+                self._writer = None
+                if self._fetch is not None:
+                    # Followers read the file, which is gone: they are cut and
+                    # will retry; the primary goes on uncached.
+                    self._fetch.finished(None, ok=False)
+                    self._fetch = None
+                if self._request is None:
+                    self.transport.stopProducing()
+                    return
+        if self._request is not None:
+            if self._held:
+                self._request.write(self._held)
+            self._held = data
+        if self._fetch is not None:
+            self._fetch.progressed(self._received)
+
+    def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
+        self._disarm()
+        ok = False
+        if self._failure_reason is None:
+            if not reason.check(webclient.ResponseDone):
+                self._failure_reason = f"failed mid-body ({reason.type.__name__})"
+            elif self._expected is not None and self._received != self._expected:
+                self._failure_reason = (
+                    f"sent {self._received} of {self._expected} announced bytes"
+                )
+            elif self._hasher.hexdigest() != self._digest.encoded:
+                self._failure_reason = "sent content that does not match the digest"
+            else:
+                ok = True
+        entry: Entry | None = None
+        if ok:
+            if self._writer is not None:
+                entry = self._writer.commit()
+        else:
+            log.warn(
+                "upstream {what} {reason}; nothing cached",
+                what=self._describe,
+                reason=self._failure_reason,
+            )
+            if self._writer is not None:
+                self._writer.abort()
+        self._writer = None
+        if self._fetch is not None:
+            self._fetch.finished(entry, ok)
+        request, self._request = self._request, None
+        if request is not None:
+            request.unregisterProducer()
+            if ok:
+                if self._held:
+                    request.write(self._held)
+                request.finish()
+            else:
+                abort_request(request)
+        self._held = b""
+        self.done.callback(ok)
+
+    # -- idle timeout ------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._client_paused:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        else:
+            self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._give_up(f"sent nothing for {self._idle_timeout:g} s")
+
+    def _give_up(self, reason: str) -> None:
+        if self._failure_reason is None:
+            self._failure_reason = reason
+        self.transport.stopProducing()
+
+    # -- IPushProducer (primary client side) -------------------------------
+
+    def pauseProducing(self) -> None:
+        self._client_paused = True
+        self._disarm()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._client_paused = False
+        self.transport.resumeProducing()
+        self._arm()
+
+    def stopProducing(self) -> None:
+        # The primary client went away.  With a cache file to finish, the
+        # download goes on (bounded by the idle timeout) so that the next pull
+        # is a hit; without one there is no reason to keep reading.
+        self._request = None
+        self._held = b""
+        if self._writer is None:
+            self._give_up("lost its only client")
+            return
+        if self._client_paused:
+            self._client_paused = False
+            self.transport.resumeProducing()
+        self._arm()
+
+
+@implementer(IPushProducer)
+class FileSender:
+    """
+    Sends bytes C{[start, end)} of a file to a client: a complete cache entry,
+    or the temporary file of a L{Fetch} in progress, waiting for it to grow.
+    """
+
+    def __init__(
+        self,
+        request: IRequest,
+        fileobj: IO[bytes],
+        start: int,
+        end: int | None,
+        fetch: Fetch | None = None,
+        on_done: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._request = request
+        self._file: IO[bytes] | None = fileobj
+        self._fd = fileobj.fileno()
+        self._position = start
+        self._end = end
+        self._fetch = fetch
+        self._on_done = on_done
+        self._paused = False
+        self._pumping = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        if self._fetch is not None:
+            self._fetch.listen(self._pump)
+        self._pump()
+
+    def _limit(self) -> int | None:
+        """
+        How far we may send now; L{None} if the fetch failed.
+        """
+        fetch = self._fetch
+        if fetch is None:
+            assert self._end is not None
+            return self._end
+        if fetch.state == "failed":
+            return None
+        if fetch.state == "done":
+            assert fetch.entry is not None
+            self._end = fetch.entry.size
+            return self._end
+        return fetch.safe_end
+
+    def _pump(self) -> None:
+        if self._pumping or self._file is None:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and self._file is not None:
+                limit = self._limit()
+                if limit is None:
+                    self._close(ok=False)
+                    return
+                if self._end is not None and self._position >= self._end:
+                    self._close(ok=True)
+                    return
+                if self._position >= limit:
+                    return  # wait for the fetch to write more
+                data = os.pread(self._fd, min(CHUNK_SIZE, limit - self._position), self._position)
+                if not data:
+                    self._close(ok=False)
+                    return
+                self._position += len(data)
+                self._request.write(data)
+        finally:
+            self._pumping = False
+
+    def _close(self, ok: bool) -> None:
+        if self._fetch is not None:
+            self._fetch.unlisten(self._pump)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        request = self._request
+        request.unregisterProducer()
+        if ok:
+            request.finish()
+        else:
+            abort_request(request)
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done(ok)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        if self._fetch is not None:
+            self._fetch.unlisten(self._pump)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done(False)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """
+    Interpret a single C{Range: bytes=...} header against a blob of C{size}
+    bytes.  Returns C{(start, end)} (end exclusive), L{None} to serve the whole
+    blob (no header, or one we do not handle such as several ranges) or
+    C{"unsatisfiable"}.
+    """
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        length = int(last)
+        if length == 0:
+            return "unsatisfiable"
+        return (max(0, size - length), size)
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if start >= size or (last and int(last) < start):
+        return "unsatisfiable"
+    return (start, end)
+
+
+class BlobService:
+    """
+    Answers blob GET and HEAD requests for mapped repositories.
+    """
+
+    def __init__(self, cache: BlobCache, clock: Any) -> None:
+        self.cache = cache
+        self._clock = clock
+        self._fetches: dict[BlobKey, Fetch] = {}
+        #: Called with the number of bytes received from upstream (metrics).
+        self.on_upstream_bytes: Callable[[int], None] | None = None
+        #: Called with (request, bytes_sent, hit) when a blob response ends (audit).
+        self.on_served: Callable[[IRequest, str, int | None], None] | None = None
+
+    def in_flight(self) -> int:
+        return len(self._fetches)
+
+    def serve(
+        self,
+        request: IRequest,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+        head: bool,
+    ) -> Deferred[None]:
+        key = BlobKey(upstream.registry.id, digest)
+        opened = self.cache.open_entry(key)
+        if opened is not None:
+            self.cache.stats.hits += 1
+            self._mark(request, "hit")
+            entry, fileobj = opened
+            return self._serve_hit(request, entry, fileobj, digest, head)
+        if head:
+            self._mark(request, "miss")
+            return self._head_upstream(request, upstream, upstream_name, digest)
+        fetch = self._fetches.get(key)
+        if fetch is not None:
+            self._mark(request, "join")
+            return self._follow(request, fetch, digest)
+        self.cache.stats.misses += 1
+        self._mark(request, "miss")
+        return self._start_fetch(request, key, upstream, upstream_name, digest)
+
+    def _mark(self, request: IRequest, how: str) -> None:
+        request.setHeader(b"X-Cache", b"HIT" if how == "hit" else b"MISS")
+        request.cache_status = how  # type: ignore[attr-defined]
+
+    # -- hits --------------------------------------------------------------
+
+    def _serve_hit(
+        self, request: IRequest, entry: Entry, fileobj: IO[bytes], digest: Digest, head: bool
+    ) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        etag = f'"{digest}"'
+        _blob_headers(request, digest)
+        request.setHeader(b"ETag", etag.encode())
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        size = entry.size
+
+        def release(ok: bool = True) -> None:
+            self.cache.release(entry)
+            if not done.called:
+                done.callback(None)
+
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
+            fileobj.close()
+            request.setResponseCode(304)
+            request.finish()
+            release()
+            return done
+        wanted = parse_range(_header(request, b"range"), size)
+        if wanted == "unsatisfiable":
+            fileobj.close()
+            request.setResponseCode(416)
+            request.setHeader(b"Content-Range", f"bytes */{size}".encode())
+            request.setHeader(b"Content-Length", b"0")
+            request.finish()
+            release()
+            return done
+        start, end = 0, size
+        if isinstance(wanted, tuple):
+            start, end = wanted
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
+        request.setHeader(b"Content-Length", str(end - start).encode())
+        if head:
+            fileobj.close()
+            request.finish()
+            release()
+            return done
+        FileSender(request, fileobj, start, end, on_done=release).start()
+        return done
+
+    # -- misses ------------------------------------------------------------
+
+    def _head_upstream(
+        self, request: IRequest, upstream: Upstream, upstream_name: str, digest: Digest
+    ) -> Deferred[None]:
+        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", _scope(upstream_name))
+
+        def answered(response: IResponse) -> None:
+            discard_body(response)
+            if response.code != 200:
+                raise map_status(upstream, response, blob_unknown(str(digest)))
+            _blob_headers(request, digest)
+            length = _content_length(response)
+            if length is not None:
+                request.setHeader(b"Content-Length", str(length).encode())
+            request.finish()
+
+        return d.addCallback(answered)
+
+    def _start_fetch(
+        self, request: IRequest, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
+    ) -> Deferred[None]:
+        fetch = Fetch(key)
+        self._fetches[key] = fetch
+        describe = f"{upstream.registry.id} {upstream_name}@{digest}"
+        primary: list[IRequest | None] = [request]
+        request.notifyFinish().addErrback(lambda _: primary.__setitem__(0, None))
+        served: Deferred[None] = Deferred()
+
+        def forget(result: object) -> object:
+            if self._fetches.get(key) is fetch:
+                del self._fetches[key]
+            return result
+
+        def answered(response: IResponse) -> Deferred[bool] | None:
+            if response.code != 200:
+                discard_body(response)
+                raise map_status(upstream, response, blob_unknown(str(digest)))
+            length = _content_length(response)
+            writer = None
+            if length is None or length <= self.cache.max_size_bytes:
+                writer = self.cache.begin(key)
+            client = primary[0]
+            if writer is None:
+                # Not cacheable now: this request streams alone.  Requests that
+                # joined meanwhile are told to retry.
+                forget(None)
+                fetch.refused(_retry_error())
+                if client is None:
+                    discard_body(response)
+                    served.callback(None)
+                    return None
+            else:
+                fetch.started(writer, length)
+            if client is not None:
+                _blob_headers(client, digest)
+                if length is not None:
+                    client.setHeader(b"Content-Length", str(length).encode())
+            pipe = BlobPipe(
+                digest,
+                length,
+                writer,
+                client,
+                fetch if writer is not None else None,
+                self._clock,
+                upstream.registry.read_timeout,
+                describe,
+                self.on_upstream_bytes,
+            )
+            response.deliverBody(pipe)
+            if client is None:
+                served.callback(None)
+            else:
+                pipe.done.addBoth(lambda _: served.callback(None))
+            return pipe.done
+
+        def failed(failure: Failure) -> None:
+            error = _as_registry_error(failure, upstream)
+            fetch.refused(error)
+            if not served.called:
+                served.errback(failure)
+
+        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", _scope(upstream_name))
+        d.addCallback(answered)
+        d.addErrback(failed)
+        d.addBoth(forget)
+        return served
+
+    def _follow(self, request: IRequest, fetch: Fetch, digest: Digest) -> Deferred[None]:
+        def go(fetch: Fetch) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            if fetch.state == "done" and fetch.entry is not None:
+                opened = self.cache.open_entry(fetch.key)
+                if opened is None:
+                    raise _retry_error()
+                entry, fileobj = opened
+                return self._serve_hit(request, entry, fileobj, digest, head=False)
+            if fetch.state != "running" or fetch.writer is None:
+                raise fetch.error or _retry_error()
+            try:
+                fileobj = open(fetch.writer.path, "rb")
+            except OSError:
+                raise _retry_error() from None
+            _blob_headers(request, digest)
+            if fetch.total is not None:
+                request.setHeader(b"Content-Length", str(fetch.total).encode())
+            FileSender(request, fileobj, 0, fetch.total, fetch, on_done=lambda ok: done.callback(None)).start()
+            return done
+
+        return fetch.when_started().addCallback(go)
+
+
+def _retry_error() -> RegistryError:
+    return RegistryError(
+        503, "UNAVAILABLE", "the blob download this request joined failed; retry",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _as_registry_error(failure: Failure, upstream: Upstream) -> RegistryError:
+    from cargobay.upstream import UpstreamError
+
+    if failure.check(RegistryError):
+        return failure.value  # type: ignore[return-value]
+    if failure.check(UpstreamError):
+        return failure.value.error  # type: ignore[union-attr]
+    return upstream._error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}")
+
+
+def _scope(upstream_name: str) -> str:
+    return f"repository:{upstream_name}:pull"
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _content_length(response: IResponse) -> int | None:
+    if response.length is not webclient.UNKNOWN_LENGTH and isinstance(response.length, int):
+        return response.length
+    values = response.headers.getRawHeaders("content-length")
+    if values and values[0].isdigit():
+        return int(values[0])
+    return None
+
+
+def _blob_headers(request: IRequest, digest: Digest) -> None:
+    request.setHeader(b"Content-Type", b"application/octet-stream")
+    request.setHeader(b"Docker-Content-Digest", str(digest).encode())

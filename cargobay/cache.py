@@ -1,0 +1,371 @@
+"""
+The blob cache on disk.
+
+Knows files and nothing about HTTP.  Layout under the cache directory::
+
+    blobs/<registry id>/<algorithm>/<first two hex>/<hex>-<size>
+    tmp/<random>                       (downloads in progress)
+
+A file exists under C{blobs/} only once its content was verified against its
+digest and fsynced: the name is reached by an atomic rename.  The size is part
+of the name so that a file damaged on disk (truncated, grown) is noticed when it
+is opened, also after a restart.  Last use is the file's mtime (updated at most
+once a minute per entry), so least-recently-used order survives restarts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterator
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from cargobay.reference import Digest
+
+log = Logger()
+
+#: How often (seconds) a cache hit updates the entry's mtime on disk.
+TOUCH_INTERVAL = 60.0
+#: Entries removed per reactor turn while evicting.
+EVICTION_BATCH = 256
+
+
+@dataclass(frozen=True)
+class BlobKey:
+    registry_id: str
+    digest: Digest
+
+    def relative_dir(self) -> str:
+        return os.path.join(
+            "blobs", self.registry_id, self.digest.algorithm, self.digest.encoded[:2]
+        )
+
+
+@dataclass
+class Entry:
+    key: BlobKey
+    path: str
+    size: int
+    last_used: float
+    readers: int = 0
+    touched: float = 0.0
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    write_errors: int = 0
+
+
+class CacheWriteError(Exception):
+    pass
+
+
+class BlobWriter:
+    """
+    A temporary file that becomes a cache entry on L{commit}.
+    """
+
+    def __init__(self, cache: BlobCache, key: BlobKey, path: str, fileobj: IO[bytes]) -> None:
+        self._cache = cache
+        self.key = key
+        self.path = path
+        self._file: IO[bytes] | None = fileobj
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self.abort()
+            self._cache.note_write_error(e)
+            raise CacheWriteError(str(e)) from e
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """
+        Make written bytes visible to readers of L{path}.
+        """
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self.abort()
+                self._cache.note_write_error(e)
+                raise CacheWriteError(str(e)) from e
+
+    def commit(self) -> Entry | None:
+        """
+        Make the file a cache entry: fsync it and rename it into place.  Its
+        content must already have been verified.  Returns L{None} (and leaves
+        nothing behind) when the disk refuses.
+        """
+        assert self._file is not None
+        fileobj, self._file = self._file, None
+        try:
+            fileobj.flush()
+            os.fsync(fileobj.fileno())
+            fileobj.close()
+            return self._cache._adopt(self.key, self.path, self.size)
+        except OSError as e:
+            fileobj.close()
+            _unlink(self.path)
+            self._cache.note_write_error(e)
+            return None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            fileobj, self._file = self._file, None
+            try:
+                fileobj.close()
+            except OSError:
+                pass
+            _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class BlobCache:
+    def __init__(
+        self,
+        directory: str,
+        max_size_bytes: int,
+        max_age_seconds: float,
+        clock: Any,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        self.max_size_bytes = max_size_bytes
+        self.max_age_seconds = max_age_seconds
+        self._clock = clock
+        self._entries: dict[BlobKey, Entry] = {}
+        self.total_size = 0
+        self.stats = CacheStats()
+        self._write_error_logged = False
+        self._evicting: Deferred[None] | None = None
+        #: Called with each evicted entry (metrics).
+        self.on_evict: Callable[[Entry], None] | None = None
+        self._cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
+
+    # -- start-up ----------------------------------------------------------
+
+    def open(self) -> None:
+        """
+        Create the directories, remove leftovers of interrupted downloads and
+        index what is on disk.  Problems are logged: an unusable cache
+        directory makes cargobay stream without caching, not fail.
+        """
+        tmp = os.path.join(self.directory, "tmp")
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            os.makedirs(os.path.join(self.directory, "blobs"), exist_ok=True)
+        except OSError as e:
+            self.note_write_error(e)
+            return
+        for name in os.listdir(tmp):
+            _unlink(os.path.join(tmp, name))
+        for entry in self._scan():
+            self._entries[entry.key] = entry
+            self.total_size += entry.size
+        log.info(
+            "cache {directory}: {count} blobs, {size} bytes",
+            directory=self.directory,
+            count=len(self._entries),
+            size=self.total_size,
+        )
+
+    def _scan(self) -> Iterator[Entry]:
+        root = os.path.join(self.directory, "blobs")
+        for registry_id in _listdir(root):
+            for algorithm in _listdir(os.path.join(root, registry_id)):
+                for fan in _listdir(os.path.join(root, registry_id, algorithm)):
+                    directory = os.path.join(root, registry_id, algorithm, fan)
+                    for item in os.scandir(directory):
+                        entry = self._entry_from_file(registry_id, algorithm, item)
+                        if entry is None:
+                            log.warn("removing unexpected file {path} from the cache", path=item.path)
+                            _unlink(item.path)
+                        else:
+                            yield entry
+
+    def _entry_from_file(self, registry_id: str, algorithm: str, item: os.DirEntry[str]) -> Entry | None:
+        encoded, _, size_text = item.name.partition("-")
+        try:
+            digest = Digest.parse(f"{algorithm}:{encoded}")
+            size = int(size_text)
+            stat = item.stat()
+        except (ValueError, OSError):
+            return None
+        if stat.st_size != size:
+            return None
+        return Entry(BlobKey(registry_id, digest), item.path, size, stat.st_mtime)
+
+    # -- reading -----------------------------------------------------------
+
+    def lookup(self, key: BlobKey) -> Entry | None:
+        return self._entries.get(key)
+
+    def open_entry(self, key: BlobKey) -> tuple[Entry, IO[bytes]] | None:
+        """
+        Open a cached blob for reading, checking that the file is still whole.
+        The caller must call L{release} when done.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        try:
+            fileobj = open(entry.path, "rb")
+        except OSError:
+            self._forget(entry)
+            return None
+        if os.fstat(fileobj.fileno()).st_size != entry.size:
+            fileobj.close()
+            log.warn("cached blob {digest} is damaged on disk; fetching it again", digest=str(key.digest))
+            self._remove(entry)
+            return None
+        entry.readers += 1
+        now = self._clock.seconds()
+        entry.last_used = now
+        if now - entry.touched > TOUCH_INTERVAL:
+            entry.touched = now
+            try:
+                os.utime(entry.path)
+            except OSError:
+                pass
+        return entry, fileobj
+
+    def release(self, entry: Entry) -> None:
+        entry.readers -= 1
+
+    # -- writing -----------------------------------------------------------
+
+    def begin(self, key: BlobKey) -> BlobWriter | None:
+        """
+        Start writing a new entry; L{None} when the cache directory is not
+        usable (the caller then streams without caching).
+        """
+        path = os.path.join(self.directory, "tmp", secrets.token_hex(12))
+        try:
+            fileobj = open(path, "xb")
+        except OSError as e:
+            self.note_write_error(e)
+            return None
+        return BlobWriter(self, key, path, fileobj)
+
+    def _adopt(self, key: BlobKey, temp_path: str, size: int) -> Entry:
+        directory = os.path.join(self.directory, key.relative_dir())
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{key.digest.encoded}-{size}")
+        os.replace(temp_path, path)
+        now = self._clock.seconds()
+        previous = self._entries.get(key)
+        if previous is not None:
+            self.total_size -= previous.size
+        entry = Entry(key, path, size, now, touched=now)
+        self._entries[key] = entry
+        self.total_size += size
+        self._write_error_logged = False
+        if self.total_size > self.max_size_bytes:
+            self.evict()
+        return entry
+
+    def note_write_error(self, error: OSError) -> None:
+        """
+        Log a disk problem once (not once per chunk or per request) until a
+        write succeeds again.
+        """
+        self.stats.write_errors += 1
+        if not self._write_error_logged:
+            self._write_error_logged = True
+            reason = errno.errorcode.get(error.errno or 0, "") or type(error).__name__
+            log.error(
+                "cache directory {directory} is not writable ({reason}: {error}); "
+                "serving without caching",
+                directory=self.directory,
+                reason=reason,
+                error=str(error),
+            )
+
+    # -- eviction ----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _forget(self, entry: Entry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            self.total_size -= entry.size
+
+    def _remove(self, entry: Entry) -> None:
+        self._forget(entry)
+        _unlink(entry.path)
+
+    def candidates(self) -> list[Entry]:
+        """
+        The entries to evict now, oldest use first: every entry unused for
+        longer than the age limit, then as many of the least recently used as it
+        takes to get under the size limit.  Entries being read are skipped.
+        """
+        now = self._clock.seconds()
+        ordered = sorted(self._entries.values(), key=lambda e: e.last_used)
+        chosen: list[Entry] = []
+        remaining = self.total_size
+        for entry in ordered:
+            if entry.readers > 0:
+                continue
+            too_old = self.max_age_seconds > 0 and now - entry.last_used > self.max_age_seconds
+            if too_old or remaining > self.max_size_bytes:
+                chosen.append(entry)
+                remaining -= entry.size
+            else:
+                break
+        return chosen
+
+    def evict(self) -> Deferred[None]:
+        """
+        Remove what L{candidates} picks, a batch per reactor turn so a large
+        cache never blocks the reactor for long.  Only one eviction runs at once.
+        """
+        if self._evicting is not None:
+            return self._evicting
+        chosen = self.candidates()
+
+        def remove_all() -> Iterator[None]:
+            for index, entry in enumerate(chosen):
+                if entry.readers == 0 and self._entries.get(entry.key) is entry:
+                    self._remove(entry)
+                    self.stats.evictions += 1
+                    if self.on_evict is not None:
+                        self.on_evict(entry)
+                if index % EVICTION_BATCH == EVICTION_BATCH - 1:
+                    yield None
+
+        def done(result: object) -> object:
+            self._evicting = None
+            if chosen:
+                log.info("evicted {count} blobs; cache now {size} bytes", count=len(chosen), size=self.total_size)
+            return result
+
+        d: Deferred[None] = self._cooperator.cooperate(remove_all()).whenDone()  # type: ignore[assignment]
+        self._evicting = d
+        d.addBoth(done)
+        return d
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

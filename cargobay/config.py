@@ -1,0 +1,456 @@
+"""
+Loading and validating cargobay's TOML configuration.
+
+The file format is the earlier (Rust) implementation's, unchanged: ``[server]``,
+``[auth]``, ``[cache]``, ``[[registries]]`` (with an optional ``[registries.auth]``)
+and ``[[repositories]]``.  Keys added by cargobay are all optional.
+
+Every mistake raises L{ConfigError} whose message is one line naming the key and
+the problem, so that start-up can stop before anything listens.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from cargobay.reference import is_valid_name
+
+DEFAULT_CONFIG_PATH = "config.toml"
+
+#: Used by ``make run`` when there is no config file at all.  The secret is a
+#: development secret: the service announces it loudly when it starts on it.
+DEVELOPMENT_SECRET = "cargobay-development-secret-do-not-use-in-production"
+
+EMBEDDED_DEFAULT_CONFIG = f"""
+[server]
+bind_address = "127.0.0.1"
+port = 5000
+
+[auth]
+jwt_secret = "{DEVELOPMENT_SECRET}"
+
+[cache]
+directory = "cache"
+max_size_bytes = 10737418240
+max_age_seconds = 604800
+
+[[registries]]
+id = "dockerhub"
+url = "https://registry-1.docker.io"
+
+[[repositories]]
+name = "alpine"
+registry_id = "dockerhub"
+upstream_name = "library/alpine"
+
+[[repositories]]
+name = "busybox"
+registry_id = "dockerhub"
+upstream_name = "library/busybox"
+
+[[repositories]]
+name = "debian"
+registry_id = "dockerhub"
+upstream_name = "library/debian"
+
+[[repositories]]
+name = "ubuntu"
+registry_id = "dockerhub"
+upstream_name = "library/ubuntu"
+
+[[repositories]]
+name = "nginx"
+registry_id = "dockerhub"
+upstream_name = "library/nginx"
+
+[[repositories]]
+name = "python"
+registry_id = "dockerhub"
+upstream_name = "library/python"
+"""
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  C{str()} of it is a single line that
+    names the offending key and what is wrong with it.
+    """
+
+
+@dataclass(frozen=True)
+class UpstreamAuth:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    id: str
+    url: str
+    auth: UpstreamAuth | None = None
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+    #: Longest silence allowed while waiting for response headers or body bytes.
+    read_timeout: float = 60.0
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def netloc(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def hostname(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.url).path.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RepositoryMapping:
+    name: str
+    registry_id: str
+    upstream_name: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind_address: str = "0.0.0.0"
+    port: int = 5000
+    #: A Twisted strports description; overrides bind_address and port.
+    listen: str | None = None
+    #: Absolute URL clients reach the proxy at, for token realms.
+    public_url: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        if self.listen:
+            return self.listen
+        interface = self.bind_address.replace(":", r"\:")
+        return f"tcp:{self.port}:interface={interface}"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt_secret: str = field(repr=False)
+    realm_service: str = "cargobay"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    directory: str = "cache"
+    max_size_bytes: int = 10 * 1024**3
+    max_age_seconds: int = 7 * 24 * 3600
+    eviction_interval_seconds: float = 60.0
+    tag_ttl_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    auth: AuthConfig
+    cache: CacheConfig
+    registries: tuple[RegistryConfig, ...]
+    repositories: tuple[RepositoryMapping, ...]
+    source: str = "<embedded>"
+
+    def registry(self, registry_id: str) -> RegistryConfig:
+        for registry in self.registries:
+            if registry.id == registry_id:
+                return registry
+        raise KeyError(registry_id)
+
+    def mapping_for(self, name: str) -> RepositoryMapping | None:
+        for mapping in self.repositories:
+            if mapping.name == name:
+                return mapping
+        return None
+
+    @property
+    def uses_development_secret(self) -> bool:
+        return self.auth.jwt_secret == DEVELOPMENT_SECRET
+
+
+# ---------------------------------------------------------------------------
+# parsing
+
+
+class _Section:
+    """
+    A view of one TOML table that remembers which keys were read, so that
+    unknown keys (typos) can be reported.
+    """
+
+    def __init__(self, where: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        self.where = where
+        self.table: Mapping[str, Any] = table
+        self.known: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.known.add(key)
+        return self.table.get(key)
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"{self._name(key)}: missing (a string is required)")
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._name(key)}: must be a string, not {_kind(value)}")
+        if required and not value.strip():
+            raise ConfigError(f"{self._name(key)}: must not be empty")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._name(key)}: must be an integer, not {_kind(value)}")
+        if value < minimum:
+            raise ConfigError(f"{self._name(key)}: must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self._name(key)}: must be at most {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, positive: bool = True) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self._name(key)}: must be a number, not {_kind(value)}")
+        if positive and not value > 0:
+            raise ConfigError(f"{self._name(key)}: must be greater than 0, got {value}")
+        return float(value)
+
+    def table_list(self, key: str) -> list[Any]:
+        value = self._get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{self._name(key)}: must be an array of tables ([[{key}]])")
+        return value
+
+    def sub(self, key: str) -> _Section | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        return _Section(self._name(key), value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.known)
+        if unknown:
+            suggestions = ", ".join(sorted(self.known))
+            raise ConfigError(
+                f"{self._name(unknown[0])}: unknown key (known keys here: {suggestions})"
+            )
+
+
+def _kind(value: object) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_url(where: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r} must not have a query or fragment")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r} has an invalid port") from None
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """
+    Parse and validate the text of a configuration file.
+
+    @raise ConfigError: naming the first problem found.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    top = _Section("", document)
+    top.where = ""
+
+    def section(key: str) -> _Section:
+        top.known.add(key)
+        value = document.get(key, {})
+        return _Section(key, value)
+
+    server_section = section("server")
+    bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
+    port = server_section.integer("port", 5000, minimum=0, maximum=65535)
+    listen = server_section.string("listen")
+    public_url = server_section.string("public_url")
+    if public_url is not None:
+        _check_url("server.public_url", public_url)
+        public_url = public_url.rstrip("/")
+    if listen is not None:
+        _check_listen("server.listen", listen)
+    server_section.finish()
+    server = ServerConfig(bind_address, port, listen, public_url)
+
+    auth_section = section("auth")
+    if "auth" not in document:
+        raise ConfigError("auth.jwt_secret: missing ([auth] jwt_secret is required)")
+    secret = auth_section.string("jwt_secret", required=True)
+    assert secret is not None
+    service = auth_section.string("service", "cargobay") or "cargobay"
+    auth_section.finish()
+    auth = AuthConfig(secret, service)
+
+    cache_section = section("cache")
+    cache = CacheConfig(
+        directory=cache_section.string("directory", "cache", required="cache" in document)
+        or "cache",
+        max_size_bytes=cache_section.integer("max_size_bytes", CacheConfig.max_size_bytes),
+        max_age_seconds=cache_section.integer("max_age_seconds", CacheConfig.max_age_seconds),
+        eviction_interval_seconds=cache_section.number(
+            "eviction_interval_seconds", CacheConfig.eviction_interval_seconds
+        ),
+        tag_ttl_seconds=cache_section.number(
+            "tag_ttl_seconds", CacheConfig.tag_ttl_seconds, positive=False
+        ),
+    )
+    if cache.tag_ttl_seconds < 0:
+        raise ConfigError(f"cache.tag_ttl_seconds: must not be negative, got {cache.tag_ttl_seconds}")
+    cache_section.finish()
+
+    registries = []
+    seen_ids: set[str] = set()
+    for index, table in enumerate(top.table_list("registries")):
+        where = f"registries[{index}]"
+        entry = _Section(where, table)
+        registry_id = entry.string("id", required=True)
+        assert registry_id is not None
+        if registry_id in seen_ids:
+            raise ConfigError(f"{where}.id: duplicate registry id {registry_id!r}")
+        seen_ids.add(registry_id)
+        url = entry.string("url", required=True)
+        assert url is not None
+        _check_url(f"{where}.url", url)
+        upstream_auth = None
+        auth_table = entry.sub("auth")
+        if auth_table is not None:
+            username = auth_table.string("username", required=True)
+            password = auth_table.string("password", required=True)
+            auth_table.finish()
+            assert username is not None and password is not None
+            upstream_auth = UpstreamAuth(username, password)
+        ca_file = entry.string("ca_file")
+        if ca_file is not None and not os.path.isfile(ca_file):
+            raise ConfigError(f"{where}.ca_file: {ca_file!r} does not exist or is not a file")
+        registries.append(
+            RegistryConfig(
+                id=registry_id,
+                url=url.rstrip("/"),
+                auth=upstream_auth,
+                ca_file=ca_file,
+                connect_timeout=entry.number("connect_timeout_seconds", 10.0),
+                read_timeout=entry.number("read_timeout_seconds", 60.0),
+            )
+        )
+        entry.finish()
+
+    repositories = []
+    seen_names: set[str] = set()
+    for index, table in enumerate(top.table_list("repositories")):
+        where = f"repositories[{index}]"
+        entry = _Section(where, table)
+        name = entry.string("name", required=True)
+        registry_id = entry.string("registry_id", required=True)
+        upstream_name = entry.string("upstream_name", required=True)
+        entry.finish()
+        assert name is not None and registry_id is not None and upstream_name is not None
+        if not is_valid_name(name):
+            raise ConfigError(f"{where}.name: {name!r} is not a valid repository name")
+        if not is_valid_name(upstream_name):
+            raise ConfigError(
+                f"{where}.upstream_name: {upstream_name!r} is not a valid repository name"
+            )
+        if registry_id not in seen_ids:
+            raise ConfigError(
+                f"{where}.registry_id: unknown registry {registry_id!r}"
+                f" (defined: {', '.join(sorted(seen_ids)) or 'none'})"
+            )
+        if name in seen_names:
+            raise ConfigError(f"{where}.name: duplicate repository name {name!r}")
+        seen_names.add(name)
+        repositories.append(RepositoryMapping(name, registry_id, upstream_name))
+
+    unknown = sorted(set(document) - top.known)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown section (known: auth, cache, registries, repositories, server)"
+        )
+
+    return Config(
+        server=server,
+        auth=auth,
+        cache=cache,
+        registries=tuple(registries),
+        repositories=tuple(repositories),
+        source=source,
+    )
+
+
+def _check_listen(where: str, description: str) -> None:
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd"):
+        raise ConfigError(
+            f"{where}: {description!r} is not a supported endpoint (tcp:, tcp6:, ssl:, unix:)"
+        )
+
+
+def resolve_config_path(option: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """
+    Where to read the configuration from: the command-line option, else
+    C{CONFIG_PATH}, else C{config.toml}.
+    """
+    if option:
+        return option
+    return environ.get("CONFIG_PATH") or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str, allow_embedded_default: bool = False) -> Config:
+    """
+    Read and validate the file at C{path}.
+
+    @param allow_embedded_default: when the file does not exist, use the
+        embedded development configuration instead of failing.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if allow_embedded_default:
+            return parse_config(EMBEDDED_DEFAULT_CONFIG, "<embedded default>")
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    return parse_config(text, path)
+

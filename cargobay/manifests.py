@@ -1,0 +1,215 @@
+"""
+Manifests, tag lists and referrers: small JSON documents passed through from
+the upstream byte for byte, with their digests checked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.web.iweb import IRequest
+
+from cargobay.errors import RegistryError, manifest_unknown, name_unknown
+from cargobay.reference import Digest, InvalidDigest, sha256_digest
+from cargobay.upstream import Upstream, discard_body, map_status, read_body
+
+#: What to ask for when a client sends no Accept header: every current
+#: manifest type, so that the upstream never down-converts to schema 1.
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    content: bytes
+    media_type: str
+    digest: Digest
+
+
+def _scope(upstream_name: str) -> str:
+    return f"repository:{upstream_name}:pull"
+
+
+def accept_headers(request: IRequest) -> list[str]:
+    values = request.requestHeaders.getRawHeaders(b"accept") or []
+    accepted = [v.decode("latin-1") for v in values if v.strip()]
+    if not accepted or all(v.strip() in ("*/*", "") for v in accepted):
+        return [", ".join(MANIFEST_MEDIA_TYPES)]
+    return accepted
+
+
+def _bad_upstream(upstream: Upstream, message: str) -> RegistryError:
+    return upstream._error(502, "UNAVAILABLE", message)
+
+
+class ManifestService:
+    @inlineCallbacks
+    def fetch(
+        self,
+        upstream: Upstream,
+        upstream_name: str,
+        reference: str,
+        accept: list[str],
+    ) -> Any:
+        """
+        GET a manifest from upstream, verified against the digest asked for (or
+        the one the upstream announces).  Fires with a L{Manifest}.
+        """
+        response = yield upstream.request(
+            "GET",
+            f"/v2/{upstream_name}/manifests/{reference}",
+            _scope(upstream_name),
+            headers={"Accept": accept},
+        )
+        if response.code != 200:
+            discard_body(response)
+            raise map_status(upstream, response, manifest_unknown(reference))
+        try:
+            content = yield read_body(response)
+        except Exception as e:
+            raise _bad_upstream(upstream, f"failed while sending a manifest ({type(e).__name__})") from None
+        media_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        announced = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
+        if ":" in reference:
+            expected = Digest.parse(reference)
+        elif announced:
+            try:
+                expected = Digest.parse(announced)
+            except InvalidDigest:
+                raise _bad_upstream(upstream, "announced an invalid manifest digest") from None
+        else:
+            expected = sha256_digest(content)
+        if not expected.matches(content):
+            raise _bad_upstream(upstream, f"sent a manifest that does not match {expected}")
+        if not media_type:
+            media_type = _media_type_of(content)
+        return Manifest(content, media_type, expected)
+
+    @inlineCallbacks
+    def head(
+        self,
+        upstream: Upstream,
+        upstream_name: str,
+        reference: str,
+        accept: list[str],
+    ) -> Any:
+        """
+        HEAD a manifest upstream (a HEAD, never a GET: it does not count
+        against Docker Hub's pull limit).  Fires with (media type, digest,
+        length).
+        """
+        response = yield upstream.request(
+            "HEAD",
+            f"/v2/{upstream_name}/manifests/{reference}",
+            _scope(upstream_name),
+            headers={"Accept": accept},
+        )
+        discard_body(response)
+        if response.code != 200:
+            raise map_status(upstream, response, manifest_unknown(reference))
+        media_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        digest = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
+        if ":" in reference:
+            digest = reference
+        length = (response.headers.getRawHeaders("content-length") or [None])[0]
+        return media_type, digest, int(length) if length and length.isdigit() else None
+
+    @inlineCallbacks
+    def tags(
+        self,
+        upstream: Upstream,
+        local_name: str,
+        upstream_name: str,
+        n: int | None,
+        last: str | None,
+    ) -> Any:
+        """
+        The upstream's tag list with the names rewritten to the local name.
+        Fires with (JSON bytes, Link header or None).
+        """
+        query = []
+        if n is not None:
+            query.append(("n", str(n)))
+        if last is not None:
+            query.append(("last", last))
+        path = f"/v2/{upstream_name}/tags/list"
+        if query:
+            path += "?" + urlencode(query)
+        response = yield upstream.request("GET", path, _scope(upstream_name))
+        if response.code != 200:
+            discard_body(response)
+            raise map_status(upstream, response, name_unknown(local_name))
+        body = yield read_body(response)
+        try:
+            document = json.loads(body)
+            tags = document.get("tags") or []
+            if not isinstance(tags, list):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
+        rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
+        link = (response.headers.getRawHeaders("link") or [None])[0]
+        return rewritten, rewrite_link(link, upstream_name, local_name)
+
+    @inlineCallbacks
+    def referrers(
+        self,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+        artifact_type: str | None,
+    ) -> Any:
+        """
+        The upstream's referrers index, passed through.  Fires with (body,
+        content type, OCI-Filters-Applied or None).
+        """
+        path = f"/v2/{upstream_name}/referrers/{digest}"
+        if artifact_type:
+            path += "?" + urlencode([("artifactType", artifact_type)])
+        response = yield upstream.request("GET", path, _scope(upstream_name))
+        if response.code != 200:
+            discard_body(response)
+            raise map_status(upstream, response, manifest_unknown(str(digest)))
+        body = yield read_body(response)
+        content_type = (response.headers.getRawHeaders("content-type") or ["application/vnd.oci.image.index.v1+json"])[0]
+        filters = (response.headers.getRawHeaders("oci-filters-applied") or [None])[0]
+        return body, content_type, filters
+
+
+def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str | None:
+    """
+    Rewrite the upstream's pagination C{Link} to point at the local name, on
+    this proxy (an absolute upstream URL becomes a path).
+    """
+    if not link:
+        return None
+    start, end = link.find("<"), link.find(">")
+    if start < 0 or end < start:
+        return None
+    target = urlsplit(link[start + 1 : end])
+    prefix = f"/v2/{upstream_name}/"
+    if not target.path.startswith(prefix):
+        return None
+    path = f"/v2/{local_name}/" + target.path[len(prefix) :]
+    if target.query:
+        path += "?" + target.query
+    return f"<{path}>" + link[end + 1 :]
+
+
+def _media_type_of(content: bytes) -> str:
+    try:
+        document = json.loads(content)
+        media_type = document.get("mediaType")
+        if isinstance(media_type, str):
+            return media_type
+    except (ValueError, AttributeError):
+        pass
+    return "application/vnd.oci.image.manifest.v1+json"

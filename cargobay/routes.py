@@ -1,0 +1,310 @@
+"""
+The registry's HTTP surface (Klein): the OCI pull API, the token endpoint,
+and read-only refusals.  Knows HTTP; hands the work to the manifest and blob
+services and the upstream clients.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from klein import Klein
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from cargobay.auth import Authenticator
+from cargobay.blobs import BlobService, abort_request
+from cargobay.config import Config, RepositoryMapping
+from cargobay.errors import (
+    RegistryError,
+    denied,
+    digest_invalid,
+    manifest_invalid,
+    name_invalid,
+    name_unknown,
+    pagination_invalid,
+)
+from cargobay.manifests import ManifestService, accept_headers
+from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
+from cargobay.tokens import Grant
+from cargobay.upstream import Upstream
+
+log = Logger()
+audit = Logger(namespace="cargobay.audit")
+
+WRITE_METHODS = (b"POST", b"PUT", b"PATCH", b"DELETE")
+READ_METHODS = (b"GET", b"HEAD")
+#: Longest request path considered; longer ones cannot hold a valid name.
+MAX_PATH = 2048
+API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    What a registry request is about, once parsed and validated.
+    """
+
+    kind: str  # "manifests", "blobs", "tags", "referrers"
+    name: str
+    argument: str  # reference, digest, or "" for tags
+
+
+def parse_target(path: str) -> Target | None:
+    """
+    Split C{/v2/<name>/<kind>/<argument>}.  Names contain slashes, so the
+    route is recognised from the end.  Returns L{None} for an unknown route.
+    """
+    if not path.startswith("/v2/"):
+        return None
+    parts = path[len("/v2/") :].split("/")
+    if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+        return Target("tags", "/".join(parts[:-2]), "")
+    if len(parts) >= 3 and parts[-2] in ("manifests", "blobs", "referrers"):
+        return Target(parts[-2], "/".join(parts[:-2]), parts[-1])
+    return None
+
+
+class RegistryApp:
+    app = Klein()
+
+    def __init__(
+        self,
+        config: Config,
+        authenticator: Authenticator,
+        upstreams: dict[str, Upstream],
+        blobs: BlobService,
+        manifests: ManifestService,
+    ) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.upstreams = upstreams
+        self.blobs = blobs
+        self.manifests = manifests
+        self._mappings = {m.name: m for m in config.repositories}
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- routes ------------------------------------------------------------
+
+    @app.route("/v2", branch=True, strict_slashes=False)
+    def registry(self, request: IRequest) -> Any:
+        request.setHeader(*API_VERSION)
+        method = request.method
+        if method in WRITE_METHODS:
+            raise denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
+        if method not in READ_METHODS:
+            raise RegistryError(405, "UNSUPPORTED", "method not allowed")
+        raw_path = request.path
+        if len(raw_path) > MAX_PATH:
+            raise name_invalid(raw_path[:100].decode("latin-1"))
+        path = raw_path.decode("latin-1")
+        target = parse_target(path) if path not in ("/v2", "/v2/") else None
+        scope = f"repository:{target.name}:pull" if target is not None and is_valid_name(target.name) else None
+        grant = self.authenticator.authenticate(request, scope)
+        request.grant = grant  # type: ignore[attr-defined]
+        if path in ("/v2", "/v2/"):
+            return _json(request, b"{}")
+        if target is None:
+            raise RegistryError(404, "UNSUPPORTED", "no such registry endpoint", {"path": path[:200]})
+        if not is_valid_name(target.name):
+            raise name_invalid(target.name)
+        self.authenticator.authorize(request, grant, target.name)
+        mapping = self._mappings.get(target.name)
+        if mapping is None:
+            raise name_unknown(target.name)
+        upstream = self.upstreams[mapping.registry_id]
+        head = method == b"HEAD"
+        if target.kind == "manifests":
+            return self._manifest(request, grant, mapping, upstream, target.argument, head)
+        if target.kind == "blobs":
+            digest = _digest(target.argument)
+            self._audit_when_done(request, grant, mapping, str(digest))
+            return self.blobs.serve(request, upstream, mapping.upstream_name, digest, head)
+        if head:
+            raise RegistryError(405, "UNSUPPORTED", "method not allowed")
+        if target.kind == "tags":
+            return self._tags(request, mapping, upstream)
+        return self._referrers(request, mapping, upstream, _digest(target.argument))
+
+    @app.route("/token", methods=["GET", "POST"])
+    def token(self, request: IRequest) -> Any:
+        """
+        The Docker token endpoint: Basic credentials (password = the user's
+        JWT) on GET, or the OAuth2 password / refresh_token grant on POST.
+        """
+        request.setHeader(*API_VERSION)
+        if request.method == b"POST":
+            form = dict(parse_qsl(request.content.read(65536).decode("utf-8", "replace")))
+            grant_type = form.get("grant_type")
+            if grant_type == "password":
+                secret = form.get("password", "")
+            elif grant_type == "refresh_token":
+                secret = form.get("refresh_token", "")
+            else:
+                raise RegistryError(400, "UNSUPPORTED", "unsupported grant_type")
+            grant = self._verify(request, secret)
+            scopes = [s for s in form.get("scope", "").split(" ") if s]
+            answer = self.authenticator.issue(grant, scopes)
+            answer["refresh_token"] = secret
+        else:
+            grant = self.authenticator.authenticate(request)
+            scopes = [v.decode("utf-8", "replace") for v in request.args.get(b"scope", [])]
+            answer = self.authenticator.issue(grant, scopes)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _json(request, json.dumps(answer).encode())
+
+    @app.route("/", branch=True)
+    def elsewhere(self, request: IRequest) -> Any:
+        request.setHeader(*API_VERSION)
+        raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint")
+
+    @app.handle_errors(RegistryError)
+    def registry_error(self, request: IRequest, failure: Failure) -> Any:
+        error: RegistryError = failure.value  # type: ignore[assignment]
+        if request.startedWriting:  # type: ignore[attr-defined]
+            abort_request(request)
+            return b""
+        request.setResponseCode(error.status)
+        for name, value in error.headers.items():
+            request.setHeader(name.encode(), value.encode("latin-1"))
+        request.setHeader(*API_VERSION)
+        return _json(request, error.body())
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> Any:
+        log.failure("unexpected error answering {path}", failure, path=request.path[:200])
+        if request.startedWriting:  # type: ignore[attr-defined]
+            abort_request(request)
+            return b""
+        request.setResponseCode(500)
+        request.setHeader(*API_VERSION)
+        body = RegistryError(500, "UNKNOWN", "internal error").body()
+        return _json(request, body)
+
+    # -- handlers ----------------------------------------------------------
+
+    def _verify(self, request: IRequest, secret: str) -> Grant:
+        from cargobay.errors import unauthorized
+        from cargobay.tokens import InvalidToken
+
+        try:
+            return self.authenticator._verifier.verify(secret)
+        except InvalidToken as e:
+            raise unauthorized(
+                f"invalid token: {e}", self.authenticator.challenge(request, error="invalid_token")
+            ) from None
+
+    @inlineCallbacks
+    def _manifest(
+        self,
+        request: IRequest,
+        grant: Grant,
+        mapping: RepositoryMapping,
+        upstream: Upstream,
+        reference: str,
+        head: bool,
+    ) -> Any:
+        if ":" in reference:
+            reference = str(_digest(reference))
+        elif not is_valid_tag(reference):
+            raise manifest_invalid(f"invalid tag {reference[:150]!r}")
+        self._audit_when_done(request, grant, mapping, reference)
+        accept = accept_headers(request)
+        if head:
+            media_type, digest, length = yield self.manifests.head(
+                upstream, mapping.upstream_name, reference, accept
+            )
+            if media_type:
+                request.setHeader(b"Content-Type", media_type.encode("latin-1"))
+            if digest:
+                request.setHeader(b"Docker-Content-Digest", digest.encode("latin-1"))
+            if length is not None:
+                request.setHeader(b"Content-Length", str(length).encode())
+            request.finish()
+            return None
+        manifest = yield self.manifests.fetch(upstream, mapping.upstream_name, reference, accept)
+        request.setHeader(b"Content-Type", manifest.media_type.encode("latin-1"))
+        request.setHeader(b"Docker-Content-Digest", str(manifest.digest).encode())
+        request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
+        request.setHeader(b"Content-Length", str(len(manifest.content)).encode())
+        return manifest.content
+
+    @inlineCallbacks
+    def _tags(self, request: IRequest, mapping: RepositoryMapping, upstream: Upstream) -> Any:
+        n_values = request.args.get(b"n")
+        n = None
+        if n_values:
+            text = n_values[0].decode("latin-1")
+            if not text.isdigit() or len(text) > 9:
+                raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
+            n = int(text)
+        last_values = request.args.get(b"last")
+        last = None
+        if last_values:
+            last = last_values[0].decode("latin-1")
+            if not is_valid_tag(last):
+                raise RegistryError(400, "TAG_INVALID", "invalid tag in 'last'", last[:150])
+        body, link = yield self.manifests.tags(upstream, mapping.name, mapping.upstream_name, n, last)
+        if link:
+            request.setHeader(b"Link", link.encode("latin-1"))
+        return _json(request, body)
+
+    @inlineCallbacks
+    def _referrers(
+        self, request: IRequest, mapping: RepositoryMapping, upstream: Upstream, digest: Digest
+    ) -> Any:
+        artifact_values = request.args.get(b"artifactType")
+        artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
+        if artifact_type is not None and (len(artifact_type) > 255 or not artifact_type.isprintable()):
+            raise RegistryError(400, "UNSUPPORTED", "invalid artifactType")
+        body, content_type, filters = yield self.manifests.referrers(
+            upstream, mapping.upstream_name, digest, artifact_type
+        )
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        if filters:
+            request.setHeader(b"OCI-Filters-Applied", filters.encode("latin-1"))
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        return body
+
+    def _audit_when_done(
+        self, request: IRequest, grant: Grant, mapping: RepositoryMapping, reference: str
+    ) -> None:
+        def record(result: object) -> object:
+            audit.info(
+                "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
+                "reference={reference} status={status} bytes={sent} cache={cache}",
+                subject=grant.subject,
+                name=mapping.name,
+                registry=mapping.registry_id,
+                upstream_name=mapping.upstream_name,
+                reference=reference,
+                status=request.code,  # type: ignore[attr-defined]
+                sent=getattr(request, "sentLength", 0),
+                cache=getattr(request, "cache_status", "-"),
+                complete=not isinstance(result, Failure),
+            )
+            return None
+
+        request.notifyFinish().addBoth(record)
+
+
+def _digest(text: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except InvalidDigest as e:
+        raise digest_invalid(str(e)) from None
+
+
+def _json(request: IRequest, body: bytes) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method == b"HEAD":
+        return b""
+    return body

@@ -1,0 +1,415 @@
+"""
+The client side: requests to one upstream registry.
+
+L{Upstream} knows the network and nothing else.  It authenticates the way
+registries ask to be authenticated (anonymous, Basic, or the Bearer token
+dance from a C{WWW-Authenticate} challenge), caches tokens per scope until they
+expire, shares one token fetch between concurrent requests, retries once on
+401, and follows redirects itself so that the registry's credentials never
+reach another host (Docker Hub and S3-backed registries redirect blobs to a CDN
+or a presigned URL).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.internet import defer, error as netError
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from cargobay.challenge import Challenge, find_challenge
+from cargobay.config import RegistryConfig
+from cargobay.errors import RegistryError
+
+log = Logger()
+
+#: Small bodies (errors, token responses, manifests) are read into memory up to
+#: this size; distribution itself refuses manifests over 4 MiB.
+SMALL_BODY_LIMIT = 4 * 1024 * 1024
+MAX_REDIRECTS = 5
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+#: A token is refreshed this long before the upstream says it expires.
+TOKEN_EXPIRY_MARGIN = 10.0
+DEFAULT_TOKEN_LIFETIME = 60.0
+
+
+class UpstreamError(Exception):
+    """
+    The upstream could not be reached or misbehaved; carries the OCI error the
+    client should get.
+    """
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _LimitedCollector(Protocol):
+    def __init__(self, limit: int, finished: Deferred[bytes]) -> None:
+        self._limit = limit
+        self._finished = finished
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._failed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._failed = True
+            self._chunks = []
+            self.transport.stopProducing()
+            self._finished.errback(BodyTooLarge(f"body larger than {self._limit} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(netError.ConnectionDone())) -> None:
+        if self._failed:
+            return
+        if reason.check(webclient.ResponseDone, webclient.PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+
+def read_body(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> Deferred[bytes]:
+    """
+    Read a whole (small) response body, giving up past C{limit} bytes.
+    """
+    finished: Deferred[bytes] = Deferred()
+    response.deliverBody(_LimitedCollector(limit, finished))
+    return finished
+
+
+def discard_body(response: IResponse) -> None:
+    """
+    Throw a response body away, without keeping a large one in memory.
+    """
+    d = read_body(response, 64 * 1024)
+    d.addErrback(lambda _: None)
+
+
+@implementer(IPolicyForHTTPS)
+class RegistryTLSPolicy:
+    """
+    Verify the registry's own host against its configured CA file (if any),
+    every other host (CDNs, token realms) against the platform's trust store.
+    """
+
+    def __init__(self, hostname: str, ca_file: str | None) -> None:
+        self._hostname = hostname
+        self._default = webclient.BrowserLikePolicyForHTTPS()
+        self._trust: Certificate | None = None
+        if ca_file is not None:
+            with open(ca_file, "rb") as f:
+                self._trust = Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        host = hostname.decode("ascii")
+        if self._trust is not None and host == self._hostname:
+            return optionsForClientTLS(host, trustRoot=self._trust)
+        return self._default.creatorForNetloc(hostname, port)
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), port)
+
+
+@dataclass
+class _CachedToken:
+    token: str
+    expires_at: float
+
+
+class Upstream:
+    """
+    Requests to one configured upstream registry.
+    """
+
+    def __init__(
+        self,
+        registry: RegistryConfig,
+        reactor: Any,
+        agent: IAgent | None = None,
+        pool: webclient.HTTPConnectionPool | None = None,
+    ) -> None:
+        self.registry = registry
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        if agent is None:
+            if pool is None:
+                pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+                pool.maxPersistentPerHost = 32
+                pool.cachedConnectionTimeout = 120
+            agent = webclient.Agent(
+                reactor,
+                contextFactory=RegistryTLSPolicy(registry.hostname, registry.ca_file),
+                connectTimeout=registry.connect_timeout,
+                pool=pool,
+            )
+        self._http = HTTPClient(agent)
+        self._tokens: dict[str, _CachedToken] = {}
+        self._pending_tokens: dict[str, list[Deferred[str]]] = {}
+        # Set once the registry answered with a Basic challenge: send the
+        # credentials up front from then on instead of paying a 401 each time.
+        self._basic = False
+        #: Called with the registry id each time a token is fetched (metrics).
+        self.on_token_fetch: Callable[[str], None] | None = None
+
+    # -- public API --------------------------------------------------------
+
+    def url_for(self, path: str) -> str:
+        return self.registry.url + path
+
+    @inlineCallbacks
+    def request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, list[str]] | None = None,
+        follow_redirects: bool = True,
+    ) -> Any:
+        """
+        Send C{method} to C{path} (below the registry's URL), authenticating for
+        C{scope} (C{repository:NAME:pull}).  Fires with the final
+        L{IResponse}; its body has not been read.
+
+        @raise UpstreamError: when the upstream cannot be reached or times out.
+        """
+        url = self.url_for(path)
+        response = yield self._send(method, url, scope, headers)
+        if response.code == 401:
+            challenges = response.headers.getRawHeaders("www-authenticate", [])
+            discard_body(response)
+            retry = yield self._answer_challenge(challenges, scope)
+            if retry:
+                response = yield self._send(method, url, scope, headers)
+        redirects = 0
+        while follow_redirects and response.code in REDIRECT_CODES:
+            location = response.headers.getRawHeaders("location", [None])[0]
+            if not location or redirects >= MAX_REDIRECTS:
+                break
+            discard_body(response)
+            redirects += 1
+            url = urljoin(url, location)
+            if method == "GET" or response.code in (307, 308):
+                next_method = method
+            else:
+                next_method = "GET"
+            response = yield self._send(next_method, url, scope, headers)
+        return response
+
+    # -- authentication ----------------------------------------------------
+
+    def _authorization_for(self, url: str, scope: str) -> str | None:
+        # Credentials go only to the registry's own origin: never to a CDN or
+        # presigned-URL host it redirects to.
+        if origin(url) != origin(self.registry.url):
+            return None
+        cached = self._tokens.get(scope)
+        if cached is not None:
+            if cached.expires_at > self._clock.seconds():
+                return f"Bearer {cached.token}"
+            del self._tokens[scope]
+        if self._basic and self.registry.auth is not None:
+            return self._basic_header()
+        return None
+
+    def _basic_header(self) -> str:
+        assert self.registry.auth is not None
+        pair = f"{self.registry.auth.username}:{self.registry.auth.password}"
+        return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+    @inlineCallbacks
+    def _answer_challenge(self, challenges: list[str], scope: str) -> Any:
+        """
+        Work out how to answer a 401, fetching a token if need be.  Fires with
+        C{True} when a retry may succeed.
+        """
+        bearer = find_challenge(challenges, "bearer")
+        if bearer is not None and bearer.realm:
+            yield self._token(scope, bearer)
+            return True
+        if find_challenge(challenges, "basic") is not None and self.registry.auth is not None:
+            self._basic = True
+            return True
+        return False
+
+    def _token(self, scope: str, challenge: Challenge) -> Deferred[str]:
+        waiting: Deferred[str] = Deferred()
+        pending = self._pending_tokens.get(scope)
+        if pending is not None:
+            pending.append(waiting)
+            return waiting
+        self._pending_tokens[scope] = [waiting]
+
+        def settle(result: Any) -> None:
+            for d in self._pending_tokens.pop(scope, []):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        self._fetch_token(scope, challenge).addBoth(settle)
+        return waiting
+
+    @inlineCallbacks
+    def _fetch_token(self, scope: str, challenge: Challenge) -> Any:
+        realm = challenge.realm
+        assert realm is not None
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamError(self._error(502, "UNAVAILABLE", f"gave an unusable token realm {realm!r}"))
+        query = []
+        if challenge.service:
+            query.append(("service", challenge.service))
+        query.append(("scope", scope))
+        headers = {}
+        if self.registry.auth is not None:
+            headers["Authorization"] = [self._basic_header()]
+        target = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        if self.on_token_fetch is not None:
+            self.on_token_fetch(self.registry.id)
+        try:
+            response = yield self._http.request(
+                "GET",
+                target,
+                headers=headers,
+                allow_redirects=False,
+                unbuffered=True,
+                timeout=self.registry.read_timeout,
+            )
+            body = yield read_body(response, 1024 * 1024)
+        except Exception as e:
+            raise UpstreamError(self._network_error(Failure(e), "token service")) from None
+        if response.code in (401, 403):
+            raise UpstreamError(
+                self._error(403, "DENIED", "refused cargobay's credentials (token service answered "
+                            f"{response.code})")
+            )
+        if response.code != 200:
+            raise UpstreamError(
+                self._error(502, "UNAVAILABLE", f"token service answered {response.code}")
+            )
+        try:
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
+            if not isinstance(token, str) or not token:
+                raise ValueError("no token")
+            lifetime = document.get("expires_in", DEFAULT_TOKEN_LIFETIME)
+            if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+                lifetime = DEFAULT_TOKEN_LIFETIME
+        except (ValueError, AttributeError):
+            raise UpstreamError(
+                self._error(502, "UNAVAILABLE", "token service answered something that is not a token")
+            ) from None
+        expires_at = self._clock.seconds() + max(lifetime - TOKEN_EXPIRY_MARGIN, lifetime / 2)
+        self._tokens[scope] = _CachedToken(token, expires_at)
+        log.debug("fetched a token for {registry} {scope}", registry=self.registry.id, scope=scope)
+        return token
+
+    # -- sending -----------------------------------------------------------
+
+    @inlineCallbacks
+    def _send(
+        self,
+        method: str,
+        url: str,
+        scope: str,
+        headers: dict[str, list[str]] | None,
+    ) -> Any:
+        outgoing = Headers({k: list(v) for k, v in (headers or {}).items()})
+        outgoing.setRawHeaders("user-agent", ["cargobay"])
+        authorization = self._authorization_for(url, scope)
+        if authorization is not None:
+            outgoing.setRawHeaders("authorization", [authorization])
+        try:
+            response = yield self._http.request(
+                method,
+                url,
+                headers=outgoing,
+                allow_redirects=False,
+                unbuffered=True,
+                timeout=self.registry.read_timeout,
+            )
+        except Exception as e:
+            raise UpstreamError(self._network_error(Failure(e), url)) from None
+        return response
+
+    def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RegistryError:
+        return RegistryError(
+            status,
+            code,
+            f"upstream registry {self.registry.id!r} {message}",
+            {"registry": self.registry.id},
+            headers,
+        )
+
+    def _network_error(self, failure: Failure, what: str) -> RegistryError:
+        host = urlsplit(what).netloc if "://" in what else what
+        if failure.check(defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
+            return self._error(504, "UNAVAILABLE", f"timed out ({host})")
+        if failure.check(netError.DNSLookupError):
+            return self._error(502, "UNAVAILABLE", f"host not found ({host})")
+        if failure.check(netError.ConnectionRefusedError):
+            return self._error(502, "UNAVAILABLE", f"refused the connection ({host})")
+        if failure.check(netError.ConnectError):
+            return self._error(502, "UNAVAILABLE", f"is unreachable ({host})")
+        if _is_tls_failure(failure):
+            return self._error(502, "UNAVAILABLE", f"failed TLS verification ({host})")
+        return self._error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
+
+
+def _is_tls_failure(failure: Failure) -> bool:
+    if failure.check(SSL.Error):
+        return True
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return any(isinstance(reason, Failure) and reason.check(SSL.Error) for reason in reasons)
+    return False
+
+
+def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError) -> RegistryError:
+    """
+    The error a client gets for an upstream answer that is not a success.
+    """
+    code = response.code
+    if code == 404:
+        return not_found
+    if code in (401, 403):
+        return upstream._error(
+            403, "DENIED", f"refused access (answered {code}); check its credentials in the config"
+        )
+    if code == 429:
+        headers = {}
+        retry_after = response.headers.getRawHeaders("retry-after", [None])[0]
+        if retry_after:
+            headers["Retry-After"] = retry_after
+        return upstream._error(429, "TOOMANYREQUESTS", "is rate limiting requests", headers)
+    if code in REDIRECT_CODES:
+        return upstream._error(502, "UNAVAILABLE", f"redirected too often or without a location ({code})")
+    if code == 504:
+        return upstream._error(504, "UNAVAILABLE", "timed out (answered 504)")
+    return upstream._error(502, "UNAVAILABLE", f"answered {code}")

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Install the real programs the integration tests run against (Debian
+# packages), only when some are missing.  Needs root (or sudo) and apt.
+set -e
+missing=""
+for program in docker-registry skopeo umoci htpasswd wrk hyperfine nginx redis-server dockerd containerd podman; do
+    command -v "$program" >/dev/null 2>&1 || missing="$missing $program"
+done
+[ -z "$missing" ] && exit 0
+echo "installing test peers (missing:$missing)"
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+    docker-registry skopeo umoci apache2-utils wrk hyperfine nginx redis-server \
+    docker.io containerd podman >/dev/null
