@@ -11,7 +11,9 @@ the problem, so that start-up can stop before anything listens.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from urllib.parse import urlsplit
 from cargobay.reference import is_valid_name
 
 DEFAULT_CONFIG_PATH = "config.toml"
+_REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: Used by ``make run`` when there is no config file at all.  The secret is a
 #: development secret: the service announces it loudly when it starts on it.
@@ -208,6 +211,7 @@ class _Section:
         value = self._get(key)
         if value is None:
             if required:
+                self._typo_of(key)
                 raise ConfigError(f"{self._name(key)}: missing (a string is required)")
             return default
         if not isinstance(value, str):
@@ -251,6 +255,15 @@ class _Section:
         if value is None:
             return None
         return _Section(self._name(key), value)
+
+    def _typo_of(self, key: str) -> None:
+        """
+        A required key is missing: if an unknown key looks like it, the typo is
+        the real problem, so name that instead.
+        """
+        for candidate in self.table:
+            if candidate not in self.known and difflib.get_close_matches(key, [candidate], cutoff=0.7):
+                raise ConfigError(f"{self._name(candidate)}: unknown key (did you mean {key!r}?)")
 
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.known)
@@ -348,6 +361,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         entry = _Section(where, table)
         registry_id = entry.string("id", required=True)
         assert registry_id is not None
+        if not _REGISTRY_ID.fullmatch(registry_id):
+            raise ConfigError(
+                f"{where}.id: {registry_id!r} may hold only letters, digits, '.', '_' and '-'"
+            )
         if registry_id in seen_ids:
             raise ConfigError(f"{where}.id: duplicate registry id {registry_id!r}")
         seen_ids.add(registry_id)

@@ -1,0 +1,149 @@
+from pathlib import Path
+
+import pytest
+
+from cargobay.config import (
+    EMBEDDED_DEFAULT_CONFIG,
+    ConfigError,
+    load_config,
+    parse_config,
+    resolve_config_path,
+)
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+# The earlier implementation's example config, as its users have it.
+SEED = """
+[server]
+bind_address = "0.0.0.0"
+port = 5000
+
+[auth]
+jwt_secret = "your-secret-key-change-this-in-production"
+
+[cache]
+directory = "/var/cache/docker-registry-proxy"
+max_size_bytes = 10737418240                   # 10 GB
+max_age_seconds = 604800                       # 7 days
+
+[[registries]]
+id = "dockerhub"
+url = "https://registry-1.docker.io"
+
+[[registries]]
+id = "private-registry"
+url = "https://private-registry.example.com"
+
+[registries.auth]
+username = "registry-user"
+password = "registry-password"
+
+[[registries]]
+id = "gcr"
+url = "https://gcr.io"
+
+[[repositories]]
+name = "alpine"
+registry_id = "dockerhub"
+upstream_name = "library/alpine"
+
+[[repositories]]
+name = "mycompany/app"
+registry_id = "private-registry"
+upstream_name = "team/application"
+"""
+
+
+def test_seed_config_loads_and_means_the_same():
+    config = parse_config(SEED)
+    assert config.server.endpoint == "tcp:5000:interface=0.0.0.0"
+    assert config.auth.jwt_secret == "your-secret-key-change-this-in-production"
+    assert config.cache.directory == "/var/cache/docker-registry-proxy"
+    assert config.cache.max_size_bytes == 10737418240
+    assert config.cache.max_age_seconds == 604800
+    assert [r.id for r in config.registries] == ["dockerhub", "private-registry", "gcr"]
+    # [registries.auth] belongs to the registry above it, and only to it.
+    assert config.registry("dockerhub").auth is None
+    assert config.registry("private-registry").auth.username == "registry-user"
+    assert config.registry("private-registry").auth.password == "registry-password"
+    assert config.registry("gcr").auth is None
+    app = config.mapping_for("mycompany/app")
+    assert app.registry_id == "private-registry" and app.upstream_name == "team/application"
+
+
+def test_shipped_example_and_embedded_default_load():
+    assert parse_config(EXAMPLE.read_text()).mapping_for("alpine") is not None
+    assert parse_config(EMBEDDED_DEFAULT_CONFIG).mapping_for("alpine").upstream_name == "library/alpine"
+
+
+def test_password_never_in_repr():
+    config = parse_config(SEED)
+    assert "registry-password" not in repr(config)
+    assert "your-secret-key" not in repr(config)
+
+
+def test_listen_overrides_bind_address_and_port():
+    config = parse_config(SEED.replace('port = 5000', 'port = 5000\nlisten = "tcp:6000:interface=127.0.0.1"'))
+    assert config.server.endpoint == "tcp:6000:interface=127.0.0.1"
+
+
+def test_new_optional_keys():
+    text = SEED.replace(
+        'url = "https://gcr.io"',
+        'url = "https://gcr.io"\nconnect_timeout_seconds = 3\nread_timeout_seconds = 7.5',
+    )
+    registry = parse_config(text).registry("gcr")
+    assert registry.connect_timeout == 3.0 and registry.read_timeout == 7.5
+
+
+@pytest.mark.parametrize(
+    "change, key, problem",
+    [
+        (('registry_id = "dockerhub"', 'registry_id = "dockrhub"'), "repositories[0].registry_id", "unknown registry"),
+        (('name = "mycompany/app"', 'name = "alpine"'), "repositories[1].name", "duplicate"),
+        (('url = "https://gcr.io"', 'url = "gcr.io"'), "registries[2].url", "not an http"),
+        (('url = "https://gcr.io"', 'url = "ftp://gcr.io"'), "registries[2].url", "not an http"),
+        (('jwt_secret = "your-secret-key-change-this-in-production"', ''), "auth.jwt_secret", "missing"),
+        (('jwt_secret = "your-secret-key-change-this-in-production"', 'jwt_secret = ""'), "auth.jwt_secret", "empty"),
+        (('max_size_bytes = 10737418240', 'max_size_bytes = -1'), "cache.max_size_bytes", "at least 0"),
+        (('max_age_seconds = 604800', 'max_age_secnds = 604800'), "cache.max_age_secnds", "unknown key"),
+        (('bind_address = "0.0.0.0"', 'bind_adress = "0.0.0.0"'), "server.bind_adress", "unknown key"),
+        (('port = 5000', 'port = 70000'), "server.port", "at most 65535"),
+        (('port = 5000', 'port = "5000"'), "server.port", "must be an integer"),
+        (('username = "registry-user"', 'usrname = "registry-user"'), "registries[1].auth.usrname", "unknown key"),
+        (('id = "gcr"', 'id = "dockerhub"'), "registries[2].id", "duplicate"),
+        (('id = "gcr"', 'id = "../gcr"'), "registries[2].id", "may hold only"),
+        (('upstream_name = "library/alpine"', 'upstream_name = "Library/Alpine"'), "repositories[0].upstream_name", "not a valid"),
+        (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
+        (('[server]', '[sever]'), "sever", "unknown section"),
+        (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
+        (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
+    ],
+)
+def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
+    old, new = change
+    assert old in SEED
+    with pytest.raises(ConfigError) as caught:
+        parse_config(SEED.replace(old, new, 1))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(key + ":"), message
+    assert problem in message
+
+
+def test_not_toml_names_the_file():
+    with pytest.raises(ConfigError, match=r"^my\.toml: not valid TOML"):
+        parse_config("[server\nport=1", "my.toml")
+
+
+def test_missing_file_and_embedded_default(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(missing)
+    assert load_config(missing, allow_embedded_default=True).source == "<embedded default>"
+
+
+def test_config_path_resolution():
+    assert resolve_config_path("a.toml", {"CONFIG_PATH": "b.toml"}) == "a.toml"
+    assert resolve_config_path(None, {"CONFIG_PATH": "b.toml"}) == "b.toml"
+    assert resolve_config_path(None, {}) == "config.toml"
