@@ -1,0 +1,285 @@
+"""
+The registry routes in memory: a StubTreq client against the Klein app, whose
+upstream is a FakeRegistry.  Fast checks of routing, validation, auth and the
+blob cache logic; the same behaviour is shown against real peers in
+test_integration_*.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+
+from cargobay.auth import Authenticator
+from cargobay.blobs import BlobService
+from cargobay.cache import BlobCache
+from cargobay.config import parse_config
+from cargobay.manifests import ManifestService
+from cargobay.routes import RegistryApp
+from cargobay.tokens import TokenVerifier, mint_token
+from tests.fakes import FakeRegistry, make_upstream
+
+SECRET = "route-test-secret-route-test-secret-xx"
+CONFIG = f"""
+[auth]
+jwt_secret = "{SECRET}"
+[[registries]]
+id = "up"
+url = "http://upstream.test"
+[[repositories]]
+name = "alpine"
+registry_id = "up"
+upstream_name = "library/alpine"
+[[repositories]]
+name = "mycompany/app"
+registry_id = "up"
+upstream_name = "team/application"
+"""
+BLOB = os.urandom(300_000)
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}).encode()
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+
+
+class World:
+    def __init__(self, tmp_path) -> None:
+        self.clock = Clock()
+        self.upstream_registry = FakeRegistry()
+        config = parse_config(CONFIG)
+        self.cache = BlobCache(str(tmp_path / "cache"), 10**9, 3600, self.clock)
+        self.cache.open()
+        upstream = make_upstream(self.upstream_registry, self.clock)
+        auth = Authenticator(TokenVerifier([SECRET]), SECRET, "cargobay", None)
+        self.app = RegistryApp(config, auth, {"up": upstream}, BlobService(self.cache, self.clock), ManifestService())
+        self.client = StubTreq(self.app.resource())
+
+    def get(self, path, token=None, method="GET", headers=None):
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        d = self.client.request(method, "http://proxy.test" + path, headers=headers)
+        self.client.flush()
+        results = []
+        d.addBoth(results.append)
+        self.client.flush()
+        response = results[0]
+        if hasattr(response, "raiseException"):
+            response.raiseException()
+        body = []
+        self.client.content(response).addBoth(body.append)
+        self.client.flush()
+        return response, body[0]
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+
+    def manifest(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+        return MANIFEST
+
+    w.upstream_registry.on("GET", "/v2/library/alpine/manifests/", manifest)
+    w.upstream_registry.on("GET", "/v2/library/alpine/blobs/", lambda r: BLOB)
+    return w
+
+
+ALL = mint_token(SECRET, "tester")
+ALPINE_ONLY = mint_token(SECRET, "tester", ["alpine"])
+
+
+def error_code(body):
+    return json.loads(body)["errors"][0]["code"]
+
+
+def test_version_check_needs_a_token(world):
+    response, body = world.get("/v2/")
+    assert response.code == 401
+    challenge = response.headers.getRawHeaders("www-authenticate")[0]
+    assert challenge.startswith('Bearer realm="http://proxy.test/token"')
+    assert error_code(body) == "UNAUTHORIZED"
+    assert response.headers.getRawHeaders("docker-distribution-api-version") == ["registry/2.0"]
+    response, body = world.get("/v2/", ALL)
+    assert response.code == 200 and body == b"{}"
+
+
+def test_invalid_token_is_told_apart(world):
+    response, _ = world.get("/v2/", "garbage")
+    assert response.code == 401
+    assert 'error="invalid_token"' in response.headers.getRawHeaders("www-authenticate")[0]
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("path", ["/v2/alpine/manifests/latest", "/v2/alpine/blobs/uploads/", "/v2/", "/v2/x/y"])
+def test_writes_are_refused_whatever_the_path(world, method, path):
+    response, body = world.get(path, ALL, method=method)
+    assert response.code == 403
+    assert error_code(body) == "DENIED"
+
+
+def test_wrong_repository_is_denied(world):
+    response, body = world.get("/v2/mycompany/app/tags/list", ALPINE_ONLY)
+    assert response.code == 403 and error_code(body) == "DENIED"
+    assert world.upstream_registry.seen == []
+
+
+@pytest.mark.parametrize(
+    "path, status, code",
+    [
+        ("/v2/unmapped/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/../etc/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/alpine%2f..%2fx/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/alpine/manifests/.bad", 400, "MANIFEST_INVALID"),
+        ("/v2/alpine/manifests/sha256:abc", 400, "DIGEST_INVALID"),
+        ("/v2/alpine/blobs/sha256:" + "z" * 64, 400, "DIGEST_INVALID"),
+        ("/v2/alpine/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        ("/v2/alpine/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/alpine/tags/list?last=..", 400, "TAG_INVALID"),
+        ("/v2/alpine/unknown/thing", 404, "UNSUPPORTED"),
+        ("/elsewhere", 404, "UNSUPPORTED"),
+    ],
+)
+def test_bad_requests_get_oci_errors(world, path, status, code):
+    response, body = world.get(path, ALL)
+    assert (response.code, error_code(body)) == (status, code)
+    assert world.upstream_registry.seen == []
+
+
+def test_manifest_is_passed_through_byte_for_byte(world):
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 200
+    assert body == MANIFEST
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
+    # No Accept from the client: every current type is asked for, never schema 1.
+    accept = world.upstream_registry.seen[0].headers["accept"][0]
+    assert "application/vnd.oci.image.index.v1+json" in accept
+    assert "application/vnd.docker.distribution.manifest.v2+json" in accept
+    assert "v1+prettyjws" not in accept
+
+
+def test_manifest_that_does_not_match_its_digest_is_refused(world):
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: MANIFEST + b" ")
+    response, body = world.get(f"/v2/alpine/manifests/{MANIFEST_DIGEST}", ALL)
+    assert response.code == 502
+    assert error_code(body) == "UNAVAILABLE"
+
+
+def test_client_accept_is_forwarded(world):
+    world.get("/v2/alpine/manifests/latest", ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert world.upstream_registry.seen[0].headers["accept"] == ["application/vnd.oci.image.manifest.v1+json"]
+
+
+def test_manifest_head_is_a_head_upstream(world):
+    def head(request):
+        request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        return b""
+
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", head)
+    response, _ = world.get("/v2/alpine/manifests/latest", ALL, method="HEAD")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    assert [s.method for s in world.upstream_registry.seen] == ["HEAD"]
+
+
+def test_tag_list_is_rewritten_to_the_local_name(world):
+    def tags(request):
+        request.setHeader(b"Link", b'</v2/team/application/tags/list?last=b&n=2>; rel="next"')
+        return json.dumps({"name": "team/application", "tags": ["a", "b"]}).encode()
+
+    world.upstream_registry.on("GET", "/v2/team/application/tags/list", tags)
+    response, body = world.get("/v2/mycompany/app/tags/list?n=2", ALL)
+    assert json.loads(body) == {"name": "mycompany/app", "tags": ["a", "b"]}
+    assert response.headers.getRawHeaders("link") == ['</v2/mycompany/app/tags/list?last=b&n=2>; rel="next"']
+    assert world.upstream_registry.seen[0].url.endswith("/v2/team/application/tags/list?n=2")
+
+
+def test_blob_miss_then_hit(world):
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALPINE_ONLY)
+    assert response.code == 200 and body == BLOB
+    assert response.headers.getRawHeaders("docker-content-digest") == [BLOB_DIGEST]
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALPINE_ONLY)
+    assert response.code == 200 and body == BLOB
+    assert response.headers.getRawHeaders("x-cache") == ["HIT"]
+    assert len(world.upstream_registry.requests("/blobs/")) == 1
+    assert len(world.cache) == 1
+
+
+def test_blob_with_wrong_content_is_never_cached(world):
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", lambda r: BLOB[:-1] + b"X")
+    with pytest.raises(Exception):
+        world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert len(world.cache) == 0
+    assert os.listdir(os.path.join(world.cache.directory, "tmp")) == []
+
+
+def test_cached_blob_is_shared_by_names_of_the_same_registry_but_only_if_allowed(world):
+    world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    response, body = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 200 and body == BLOB
+    assert len(world.upstream_registry.requests("/blobs/")) == 1
+    response, _ = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALPINE_ONLY)
+    assert response.code == 403
+
+
+def test_ranges_and_conditional_requests_on_hits(world):
+    path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
+    world.get(path, ALL)
+    response, body = world.get(path, ALL, headers={"Range": "bytes=10-19"})
+    assert response.code == 206 and body == BLOB[10:20]
+    assert response.headers.getRawHeaders("content-range") == [f"bytes 10-19/{len(BLOB)}"]
+    response, body = world.get(path, ALL, headers={"Range": "bytes=-5"})
+    assert response.code == 206 and body == BLOB[-5:]
+    response, _ = world.get(path, ALL, headers={"Range": f"bytes={len(BLOB)}-"})
+    assert response.code == 416
+    response, body = world.get(path, ALL, headers={"If-None-Match": f'"{BLOB_DIGEST}"'})
+    assert response.code == 304 and body == b""
+    response, body = world.get(path, ALL, method="HEAD")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-length") == [str(len(BLOB))]
+    assert len(world.upstream_registry.seen) == 1
+
+
+def test_blob_unknown_upstream(world):
+    world.upstream_registry.handlers.clear()
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 404 and error_code(body) == "BLOB_UNKNOWN"
+
+
+def _basic(user, password):
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_token_endpoint_trades_basic_credentials_for_a_scoped_token(world):
+    response, body = world.get(
+        "/token?service=cargobay&scope=repository:alpine:pull,push&scope=repository:mycompany/app:pull",
+        headers={"Authorization": _basic("anyone", ALPINE_ONLY)},
+    )
+    assert response.code == 200
+    answer = json.loads(body)
+    assert answer["token"] == answer["access_token"]
+    grant = TokenVerifier([SECRET]).verify(answer["token"])
+    # Only what was asked for and allowed: alpine, not mycompany/app.
+    assert grant.repositories == ("alpine",)
+    response, _ = world.get("/v2/mycompany/app/tags/list", answer["token"])
+    assert response.code == 403
+
+
+def test_token_endpoint_refuses_bad_credentials(world):
+    response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("x", "nope")})
+    assert response.code == 401 and error_code(body) == "UNAUTHORIZED"
+
+
+def test_basic_credentials_on_registry_requests(world):
+    response, _ = world.get("/v2/", headers={"Authorization": _basic("anyone", ALL)})
+    assert response.code == 200
