@@ -17,8 +17,6 @@ RUN pip install --no-cache-dir . \
 USER cargobay
 VOLUME ["/var/cache/cargobay"]
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; \
-    sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:5000/v2/').status else 1)" 2>/dev/null \
-    || python -c "import urllib.request,urllib.error,sys; \
-    exec('try:\n urllib.request.urlopen(\"http://127.0.0.1:5000/v2/\")\nexcept urllib.error.HTTPError as e:\n sys.exit(0 if e.code==401 else 1)')"
+HEALTHCHECK --interval=30s --timeout=5s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz')"
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "cargobay"]

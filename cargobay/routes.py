@@ -160,6 +160,14 @@ class RegistryApp:
         request.setHeader(b"Cache-Control", b"no-store")
         return _json(request, json.dumps(answer).encode())
 
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> Any:
+        """
+        The process is up (no auth: for orchestrators' probes).
+        """
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"ok\n"
+
     @app.route("/", branch=True)
     def elsewhere(self, request: IRequest) -> Any:
         request.setHeader(*API_VERSION)

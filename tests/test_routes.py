@@ -283,3 +283,8 @@ def test_token_endpoint_refuses_bad_credentials(world):
 def test_basic_credentials_on_registry_requests(world):
     response, _ = world.get("/v2/", headers={"Authorization": _basic("anyone", ALL)})
     assert response.code == 200
+
+
+def test_healthz_needs_no_token(world):
+    response, body = world.get("/healthz")
+    assert response.code == 200 and body == b"ok\n"
