@@ -11,11 +11,15 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
+from cargobay.manifest_store import Manifest, ManifestStore
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
 from cargobay.upstream import Upstream, discard_body, map_status, read_body
+
+log = Logger()
 
 #: What to ask for when a client sends no Accept header: every current
 #: manifest type, so that the upstream never down-converts to schema 1.
@@ -25,13 +29,6 @@ MANIFEST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    content: bytes
-    media_type: str
-    digest: Digest
 
 
 def _scope(upstream_name: str) -> str:
@@ -50,7 +47,115 @@ def _bad_upstream(upstream: Upstream, message: str) -> RegistryError:
     return upstream._error(502, "UNAVAILABLE", message)
 
 
+@dataclass(frozen=True)
+class ManifestAnswer:
+    media_type: str
+    digest: Digest
+    length: int | None
+    #: The bytes, for GET; None for HEAD.
+    content: bytes | None
+    #: "hit" (from the cache, fresh), "revalidated" (cache, confirmed upstream),
+    #: "miss" (from upstream) or "stale" (cache, upstream failing).
+    source: str
+
+
+def acceptable(media_type: str, accept: list[str]) -> bool:
+    """
+    Whether a client's Accept headers admit C{media_type}.
+    """
+    offered = {item.split(";")[0].strip() for header in accept for item in header.split(",")}
+    return "*/*" in offered or media_type in offered
+
+
+def _worth_serving_stale(error: RegistryError) -> bool:
+    # Down, rate limited, refusing us or failing; but a 404 means the tag or
+    # manifest is really gone and must not be served from the cache.
+    return error.status != 404
+
+
 class ManifestService:
+    def __init__(self, store: ManifestStore | None = None, clock: Any = None, tag_ttl: float = 60.0) -> None:
+        self._store = store
+        self._clock = clock
+        self._tag_ttl = tag_ttl
+
+    @inlineCallbacks
+    def get(
+        self,
+        upstream: Upstream,
+        upstream_name: str,
+        reference: str,
+        accept: list[str],
+        head: bool,
+    ) -> Any:
+        """
+        Answer a manifest GET or HEAD from the cache when it can, from the
+        upstream otherwise, and from the cache again when the upstream fails.
+        Fires with a L{ManifestAnswer}.
+        """
+        store = self._store
+        registry_id = upstream.registry.id
+        if store is None:
+            return (yield self._from_upstream(upstream, upstream_name, reference, accept, head))
+        if ":" in reference:
+            cached = store.get(registry_id, Digest.parse(reference))
+            if cached is not None:
+                return _answer(cached, head, "hit")
+            answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
+            return answer
+        resolution = store.tag(registry_id, upstream_name, reference)
+        cached = None
+        if resolution is not None and acceptable(resolution.media_type, accept):
+            cached = store.get(registry_id, resolution.digest)
+        if cached is not None and resolution is not None:
+            age = self._clock.seconds() - resolution.confirmed_at
+            if age < self._tag_ttl:
+                return _answer(cached, head, "hit")
+            try:
+                # Revalidate with a HEAD: it does not count against Docker
+                # Hub's pull limit, and usually the tag has not moved.
+                current = yield self.head(upstream, upstream_name, reference, accept)
+            except RegistryError as error:
+                if not _worth_serving_stale(error):
+                    store.drop_tag(registry_id, upstream_name, reference)
+                    raise
+                _log_stale(upstream, upstream_name, reference, error)
+                return _answer(cached, head, "stale")
+            if current[1] == str(cached.digest):
+                store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
+                return _answer(cached, head, "revalidated")
+        try:
+            answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
+        except RegistryError as error:
+            if not _worth_serving_stale(error):
+                store.drop_tag(registry_id, upstream_name, reference)
+                raise
+            if cached is None:
+                raise
+            _log_stale(upstream, upstream_name, reference, error)
+            return _answer(cached, head, "stale")
+        if answer.content is not None:
+            store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
+        return answer
+
+    @inlineCallbacks
+    def _from_upstream(
+        self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str], head: bool
+    ) -> Any:
+        if head:
+            media_type, digest, length = yield self.head(upstream, upstream_name, reference, accept)
+            try:
+                parsed = Digest.parse(digest or "")
+            except InvalidDigest:
+                # Without a digest from a HEAD we cannot answer one: GET it.
+                manifest = yield self.fetch(upstream, upstream_name, reference, accept)
+                return _answer(manifest, True, "miss")
+            return ManifestAnswer(media_type, parsed, length, None, "miss")
+        manifest = yield self.fetch(upstream, upstream_name, reference, accept)
+        if self._store is not None:
+            self._store.put(upstream.registry.id, manifest)
+        return _answer(manifest, False, "miss")
+
     @inlineCallbacks
     def fetch(
         self,
@@ -182,6 +287,26 @@ class ManifestService:
         content_type = (response.headers.getRawHeaders("content-type") or ["application/vnd.oci.image.index.v1+json"])[0]
         filters = (response.headers.getRawHeaders("oci-filters-applied") or [None])[0]
         return body, content_type, filters
+
+
+def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:
+    return ManifestAnswer(
+        manifest.media_type,
+        manifest.digest,
+        len(manifest.content),
+        None if head else manifest.content,
+        source,
+    )
+
+
+def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: RegistryError) -> None:
+    log.warn(
+        "serving {registry}/{name}:{reference} from the cache: upstream failing ({reason})",
+        registry=upstream.registry.id,
+        name=upstream_name,
+        reference=reference,
+        reason=error.message,
+    )
 
 
 def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str | None:

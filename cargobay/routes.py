@@ -225,24 +225,20 @@ class RegistryApp:
             raise manifest_invalid(f"invalid tag {reference[:150]!r}")
         self._audit_when_done(request, grant, mapping, reference)
         accept = accept_headers(request)
-        if head:
-            media_type, digest, length = yield self.manifests.head(
-                upstream, mapping.upstream_name, reference, accept
-            )
-            if media_type:
-                request.setHeader(b"Content-Type", media_type.encode("latin-1"))
-            if digest:
-                request.setHeader(b"Docker-Content-Digest", digest.encode("latin-1"))
-            if length is not None:
-                request.setHeader(b"Content-Length", str(length).encode())
+        answer = yield self.manifests.get(upstream, mapping.upstream_name, reference, accept, head)
+        request.cache_status = answer.source  # type: ignore[attr-defined]
+        if answer.source == "stale":
+            request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
+        if answer.media_type:
+            request.setHeader(b"Content-Type", answer.media_type.encode("latin-1"))
+        request.setHeader(b"Docker-Content-Digest", str(answer.digest).encode())
+        request.setHeader(b"ETag", f'"{answer.digest}"'.encode())
+        if answer.length is not None:
+            request.setHeader(b"Content-Length", str(answer.length).encode())
+        if head or answer.content is None:
             request.finish()
             return None
-        manifest = yield self.manifests.fetch(upstream, mapping.upstream_name, reference, accept)
-        request.setHeader(b"Content-Type", manifest.media_type.encode("latin-1"))
-        request.setHeader(b"Docker-Content-Digest", str(manifest.digest).encode())
-        request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
-        request.setHeader(b"Content-Length", str(len(manifest.content)).encode())
-        return manifest.content
+        return answer.content
 
     @inlineCallbacks
     def _tags(self, request: IRequest, mapping: RepositoryMapping, upstream: Upstream) -> Any:

@@ -16,6 +16,7 @@ from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
 from cargobay.cache import BlobCache
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
+from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.routes import RegistryApp
 from cargobay.tokens import TokenVerifier, mint_token
@@ -78,7 +79,9 @@ def build_app(config: Config, reactor: Any) -> tuple[RegistryApp, BlobCache]:
         config.auth.realm_service,
         config.server.public_url,
     )
-    app = RegistryApp(config, authenticator, upstreams, BlobService(cache, reactor), ManifestService())
+    store = ManifestStore(config.cache.directory, reactor)
+    manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
+    app = RegistryApp(config, authenticator, upstreams, BlobService(cache, reactor), manifests)
     return app, cache
 
 

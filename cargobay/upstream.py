@@ -48,14 +48,14 @@ TOKEN_EXPIRY_MARGIN = 10.0
 DEFAULT_TOKEN_LIFETIME = 60.0
 
 
-class UpstreamError(Exception):
+class UpstreamError(RegistryError):
     """
-    The upstream could not be reached or misbehaved; carries the OCI error the
-    client should get.
+    The upstream could not be reached or misbehaved: the OCI error the client
+    should get, raised from the network layer.
     """
 
     def __init__(self, error: RegistryError) -> None:
-        super().__init__(error.message)
+        super().__init__(error.status, error.code, error.message, error.detail, error.headers)
         self.error = error
 
 

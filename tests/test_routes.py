@@ -19,6 +19,7 @@ from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
 from cargobay.cache import BlobCache
 from cargobay.config import parse_config
+from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.routes import RegistryApp
 from cargobay.tokens import TokenVerifier, mint_token
@@ -55,7 +56,9 @@ class World:
         self.cache.open()
         upstream = make_upstream(self.upstream_registry, self.clock)
         auth = Authenticator(TokenVerifier([SECRET]), SECRET, "cargobay", None)
-        self.app = RegistryApp(config, auth, {"up": upstream}, BlobService(self.cache, self.clock), ManifestService())
+        self.store = ManifestStore(str(tmp_path / "cache"), self.clock)
+        manifests = ManifestService(self.store, self.clock, tag_ttl=60)
+        self.app = RegistryApp(config, auth, {"up": upstream}, BlobService(self.cache, self.clock), manifests)
         self.client = StubTreq(self.app.resource())
 
     def get(self, path, token=None, method="GET", headers=None):
@@ -288,3 +291,87 @@ def test_basic_credentials_on_registry_requests(world):
 def test_healthz_needs_no_token(world):
     response, body = world.get("/healthz")
     assert response.code == 200 and body == b"ok\n"
+
+
+def _manifest_head(request):
+    request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+    request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+    return b""
+
+
+def _failing(code):
+    def handler(request):
+        request.setResponseCode(code)
+        return b""
+
+    return handler
+
+
+def test_tag_is_served_from_cache_within_ttl_then_revalidated_with_head(world):
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _manifest_head)
+    path = "/v2/alpine/manifests/latest"
+    assert world.get(path, ALL)[1] == MANIFEST
+    response, body = world.get(path, ALL)
+    assert body == MANIFEST
+    assert [s.method for s in world.upstream_registry.seen] == ["GET"]
+    world.clock.advance(61)
+    response, body = world.get(path, ALL)
+    assert body == MANIFEST
+    assert [s.method for s in world.upstream_registry.seen] == ["GET", "HEAD"]
+    # By digest: immutable, never asked upstream again.
+    assert world.get(f"/v2/alpine/manifests/{MANIFEST_DIGEST}", ALL)[1] == MANIFEST
+    assert len(world.upstream_registry.seen) == 2
+
+
+@pytest.mark.parametrize("code", [500, 503, 429])
+def test_tag_served_stale_when_upstream_fails(world, code):
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    world.upstream_registry.on("HEAD", "/v2/", _failing(code))
+    world.upstream_registry.on("GET", "/v2/", _failing(code))
+    world.clock.advance(3600)
+    response, body = world.get(path, ALL)
+    assert response.code == 200 and body == MANIFEST
+    assert response.headers.getRawHeaders("warning")
+    response, _ = world.get(path, ALL, method="HEAD")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+
+
+def test_tag_deleted_upstream_is_not_served_from_cache(world):
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    world.upstream_registry.on("HEAD", "/v2/", _failing(404))
+    world.upstream_registry.on("GET", "/v2/", _failing(404))
+    world.clock.advance(3600)
+    response, body = world.get(path, ALL)
+    assert response.code == 404 and error_code(body) == "MANIFEST_UNKNOWN"
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, _ = world.get(path, ALL)
+    assert response.code == 502
+
+
+def test_tag_moved_upstream_is_fetched_again(world):
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    moved = MANIFEST.replace(b"2", b"2 ")
+    moved_digest = "sha256:" + hashlib.sha256(moved).hexdigest()
+
+    def head(request):
+        request.setHeader(b"Docker-Content-Digest", moved_digest.encode())
+        return b""
+
+    world.upstream_registry.on("HEAD", "/v2/", head)
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: moved)
+    world.clock.advance(61)
+    response, body = world.get(path, ALL)
+    assert body == moved
+    assert response.headers.getRawHeaders("docker-content-digest") == [moved_digest]
+
+
+def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type(world):
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    world.get(path, ALL, headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    assert len(world.upstream_registry.seen) == 2

@@ -1,0 +1,139 @@
+"""
+Manifests and tag resolutions on disk.
+
+Manifests are stored by digest and are immutable: a file holds the media type
+on its first line and the exact manifest bytes after it, and is checked against
+its digest whenever it is read.  A tag resolution records which digest a tag
+pointed to and when that was last confirmed upstream; it lets a tag that
+resolved once keep working while the upstream is down.  Layout::
+
+    manifests/<registry id>/<algorithm>/<hex>
+    tags/<registry id>/<upstream name>/<tag>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from cargobay.reference import Digest, InvalidDigest
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    content: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class TagResolution:
+    digest: Digest
+    media_type: str
+    confirmed_at: float
+
+
+class ManifestStore:
+    def __init__(self, directory: str, clock: Any) -> None:
+        self.directory = os.path.abspath(directory)
+        self._clock = clock
+        self._tags: dict[tuple[str, str, str], TagResolution] = {}
+        self._write_error_logged = False
+
+    # -- manifests ---------------------------------------------------------
+
+    def _manifest_path(self, registry_id: str, digest: Digest) -> str:
+        return os.path.join(self.directory, "manifests", registry_id, digest.algorithm, digest.encoded)
+
+    def get(self, registry_id: str, digest: Digest) -> Manifest | None:
+        path = self._manifest_path(registry_id, digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        media_type, _, content = data.partition(b"\n")
+        if not digest.matches(content):
+            log.warn("cached manifest {digest} is damaged; dropping it", digest=str(digest))
+            _unlink(path)
+            return None
+        return Manifest(content, media_type.decode("utf-8", "replace"), digest)
+
+    def put(self, registry_id: str, manifest: Manifest) -> None:
+        path = self._manifest_path(registry_id, manifest.digest)
+        if os.path.exists(path):
+            return
+        header = manifest.media_type.replace("\n", "").encode("utf-8") + b"\n"
+        self._write_atomically(path, header + manifest.content)
+
+    # -- tags --------------------------------------------------------------
+
+    def _tag_path(self, registry_id: str, upstream_name: str, tag: str) -> str:
+        return os.path.join(self.directory, "tags", registry_id, upstream_name, tag + ".json")
+
+    def tag(self, registry_id: str, upstream_name: str, tag: str) -> TagResolution | None:
+        key = (registry_id, upstream_name, tag)
+        resolution = self._tags.get(key)
+        if resolution is not None:
+            return resolution
+        try:
+            with open(self._tag_path(*key), "rb") as f:
+                document = json.loads(f.read())
+            resolution = TagResolution(
+                Digest.parse(document["digest"]),
+                str(document["media_type"]),
+                float(document["confirmed_at"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, InvalidDigest):
+            return None
+        self._tags[key] = resolution
+        return resolution
+
+    def set_tag(self, registry_id: str, upstream_name: str, tag: str, digest: Digest, media_type: str) -> None:
+        key = (registry_id, upstream_name, tag)
+        previous = self._tags.get(key)
+        resolution = TagResolution(digest, media_type, self._clock.seconds())
+        self._tags[key] = resolution
+        if previous is not None and previous.digest == digest and previous.media_type == media_type:
+            # Only the confirmation time moved: not worth a disk write per pull.
+            # After a restart the older time just makes the tag look stale sooner.
+            return
+        document = {"digest": str(digest), "media_type": media_type, "confirmed_at": resolution.confirmed_at}
+        self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
+
+    def drop_tag(self, registry_id: str, upstream_name: str, tag: str) -> None:
+        key = (registry_id, upstream_name, tag)
+        self._tags.pop(key, None)
+        _unlink(self._tag_path(*key))
+
+    # -- files -------------------------------------------------------------
+
+    def _write_atomically(self, path: str, data: bytes) -> None:
+        temp = f"{path}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(temp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            self._write_error_logged = False
+        except OSError as e:
+            _unlink(temp)
+            if not self._write_error_logged:
+                self._write_error_logged = True
+                log.error("cannot write manifest cache under {directory}: {error}", directory=self.directory, error=str(e))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
