@@ -260,9 +260,11 @@ class ManifestService:
                 raise ValueError
         except (ValueError, AttributeError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
+        link = rewrite_link((response.headers.getRawHeaders("link") or [None])[0], upstream_name, local_name)
+        if link is None and (n is not None or last is not None):
+            tags, link = paginate([t for t in tags if isinstance(t, str)], n, last, local_name)
         rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
-        link = (response.headers.getRawHeaders("link") or [None])[0]
-        return rewritten, rewrite_link(link, upstream_name, local_name)
+        return rewritten, link
 
     @inlineCallbacks
     def referrers(
@@ -307,6 +309,24 @@ def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: Re
         reference=reference,
         reason=error.message,
     )
+
+
+def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) -> tuple[list[str], str | None]:
+    """
+    Apply C{n}/C{last} pagination ourselves when the upstream ignored it
+    (CNCF distribution 2.x does for tag lists): lexical order, tags after
+    C{last}, at most C{n}, and a C{Link} to the next page when there is one.
+    """
+    ordered = sorted(tags)
+    if last is not None:
+        ordered = [t for t in ordered if t > last]
+    if n is None or len(ordered) <= n:
+        return ordered, None
+    page = ordered[:n]
+    if not page:
+        return page, None
+    query = urlencode([("last", page[-1]), ("n", str(n))])
+    return page, f'</v2/{local_name}/tags/list?{query}>; rel="next"'
 
 
 def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str | None:

@@ -23,7 +23,7 @@ from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.routes import RegistryApp
 from cargobay.tokens import TokenVerifier, mint_token
-from tests.fakes import FakeRegistry, make_upstream
+from fakes import FakeRegistry, make_upstream
 
 SECRET = "route-test-secret-route-test-secret-xx"
 CONFIG = f"""
@@ -375,3 +375,15 @@ def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type
     world.get(path, ALL)
     world.get(path, ALL, headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
     assert len(world.upstream_registry.seen) == 2
+
+
+def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
+    world.upstream_registry.on(
+        "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["c", "a", "d", "b"]}).encode()
+    )
+    response, body = world.get("/v2/alpine/tags/list?n=2", ALL)
+    assert json.loads(body)["tags"] == ["a", "b"]
+    assert response.headers.getRawHeaders("link") == ['</v2/alpine/tags/list?last=b&n=2>; rel="next"']
+    response, body = world.get("/v2/alpine/tags/list?n=2&last=b", ALL)
+    assert json.loads(body)["tags"] == ["c", "d"]
+    assert response.headers.getRawHeaders("link") is None

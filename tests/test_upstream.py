@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from cargobay.config import UpstreamAuth
 from cargobay.upstream import UpstreamError, map_status, read_body
 from cargobay.errors import manifest_unknown
-from tests.fakes import FakeRegistry, bearer_protected, make_upstream, token_handler
+from fakes import FakeRegistry, bearer_protected, make_upstream, token_handler
 
 SCOPE = "repository:library/alpine:pull"
 

@@ -1,0 +1,411 @@
+"""
+The core proxy against real peers: three real CNCF registries as upstreams
+(anonymous, Basic auth, token auth with the tests' own token server), images
+pushed with skopeo, the real `twistd -n cargobay` process, and pulls with
+skopeo and plain HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cargobay.tokens import mint_token
+from peers import (
+    Registry,
+    Twistd,
+    build_oci_layout,
+    cargobay_command,
+    twistd_command,
+    free_port,
+    need,
+    run_to_completion,
+    skopeo,
+    skopeo_inspect_raw,
+    skopeo_pull,
+    skopeo_push,
+)
+
+pytestmark = pytest.mark.integration
+
+SECRET = "integration-secret-integration-secret"
+ALL = mint_token(SECRET, "tester")
+
+
+def write_config(path: Path, port: int, cache: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Path:
+    lines = [
+        "[server]",
+        'bind_address = "127.0.0.1"',
+        f"port = {port}",
+        "[auth]",
+        f'jwt_secret = "{SECRET}"',
+        "[cache]",
+        f'directory = "{cache}"',
+        "max_size_bytes = 20000000000",
+        "max_age_seconds = 86400",
+        extra,
+    ]
+    for registry in registries:
+        lines += ["[[registries]]", f'id = "{registry["id"]}"', f'url = "{registry["url"]}"']
+        for key in ("read_timeout_seconds", "connect_timeout_seconds"):
+            if key in registry:
+                lines.append(f"{key} = {registry[key]}")
+        if registry.get("username"):
+            lines += ["[registries.auth]", f'username = "{registry["username"]}"', f'password = "{registry["password"]}"']
+    for name, registry_id, upstream_name in repositories:
+        lines += ["[[repositories]]", f'name = "{name}"', f'registry_id = "{registry_id}"', f'upstream_name = "{upstream_name}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Proxy:
+    def __init__(self, process: Twistd, port: int, cache: Path) -> None:
+        self.process = process
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.url = f"http://{self.host}"
+        self.cache = cache
+
+    def request(self, path: str, token: str | None = ALL, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        all_headers = dict(headers or {})
+        if token:
+            all_headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, headers=all_headers)
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+    def rss_peak_kib(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    def cached_blob_files(self) -> list[Path]:
+        return [p for p in (self.cache / "blobs").rglob("*") if p.is_file()]
+
+    def temp_files(self) -> list[Path]:
+        return [p for p in (self.cache / "tmp").iterdir() if p.is_file()]
+
+
+def start_proxy(tmp: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Proxy:
+    port = free_port()
+    cache = tmp / "cache"
+    config = write_config(tmp / "config.toml", port, cache, registries, repositories, extra)
+    process = Twistd(config_path=config, log_path=tmp / "cargobay.log").start()
+    process.wait_listening(port)
+    return Proxy(process, port, cache)
+
+
+@pytest.fixture(scope="module")
+def images(upstream_anon: Registry, upstream_basic: Registry, upstream_token: Registry, tmp_path_factory) -> dict:
+    need("skopeo")
+    work = tmp_path_factory.mktemp("images")
+    built = {}
+    built["single"] = build_oci_layout(work / "single", "latest", layer_sizes=[2_000_000, 300_000])
+    skopeo_push(work / "single", "latest", f"{upstream_anon.host}/library/alpine:latest")
+    skopeo_push(work / "single", "latest", f"{upstream_anon.host}/library/alpine:v2s2", docker_v2s2=True)
+    built["index"] = build_oci_layout(work / "index", "latest", platforms=[("linux", "amd64"), ("linux", "arm64")])
+    skopeo_push(work / "index", "latest", f"{upstream_anon.host}/library/multi:latest", all_platforms=True)
+    for tag in ("1.0", "1.1", "2.0"):
+        skopeo_push(work / "single", "latest", f"{upstream_anon.host}/library/alpine:{tag}")
+    skopeo_push(work / "single", "latest", f"{upstream_basic.host}/team/application:latest", creds=upstream_basic.creds)
+    skopeo_push(work / "index", "latest", f"{upstream_token.host}/library/tokened:latest", creds=upstream_token.creds, all_platforms=True)
+    return built
+
+
+@pytest.fixture(scope="module")
+def proxy(images, upstream_anon: Registry, upstream_basic: Registry, upstream_token: Registry, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("proxy")
+    proxy = start_proxy(
+        tmp,
+        [
+            {"id": "anon", "url": upstream_anon.url},
+            {"id": "basic", "url": upstream_basic.url, "username": upstream_basic.username, "password": upstream_basic.password},
+            {"id": "token", "url": upstream_token.url, "username": upstream_token.username, "password": upstream_token.password},
+        ],
+        [
+            ("alpine", "anon", "library/alpine"),
+            ("multi", "anon", "library/multi"),
+            ("mycompany/app", "basic", "team/application"),
+            ("secure/deep/img", "token", "library/tokened"),
+        ],
+    )
+    yield proxy
+    proxy.process.stop()
+
+
+def same_tree(a: Path, b: Path) -> None:
+    names_a = sorted(p.name for p in a.iterdir())
+    names_b = sorted(p.name for p in b.iterdir())
+    assert names_a == names_b
+    for name in names_a:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "local, upstream_attr, upstream_name, tag, all_platforms",
+    [
+        ("alpine", "upstream_anon", "library/alpine", "latest", False),
+        ("alpine", "upstream_anon", "library/alpine", "v2s2", False),
+        ("multi", "upstream_anon", "library/multi", "latest", True),
+        ("mycompany/app", "upstream_basic", "team/application", "latest", False),
+        ("secure/deep/img", "upstream_token", "library/tokened", "latest", True),
+    ],
+)
+def test_skopeo_pull_is_byte_identical_to_upstream(proxy, request, tmp_path, local, upstream_attr, upstream_name, tag, all_platforms):
+    upstream: Registry = request.getfixturevalue(upstream_attr)
+    through = tmp_path / "through"
+    direct = tmp_path / "direct"
+    skopeo_pull(f"{proxy.host}/{local}:{tag}", through, creds=f"tester:{ALL}", all_platforms=all_platforms)
+    skopeo_pull(f"{upstream.host}/{upstream_name}:{tag}", direct, creds=upstream.creds, all_platforms=all_platforms)
+    same_tree(through, direct)
+    raw_through = skopeo_inspect_raw(f"{proxy.host}/{local}:{tag}", creds=f"tester:{ALL}")
+    raw_direct = skopeo_inspect_raw(f"{upstream.host}/{upstream_name}:{tag}", creds=upstream.creds)
+    assert raw_through == raw_direct
+
+
+def test_manifest_headers_and_digests_equal_upstream(proxy, upstream_anon, images):
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+    assert status == 200
+    assert headers["docker-content-digest"] == images["single"]["manifest"]
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == images["single"]["manifest"]
+    assert headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert int(headers["content-length"]) == len(body)
+    # The CNCF registry answers 404 to an OCI manifest requested without a
+    # matching Accept; a client that sends none still gets it through cargobay.
+    status, headers, body = proxy.request("/v2/alpine/manifests/latest")
+    assert status == 200 and headers["docker-content-digest"] == images["single"]["manifest"]
+    # A v2s2 manifest asked for without Accept is never down-converted to schema 1.
+    status, headers, body = proxy.request("/v2/alpine/manifests/v2s2")
+    assert status == 200
+    assert headers["content-type"] == "application/vnd.docker.distribution.manifest.v2+json"
+    # HEAD is a HEAD upstream.
+    before = upstream_anon.count_requests("GET", "/manifests/1.0")
+    status, headers, body = proxy.request("/v2/alpine/manifests/1.0", method="HEAD", headers=accept)
+    assert status == 200 and body == b""
+    assert headers["docker-content-digest"] == images["single"]["manifest"]
+    upstream_anon.wait_requests("HEAD", "/manifests/1.0", 1)
+    assert upstream_anon.count_requests("GET", "/manifests/1.0") == before
+
+
+def test_tag_lists_equal_upstream_with_pagination(proxy, upstream_anon):
+    status, _, body = proxy.request("/v2/alpine/tags/list")
+    assert status == 200
+    listed = json.loads(body)
+    assert listed["name"] == "alpine"
+    direct = json.loads(urllib.request.urlopen(f"{upstream_anon.url}/v2/library/alpine/tags/list").read())
+    assert listed["tags"] == direct["tags"]
+    status, headers, body = proxy.request("/v2/alpine/tags/list?n=2")
+    # distribution 2.8 ignores n; cargobay paginates in lexical order itself.
+    assert json.loads(body)["tags"] == sorted(direct["tags"])[:2]
+    link = headers["link"]
+    assert link.startswith("</v2/alpine/tags/list?") and 'rel="next"' in link
+    next_path = link[1 : link.index(">")]
+    status, _, body = proxy.request(next_path)
+    assert json.loads(body)["tags"] == sorted(direct["tags"])[2:4]
+    result = skopeo("list-tags", "--tls-verify=false", f"--creds=tester:{ALL}", f"docker://{proxy.host}/alpine")
+    assert json.loads(result.stdout)["Tags"] == direct["tags"]
+
+
+def test_blob_head_and_get_through_proxy(proxy, images, upstream_anon):
+    layer = images["single"]["layers"][1]
+    status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", method="HEAD")
+    assert status == 200 and body == b""
+    assert headers["docker-content-digest"] == layer
+    status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}")
+    assert status == 200
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == layer
+
+
+def test_writes_are_refused(proxy, tmp_path):
+    for method, path in [
+        ("PUT", "/v2/alpine/manifests/latest"),
+        ("POST", "/v2/alpine/blobs/uploads/"),
+        ("PATCH", "/v2/alpine/blobs/uploads/x"),
+        ("DELETE", "/v2/alpine/manifests/latest"),
+    ]:
+        status, _, body = proxy.request(path, method=method)
+        assert status == 403, (method, path)
+        assert json.loads(body)["errors"][0]["code"] == "DENIED"
+    layout = tmp_path / "layout"
+    build_oci_layout(layout, "pushme")
+    with pytest.raises(RuntimeError):
+        skopeo_push(layout, "pushme", f"{proxy.host}/alpine:pushme", creds=f"tester:{ALL}")
+
+
+def test_unmapped_and_forbidden_names(proxy, tmp_path):
+    status, _, body = proxy.request("/v2/nothere/manifests/latest")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+    only_alpine = mint_token(SECRET, "limited", ["alpine"])
+    status, _, body = proxy.request("/v2/mycompany/app/manifests/latest", token=only_alpine)
+    assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
+    with pytest.raises(RuntimeError):
+        skopeo_pull(f"{proxy.host}/mycompany/app:latest", tmp_path / "x", creds=f"limited:{only_alpine}")
+    assert not (tmp_path / "x" / "manifest.json").exists()
+    status, _, _ = proxy.request("/v2/alpine/manifests/latest", token=None)
+    assert status == 401
+
+
+def test_upstream_down_at_startup_and_errors_name_it(tmp_path):
+    dead = free_port()
+    proxy = start_proxy(tmp_path, [{"id": "gone", "url": f"http://127.0.0.1:{dead}"}], [("lost", "gone", "library/lost")])
+    try:
+        status, _, body = proxy.request("/v2/lost/manifests/latest")
+        assert status == 502
+        error = json.loads(body)["errors"][0]
+        assert "'gone'" in error["message"]
+        status, _, body = proxy.request("/v2/lost/blobs/sha256:" + "a" * 64)
+        assert status == 502
+        assert "Traceback" not in proxy.process.log_text()
+    finally:
+        proxy.process.stop()
+
+
+def test_bad_config_stops_startup_with_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[server]\nport = 5000\n[auth]\njwt_secret = "x"\n[[repositories]]\nname = "a"\nregistry_id = "nope"\nupstream_name = "b"\n')
+    result = run_to_completion(cargobay_command(config))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["cargobay: repositories[0].registry_id: unknown registry 'nope' (defined: none)"]
+
+
+def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
+    import sys
+
+    result = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET, "--expires-in", "60", "bob", "alpine,team/app"])
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert "\n" not in token
+    from cargobay.tokens import TokenVerifier
+
+    grant = TokenVerifier([SECRET]).verify(token)
+    assert grant.subject == "bob" and grant.repositories == ("alpine", "team/app")
+    bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET])
+    assert bad.returncode != 0
+
+
+# -- streaming --------------------------------------------------------------
+
+
+def push_blob(registry: Registry, name: str, size: int) -> str:
+    """
+    Upload a blob of `size` pseudo-random bytes straight through the
+    registry's upload API, streaming (never the whole blob in memory).
+    """
+    block = os.urandom(1024 * 1024)
+
+    def chunks():
+        sent = 0
+        counter = 0
+        while sent < size:
+            piece = (counter.to_bytes(8, "big") + block)[: min(len(block), size - sent)]
+            counter += 1
+            sent += len(piece)
+            yield piece
+
+    hasher = hashlib.sha256()
+    for piece in chunks():
+        hasher.update(piece)
+    digest = "sha256:" + hasher.hexdigest()
+    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300)
+    conn.request("POST", f"/v2/{name}/blobs/uploads/")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 202, response.status
+    location = response.getheader("Location")
+    separator = "&" if "?" in location else "?"
+    target = urllib.parse.urlsplit(location)
+    path = (target.path + "?" + target.query if target.query else target.path) + f"{separator}digest={digest}"
+    conn.request("PUT", path, body=chunks(), headers={"Content-Type": "application/octet-stream"}, encode_chunked=True)
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 201, response.status
+    conn.close()
+    return digest
+
+
+@pytest.fixture(scope="module")
+def big_blobs(upstream_anon):
+    return {
+        "gib": push_blob(upstream_anon, "library/big", 1024**3),
+        "stall": push_blob(upstream_anon, "library/big", 256 * 1024**2),
+    }
+
+
+@pytest.fixture(scope="module")
+def streaming_proxy(upstream_anon, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("streaming")
+    proxy = start_proxy(tmp, [{"id": "anon", "url": upstream_anon.url}], [("big", "anon", "library/big")])
+    yield proxy
+    proxy.process.stop()
+
+
+def test_one_gib_blob_streams_with_flat_memory(streaming_proxy, big_blobs):
+    digest = big_blobs["gib"]
+    baseline = streaming_proxy.rss_peak_kib()
+    conn = http.client.HTTPConnection("127.0.0.1", streaming_proxy.port, timeout=120)
+    conn.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert int(response.getheader("Content-Length")) == 1024**3
+    hasher = hashlib.sha256()
+    received = 0
+    while True:
+        piece = response.read(1024 * 1024)
+        if not piece:
+            break
+        hasher.update(piece)
+        received += len(piece)
+    conn.close()
+    assert received == 1024**3
+    assert "sha256:" + hasher.hexdigest() == digest
+    peak = streaming_proxy.rss_peak_kib()
+    assert peak < 100 * 1024, f"peak RSS {peak} KiB (baseline {baseline} KiB)"
+
+
+def test_a_client_that_stops_reading_stops_the_upstream_read(streaming_proxy, big_blobs, upstream_anon):
+    digest = big_blobs["stall"]
+    size = 256 * 1024**2
+    sock = socket.create_connection(("127.0.0.1", streaming_proxy.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(
+        f"GET /v2/big/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL}\r\n\r\n".encode()
+    )
+    sock.recv(65536)
+    # Wait until the download in progress stops growing: the proxy paused its
+    # upstream read because this client does not read.
+    sizes = []
+    for _ in range(200):
+        temps = streaming_proxy.temp_files()
+        sizes.append(sum(p.stat().st_size for p in temps))
+        if len(sizes) >= 5 and len(set(sizes[-5:])) == 1 and sizes[-1] > 0:
+            break
+        time.sleep(0.2)
+    assert len(set(sizes[-5:])) == 1, f"download kept growing: {sizes[-5:]}"
+    assert 0 < sizes[-1] < size // 4, sizes[-1]
+    # The client leaves: the download still finishes into the cache, once.
+    sock.close()
+    for _ in range(600):
+        if any(p.name.startswith(digest.split(":")[1]) for p in streaming_proxy.cached_blob_files()):
+            break
+        time.sleep(0.1)
+    status, headers, _ = streaming_proxy.request(f"/v2/big/blobs/{digest}", method="HEAD")
+    assert status == 200 and headers.get("x-cache") == "HIT"
+    assert upstream_anon.count_requests("GET", f"/blobs/{digest}") == 1
+    assert streaming_proxy.temp_files() == []
