@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from twisted.web.iweb import IRequest
 
-from cargobay.errors import RegistryError, denied, unauthorized
+from cargobay.config import AuthConfig, ServerConfig
+from cargobay.errors import denied, unauthorized
 from cargobay.reference import is_valid_name
-from cargobay.tokens import Grant, InvalidToken, TokenVerifier, mint_token
+from cargobay.tokens import Grant, InvalidToken, TokenVerifier, load_public_key, mint_token
 
 #: Lifetime of the tokens the /token endpoint hands out.
 ISSUED_TOKEN_LIFETIME = 300
@@ -44,23 +47,77 @@ class Scope:
 
 
 class Authenticator:
-    def __init__(self, verifier: TokenVerifier, secret: str, service: str, public_url: str | None) -> None:
-        self._verifier = verifier
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        secret: str,
+        service: str,
+        public_url: str | None,
+        trusted_proxies: tuple[str, ...] = (),
+        token_lifetime: int = ISSUED_TOKEN_LIFETIME,
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
+        self.verifier = verifier
         self._secret = secret
         self.service = service
         self._public_url = public_url
+        self._trusted = [ipaddress.ip_network(a, strict=False) for a in trusted_proxies]
+        self._lifetime = token_lifetime
+        self._issuer = issuer
+        self._audience = audience
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig, server: ServerConfig) -> Authenticator:
+        verifier = TokenVerifier(
+            [auth.jwt_secret, *auth.previous_jwt_secrets],
+            leeway=auth.leeway_seconds,
+            public_keys=[load_public_key(pem) for pem in auth.public_keys],
+            issuer=auth.issuer,
+            audience=auth.audience,
+        )
+        return cls(
+            verifier,
+            auth.jwt_secret,
+            auth.realm_service,
+            server.public_url,
+            server.trusted_proxies,
+            auth.token_lifetime_seconds,
+            auth.issuer,
+            auth.audience,
+        )
+
+    def _from_trusted_proxy(self, request: IRequest) -> bool:
+        if not self._trusted:
+            return False
+        peer = getattr(request.getClientAddress(), "host", None)
+        try:
+            address = ipaddress.ip_address(peer or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
 
     def realm(self, request: IRequest) -> str:
+        """
+        The absolute URL of the token endpoint, as the client reaches us: the
+        configured public URL, else what a trusted load balancer forwarded,
+        else this request's own scheme and Host.
+        """
         if self._public_url:
             return f"{self._public_url}/token"
-        host = request.getHeader(b"host")
         scheme = "https" if request.isSecure() else "http"
-        if host is None:
+        host = _header(request, b"host")
+        if self._from_trusted_proxy(request):
+            forwarded_proto = (_header(request, b"x-forwarded-proto") or "").split(",")[0].strip().lower()
+            if forwarded_proto in ("http", "https"):
+                scheme = forwarded_proto
+            forwarded_host = (_header(request, b"x-forwarded-host") or "").split(",")[0].strip()
+            if forwarded_host:
+                host = forwarded_host
+        if not host or not _HOST.fullmatch(host):
             address = request.getHost()
-            host_text = f"{address.host}:{address.port}"
-        else:
-            host_text = host.decode("latin-1")
-        return f"{scheme}://{host_text}/token"
+            host = f"{address.host}:{address.port}"
+        return f"{scheme}://{host}/token"
 
     def challenge(self, request: IRequest, scope: str | None = None, error: str | None = None) -> str:
         parts = [f'realm="{self.realm(request)}"', f'service="{self.service}"']
@@ -98,7 +155,7 @@ class Authenticator:
         if token is None:
             raise unauthorized("authentication required", self.challenge(request, scope))
         try:
-            return self._verifier.verify(token)
+            return self.verifier.verify(token)
         except InvalidToken as e:
             raise unauthorized(
                 f"invalid token: {e}", self.challenge(request, scope, "invalid_token")
@@ -127,13 +184,22 @@ class Authenticator:
                 if scope is not None and "pull" in scope.actions and grant.allows(scope.name):
                     names.append(scope.name)
         now = int(time.time())
-        lifetime = ISSUED_TOKEN_LIFETIME
+        lifetime = self._lifetime
         if grant.expires_at is not None:
             lifetime = max(1, min(lifetime, grant.expires_at - now))
-        token = mint_token(self._secret, grant.subject, sorted(set(names)), lifetime, now=now)
+        token = mint_token(
+            self._secret, grant.subject, sorted(set(names)), lifetime, now=now,
+            issuer=self._issuer, audience=self._audience,
+        )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}
 
 
-def bad_token_request(message: str) -> RegistryError:
-    return RegistryError(400, "UNSUPPORTED", message)
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+# A Host header we are willing to echo into a challenge: a host name or
+# address and an optional port, nothing that could break out of the quotes.
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")

@@ -12,6 +12,7 @@ the problem, so that start-up can stop before anything listens.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from cargobay.reference import is_valid_name
+from cargobay.tokens import load_public_key
 
 DEFAULT_CONFIG_PATH = "config.toml"
 _REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -133,6 +135,8 @@ class ServerConfig:
     listen: str | None = None
     #: Absolute URL clients reach the proxy at, for token realms.
     public_url: str | None = None
+    #: Peers (load balancers) whose X-Forwarded-Proto/Host are believed.
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -146,6 +150,14 @@ class ServerConfig:
 class AuthConfig:
     jwt_secret: str = field(repr=False)
     realm_service: str = "cargobay"
+    #: Older secrets still accepted (key rotation); never used to sign.
+    previous_jwt_secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: PEM public keys (RS256/ES256) of token issuers that keep their key.
+    public_keys: tuple[bytes, ...] = ()
+    leeway_seconds: float = 30.0
+    issuer: str | None = None
+    audience: str | None = None
+    token_lifetime_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,14 @@ class _Section:
             raise ConfigError(f"{self._name(key)}: must be greater than 0, got {value}")
         return float(value)
 
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self._get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self._name(key)}: must be an array of non-empty strings")
+        return tuple(value)
+
     def table_list(self, key: str) -> list[Any]:
         value = self._get(key)
         if value is None:
@@ -325,8 +345,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         public_url = public_url.rstrip("/")
     if listen is not None:
         _check_listen("server.listen", listen)
+    trusted = server_section.strings("trusted_proxies")
+    for address in trusted:
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: {address!r} is not an IP address or network") from None
     server_section.finish()
-    server = ServerConfig(bind_address, port, listen, public_url)
+    server = ServerConfig(bind_address, port, listen, public_url, trusted)
 
     auth_section = section("auth")
     if "auth" not in document:
@@ -334,8 +360,30 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     secret = auth_section.string("jwt_secret", required=True)
     assert secret is not None
     service = auth_section.string("service", "cargobay") or "cargobay"
+    previous = auth_section.strings("previous_jwt_secrets")
+    public_keys = []
+    for key_file in auth_section.strings("public_key_files"):
+        try:
+            pem = Path(key_file).read_bytes()
+            load_public_key(pem)
+        except OSError as e:
+            raise ConfigError(f"auth.public_key_files: cannot read {key_file!r} ({e.strerror})") from None
+        except ValueError as e:
+            raise ConfigError(f"auth.public_key_files: {key_file!r} is not a usable public key ({e})") from None
+        public_keys.append(pem)
+    auth = AuthConfig(
+        secret,
+        service,
+        previous,
+        tuple(public_keys),
+        leeway_seconds=auth_section.number("leeway_seconds", 30.0, positive=False),
+        issuer=auth_section.string("issuer"),
+        audience=auth_section.string("audience"),
+        token_lifetime_seconds=auth_section.integer("token_lifetime_seconds", 300, minimum=1),
+    )
+    if auth.leeway_seconds < 0 or auth.leeway_seconds > 3600:
+        raise ConfigError(f"auth.leeway_seconds: must be between 0 and 3600, got {auth.leeway_seconds}")
     auth_section.finish()
-    auth = AuthConfig(secret, service)
 
     cache_section = section("cache")
     cache = CacheConfig(

@@ -28,10 +28,11 @@ from cargobay.errors import (
     name_invalid,
     name_unknown,
     pagination_invalid,
+    unauthorized,
 )
 from cargobay.manifests import ManifestService, accept_headers
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
-from cargobay.tokens import Grant
+from cargobay.tokens import Grant, InvalidToken
 from cargobay.upstream import Upstream
 
 log = Logger()
@@ -199,11 +200,8 @@ class RegistryApp:
     # -- handlers ----------------------------------------------------------
 
     def _verify(self, request: IRequest, secret: str) -> Grant:
-        from cargobay.errors import unauthorized
-        from cargobay.tokens import InvalidToken
-
         try:
-            return self.authenticator._verifier.verify(secret)
+            return self.authenticator.verifier.verify(secret)
         except InvalidToken as e:
             raise unauthorized(
                 f"invalid token: {e}", self.authenticator.challenge(request, error="invalid_token")

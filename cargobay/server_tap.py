@@ -19,7 +19,7 @@ from cargobay.config import Config, ConfigError, load_config, resolve_config_pat
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.routes import RegistryApp
-from cargobay.tokens import TokenVerifier, mint_token
+from cargobay.tokens import mint_token
 from cargobay.upstream import Upstream
 
 log = Logger()
@@ -73,12 +73,7 @@ def build_app(config: Config, reactor: Any) -> tuple[RegistryApp, BlobCache]:
     )
     cache.open()
     upstreams = {registry.id: Upstream(registry, reactor) for registry in config.registries}
-    authenticator = Authenticator(
-        TokenVerifier([config.auth.jwt_secret]),
-        config.auth.jwt_secret,
-        config.auth.realm_service,
-        config.server.public_url,
-    )
+    authenticator = Authenticator.from_config(config.auth, config.server)
     store = ManifestStore(config.cache.directory, reactor)
     manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
     app = RegistryApp(config, authenticator, upstreams, BlobService(cache, reactor), manifests)

@@ -58,30 +58,84 @@ def _parse_access(access: Any) -> tuple[str, ...] | None:
     raise InvalidToken("claim 'access.type' must be 'all' or 'repositories'")
 
 
+@dataclass(frozen=True)
+class _Key:
+    """
+    One verification key and the only algorithms it may be used with: a
+    shared secret with HS256, an RSA public key with RS256, an EC public key
+    with ES256.  Never a mix, so a public key can never be used as an HMAC
+    secret (the HS/RS confusion attack).
+    """
+
+    key: Any
+    algorithms: tuple[str, ...]
+
+
+def load_public_key(pem: bytes) -> _Key:
+    """
+    @raise ValueError: when C{pem} is not an RSA or EC public key.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem)
+    if isinstance(key, rsa.RSAPublicKey):
+        return _Key(key, ("RS256",))
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _Key(key, ("ES256",))
+    raise ValueError("only RSA (RS256) and EC P-256 (ES256) public keys are supported")
+
+
 class TokenVerifier:
-    def __init__(self, secrets: Iterable[str], leeway: float = 30.0) -> None:
-        self._secrets = [s for s in secrets if s]
+    def __init__(
+        self,
+        secrets: Iterable[str],
+        leeway: float = 30.0,
+        public_keys: Iterable[_Key] = (),
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
+        self._keys = [_Key(s, tuple(ALGORITHMS)) for s in secrets if s]
+        self._keys += list(public_keys)
         self._leeway = leeway
+        self._issuer = issuer
+        self._audience = audience
 
     def verify(self, token: str) -> Grant:
         """
         @raise InvalidToken: when the token is malformed, not signed with one of
-            the secrets, expired, or its claims are not of the expected shape.
+            the keys (each with its own algorithm), expired or not yet valid,
+            for another issuer or audience, or its claims are not of the
+            expected shape.
         """
         if len(token) > 16384:
             raise InvalidToken("token too long")
-        last_error: str = "no secret configured"
-        for secret in self._secrets:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidToken("malformed token") from None
+        algorithm = header.get("alg")
+        candidates = [k for k in self._keys if algorithm in k.algorithms]
+        if not candidates:
+            raise InvalidToken(f"token algorithm {str(algorithm)[:20]!r} not allowed")
+        required = ["sub", "access"]
+        if self._issuer is not None:
+            required.append("iss")
+        if self._audience is not None:
+            required.append("aud")
+        last_error = "signature verification failed"
+        for candidate in candidates:
             try:
                 claims = jwt.decode(
                     token,
-                    secret,
-                    algorithms=ALGORITHMS,
+                    candidate.key,
+                    algorithms=list(candidate.algorithms),
                     leeway=self._leeway,
-                    options={"require": ["sub", "access"], "verify_aud": False},
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    options={"require": required, "verify_aud": self._audience is not None},
                 )
             except jwt.InvalidSignatureError:
-                last_error = "signature verification failed"
                 continue
             except jwt.ExpiredSignatureError:
                 raise InvalidToken("token has expired") from None
@@ -89,9 +143,13 @@ class TokenVerifier:
                 raise InvalidToken("token is not yet valid") from None
             except jwt.MissingRequiredClaimError as e:
                 raise InvalidToken(f"token lacks the claim {e.claim!r}") from None
+            except jwt.InvalidIssuerError:
+                raise InvalidToken("token is for another issuer") from None
+            except jwt.InvalidAudienceError:
+                raise InvalidToken("token is for another audience") from None
             except jwt.InvalidAlgorithmError:
-                raise InvalidToken("token algorithm not allowed (HS256 only)") from None
-            except jwt.InvalidTokenError as e:
+                raise InvalidToken("token algorithm not allowed") from None
+            except (jwt.InvalidTokenError, ValueError, TypeError) as e:
                 raise InvalidToken(f"malformed token ({type(e).__name__})") from None
             subject = claims.get("sub")
             if not isinstance(subject, str):
@@ -107,6 +165,8 @@ def mint_token(
     repositories: Iterable[str] | None = None,
     expires_in: int | None = None,
     now: float | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
 ) -> str:
     """
     Make a token in the earlier implementation's claim format.
@@ -122,4 +182,8 @@ def mint_token(
     claims: dict[str, Any] = {"sub": subject, "access": access, "iat": issued}
     if expires_in is not None:
         claims["exp"] = issued + expires_in
+    if issuer is not None:
+        claims["iss"] = issuer
+    if audience is not None:
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -387,3 +387,55 @@ def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
     response, body = world.get("/v2/alpine/tags/list?n=2&last=b", ALL)
     assert json.loads(body)["tags"] == ["c", "d"]
     assert response.headers.getRawHeaders("link") is None
+
+
+def test_realm_honours_forwarded_headers_only_from_trusted_proxies(tmp_path):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    verifier = TokenVerifier([SECRET])
+    trusting = Authenticator(verifier, SECRET, "cargobay", None, trusted_proxies=("10.0.0.0/8",))
+
+    def request_from(peer, headers):
+        from twisted.internet.address import IPv4Address
+
+        request = DummyRequest([b""])
+        request.client = IPv4Address("TCP", peer, 1234)
+        request.isSecure = lambda: False
+        for name, value in headers.items():
+            request.requestHeaders.setRawHeaders(name, [value])
+        return request
+
+    forwarded = {"host": "internal:5000", "x-forwarded-proto": "https", "x-forwarded-host": "cache.example.com"}
+    assert trusting.realm(request_from("10.1.2.3", forwarded)) == "https://cache.example.com/token"
+    assert trusting.realm(request_from("192.0.2.1", forwarded)) == "http://internal:5000/token"
+    # A Host header that would break out of the challenge's quotes is not echoed.
+    hostile = request_from("192.0.2.1", {"host": 'x", realm="http://evil'})
+    assert "evil" not in trusting.realm(hostile)
+    configured = Authenticator(verifier, SECRET, "cargobay", "https://public.example.com")
+    assert configured.realm(request_from("10.1.2.3", forwarded)) == "https://public.example.com/token"
+
+
+def test_token_endpoint_oauth2_post_and_refresh(world):
+    from urllib.parse import urlencode
+
+    form = urlencode({"grant_type": "password", "username": "ci", "password": ALPINE_ONLY,
+                      "scope": "repository:alpine:pull repository:mycompany/app:pull", "service": "cargobay",
+                      "client_id": "containerd"})
+    d = world.client.post("http://proxy.test/token", data=form.encode(),
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    world.client.flush()
+    results = []
+    d.addCallback(world.client.json_content).addBoth(results.append)
+    world.client.flush()
+    answer = results[0]
+    grant = TokenVerifier([SECRET]).verify(answer["access_token"])
+    assert grant.repositories == ("alpine",)
+    form = urlencode({"grant_type": "refresh_token", "refresh_token": answer["refresh_token"],
+                      "scope": "repository:alpine:pull", "service": "cargobay"})
+    d = world.client.post("http://proxy.test/token", data=form.encode(),
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    world.client.flush()
+    results = []
+    d.addBoth(results.append)
+    world.client.flush()
+    assert results[0].code == 200

@@ -59,3 +59,85 @@ def test_bad_tokens_are_refused_with_a_reason(make, reason):
 def test_key_rotation_accepts_any_configured_secret():
     old = mint_token("old-secret-old-secret-old-secret-old", "x")
     assert verify(old, [SECRET, "old-secret-old-secret-old-secret-old"]).subject == "x"
+
+
+def _rsa_pair():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public_pem
+
+
+def _ec_pair():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public_pem
+
+
+def test_rs256_and_es256_public_keys():
+    from cargobay.tokens import load_public_key
+
+    rsa_private, rsa_public = _rsa_pair()
+    ec_private, ec_public = _ec_pair()
+    verifier = TokenVerifier([SECRET], public_keys=[load_public_key(rsa_public), load_public_key(ec_public)])
+    claims = {"sub": "issuer-user", "access": {"type": "all"}}
+    assert verifier.verify(jwt.encode(claims, rsa_private, "RS256")).subject == "issuer-user"
+    assert verifier.verify(jwt.encode(claims, ec_private, "ES256")).subject == "issuer-user"
+    assert verifier.verify(jwt.encode(claims, SECRET, "HS256")).subject == "issuer-user"
+
+
+def test_hs256_token_signed_with_the_public_key_is_refused():
+    # The HS/RS confusion attack: an attacker signs HS256 with the (public)
+    # RSA key as the HMAC secret.
+    import hmac
+    import hashlib
+    import base64
+    import json as _json
+
+    from cargobay.tokens import load_public_key
+
+    _, public_pem = _rsa_pair()
+    verifier = TokenVerifier([SECRET], public_keys=[load_public_key(public_pem)])
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    header = b64(_json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = b64(_json.dumps({"sub": "evil", "access": {"type": "all"}}).encode())
+    signature = b64(hmac.new(public_pem, header + b"." + payload, hashlib.sha256).digest())
+    forged = (header + b"." + payload + b"." + signature).decode()
+    with pytest.raises(InvalidToken):
+        verifier.verify(forged)
+
+
+def test_future_nbf_and_iat_are_refused_beyond_leeway():
+    now = int(time.time())
+    verifier = TokenVerifier([SECRET], leeway=5)
+    with pytest.raises(InvalidToken, match="not yet valid"):
+        verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "nbf": now + 3600}, SECRET, "HS256"))
+    with pytest.raises(InvalidToken, match="not yet valid"):
+        verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "iat": now + 3600}, SECRET, "HS256"))
+    # Within the leeway: a little clock skew is fine.
+    assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "nbf": now + 2}, SECRET, "HS256"))
+    assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": now - 2}, SECRET, "HS256"))
+
+
+def test_issuer_and_audience_checks():
+    verifier = TokenVerifier([SECRET], issuer="corp-idp", audience="cargobay")
+    good = mint_token(SECRET, "x", issuer="corp-idp", audience="cargobay")
+    assert verifier.verify(good).subject == "x"
+    with pytest.raises(InvalidToken, match="issuer"):
+        verifier.verify(mint_token(SECRET, "x", issuer="other", audience="cargobay"))
+    with pytest.raises(InvalidToken, match="audience"):
+        verifier.verify(mint_token(SECRET, "x", issuer="corp-idp", audience="other"))
+    with pytest.raises(InvalidToken, match="lacks"):
+        verifier.verify(mint_token(SECRET, "x"))
