@@ -12,21 +12,16 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
-from cargobay.tokens import mint_token
 from peers import (
     Registry,
-    Twistd,
     build_oci_layout,
     cargobay_command,
-    twistd_command,
     free_port,
     need,
     run_to_completion,
@@ -34,80 +29,14 @@ from peers import (
     skopeo_inspect_raw,
     skopeo_pull,
     skopeo_push,
+    twistd_command,
 )
+
+from cargobay.tokens import mint_token
 
 pytestmark = pytest.mark.integration
 
-SECRET = "integration-secret-integration-secret"
-ALL = mint_token(SECRET, "tester")
-
-
-def write_config(path: Path, port: int, cache: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Path:
-    lines = [
-        "[server]",
-        'bind_address = "127.0.0.1"',
-        f"port = {port}",
-        "[auth]",
-        f'jwt_secret = "{SECRET}"',
-        "[cache]",
-        f'directory = "{cache}"',
-        "max_size_bytes = 20000000000",
-        "max_age_seconds = 86400",
-        extra,
-    ]
-    for registry in registries:
-        lines += ["[[registries]]", f'id = "{registry["id"]}"', f'url = "{registry["url"]}"']
-        for key in ("read_timeout_seconds", "connect_timeout_seconds"):
-            if key in registry:
-                lines.append(f"{key} = {registry[key]}")
-        if registry.get("username"):
-            lines += ["[registries.auth]", f'username = "{registry["username"]}"', f'password = "{registry["password"]}"']
-    for name, registry_id, upstream_name in repositories:
-        lines += ["[[repositories]]", f'name = "{name}"', f'registry_id = "{registry_id}"', f'upstream_name = "{upstream_name}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Proxy:
-    def __init__(self, process: Twistd, port: int, cache: Path) -> None:
-        self.process = process
-        self.port = port
-        self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
-        self.cache = cache
-
-    def request(self, path: str, token: str | None = ALL, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        all_headers = dict(headers or {})
-        if token:
-            all_headers["Authorization"] = f"Bearer {token}"
-        conn.request(method, path, headers=all_headers)
-        response = conn.getresponse()
-        body = response.read()
-        conn.close()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
-
-    def rss_peak_kib(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
-    def cached_blob_files(self) -> list[Path]:
-        return [p for p in (self.cache / "blobs").rglob("*") if p.is_file()]
-
-    def temp_files(self) -> list[Path]:
-        return [p for p in (self.cache / "tmp").iterdir() if p.is_file()]
-
-
-def start_proxy(tmp: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Proxy:
-    port = free_port()
-    cache = tmp / "cache"
-    config = write_config(tmp / "config.toml", port, cache, registries, repositories, extra)
-    process = Twistd(config_path=config, log_path=tmp / "cargobay.log").start()
-    process.wait_listening(port)
-    return Proxy(process, port, cache)
+from proxy import ALL, SECRET, start_proxy
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +215,6 @@ def test_bad_config_stops_startup_with_one_line(tmp_path):
 
 
 def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
-    import sys
 
     result = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET, "--expires-in", "60", "bob", "alpine,team/app"])
     assert result.returncode == 0, result.stderr
