@@ -78,29 +78,23 @@ class BlobWriter:
         self.key = key
         self.path = path
         self._file: IO[bytes] | None = fileobj
+        self._fd = fileobj.fileno()
         self.size = 0
 
     def write(self, data: bytes) -> None:
         assert self._file is not None
         try:
-            self._file.write(data)
+            # Unbuffered: followers of a download read this file through
+            # their own descriptors and must see every byte counted so far.
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
         except OSError as e:
             self.abort()
             self._cache.note_write_error(e)
             raise CacheWriteError(str(e)) from e
         self.size += len(data)
-
-    def flush(self) -> None:
-        """
-        Make written bytes visible to readers of L{path}.
-        """
-        if self._file is not None:
-            try:
-                self._file.flush()
-            except OSError as e:
-                self.abort()
-                self._cache.note_write_error(e)
-                raise CacheWriteError(str(e)) from e
 
     def commit(self) -> Entry | None:
         """
@@ -258,7 +252,7 @@ class BlobCache:
         """
         path = os.path.join(self.directory, "tmp", secrets.token_hex(12))
         try:
-            fileobj = open(path, "xb")
+            fileobj = open(path, "xb", buffering=0)
         except OSError as e:
             self.note_write_error(e)
             return None

@@ -38,6 +38,7 @@ def write_config(path: Path, port: int, cache: Path, registries: list[dict], rep
             lines += ["[registries.auth]", f'username = "{registry["username"]}"', f'password = "{registry["password"]}"']
     for name, registry_id, upstream_name in repositories:
         lines += ["[[repositories]]", f'name = "{name}"', f'registry_id = "{registry_id}"', f'upstream_name = "{upstream_name}"']
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -1,0 +1,79 @@
+"""
+A misbehaving upstream registry for fault tests, run as its own process:
+
+    python tests/evil_upstream.py PORT
+
+Blob requests are answered according to the repository name, always for the
+same 1 MiB blob (``BLOB``, digest ``DIGEST``):
+
+- ``good``: the right bytes;
+- ``wrong``: the right length, the last byte changed;
+- ``truncate``: Content-Length of the whole blob, half of it, then the
+  connection closes;
+- ``stall``: Content-Length, half of the blob, then silence (connection open);
+- ``chunkedcut``: no Content-Length, half of the blob, then the connection closes;
+- ``longer``: Content-Length of the whole blob, then more bytes than that;
+- ``status<code>``: that HTTP status, with ``Retry-After: 7``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+BLOB = bytes(range(256)) * 4096
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+def main(port: int) -> None:
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    class Evil(resource.Resource):
+        isLeaf = True
+
+        def render(self, request):  # type: ignore[no-untyped-def]
+            path = request.path.decode()
+            if path in ("/v2/", "/v2"):
+                return b"{}"
+            parts = path.split("/")
+            if "blobs" not in parts:
+                request.setResponseCode(404)
+                return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'
+            mode = parts[parts.index("blobs") - 1]
+            if mode.startswith("status"):
+                request.setResponseCode(int(mode[len("status"):]))
+                request.setHeader(b"Retry-After", b"7")
+                return b'{"errors":[{"code":"X","message":"evil"}]}'
+            half = BLOB[: len(BLOB) // 2]
+            if mode == "good":
+                return BLOB
+            if mode == "wrong":
+                return BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+            if mode == "longer":
+                request.setHeader(b"Content-Length", str(len(BLOB)).encode())
+                request.channel.transport.write(b"")
+                request.write(BLOB + b"extra bytes")
+                request.finish()
+                return server.NOT_DONE_YET
+            if request.method == b"HEAD":
+                return BLOB
+            if mode in ("truncate", "stall"):
+                request.setHeader(b"Content-Length", str(len(BLOB)).encode())
+                request.write(half)
+                if mode == "truncate":
+                    reactor.callLater(0.2, request.channel.transport.abortConnection)
+                return server.NOT_DONE_YET
+            if mode == "chunkedcut":
+                request.write(half)
+                reactor.callLater(0.2, request.channel.transport.abortConnection)
+                return server.NOT_DONE_YET
+            request.setResponseCode(404)
+            return b""
+
+    reactor.listenTCP(port, server.Site(Evil()), interface="127.0.0.1")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

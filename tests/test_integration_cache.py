@@ -1,0 +1,354 @@
+"""
+The cache against real peers and the real `twistd` process: hits without the
+upstream, one upstream fetch for a thundering herd, eviction by size, crash
+safety, a lying or failing upstream, and a full disk.  Upstream requests are
+counted in the CNCF registry's own access log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from peers import Registry, Twistd, build_oci_layout, free_port, skopeo_pull, skopeo_push, wait_http
+from proxy import ALL, Proxy, start_proxy, write_config
+from test_integration_core import push_blob
+
+pytestmark = pytest.mark.integration
+HERE = Path(__file__).parent
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05):
+    """Poll for a condition that a background activity brings about."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A registry of this module's own: some tests stop it."""
+    registry = Registry(tmp_path_factory.mktemp("cache-upstream")).start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def image(upstream, tmp_path_factory):
+    work = tmp_path_factory.mktemp("cache-image")
+    built = build_oci_layout(work / "img", "latest", layer_sizes=[1_500_000, 700_000])
+    skopeo_push(work / "img", "latest", f"{upstream.host}/library/alpine:latest")
+    return built
+
+
+def proxy_for(tmp: Path, upstream: Registry, extra: str = "", read_timeout: float | None = None) -> Proxy:
+    registry = {"id": "up", "url": upstream.url}
+    if read_timeout is not None:
+        registry["read_timeout_seconds"] = read_timeout
+    return start_proxy(tmp, [registry], [("alpine", "up", "library/alpine"), ("big", "up", "library/big")], extra)
+
+
+def test_second_pull_is_served_without_upstream_even_when_it_is_down(upstream, image, tmp_path):
+    proxy = proxy_for(tmp_path / "p", upstream)
+    try:
+        first = tmp_path / "first"
+        skopeo_pull(f"{proxy.host}/alpine:latest", first, creds=f"t:{ALL}")
+        blob_gets = upstream.wait_requests("GET", "/blobs/", 3)
+        second = tmp_path / "second"
+        skopeo_pull(f"{proxy.host}/alpine:latest", second, creds=f"t:{ALL}")
+        assert upstream.count_requests("GET", "/blobs/") == blob_gets
+        upstream.stop()
+        try:
+            for ref in ("alpine:latest", f"alpine@{image['manifest']}"):
+                target = tmp_path / ref.replace(":", "_").replace("@", "_")
+                skopeo_pull(f"{proxy.host}/{ref}", target, creds=f"t:{ALL}")
+                for name in os.listdir(first):
+                    assert (target / name).read_bytes() == (first / name).read_bytes()
+        finally:
+            upstream.start()
+    finally:
+        proxy.process.stop()
+
+
+def test_range_if_none_match_and_head_on_cached_blobs(upstream, image, tmp_path):
+    proxy = proxy_for(tmp_path, upstream)
+    try:
+        layer = image["layers"][0]
+        status, _, whole = proxy.request(f"/v2/alpine/blobs/{layer}")
+        assert status == 200
+        before = upstream.count_requests("GET", layer) + upstream.count_requests("HEAD", layer)
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == whole[100:200]
+        assert headers["content-range"] == f"bytes 100-199/{len(whole)}"
+        status, headers, _ = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"Range": f"bytes={len(whole)}-"})
+        assert status == 416 and headers["content-range"] == f"bytes */{len(whole)}"
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"If-None-Match": f'"{layer}"'})
+        assert status == 304 and body == b""
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", method="HEAD")
+        assert status == 200 and body == b""
+        assert int(headers["content-length"]) == len(whole)
+        assert headers["docker-content-digest"] == layer
+        assert headers["etag"] == f'"{layer}"' and headers["accept-ranges"] == "bytes"
+        time.sleep(0.5)  # let a (wrong) upstream request reach the log, if any
+        assert upstream.count_requests("GET", layer) + upstream.count_requests("HEAD", layer) == before
+    finally:
+        proxy.process.stop()
+
+
+def test_thundering_herd_fetches_once_and_streams_to_everyone(upstream, tmp_path):
+    size = 200 * 1024**2
+    digest = push_blob(upstream, "library/big", size)
+    proxy = proxy_for(tmp_path, upstream)
+    clients = 16
+    barrier = threading.Barrier(clients)
+    results: list[dict] = [{} for _ in range(clients)]
+    final_name = digest.split(":")[1] + f"-{size}"
+
+    def pull(index: int) -> None:
+        result = results[index]
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
+            conn.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+            response = conn.getresponse()
+            result["status"] = response.status
+            hasher = hashlib.sha256()
+            first = response.read(1)
+            hasher.update(first)
+            # Everyone has a first byte before anyone reads on; while the
+            # clients wait here the download cannot finish (the first client's
+            # backpressure holds it), so the bytes came from a fetch in progress.
+            result["cached_at_first_byte"] = any(p.name == final_name for p in proxy.cached_blob_files())
+            barrier.wait(timeout=120)
+            received = len(first)
+            while True:
+                piece = response.read(1024 * 1024)
+                if not piece:
+                    break
+                hasher.update(piece)
+                received += len(piece)
+            result["received"] = received
+            result["digest"] = "sha256:" + hasher.hexdigest()
+            conn.close()
+        except Exception as e:  # reported below
+            result["error"] = repr(e)
+            barrier.abort()
+
+    try:
+        threads = [threading.Thread(target=pull, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        for result in results:
+            assert "error" not in result, result
+            assert result["status"] == 200
+            assert result["received"] == size and result["digest"] == digest
+            assert result["cached_at_first_byte"] is False
+        assert upstream.wait_requests("GET", f"/blobs/{digest}", 1) == 1
+        time.sleep(0.5)
+        assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
+    finally:
+        proxy.process.stop()
+
+
+def test_small_max_size_keeps_the_cache_under_the_limit(upstream, tmp_path):
+    sizes = 1_000_000
+    digests = [push_blob(upstream, "library/big", sizes) for _ in range(5)]
+    limit = 2_600_000
+    port = free_port()
+    config = write_config(tmp_path / "small.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream.url}], [("big", "up", "library/big")])
+    config.write_text(config.read_text().replace("max_size_bytes = 20000000000", f"max_size_bytes = {limit}"))
+    process = Twistd(config_path=config, log_path=tmp_path / "small.log").start()
+    process.wait_listening(port)
+    small = Proxy(process, port, tmp_path / "cache")
+    try:
+        for digest in digests:
+            status, _, body = small.request(f"/v2/big/blobs/{digest}")
+            assert status == 200 and len(body) == sizes
+
+        def total() -> int:
+            return sum(p.stat().st_size for p in small.cached_blob_files())
+
+        assert wait_until(lambda: total() <= limit, timeout=10)
+        names = {p.name.split("-")[0] for p in small.cached_blob_files()}
+        assert digests[-1].split(":")[1] in names, "the most recently used blob was evicted"
+        assert digests[0].split(":")[1] not in names
+    finally:
+        process.stop()
+
+
+def test_kill_9_during_downloads_then_restart_is_clean(upstream, tmp_path):
+    size = 300 * 1024**2
+    digest = push_blob(upstream, "library/big", size)
+    proxy = proxy_for(tmp_path, upstream)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    conn.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+    response = conn.getresponse()
+    response.read(4 * 1024 * 1024)
+    assert wait_until(lambda: proxy.temp_files(), timeout=10)
+    proxy.process.kill9()
+    conn.close()
+    # Restart on the same cache directory.
+    process = Twistd(args=proxy.process.args, log_path=tmp_path / "restart.log").start()
+    process.wait_listening(proxy.port)
+    restarted = Proxy(process, proxy.port, proxy.cache)
+    try:
+        assert restarted.temp_files() == []
+        assert not any(p.name.startswith(digest.split(":")[1]) for p in restarted.cached_blob_files())
+        status, _, body = restarted.request(f"/v2/big/blobs/{digest}")
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        del body
+        restarted.process.stop()
+        # And again: now a hit, verified on disk.
+        process = Twistd(args=proxy.process.args, log_path=tmp_path / "again.log").start()
+        process.wait_listening(proxy.port)
+        again = Proxy(process, proxy.port, proxy.cache)
+        gets = upstream.count_requests("GET", f"/blobs/{digest}")
+        status, headers, body = again.request(f"/v2/big/blobs/{digest}")
+        assert status == 200 and headers.get("x-cache") == "HIT"
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        assert upstream.count_requests("GET", f"/blobs/{digest}") == gets
+        for path in again.cached_blob_files():
+            encoded, size_text = path.name.split("-")
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == encoded
+            assert path.stat().st_size == int(size_text)
+        again.process.stop()
+    finally:
+        restarted.process.stop()
+
+
+def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
+    proxy = proxy_for(tmp_path, upstream)
+    try:
+        layer = image["layers"][0]
+        status, _, good = proxy.request(f"/v2/alpine/blobs/{layer}")
+        [path] = [p for p in proxy.cached_blob_files() if p.name.startswith(layer.split(":")[1])]
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}")
+        assert status == 200 and body == good
+        assert headers.get("x-cache") == "MISS"
+    finally:
+        proxy.process.stop()
+
+
+# -- a lying or failing upstream ----------------------------------------------
+
+sys.path.insert(0, str(HERE))
+from evil_upstream import BLOB, DIGEST  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def evil(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("evil") / "evil.log"
+    process = Twistd(args=[sys.executable, str(HERE / "evil_upstream.py"), str(port)], log_path=log).start()
+    process.wait_listening(port)
+    yield f"http://127.0.0.1:{port}"
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def evil_proxy(evil, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evil-proxy")
+    modes = ["good", "wrong", "truncate", "stall", "chunkedcut", "longer", "status429", "status500", "status503"]
+    # One registry id per mode: cached blobs are shared by every repository
+    # of one registry, and every mode serves the same digest.
+    proxy = start_proxy(
+        tmp,
+        [{"id": f"evil-{mode}", "url": evil, "read_timeout_seconds": 2} for mode in modes],
+        [(mode, f"evil-{mode}", f"evil/{mode}") for mode in modes],
+    )
+    yield proxy
+    proxy.process.stop()
+
+
+def get_blob(proxy: Proxy, name: str) -> tuple[int, bytes | None, str | None]:
+    """Status, body if it was read completely, and the error if it was cut."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.request("GET", f"/v2/{name}/blobs/{DIGEST}", headers={"Authorization": f"Bearer {ALL}"})
+    response = conn.getresponse()
+    try:
+        return response.status, response.read(), None
+    except (http.client.IncompleteRead, ConnectionError) as e:
+        return response.status, None, type(e).__name__
+    finally:
+        conn.close()
+
+
+def test_good_evil_upstream_blob_is_cached(evil_proxy):
+    status, body, error = get_blob(evil_proxy, "good")
+    assert (status, body, error) == (200, BLOB, None)
+
+
+@pytest.mark.parametrize("mode", ["wrong", "truncate", "stall", "chunkedcut", "longer"])
+def test_bad_bytes_never_look_complete_and_never_enter_the_cache(evil_proxy, mode):
+    status, body, error = get_blob(evil_proxy, mode)
+    if mode == "longer":
+        # Bytes past Content-Length are not part of the body: the blob read
+        # is exactly the right one.
+        assert (status, body) == (200, BLOB)
+    else:
+        # The client sees a cut connection, never a complete-looking 200 body.
+        assert body is None, (status, len(body or b""), error)
+    assert wait_until(lambda: evil_proxy.temp_files() == [], timeout=30)
+    digest_hex = DIGEST.split(":")[1]
+    cached = [p for p in evil_proxy.cached_blob_files() if "evil" in str(p) and p.name.startswith(digest_hex)]
+    for path in cached:
+        assert path.read_bytes() == BLOB  # only the good mode's bytes may be there
+
+
+@pytest.mark.parametrize("mode, status, code", [("status429", 429, "TOOMANYREQUESTS"), ("status500", 502, "UNAVAILABLE"), ("status503", 502, "UNAVAILABLE")])
+def test_upstream_error_statuses_are_mapped(evil_proxy, mode, status, code):
+    got, headers, body = evil_proxy.request(f"/v2/{mode}/blobs/{DIGEST}")
+    assert got == status
+    assert json.loads(body)["errors"][0]["code"] == code
+    if got == 429:
+        assert headers["retry-after"] == "7"
+
+
+# -- a full disk ----------------------------------------------------------------
+
+
+def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    cache = tmp_path / "tiny"
+    cache.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr!r}")
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
+    try:
+        size = 8 * 1024**2
+        digest = push_blob(upstream, "library/big", size)
+        port = free_port()
+        config = write_config(tmp_path / "c.toml", port, cache, [{"id": "up", "url": upstream.url}], [("big", "up", "library/big")])
+        process = Twistd(config_path=config, log_path=tmp_path / "full.log").start()
+        process.wait_listening(port)
+        proxy = Proxy(process, port, cache)
+        try:
+            for _ in range(3):
+                status, _, body = proxy.request(f"/v2/big/blobs/{digest}")
+                assert status == 200
+                assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+            assert proxy.temp_files() == []
+            log = process.log_text()
+            assert log.count("not writable") == 1, log[-3000:]
+        finally:
+            process.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(cache)])
