@@ -26,7 +26,7 @@ from twisted.web import client as webclient
 from twisted.web.iweb import IRequest, IResponse
 from zope.interface import implementer
 
-from cargobay.cache import BlobCache, BlobKey, BlobWriter, CacheWriteError, Entry
+from cargobay.cache import BlobKey, BlobStore, BlobWriter, CacheWriteError, Entry
 from cargobay.errors import RegistryError, blob_unknown
 from cargobay.reference import Digest
 from cargobay.upstream import Upstream, discard_body, map_status
@@ -424,7 +424,7 @@ class BlobService:
     Answers blob GET and HEAD requests for mapped repositories.
     """
 
-    def __init__(self, cache: BlobCache, clock: Any) -> None:
+    def __init__(self, cache: BlobStore, clock: Any) -> None:
         self.cache = cache
         self._clock = clock
         self._fetches: dict[BlobKey, Fetch] = {}

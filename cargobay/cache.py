@@ -19,7 +19,7 @@ import errno
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Protocol
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -54,6 +54,9 @@ class Entry:
     last_used: float
     readers: int = 0
     touched: float = 0.0
+    #: When the scrubber last checked the file against its digest (0: never
+    #: since start-up; entries written by this process count as checked).
+    verified_at: float = 0.0
 
 
 @dataclass
@@ -66,6 +69,26 @@ class CacheStats:
 
 class CacheWriteError(Exception):
     pass
+
+
+class BlobStore(Protocol):
+    """
+    What the blob service needs from a store of verified blobs: the narrow
+    interface a shared backend (an S3-compatible object store for several
+    cargobay nodes) would implement beside the local disk.
+    """
+
+    max_size_bytes: int
+    stats: CacheStats
+
+    def open_entry(self, key: BlobKey) -> tuple[Entry, IO[bytes]] | None:
+        """A readable, whole, verified blob, or None; call release() after."""
+
+    def release(self, entry: Entry) -> None:
+        """The reader of an entry is done with it."""
+
+    def begin(self, key: BlobKey) -> BlobWriter | None:
+        """A writer whose commit() makes a verified entry, or None to stream uncached."""
 
 
 class BlobWriter:
@@ -151,7 +174,12 @@ class BlobCache:
         self._evicting: Deferred[None] | None = None
         #: Called with each evicted entry (metrics).
         self.on_evict: Callable[[Entry], None] | None = None
-        self._cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
+        # One step of background work (an eviction batch, a scrub chunk) per
+        # reactor turn, so requests are served in between.
+        self._cooperator = task.Cooperator(
+            terminationPredicateFactory=lambda: lambda: True,
+            scheduler=lambda work: clock.callLater(0, work),
+        )
 
     # -- start-up ----------------------------------------------------------
 
@@ -267,7 +295,7 @@ class BlobCache:
         previous = self._entries.get(key)
         if previous is not None:
             self.total_size -= previous.size
-        entry = Entry(key, path, size, now, touched=now)
+        entry = Entry(key, path, size, now, touched=now, verified_at=now)
         self._entries[key] = entry
         self.total_size += size
         self._write_error_logged = False
@@ -291,6 +319,53 @@ class BlobCache:
                 reason=reason,
                 error=str(error),
             )
+
+    # -- scrubbing ---------------------------------------------------------
+
+    def scrub(self, budget_bytes: int) -> Deferred[int]:
+        """
+        Re-verify cached files against their digests, least recently verified
+        first, reading at most about C{budget_bytes}, one chunk per reactor
+        turn.  A file that no longer matches is removed (it will be fetched
+        again).  Fires with the number of damaged files found.
+        """
+        chunk = 1024 * 1024
+        ordered = sorted(self._entries.values(), key=lambda e: e.verified_at)
+        damaged = [0]
+
+        def work() -> Iterator[None]:
+            remaining = budget_bytes
+            for entry in ordered:
+                if remaining <= 0:
+                    return
+                if self._entries.get(entry.key) is not entry:
+                    continue
+                hasher = entry.key.digest.hasher()
+                try:
+                    with open(entry.path, "rb") as f:
+                        while True:
+                            data = f.read(chunk)
+                            if not data:
+                                break
+                            hasher.update(data)
+                            remaining -= len(data)
+                            yield None
+                except OSError:
+                    pass
+                if self._entries.get(entry.key) is not entry:
+                    continue
+                if hasher.hexdigest() != entry.key.digest.encoded:
+                    damaged[0] += 1
+                    log.warn(
+                        "cached blob {digest} no longer matches its digest; removing it",
+                        digest=str(entry.key.digest),
+                    )
+                    self._remove(entry)
+                else:
+                    entry.verified_at = self._clock.seconds()
+
+        d = self._cooperator.cooperate(work()).whenDone()
+        return d.addCallback(lambda _: damaged[0])  # type: ignore[no-any-return]
 
     # -- eviction ----------------------------------------------------------
 

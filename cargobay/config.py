@@ -167,6 +167,9 @@ class CacheConfig:
     max_age_seconds: int = 7 * 24 * 3600
     eviction_interval_seconds: float = 60.0
     tag_ttl_seconds: float = 60.0
+    #: Bytes of cached blobs re-verified against their digests per eviction
+    #: interval (0: never).
+    scrub_bytes_per_interval: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -396,6 +399,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         ),
         tag_ttl_seconds=cache_section.number(
             "tag_ttl_seconds", CacheConfig.tag_ttl_seconds, positive=False
+        ),
+        scrub_bytes_per_interval=cache_section.integer(
+            "scrub_bytes_per_interval", CacheConfig.scrub_bytes_per_interval
         ),
     )
     if cache.tag_ttl_seconds < 0:

@@ -96,12 +96,14 @@ def _announce_development(config: Config) -> None:
     )
 
 
-def _evict(cache: BlobCache) -> None:
+def _maintain(cache: BlobCache, scrub_bytes: int) -> None:
     # Periodic work logs its own failures: one exception would stop the timer for good.
     try:
         cache.evict().addErrback(lambda f: log.failure("eviction failed", f))
+        if scrub_bytes > 0:
+            cache.scrub(scrub_bytes).addErrback(lambda f: log.failure("scrubbing failed", f))
     except Exception:
-        log.failure("eviction failed")
+        log.failure("cache maintenance failed")
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
@@ -114,7 +116,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     site = ProxySite(app.resource())
     strports.service(config.server.endpoint, site).setServiceParent(top)
-    internet.TimerService(config.cache.eviction_interval_seconds, _evict, cache).setServiceParent(top)
+    internet.TimerService(
+        config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval
+    ).setServiceParent(top)
     log.info(
         "cargobay listening on {endpoint} with {count} repositories from {source}",
         endpoint=config.server.endpoint,

@@ -1,0 +1,171 @@
+"""
+The blob cache's file handling, eviction and scrubbing, with a Clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from twisted.internet.task import Clock
+
+from cargobay.cache import BlobCache, BlobKey
+from cargobay.reference import Digest
+
+
+def key_for(data: bytes, registry: str = "up") -> BlobKey:
+    return BlobKey(registry, Digest("sha256", hashlib.sha256(data).hexdigest()))
+
+
+def store(cache: BlobCache, data: bytes) -> BlobKey:
+    key = key_for(data)
+    writer = cache.begin(key)
+    assert writer is not None
+    writer.write(data)
+    assert writer.commit() is not None
+    return key
+
+
+def run(clock: Clock, seconds: float = 1.0, steps: int = 100) -> None:
+    for _ in range(steps):
+        clock.advance(seconds / steps)
+
+
+def make(tmp_path, max_size=10**9, max_age=3600, clock=None):
+    clock = clock or Clock()
+    cache = BlobCache(str(tmp_path / "cache"), max_size, max_age, clock)
+    cache.open()
+    return cache, clock
+
+
+def test_entries_survive_a_restart_with_right_accounting(tmp_path):
+    cache, clock = make(tmp_path)
+    keys = [store(cache, os.urandom(1000 + i)) for i in range(3)]
+    # A leftover of an interrupted download.
+    (tmp_path / "cache" / "tmp" / "partial").write_bytes(b"half")
+    again, _ = make(tmp_path)
+    assert len(again) == 3 and again.total_size == 3000 + 0 + 1 + 2
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
+    for key in keys:
+        assert again.lookup(key) is not None
+
+
+def test_a_damaged_file_is_not_indexed_after_restart(tmp_path):
+    cache, _ = make(tmp_path)
+    key = store(cache, os.urandom(5000))
+    path = cache.lookup(key).path
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    again, _ = make(tmp_path)
+    assert again.lookup(key) is None
+    assert not os.path.exists(path)
+
+
+def test_size_limit_evicts_least_recently_used_first(tmp_path):
+    cache, clock = make(tmp_path, max_size=3500)
+    first = store(cache, b"a" * 1000)
+    clock.advance(1)
+    second = store(cache, b"b" * 1000)
+    clock.advance(1)
+    third = store(cache, b"c" * 1000)
+    clock.advance(1)
+    # Using the oldest makes it the most recent.
+    entry, f = cache.open_entry(first)
+    f.close()
+    cache.release(entry)
+    clock.advance(1)
+    store(cache, b"d" * 1000)  # over the limit: evicts at once
+    run(clock)
+    assert cache.total_size <= 3500
+    assert cache.lookup(second) is None
+    assert cache.lookup(first) is not None and cache.lookup(third) is not None
+
+
+def test_age_limit_expires_unused_entries_on_the_timer(tmp_path):
+    cache, clock = make(tmp_path, max_age=100)
+    old = store(cache, b"old" * 100)
+    clock.advance(80)
+    recent = store(cache, b"new" * 100)
+    clock.advance(30)
+    cache.evict()
+    run(clock)
+    assert cache.lookup(old) is None and cache.lookup(recent) is not None
+    assert cache.stats.evictions == 1
+
+
+def test_an_entry_being_read_is_never_removed(tmp_path):
+    cache, clock = make(tmp_path, max_size=0)
+    data = b"x" * 5000
+    key = key_for(data)
+    writer = cache.begin(key)
+    writer.write(data)
+    entry = writer.commit()
+    run(clock)
+    assert cache.lookup(key) is None  # limit 0: nothing stays...
+    key = store(cache, data)
+    # ...unless someone reads it while eviction runs.
+    cache.max_size_bytes = 10**9
+    entry, f = cache.open_entry(key)
+    cache.max_size_bytes = 0
+    cache.evict()
+    run(clock)
+    assert cache.lookup(key) is entry
+    assert f.read() == data
+    f.close()
+    cache.release(entry)
+    cache.evict()
+    run(clock)
+    assert cache.lookup(key) is None
+
+
+def test_eviction_of_many_entries_yields_to_the_reactor(tmp_path):
+    from twisted.internet import task
+
+    cache, clock = make(tmp_path)
+    for i in range(1000):
+        store(cache, str(i).encode())
+    # Run the cache's background work by hand, one scheduled turn at a time.
+    turns = []
+    cache._cooperator = task.Cooperator(
+        terminationPredicateFactory=lambda: lambda: True, scheduler=turns.append
+    )
+    cache.max_size_bytes = 0
+    d = cache.evict()
+    assert cache.evict() is d  # one eviction at a time
+    sizes = []
+    while turns:
+        turns.pop(0)()
+        sizes.append(len(cache))
+    # Several turns, each removing a bounded batch, until none is left.
+    assert len(sizes) >= 4
+    assert max(a - b for a, b in zip([1000] + sizes, sizes)) <= 256
+    assert sizes[-1] == 0 and d.called
+
+
+def test_scrub_finds_and_removes_bit_rot(tmp_path):
+    cache, clock = make(tmp_path)
+    good = store(cache, os.urandom(300_000))
+    bad = store(cache, os.urandom(300_000))
+    path = cache.lookup(bad).path
+    with open(path, "r+b") as f:
+        f.seek(1234)
+        byte = f.read(1)
+        f.seek(1234)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again, clock = make(tmp_path)
+    found = []
+    again.scrub(10**9).addCallback(found.append)
+    run(clock, steps=200)
+    assert found == [1]
+    assert again.lookup(bad) is None and again.lookup(good) is not None
+    assert not os.path.exists(path)
+
+
+def test_unwritable_directory_means_no_writer_and_one_log(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a directory")
+    cache = BlobCache(str(blocker / "cache"), 10**9, 3600, Clock())
+    cache.open()
+    assert cache.begin(key_for(b"x")) is None
+    assert cache.begin(key_for(b"y")) is None
+    assert cache.stats.write_errors >= 2
