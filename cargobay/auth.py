@@ -16,10 +16,10 @@ import binascii
 import ipaddress
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from cargobay.config import AuthConfig, ServerConfig
 from cargobay.errors import denied, unauthorized
@@ -87,7 +87,7 @@ class Authenticator:
             auth.audience,
         )
 
-    def _from_trusted_proxy(self, request: IRequest) -> bool:
+    def _from_trusted_proxy(self, request: Request) -> bool:
         if not self._trusted:
             return False
         peer = getattr(request.getClientAddress(), "host", None)
@@ -97,7 +97,7 @@ class Authenticator:
             return False
         return any(address in network for network in self._trusted)
 
-    def realm(self, request: IRequest) -> str:
+    def realm(self, request: Request) -> str:
         """
         The absolute URL of the token endpoint, as the client reaches us: the
         configured public URL, else what a trusted load balancer forwarded,
@@ -119,7 +119,7 @@ class Authenticator:
             host = f"{address.host}:{address.port}"
         return f"{scheme}://{host}/token"
 
-    def challenge(self, request: IRequest, scope: str | None = None, error: str | None = None) -> str:
+    def challenge(self, request: Request, scope: str | None = None, error: str | None = None) -> str:
         parts = [f'realm="{self.realm(request)}"', f'service="{self.service}"']
         if scope:
             parts.append(f'scope="{scope}"')
@@ -127,7 +127,7 @@ class Authenticator:
             parts.append(f'error="{error}"')
         return "Bearer " + ",".join(parts)
 
-    def credentials(self, request: IRequest) -> str | None:
+    def credentials(self, request: Request) -> str | None:
         """
         The JWT a request carries, from Bearer or Basic credentials.
         """
@@ -147,7 +147,7 @@ class Authenticator:
             return password
         return ""
 
-    def authenticate(self, request: IRequest, scope: str | None = None) -> Grant:
+    def authenticate(self, request: Request, scope: str | None = None) -> Grant:
         """
         @raise RegistryError: 401 with a challenge when there is no usable token.
         """
@@ -161,7 +161,7 @@ class Authenticator:
                 f"invalid token: {e}", self.challenge(request, scope, "invalid_token")
             ) from None
 
-    def authorize(self, request: IRequest, grant: Grant, name: str) -> None:
+    def authorize(self, request: Request, grant: Grant, name: str) -> None:
         """
         @raise RegistryError: 403 DENIED when the token does not cover C{name}.
         """
@@ -195,7 +195,7 @@ class Authenticator:
         return {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}
 
 
-def _header(request: IRequest, name: bytes) -> str | None:
+def _header(request: Request, name: bytes) -> str | None:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
 

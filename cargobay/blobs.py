@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -23,7 +24,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from cargobay.cache import BlobKey, BlobStore, BlobWriter, CacheWriteError, Entry
@@ -134,7 +136,7 @@ class BlobPipe(Protocol):
         digest: Digest,
         expected_length: int | None,
         writer: BlobWriter | None,
-        request: IRequest | None,
+        request: Request | None,
         fetch: Fetch | None,
         clock: Any,
         idle_timeout: float,
@@ -159,6 +161,10 @@ class BlobPipe(Protocol):
         self.done: Deferred[bool] = Deferred()
 
     # -- Protocol (upstream side) ------------------------------------------
+
+    def _upstream(self) -> IPushProducer:
+        # Response.deliverBody connects us to a producer-capable transport.
+        return cast(IPushProducer, self.transport)
 
     def connectionMade(self) -> None:
         if self._request is not None:
@@ -185,7 +191,7 @@ class BlobPipe(Protocol):
                     self._fetch.finished(None, ok=False)
                     self._fetch = None
                 if self._request is None:
-                    self.transport.stopProducing()
+                    self._upstream().stopProducing()
                     return
         if self._request is not None:
             if self._held:
@@ -257,18 +263,18 @@ class BlobPipe(Protocol):
     def _give_up(self, reason: str) -> None:
         if self._failure_reason is None:
             self._failure_reason = reason
-        self.transport.stopProducing()
+        self._upstream().stopProducing()
 
     # -- IPushProducer (primary client side) -------------------------------
 
     def pauseProducing(self) -> None:
         self._client_paused = True
         self._disarm()
-        self.transport.pauseProducing()
+        self._upstream().pauseProducing()
 
     def resumeProducing(self) -> None:
         self._client_paused = False
-        self.transport.resumeProducing()
+        self._upstream().resumeProducing()
         self._arm()
 
     def stopProducing(self) -> None:
@@ -282,7 +288,7 @@ class BlobPipe(Protocol):
             return
         if self._client_paused:
             self._client_paused = False
-            self.transport.resumeProducing()
+            self._upstream().resumeProducing()
         self._arm()
 
 
@@ -295,7 +301,7 @@ class FileSender:
 
     def __init__(
         self,
-        request: IRequest,
+        request: Request,
         fileobj: IO[bytes],
         start: int,
         end: int | None,
@@ -431,14 +437,14 @@ class BlobService:
         #: Called with the number of bytes received from upstream (metrics).
         self.on_upstream_bytes: Callable[[int], None] | None = None
         #: Called with (request, bytes_sent, hit) when a blob response ends (audit).
-        self.on_served: Callable[[IRequest, str, int | None], None] | None = None
+        self.on_served: Callable[[Request, str, int | None], None] | None = None
 
     def in_flight(self) -> int:
         return len(self._fetches)
 
     def serve(
         self,
-        request: IRequest,
+        request: Request,
         upstream: Upstream,
         upstream_name: str,
         digest: Digest,
@@ -462,14 +468,14 @@ class BlobService:
         self._mark(request, "miss")
         return self._start_fetch(request, key, upstream, upstream_name, digest)
 
-    def _mark(self, request: IRequest, how: str) -> None:
+    def _mark(self, request: Request, how: str) -> None:
         request.setHeader(b"X-Cache", b"HIT" if how == "hit" else b"MISS")
         request.cache_status = how  # type: ignore[attr-defined]
 
     # -- hits --------------------------------------------------------------
 
     def _serve_hit(
-        self, request: IRequest, entry: Entry, fileobj: IO[bytes], digest: Digest, head: bool
+        self, request: Request, entry: Entry, fileobj: IO[bytes], digest: Digest, head: bool
     ) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         etag = f'"{digest}"'
@@ -516,7 +522,7 @@ class BlobService:
     # -- misses ------------------------------------------------------------
 
     def _head_upstream(
-        self, request: IRequest, upstream: Upstream, upstream_name: str, digest: Digest
+        self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest
     ) -> Deferred[None]:
         d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", _scope(upstream_name))
 
@@ -533,12 +539,12 @@ class BlobService:
         return d.addCallback(answered)
 
     def _start_fetch(
-        self, request: IRequest, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
+        self, request: Request, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
     ) -> Deferred[None]:
         fetch = Fetch(key)
         self._fetches[key] = fetch
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
-        primary: list[IRequest | None] = [request]
+        primary: list[Request | None] = [request]
         request.notifyFinish().addErrback(lambda _: primary.__setitem__(0, None))
         served: Deferred[None] = Deferred()
 
@@ -601,7 +607,7 @@ class BlobService:
         d.addBoth(forget)
         return served
 
-    def _follow(self, request: IRequest, fetch: Fetch, digest: Digest) -> Deferred[None]:
+    def _follow(self, request: Request, fetch: Fetch, digest: Digest) -> Deferred[None]:
         def go(fetch: Fetch) -> Deferred[None]:
             done: Deferred[None] = Deferred()
             if fetch.state == "done" and fetch.entry is not None:
@@ -646,7 +652,7 @@ def _scope(upstream_name: str) -> str:
     return f"repository:{upstream_name}:pull"
 
 
-def _header(request: IRequest, name: bytes) -> str | None:
+def _header(request: Request, name: bytes) -> str | None:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
 
@@ -660,6 +666,6 @@ def _content_length(response: IResponse) -> int | None:
     return None
 
 
-def _blob_headers(request: IRequest, digest: Digest) -> None:
+def _blob_headers(request: Request, digest: Digest) -> None:
     request.setHeader(b"Content-Type", b"application/octet-stream")
     request.setHeader(b"Docker-Content-Digest", str(digest).encode())

@@ -18,8 +18,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred

@@ -16,9 +16,10 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from cargobay.reference import is_valid_name
@@ -315,7 +316,7 @@ def _check_url(where: str, url: str) -> None:
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: {url!r} must not have a query or fragment")
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise ConfigError(f"{where}: {url!r} has an invalid port") from None
 

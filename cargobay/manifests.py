@@ -12,7 +12,7 @@ from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.manifest_store import Manifest, ManifestStore
@@ -35,7 +35,7 @@ def _scope(upstream_name: str) -> str:
     return f"repository:{upstream_name}:pull"
 
 
-def accept_headers(request: IRequest) -> list[str]:
+def accept_headers(request: Request) -> list[str]:
     values = request.requestHeaders.getRawHeaders(b"accept") or []
     accepted = [v.decode("latin-1") for v in values if v.strip()]
     if not accepted or all(v.strip() in ("*/*", "") for v in accepted):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 from urllib.parse import parse_qsl
 
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService, abort_request
@@ -95,7 +95,7 @@ class RegistryApp:
     # -- routes ------------------------------------------------------------
 
     @app.route("/v2", branch=True, strict_slashes=False)
-    def registry(self, request: IRequest) -> Any:
+    def registry(self, request: Request) -> Any:
         request.setHeader(*API_VERSION)
         method = request.method
         if method in WRITE_METHODS:
@@ -135,14 +135,14 @@ class RegistryApp:
         return self._referrers(request, mapping, upstream, _digest(target.argument))
 
     @app.route("/token", methods=["GET", "POST"])
-    def token(self, request: IRequest) -> Any:
+    def token(self, request: Request) -> Any:
         """
         The Docker token endpoint: Basic credentials (password = the user's
         JWT) on GET, or the OAuth2 password / refresh_token grant on POST.
         """
         request.setHeader(*API_VERSION)
         if request.method == b"POST":
-            form = dict(parse_qsl(request.content.read(65536).decode("utf-8", "replace")))
+            form = dict(parse_qsl(cast(IO[bytes], request.content).read(65536).decode("utf-8", "replace")))
             grant_type = form.get("grant_type")
             if grant_type == "password":
                 secret = form.get("password", "")
@@ -156,13 +156,13 @@ class RegistryApp:
             answer["refresh_token"] = secret
         else:
             grant = self.authenticator.authenticate(request)
-            scopes = [v.decode("utf-8", "replace") for v in request.args.get(b"scope", [])]
+            scopes = [v.decode("utf-8", "replace") for v in _args(request).get(b"scope", [])]
             answer = self.authenticator.issue(grant, scopes)
         request.setHeader(b"Cache-Control", b"no-store")
         return _json(request, json.dumps(answer).encode())
 
     @app.route("/healthz", methods=["GET", "HEAD"])
-    def healthz(self, request: IRequest) -> Any:
+    def healthz(self, request: Request) -> Any:
         """
         The process is up (no auth: for orchestrators' probes).
         """
@@ -170,12 +170,12 @@ class RegistryApp:
         return b"ok\n"
 
     @app.route("/", branch=True)
-    def elsewhere(self, request: IRequest) -> Any:
+    def elsewhere(self, request: Request) -> Any:
         request.setHeader(*API_VERSION)
         raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint")
 
-    @app.handle_errors(RegistryError)
-    def registry_error(self, request: IRequest, failure: Failure) -> Any:
+    @app.handle_errors(RegistryError)  # type: ignore[arg-type]
+    def registry_error(self, request: Request, failure: Failure) -> Any:
         error: RegistryError = failure.value  # type: ignore[assignment]
         if request.startedWriting:  # type: ignore[attr-defined]
             abort_request(request)
@@ -186,8 +186,8 @@ class RegistryApp:
         request.setHeader(*API_VERSION)
         return _json(request, error.body())
 
-    @app.handle_errors(Exception)
-    def unexpected_error(self, request: IRequest, failure: Failure) -> Any:
+    @app.handle_errors(Exception)  # type: ignore[arg-type]
+    def unexpected_error(self, request: Request, failure: Failure) -> Any:
         log.failure("unexpected error answering {path}", failure, path=request.path[:200])
         if request.startedWriting:  # type: ignore[attr-defined]
             abort_request(request)
@@ -199,7 +199,7 @@ class RegistryApp:
 
     # -- handlers ----------------------------------------------------------
 
-    def _verify(self, request: IRequest, secret: str) -> Grant:
+    def _verify(self, request: Request, secret: str) -> Grant:
         try:
             return self.authenticator.verifier.verify(secret)
         except InvalidToken as e:
@@ -210,7 +210,7 @@ class RegistryApp:
     @inlineCallbacks
     def _manifest(
         self,
-        request: IRequest,
+        request: Request,
         grant: Grant,
         mapping: RepositoryMapping,
         upstream: Upstream,
@@ -239,15 +239,15 @@ class RegistryApp:
         return answer.content
 
     @inlineCallbacks
-    def _tags(self, request: IRequest, mapping: RepositoryMapping, upstream: Upstream) -> Any:
-        n_values = request.args.get(b"n")
+    def _tags(self, request: Request, mapping: RepositoryMapping, upstream: Upstream) -> Any:
+        n_values = _args(request).get(b"n")
         n = None
         if n_values:
             text = n_values[0].decode("latin-1")
             if not text.isdigit() or len(text) > 9:
                 raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
             n = int(text)
-        last_values = request.args.get(b"last")
+        last_values = _args(request).get(b"last")
         last = None
         if last_values:
             last = last_values[0].decode("latin-1")
@@ -260,9 +260,9 @@ class RegistryApp:
 
     @inlineCallbacks
     def _referrers(
-        self, request: IRequest, mapping: RepositoryMapping, upstream: Upstream, digest: Digest
+        self, request: Request, mapping: RepositoryMapping, upstream: Upstream, digest: Digest
     ) -> Any:
-        artifact_values = request.args.get(b"artifactType")
+        artifact_values = _args(request).get(b"artifactType")
         artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
         if artifact_type is not None and (len(artifact_type) > 255 or not artifact_type.isprintable()):
             raise RegistryError(400, "UNSUPPORTED", "invalid artifactType")
@@ -276,7 +276,7 @@ class RegistryApp:
         return body
 
     def _audit_when_done(
-        self, request: IRequest, grant: Grant, mapping: RepositoryMapping, reference: str
+        self, request: Request, grant: Grant, mapping: RepositoryMapping, reference: str
     ) -> None:
         def record(result: object) -> object:
             audit.info(
@@ -297,6 +297,10 @@ class RegistryApp:
         request.notifyFinish().addBoth(record)
 
 
+def _args(request: Request) -> dict[bytes, list[bytes]]:
+    return request.args or {}
+
+
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -304,7 +308,7 @@ def _digest(text: str) -> Digest:
         raise digest_invalid(str(e)) from None
 
 
-def _json(request: IRequest, body: bytes) -> bytes:
+def _json(request: Request, body: bytes) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(body)).encode())
     if request.method == b"HEAD":

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from twisted.application import internet, service, strports
+from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
@@ -53,10 +54,13 @@ class Options(usage.Options):
             self.config = load_config(path, allow_embedded_default=bool(self["dev"]))
         except ConfigError as e:
             fail(str(e))
+        from twisted.internet import reactor
+
         try:
-            strports.service(self.config.server.endpoint, service.Service())
+            # Parses the description (and loads TLS files) without listening.
+            endpoints.serverFromString(reactor, self.config.server.endpoint)
         except Exception as e:
-            fail(f"server.listen: {self.config.server.endpoint!r} is not a valid endpoint ({e})")
+            fail(f"server.listen: {self.config.server.endpoint!r} is not a usable endpoint ({e})")
 
 
 class ProxySite(server.Site):

@@ -30,7 +30,7 @@ class Options(usage.Options):
         ["expires-in", "e", None, "Lifetime in seconds (default: no expiry).", int],
     ]
 
-    def parseArgs(self, subject: str, repositories: str | None = None) -> None:
+    def parseArgs(self, subject: str, repositories: str | None = None) -> None:  # type: ignore[override]
         if not subject.strip():
             raise usage.UsageError("SUBJECT must not be empty")
         self["subject"] = subject

@@ -11,8 +11,9 @@ C{team/app} and C{team/app/x}, never C{team/apple}.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import jwt
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet import defer, error as netError
+from twisted.internet import defer
+from twisted.internet import error as netError
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
@@ -78,7 +80,7 @@ class _LimitedCollector(Protocol):
         if self._size > self._limit:
             self._failed = True
             self._chunks = []
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
             self._finished.errback(BodyTooLarge(f"body larger than {self._limit} bytes"))
             return
         self._chunks.append(data)
@@ -286,9 +288,9 @@ class Upstream:
         if challenge.service:
             query.append(("service", challenge.service))
         query.append(("scope", scope))
-        headers = {}
+        headers = Headers()
         if self.registry.auth is not None:
-            headers["Authorization"] = [self._basic_header()]
+            headers.setRawHeaders("authorization", [self._basic_header()])
         target = realm + ("&" if "?" in realm else "?") + urlencode(query)
         if self.on_token_fetch is not None:
             self.on_token_fetch(self.registry.id)

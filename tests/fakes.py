@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from treq.testing import RequestTraversalAgent
 from twisted.web.resource import Resource

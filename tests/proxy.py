@@ -8,9 +8,8 @@ from __future__ import annotations
 import http.client
 from pathlib import Path
 
-from peers import Twistd, free_port
-
 from cargobay.tokens import mint_token
+from peers import Twistd, free_port
 
 SECRET = "integration-secret-integration-secret"
 ALL = mint_token(SECRET, "tester")

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from peers import Registry, Twistd, build_oci_layout, free_port, skopeo_pull, skopeo_push, wait_http
-from proxy import ALL, Proxy, start_proxy, write_config
 from test_integration_core import push_blob
+
+from evil_upstream import BLOB, DIGEST
+from peers import Registry, Twistd, build_oci_layout, free_port, skopeo_pull, skopeo_push
+from proxy import ALL, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
@@ -246,8 +247,6 @@ def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
 
 # -- a lying or failing upstream ----------------------------------------------
 
-sys.path.insert(0, str(HERE))
-from evil_upstream import BLOB, DIGEST  # noqa: E402
 
 
 @pytest.fixture(scope="module")

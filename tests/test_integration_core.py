@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from cargobay.tokens import mint_token
 from peers import (
     Registry,
     build_oci_layout,
@@ -31,12 +33,9 @@ from peers import (
     skopeo_push,
     twistd_command,
 )
-
-from cargobay.tokens import mint_token
+from proxy import ALL, SECRET, start_proxy
 
 pytestmark = pytest.mark.integration
-
-from proxy import ALL, SECRET, start_proxy
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typing import Any
 
 import jwt
 import pytest
+
 from peers import (
     DOCKER_MANIFEST_LIST,
     DOCKER_MANIFEST_V2S2,

@@ -98,9 +98,9 @@ def test_rs256_and_es256_public_keys():
 def test_hs256_token_signed_with_the_public_key_is_refused():
     # The HS/RS confusion attack: an attacker signs HS256 with the (public)
     # RSA key as the HMAC secret.
-    import hmac
-    import hashlib
     import base64
+    import hashlib
+    import hmac
     import json as _json
 
     from cargobay.tokens import load_public_key

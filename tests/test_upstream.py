@@ -9,8 +9,8 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 
 from cargobay.config import UpstreamAuth
-from cargobay.upstream import UpstreamError, map_status, read_body
 from cargobay.errors import manifest_unknown
+from cargobay.upstream import UpstreamError, map_status, read_body
 from fakes import FakeRegistry, bearer_protected, make_upstream, token_handler
 
 SCOPE = "repository:library/alpine:pull"
