@@ -72,7 +72,7 @@ def _basic(user: str, password: str) -> dict[str, str]:
 def test_layout_layers_are_valid_gzip_tars(tmp_path: Path) -> None:
     image = build_oci_layout(tmp_path, "random", layer_sizes=[1 << 20, 70_000])
     blobs = tmp_path / "blobs" / "sha256"
-    for digest, diff_id, size in zip(image["layers"], image["diff_ids"], [1 << 20, 70_000]):
+    for digest, diff_id, size in zip(image["layers"], image["diff_ids"], [1 << 20, 70_000], strict=True):
         data = (blobs / digest.split(":")[1]).read_bytes()
         assert sha256_digest(data) == digest
         tar = gzip.decompress(data)
