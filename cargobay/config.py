@@ -26,6 +26,8 @@ from cargobay.reference import is_valid_name
 from cargobay.tokens import load_public_key
 
 DEFAULT_CONFIG_PATH = "config.toml"
+#: Host names that mean Docker Hub, in URLs and in mirror requests' ?ns=.
+DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
 _REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: Used by ``make run`` when there is no config file at all.  The secret is a
@@ -103,6 +105,10 @@ class RegistryConfig:
     connect_timeout: float = 10.0
     #: Longest silence allowed while waiting for response headers or body bytes.
     read_timeout: float = 60.0
+    #: Registry host names a mirror request's ``?ns=`` may name to select it.
+    hosts: tuple[str, ...] = ()
+    #: Docker Hub's rule: a one-component name means ``library/<name>``.
+    implicit_library: bool = False
 
     @property
     def scheme(self) -> str:
@@ -265,6 +271,14 @@ class _Section:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{self._name(key)}: must be an array of non-empty strings")
         return tuple(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: must be true or false, not {_kind(value)}")
+        return value
 
     def table_list(self, key: str) -> list[Any]:
         value = self._get(key)
@@ -434,6 +448,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             auth_table.finish()
             assert username is not None and password is not None
             upstream_auth = UpstreamAuth(username, password)
+        hosts = tuple(h.lower() for h in entry.strings("hosts"))
+        hostname = (urlsplit(url).hostname or "").lower()
+        is_docker_hub = hostname in DOCKER_HUB_HOSTS
+        if not hosts:
+            hosts = DOCKER_HUB_HOSTS if is_docker_hub else (hostname,)
+        implicit_library = entry.boolean("implicit_library", is_docker_hub)
         ca_file = entry.string("ca_file")
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ConfigError(f"{where}.ca_file: {ca_file!r} does not exist or is not a file")
@@ -445,6 +465,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 ca_file=ca_file,
                 connect_timeout=entry.number("connect_timeout_seconds", 10.0),
                 read_timeout=entry.number("read_timeout_seconds", 60.0),
+                hosts=hosts,
+                implicit_library=implicit_library,
             )
         )
         entry.finish()
@@ -459,11 +481,20 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         upstream_name = entry.string("upstream_name", required=True)
         entry.finish()
         assert name is not None and registry_id is not None and upstream_name is not None
-        if not is_valid_name(name):
-            raise ConfigError(f"{where}.name: {name!r} is not a valid repository name")
-        if not is_valid_name(upstream_name):
+        if not is_valid_pattern(name):
+            raise ConfigError(
+                f"{where}.name: {name!r} is not a valid repository name"
+                " (or a prefix pattern like 'hub/*', or '*')"
+            )
+        if not is_valid_pattern(upstream_name):
             raise ConfigError(
                 f"{where}.upstream_name: {upstream_name!r} is not a valid repository name"
+                " (or a pattern like 'library/*', or '*')"
+            )
+        if name.endswith("*") != upstream_name.endswith("*"):
+            raise ConfigError(
+                f"{where}.upstream_name: a prefix pattern name needs a pattern upstream_name"
+                f" and the other way round ({name!r} -> {upstream_name!r})"
             )
         if registry_id not in seen_ids:
             raise ConfigError(
@@ -489,6 +520,18 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         repositories=tuple(repositories),
         source=source,
     )
+
+
+def is_valid_pattern(name: str) -> bool:
+    """
+    A repository name, or a prefix pattern: C{*} (every name) or
+    C{<name>/*} (every name below it).
+    """
+    if name == "*":
+        return True
+    if name.endswith("/*"):
+        return is_valid_name(name[:-2])
+    return is_valid_name(name)
 
 
 def _check_listen(where: str, description: str) -> None:

@@ -19,7 +19,7 @@ from twisted.web.server import Request
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService, abort_request
-from cargobay.config import Config, RepositoryMapping
+from cargobay.config import Config
 from cargobay.errors import (
     RegistryError,
     denied,
@@ -31,6 +31,7 @@ from cargobay.errors import (
     unauthorized,
 )
 from cargobay.manifests import ManifestService, accept_headers
+from cargobay.mapping import Mapper, Resolved
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
 from cargobay.tokens import Grant, InvalidToken
 from cargobay.upstream import Upstream
@@ -87,7 +88,7 @@ class RegistryApp:
         self.upstreams = upstreams
         self.blobs = blobs
         self.manifests = manifests
-        self._mappings = {m.name: m for m in config.repositories}
+        self.mapper = Mapper(config)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -117,9 +118,13 @@ class RegistryApp:
         if not is_valid_name(target.name):
             raise name_invalid(target.name)
         self.authenticator.authorize(request, grant, target.name)
-        mapping = self._mappings.get(target.name)
+        ns_values = _args(request).get(b"ns")
+        ns = ns_values[0].decode("latin-1") if ns_values else None
+        mapping = self.mapper.resolve(target.name, ns)
         if mapping is None:
             raise name_unknown(target.name)
+        if not is_valid_name(mapping.upstream_name):
+            raise name_invalid(target.name)
         upstream = self.upstreams[mapping.registry_id]
         head = method == b"HEAD"
         if target.kind == "manifests":
@@ -212,7 +217,7 @@ class RegistryApp:
         self,
         request: Request,
         grant: Grant,
-        mapping: RepositoryMapping,
+        mapping: Resolved,
         upstream: Upstream,
         reference: str,
         head: bool,
@@ -239,7 +244,7 @@ class RegistryApp:
         return answer.content
 
     @inlineCallbacks
-    def _tags(self, request: Request, mapping: RepositoryMapping, upstream: Upstream) -> Any:
+    def _tags(self, request: Request, mapping: Resolved, upstream: Upstream) -> Any:
         n_values = _args(request).get(b"n")
         n = None
         if n_values:
@@ -253,14 +258,14 @@ class RegistryApp:
             last = last_values[0].decode("latin-1")
             if not is_valid_tag(last):
                 raise RegistryError(400, "TAG_INVALID", "invalid tag in 'last'", last[:150])
-        body, link = yield self.manifests.tags(upstream, mapping.name, mapping.upstream_name, n, last)
+        body, link = yield self.manifests.tags(upstream, mapping.local_name, mapping.upstream_name, n, last)
         if link:
             request.setHeader(b"Link", link.encode("latin-1"))
         return _json(request, body)
 
     @inlineCallbacks
     def _referrers(
-        self, request: Request, mapping: RepositoryMapping, upstream: Upstream, digest: Digest
+        self, request: Request, mapping: Resolved, upstream: Upstream, digest: Digest
     ) -> Any:
         artifact_values = _args(request).get(b"artifactType")
         artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
@@ -276,14 +281,14 @@ class RegistryApp:
         return body
 
     def _audit_when_done(
-        self, request: Request, grant: Grant, mapping: RepositoryMapping, reference: str
+        self, request: Request, grant: Grant, mapping: Resolved, reference: str
     ) -> None:
         def record(result: object) -> object:
             audit.info(
                 "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
                 "reference={reference} status={status} bytes={sent} cache={cache}",
                 subject=grant.subject,
-                name=mapping.name,
+                name=mapping.local_name,
                 registry=mapping.registry_id,
                 upstream_name=mapping.upstream_name,
                 reference=reference,

@@ -1,0 +1,87 @@
+import pytest
+
+from cargobay.config import ConfigError, parse_config
+from cargobay.mapping import Mapper, Resolved
+
+CONFIG = """
+[auth]
+jwt_secret = "s"
+[[registries]]
+id = "hub"
+url = "https://registry-1.docker.io"
+[[registries]]
+id = "ghcr"
+url = "https://ghcr.io"
+[[registries]]
+id = "private"
+url = "https://registry.example.com:5443"
+hosts = ["registry.example.com:5443", "registry.example.com"]
+
+[[repositories]]
+name = "alpine"
+registry_id = "private"
+upstream_name = "mirrored/alpine"
+[[repositories]]
+name = "hub/*"
+registry_id = "hub"
+upstream_name = "*"
+[[repositories]]
+name = "gh/*"
+registry_id = "ghcr"
+upstream_name = "*"
+[[repositories]]
+name = "gh/special/*"
+registry_id = "private"
+upstream_name = "special/*"
+[[repositories]]
+name = "*"
+registry_id = "hub"
+upstream_name = "*"
+"""
+
+
+@pytest.fixture
+def mapper():
+    return Mapper(parse_config(CONFIG))
+
+
+def test_exact_mappings_win(mapper):
+    assert mapper.resolve("alpine") == Resolved("alpine", "private", "mirrored/alpine")
+    assert mapper.resolve("alpine", ns="docker.io") == Resolved("alpine", "private", "mirrored/alpine")
+
+
+def test_prefix_patterns_longest_first(mapper):
+    assert mapper.resolve("hub/library/nginx") == Resolved("hub/library/nginx", "hub", "library/nginx")
+    assert mapper.resolve("gh/owner/tool") == Resolved("gh/owner/tool", "ghcr", "owner/tool")
+    assert mapper.resolve("gh/special/x") == Resolved("gh/special/x", "private", "special/x")
+
+
+def test_docker_hub_implicit_library(mapper):
+    assert mapper.resolve("hub/nginx").upstream_name == "library/nginx"
+    assert mapper.resolve("busybox").upstream_name == "library/busybox"
+    assert mapper.resolve("library/busybox").upstream_name == "library/busybox"
+    assert mapper.resolve("gh/tool").upstream_name == "tool"  # only on Docker Hub
+
+
+def test_ns_selects_the_registry_by_host(mapper):
+    assert mapper.resolve("owner/tool", ns="ghcr.io") == Resolved("owner/tool", "ghcr", "owner/tool")
+    assert mapper.resolve("team/app", ns="registry.example.com") == Resolved("team/app", "private", "team/app")
+    assert mapper.resolve("nginx", ns="docker.io").upstream_name == "library/nginx"
+    # Not an open proxy: an unconfigured host maps to nothing.
+    assert mapper.resolve("x/y", ns="evil.example.net") is None
+
+
+def test_without_catch_all_unknown_names_are_unknown():
+    config = parse_config(CONFIG.replace('name = "*"\nregistry_id = "hub"\nupstream_name = "*"', 'name = "z"\nregistry_id = "hub"\nupstream_name = "z"'))
+    assert Mapper(config).resolve("nothere") is None
+    assert Mapper(config).resolve("hub") is None
+
+
+@pytest.mark.parametrize(
+    "name, upstream, problem",
+    [("hub/*", "library/alpine", "pattern"), ("hub", "*", "pattern"), ("hub/**", "*", "not a valid"), ("*/x", "*", "not a valid")],
+)
+def test_bad_patterns(name, upstream, problem):
+    text = f'[auth]\njwt_secret="s"\n[[registries]]\nid="h"\nurl="https://h"\n[[repositories]]\nname="{name}"\nregistry_id="h"\nupstream_name="{upstream}"\n'
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(text)
