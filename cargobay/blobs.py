@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from cargobay.cache import BlobKey, BlobStore, BlobWriter, CacheWriteError, Entry
 from cargobay.errors import RegistryError, blob_unknown
+from cargobay.metrics import Metrics
 from cargobay.reference import Digest
 from cargobay.upstream import Upstream, discard_body, map_status
 
@@ -430,14 +431,17 @@ class BlobService:
     Answers blob GET and HEAD requests for mapped repositories.
     """
 
-    def __init__(self, cache: BlobStore, clock: Any) -> None:
+    def __init__(self, cache: BlobStore, clock: Any, metrics: Metrics | None = None) -> None:
         self.cache = cache
         self._clock = clock
+        self._metrics = metrics
         self._fetches: dict[BlobKey, Fetch] = {}
-        #: Called with the number of bytes received from upstream (metrics).
-        self.on_upstream_bytes: Callable[[int], None] | None = None
-        #: Called with (request, bytes_sent, hit) when a blob response ends (audit).
-        self.on_served: Callable[[Request, str, int | None], None] | None = None
+
+    def _upstream_bytes_counter(self, registry_id: str) -> Callable[[int], None] | None:
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        return lambda count: metrics.upstream_bytes.inc(count, registry_id)
 
     def in_flight(self) -> int:
         return len(self._fetches)
@@ -471,6 +475,8 @@ class BlobService:
     def _mark(self, request: Request, how: str) -> None:
         request.setHeader(b"X-Cache", b"HIT" if how == "hit" else b"MISS")
         request.cache_status = how  # type: ignore[attr-defined]
+        if self._metrics is not None:
+            self._metrics.cache_lookups.inc(1, "blob", how)
 
     # -- hits --------------------------------------------------------------
 
@@ -586,7 +592,7 @@ class BlobService:
                 self._clock,
                 upstream.registry.read_timeout,
                 describe,
-                self.on_upstream_bytes,
+                self._upstream_bytes_counter(upstream.registry.id),
             )
             response.deliverBody(pipe)
             if client is None:

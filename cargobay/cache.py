@@ -235,6 +235,19 @@ class BlobCache:
             return None
         return Entry(BlobKey(registry_id, digest), item.path, size, stat.st_mtime)
 
+    def writable(self) -> bool:
+        """
+        Whether a file can be created in the cache directory right now.
+        """
+        probe = os.path.join(self.directory, "tmp", f"probe-{secrets.token_hex(4)}")
+        try:
+            with open(probe, "xb"):
+                pass
+            os.unlink(probe)
+            return True
+        except OSError:
+            return False
+
     # -- reading -----------------------------------------------------------
 
     def lookup(self, key: BlobKey) -> Entry | None:

@@ -26,6 +26,7 @@ from cargobay.reference import is_valid_name
 from cargobay.tokens import load_public_key
 
 DEFAULT_CONFIG_PATH = "config.toml"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 #: Host names that mean Docker Hub, in URLs and in mirror requests' ?ns=.
 DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
 _REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -180,6 +181,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    #: Path on the main listener, when there is no listen endpoint of its own.
+    path: str = "/metrics"
+    #: A Twisted endpoint of its own for /metrics (and health), e.g. "tcp:9090".
+    listen: str | None = None
+    #: Whether /metrics needs a client token like the registry routes.
+    require_auth: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (human-readable) or "json" (one object per line).
+    format: str = "text"
+    #: debug, info, warn, error; the CARGOBAY_LOG_LEVEL variable overrides it.
+    level: str = "info"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     auth: AuthConfig
@@ -187,6 +207,8 @@ class Config:
     registries: tuple[RegistryConfig, ...]
     repositories: tuple[RepositoryMapping, ...]
     source: str = "<embedded>"
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def registry(self, registry_id: str) -> RegistryConfig:
         for registry in self.registries:
@@ -506,10 +528,35 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         seen_names.add(name)
         repositories.append(RepositoryMapping(name, registry_id, upstream_name))
 
+    metrics_section = section("metrics")
+    metrics_path = metrics_section.string("path", "/metrics") or "/metrics"
+    if not metrics_path.startswith("/") or metrics_path.startswith("/v2") or metrics_path in ("/token", "/healthz", "/readyz"):
+        raise ConfigError(f"metrics.path: {metrics_path!r} must be an absolute path outside the registry API")
+    metrics_listen = metrics_section.string("listen")
+    if metrics_listen is not None:
+        _check_listen("metrics.listen", metrics_listen)
+    metrics = MetricsConfig(
+        enabled=metrics_section.boolean("enabled", True),
+        path=metrics_path,
+        listen=metrics_listen,
+        require_auth=metrics_section.boolean("require_auth", False),
+    )
+    metrics_section.finish()
+
+    logging_section = section("logging")
+    log_format = logging_section.string("format", "text") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"logging.format: must be 'text' or 'json', got {log_format!r}")
+    log_level = (logging_section.string("level", "info") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    logging_section.finish()
+
     unknown = sorted(set(document) - top.known)
     if unknown:
         raise ConfigError(
-            f"{unknown[0]}: unknown section (known: auth, cache, registries, repositories, server)"
+            f"{unknown[0]}: unknown section"
+            " (known: auth, cache, logging, metrics, registries, repositories, server)"
         )
 
     return Config(
@@ -519,6 +566,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         registries=tuple(registries),
         repositories=tuple(repositories),
         source=source,
+        metrics=metrics,
+        logging=LoggingConfig(log_format, log_level),
     )
 
 

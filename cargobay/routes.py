@@ -7,6 +7,7 @@ services and the upstream clients.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 from urllib.parse import parse_qsl
@@ -32,6 +33,7 @@ from cargobay.errors import (
 )
 from cargobay.manifests import ManifestService, accept_headers
 from cargobay.mapping import Mapper, Resolved
+from cargobay.metrics import Metrics
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
 from cargobay.tokens import Grant, InvalidToken
 from cargobay.upstream import Upstream
@@ -39,6 +41,7 @@ from cargobay.upstream import Upstream
 log = Logger()
 audit = Logger(namespace="cargobay.audit")
 
+_ROUTE_LABELS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 WRITE_METHODS = (b"POST", b"PUT", b"PATCH", b"DELETE")
 READ_METHODS = (b"GET", b"HEAD")
 #: Longest request path considered; longer ones cannot hold a valid name.
@@ -82,8 +85,12 @@ class RegistryApp:
         upstreams: dict[str, Upstream],
         blobs: BlobService,
         manifests: ManifestService,
+        metrics: Metrics | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
+        self.metrics = metrics
+        self._ready = ready
         self.authenticator = authenticator
         self.upstreams = upstreams
         self.blobs = blobs
@@ -98,6 +105,7 @@ class RegistryApp:
     @app.route("/v2", branch=True, strict_slashes=False)
     def registry(self, request: Request) -> Any:
         request.setHeader(*API_VERSION)
+        self._observe(request, "base")
         method = request.method
         if method in WRITE_METHODS:
             raise denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
@@ -127,6 +135,7 @@ class RegistryApp:
             raise name_invalid(target.name)
         upstream = self.upstreams[mapping.registry_id]
         head = method == b"HEAD"
+        request.route_label = _ROUTE_LABELS[target.kind]  # type: ignore[attr-defined]
         if target.kind == "manifests":
             return self._manifest(request, grant, mapping, upstream, target.argument, head)
         if target.kind == "blobs":
@@ -146,6 +155,7 @@ class RegistryApp:
         JWT) on GET, or the OAuth2 password / refresh_token grant on POST.
         """
         request.setHeader(*API_VERSION)
+        self._observe(request, "token")
         if request.method == b"POST":
             form = dict(parse_qsl(cast(IO[bytes], request.content).read(65536).decode("utf-8", "replace")))
             grant_type = form.get("grant_type")
@@ -174,8 +184,28 @@ class RegistryApp:
         request.setHeader(b"Content-Type", b"text/plain")
         return b"ok\n"
 
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readyz(self, request: Request) -> Any:
+        """
+        Ready to serve: the config is loaded (it is, or we would not run) and
+        the cache directory is writable.
+        """
+        request.setHeader(b"Content-Type", b"text/plain")
+        if not self._ready():
+            request.setResponseCode(503)
+            return b"cache directory not writable\n"
+        return b"ok\n"
+
     @app.route("/", branch=True)
     def elsewhere(self, request: Request) -> Any:
+        metrics_config = self.config.metrics
+        if (
+            self.metrics is not None
+            and metrics_config.enabled
+            and metrics_config.listen is None
+            and request.path == metrics_config.path.encode()
+        ):
+            return self.render_metrics(request)
         request.setHeader(*API_VERSION)
         raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint")
 
@@ -201,6 +231,29 @@ class RegistryApp:
         request.setHeader(*API_VERSION)
         body = RegistryError(500, "UNKNOWN", "internal error").body()
         return _json(request, body)
+
+    def render_metrics(self, request: Request) -> Any:
+        assert self.metrics is not None
+        if self.config.metrics.require_auth:
+            self.authenticator.authenticate(request)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.render()
+
+    def _observe(self, request: Request, route: str) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        request.route_label = route  # type: ignore[attr-defined]
+
+        def done(result: object) -> None:
+            label = getattr(request, "route_label", route)
+            metrics.requests.inc(1, label, request.method.decode("latin-1")[:10], str(request.code))
+            if label in ("manifest", "blob") and request.method == b"GET":
+                status = getattr(request, "cache_status", None)
+                source = "cache" if status in ("hit", "revalidated", "stale") else "upstream"
+                metrics.bytes_served.inc(request.sentLength, source)
+
+        request.notifyFinish().addBoth(done)
 
     # -- handlers ----------------------------------------------------------
 
@@ -230,6 +283,8 @@ class RegistryApp:
         accept = accept_headers(request)
         answer = yield self.manifests.get(upstream, mapping.upstream_name, reference, accept, head)
         request.cache_status = answer.source  # type: ignore[attr-defined]
+        if self.metrics is not None:
+            self.metrics.cache_lookups.inc(1, "manifest", "miss" if answer.source == "miss" else "hit")
         if answer.source == "stale":
             request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
         if answer.media_type:

@@ -9,21 +9,26 @@ from typing import Any
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
-from twisted.web import server
+from twisted.python.components import Componentized
+from twisted.web import client as webclient
+from twisted.web import http, resource, server
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
 from cargobay.cache import BlobCache
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
+from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
+from cargobay.metrics import Metrics
 from cargobay.routes import RegistryApp
 from cargobay.tokens import mint_token
 from cargobay.upstream import Upstream
 
 log = Logger()
+access = Logger(namespace="cargobay.access")
 
 
 def fail(message: str) -> None:
@@ -67,8 +72,54 @@ class ProxySite(server.Site):
     # Tracebacks never reach clients.
     displayTracebacks = False
 
+    def log(self, request: http.Request) -> None:
+        """
+        One access log line per request, naming the token's subject (never
+        the token itself).
+        """
+        grant = getattr(request, "grant", None)
+        client = request.getClientAddress()
+        access.info(
+            "{client} {method} {path} {status} {bytes} subject={subject} agent={agent}",
+            client=getattr(client, "host", "-"),
+            method=request.method.decode("latin-1")[:10],
+            path=request.uri.decode("latin-1")[:300],
+            status=request.code,
+            bytes=request.sentLength,
+            subject=grant.subject if grant is not None else "-",
+            agent=(request.getHeader(b"user-agent") or b"-").decode("latin-1")[:120],
+        )
+
+
+class MetricsResource(resource.Resource):
+    """
+    /metrics, /healthz and /readyz on a listener of their own.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: RegistryApp) -> None:
+        super().__init__()
+        self._app = app
+
+    def render_GET(self, request: server.Request) -> bytes:
+        if request.path == b"/healthz":
+            return b"ok\n"
+        if request.path == b"/readyz":
+            if not self._app._ready():
+                request.setResponseCode(503)
+                return b"cache directory not writable\n"
+            return b"ok\n"
+        if request.path == self._app.config.metrics.path.encode() or request.path == b"/metrics":
+            assert self._app.metrics is not None
+            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+            return self._app.metrics.render()
+        request.setResponseCode(404)
+        return b"not found\n"
+
 
 def build_app(config: Config, reactor: Any) -> tuple[RegistryApp, BlobCache]:
+    metrics = Metrics()
     cache = BlobCache(
         config.cache.directory,
         config.cache.max_size_bytes,
@@ -76,11 +127,26 @@ def build_app(config: Config, reactor: Any) -> tuple[RegistryApp, BlobCache]:
         reactor,
     )
     cache.open()
-    upstreams = {registry.id: Upstream(registry, reactor) for registry in config.registries}
+    cache.on_evict = lambda entry: metrics.evictions.inc()
+    pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 32
+    pool.cachedConnectionTimeout = 120
+    upstreams = {
+        registry.id: Upstream(registry, reactor, pool=pool, metrics=metrics) for registry in config.registries
+    }
     authenticator = Authenticator.from_config(config.auth, config.server)
     store = ManifestStore(config.cache.directory, reactor)
     manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
-    app = RegistryApp(config, authenticator, upstreams, BlobService(cache, reactor), manifests)
+    blobs = BlobService(cache, reactor, metrics)
+    metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
+    metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
+    metrics.gauge(
+        "cargobay_cache_max_size_bytes", "The cache's size limit.", lambda: cache.max_size_bytes
+    )
+    metrics.gauge(
+        "cargobay_upstream_fetches_in_flight", "Blob downloads from upstream in progress.", blobs.in_flight
+    )
+    app = RegistryApp(config, authenticator, upstreams, blobs, manifests, metrics, cache.writable)
     return app, cache
 
 
@@ -110,6 +176,23 @@ def _maintain(cache: BlobCache, scrub_bytes: int) -> None:
         log.failure("cache maintenance failed")
 
 
+class CargobayService(service.MultiService):
+    """
+    The top service.  Installs cargobay's log observer (text or JSON, level
+    filtered) on the application twistd puts it in, unless twistd was given
+    a --logger of its own.
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self._observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -117,9 +200,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     config: Config = options.config
     app, cache = build_app(config, reactor)
-    top = service.MultiService()
+    top = CargobayService(make_observer(config.logging.format, config.logging.level))
     site = ProxySite(app.resource())
     strports.service(config.server.endpoint, site).setServiceParent(top)
+    if config.metrics.enabled and config.metrics.listen:
+        strports.service(config.metrics.listen, ProxySite(MetricsResource(app))).setServiceParent(top)
     internet.TimerService(
         config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval
     ).setServiceParent(top)

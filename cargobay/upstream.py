@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -37,8 +36,11 @@ from zope.interface import implementer
 from cargobay.challenge import Challenge, find_challenge
 from cargobay.config import RegistryConfig
 from cargobay.errors import RegistryError
+from cargobay.metrics import Metrics
 
 log = Logger()
+# One "Starting factory" line per upstream connection is noise.
+webclient._HTTP11ClientFactory.noisy = False
 
 #: Small bodies (errors, token responses, manifests) are read into memory up to
 #: this size; distribution itself refuses manifests over 4 MiB.
@@ -156,8 +158,10 @@ class Upstream:
         reactor: Any,
         agent: IAgent | None = None,
         pool: webclient.HTTPConnectionPool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
+        self._metrics = metrics
         self._reactor = reactor
         self._clock: IReactorTime = reactor
         if agent is None:
@@ -177,8 +181,6 @@ class Upstream:
         # Set once the registry answered with a Basic challenge: send the
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
-        #: Called with the registry id each time a token is fetched (metrics).
-        self.on_token_fetch: Callable[[str], None] | None = None
 
     # -- public API --------------------------------------------------------
 
@@ -292,8 +294,8 @@ class Upstream:
         if self.registry.auth is not None:
             headers.setRawHeaders("authorization", [self._basic_header()])
         target = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        if self.on_token_fetch is not None:
-            self.on_token_fetch(self.registry.id)
+        if self._metrics is not None:
+            self._metrics.token_fetches.inc(1, self.registry.id)
         try:
             response = yield self._http.request(
                 "GET",
@@ -347,6 +349,7 @@ class Upstream:
         authorization = self._authorization_for(url, scope)
         if authorization is not None:
             outgoing.setRawHeaders("authorization", [authorization])
+        started = self._clock.seconds()
         try:
             response = yield self._http.request(
                 method,
@@ -357,7 +360,15 @@ class Upstream:
                 timeout=self.registry.read_timeout,
             )
         except Exception as e:
-            raise UpstreamError(self._network_error(Failure(e), url)) from None
+            error = self._network_error(Failure(e), url)
+            if self._metrics is not None:
+                kind = "timeout" if error.status == 504 else "network"
+                self._metrics.upstream_errors.inc(1, self.registry.id, kind)
+            raise UpstreamError(error) from None
+        if self._metrics is not None:
+            self._metrics.upstream_latency.observe(self._clock.seconds() - started, self.registry.id)
+            if response.code >= 500 or response.code == 429:
+                self._metrics.upstream_errors.inc(1, self.registry.id, "status")
         return response
 
     def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RegistryError:

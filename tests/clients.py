@@ -24,6 +24,7 @@ avoided here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -344,6 +345,25 @@ class Dockerd:
 # ---------------------------------------------------------------------------
 
 
+#: podman refuses a --runroot longer than this.
+_PODMAN_MAX_RUNROOT = 50
+
+
+def _short_path(path: Path) -> Path:
+    """
+    ``path``, or when it is too long for podman's --runroot, a symlink to it
+    in /tmp whose name is derived from it (the same for every call).
+    """
+    if len(str(path)) <= _PODMAN_MAX_RUNROOT:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    link = Path(tempfile.gettempdir()) / f"cb-podman-{digest}"
+    if not link.is_symlink() or os.readlink(link) != str(path):
+        link.unlink(missing_ok=True)
+        link.symlink_to(path, target_is_directory=True)
+    return link
+
+
 def podman(
     *args: str,
     root: Path,
@@ -355,7 +375,9 @@ def podman(
     """
     ``podman ARGS...`` with its image store in ``root`` and run state in
     ``runroot`` (its tmp dir and network config dir beside ``runroot``), so
-    the machine's own storage is never touched. ``vfs`` by default: no
+    the machine's own storage is never touched. podman refuses a runroot
+    path longer than 50 characters: a longer one is reached through a
+    symlink /tmp/cb-podman-<hash>. ``vfs`` by default: no
     overlay mounts are left behind for the tmp dir's cleanup to trip on.
     """
     binary = need("podman")
@@ -365,6 +387,7 @@ def podman(
     netdir = runroot.parent / (runroot.name + "-net")
     for d in (root, runroot, tmpdir, netdir):
         d.mkdir(parents=True, exist_ok=True)
+    runroot = _short_path(runroot)
     return _run(
         [
             binary,

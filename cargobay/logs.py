@@ -1,0 +1,92 @@
+"""
+Log output: human-readable text by default, or one JSON object per line.
+
+The level comes from C{CARGOBAY_LOG_LEVEL} (or, for operators migrating from
+the earlier implementation, C{RUST_LOG} such as C{docker_registry_proxy=debug}),
+else from the config's C{[logging] level}.  Use as
+C{twistd --logger cargobay.logs.json_observer cargobay ...}, or set
+C{[logging] format = "json"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
+from zope.interface import implementer
+
+_LEVELS = {"debug", "info", "warn", "error", "critical"}
+_ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}
+
+
+def level_from_environment(environ: Mapping[str, str], default: str) -> str:
+    for variable in ("CARGOBAY_LOG_LEVEL", "RUST_LOG"):
+        value = environ.get(variable, "").strip().lower()
+        if not value:
+            continue
+        # RUST_LOG may be "target=level,other=level": take the last level named.
+        for item in reversed(value.replace(",", " ").split()):
+            candidate = _ALIASES.get(item.rpartition("=")[2], item.rpartition("=")[2])
+            if candidate in _LEVELS:
+                return candidate
+    return default
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """
+    One JSON object per event and line: time, level, namespace, the
+    formatted message, and the event's simple fields (never objects).
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(),
+            "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+            "namespace": event.get("log_namespace", "-"),
+            "message": formatEvent(event),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in ("message", "format", "system", "time", "isError"):
+                continue
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                record.setdefault(key, value)
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        self._stream.write(json.dumps(record, default=str) + "\n")
+        self._stream.flush()
+
+
+def make_observer(format: str, level: str, stream: IO[str] | None = None) -> ILogObserver:
+    stream = stream if stream is not None else sys.stdout
+    base: ILogObserver = JSONLinesObserver(stream) if format == "json" else textFileLogObserver(stream)
+    chosen = level_from_environment(os.environ, level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(chosen))
+    return FilteringLogObserver(base, [predicate])
+
+
+def json_observer() -> ILogObserver:
+    """For C{twistd --logger cargobay.logs.json_observer}."""
+    return make_observer("json", "info")
+
+
+def text_observer() -> ILogObserver:
+    """For C{twistd --logger cargobay.logs.text_observer}."""
+    return make_observer("text", "info")

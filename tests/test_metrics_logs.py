@@ -1,0 +1,47 @@
+import io
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from cargobay.logs import level_from_environment, make_observer
+from cargobay.metrics import Metrics
+
+
+def test_metrics_render_parses_with_prometheus_client():
+    metrics = Metrics()
+    metrics.requests.inc(1, "blob", "GET", "200")
+    metrics.bytes_served.inc(1234, "cache")
+    metrics.upstream_latency.observe(0.02, "hub")
+    metrics.upstream_latency.observe(3.0, "hub")
+    metrics.gauge("cargobay_cache_size_bytes", "size", lambda: 42)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    [sample] = families["cargobay_http_requests"].samples
+    assert sample.labels == {"route": "blob", "method": "GET", "status": "200"} and sample.value == 1
+    assert families["cargobay_served_bytes"].samples[0].value == 1234
+    histogram = {(s.name, s.labels.get("le")): s.value for s in families["cargobay_upstream_request_duration_seconds"].samples}
+    assert histogram[("cargobay_upstream_request_duration_seconds_count", None)] == 2
+    assert histogram[("cargobay_upstream_request_duration_seconds_bucket", "0.025")] == 1
+    assert histogram[("cargobay_upstream_request_duration_seconds_bucket", "+Inf")] == 2
+    assert families["cargobay_cache_size_bytes"].samples[0].value == 42
+
+
+def test_log_level_from_environment():
+    assert level_from_environment({}, "info") == "info"
+    assert level_from_environment({"CARGOBAY_LOG_LEVEL": "DEBUG"}, "info") == "debug"
+    assert level_from_environment({"RUST_LOG": "docker_registry_proxy=warn"}, "info") == "warn"
+    assert level_from_environment({"RUST_LOG": "garbage"}, "error") == "error"
+
+
+def test_json_logs_one_object_per_line(monkeypatch):
+    from twisted.logger import Logger
+
+    monkeypatch.delenv("CARGOBAY_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("RUST_LOG", raising=False)
+    stream = io.StringIO()
+    log = Logger(namespace="test", observer=make_observer("json", "info", stream))
+    log.info("pulled {digest} for {subject}", digest="sha256:abc", subject="ci")
+    log.debug("hidden")
+    [line] = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["message"] == "pulled sha256:abc for ci"
+    assert record["level"] == "info" and record["namespace"] == "test" and record["subject"] == "ci"
