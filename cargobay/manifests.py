@@ -77,7 +77,7 @@ class ManifestService:
     def __init__(self, store: ManifestStore | None = None, clock: Any = None, tag_ttl: float = 60.0) -> None:
         self._store = store
         self._clock = clock
-        self._tag_ttl = tag_ttl
+        self.tag_ttl = tag_ttl
 
     @inlineCallbacks
     def get(
@@ -109,7 +109,7 @@ class ManifestService:
             cached = store.get(registry_id, resolution.digest)
         if cached is not None and resolution is not None:
             age = self._clock.seconds() - resolution.confirmed_at
-            if age < self._tag_ttl:
+            if age < self.tag_ttl:
                 return _answer(cached, head, "hit")
             try:
                 # Revalidate with a HEAD: it does not count against Docker

@@ -97,6 +97,16 @@ class RegistryApp:
         self.manifests = manifests
         self.mapper = Mapper(config)
 
+    def reconfigure(self, config: Config, authenticator: Authenticator, upstreams: dict[str, Upstream]) -> None:
+        """
+        Switch to a reloaded config.  Requests in progress keep the objects
+        they already hold.
+        """
+        self.config = config
+        self.authenticator = authenticator
+        self.upstreams = upstreams
+        self.mapper = Mapper(config)
+
     def resource(self) -> Any:
         return self.app.resource()
 

@@ -4,6 +4,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -118,36 +119,98 @@ class MetricsResource(resource.Resource):
         return b"not found\n"
 
 
-def build_app(config: Config, reactor: Any) -> tuple[RegistryApp, BlobCache]:
-    metrics = Metrics()
-    cache = BlobCache(
-        config.cache.directory,
-        config.cache.max_size_bytes,
-        config.cache.max_age_seconds,
-        reactor,
-    )
-    cache.open()
-    cache.on_evict = lambda entry: metrics.evictions.inc()
-    pool = webclient.HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 32
-    pool.cachedConnectionTimeout = 120
-    upstreams = {
-        registry.id: Upstream(registry, reactor, pool=pool, metrics=metrics) for registry in config.registries
-    }
-    authenticator = Authenticator.from_config(config.auth, config.server)
-    store = ManifestStore(config.cache.directory, reactor)
-    manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
-    blobs = BlobService(cache, reactor, metrics)
-    metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
-    metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
-    metrics.gauge(
-        "cargobay_cache_max_size_bytes", "The cache's size limit.", lambda: cache.max_size_bytes
-    )
-    metrics.gauge(
-        "cargobay_upstream_fetches_in_flight", "Blob downloads from upstream in progress.", blobs.in_flight
-    )
-    app = RegistryApp(config, authenticator, upstreams, blobs, manifests, metrics, cache.writable)
-    return app, cache
+class Runtime:
+    """
+    Everything the running proxy is made of, built from a config; L{reload}
+    swaps in a new config without dropping connections or the cache.
+    """
+
+    def __init__(self, config: Config, config_path: str | None, reactor: Any) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._reactor = reactor
+        self.metrics = metrics = Metrics()
+        self.cache = cache = BlobCache(
+            config.cache.directory,
+            config.cache.max_size_bytes,
+            config.cache.max_age_seconds,
+            reactor,
+        )
+        cache.open()
+        cache.on_evict = lambda entry: metrics.evictions.inc()
+        self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 32
+        self._pool.cachedConnectionTimeout = 120
+        store = ManifestStore(config.cache.directory, reactor)
+        self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
+        blobs = BlobService(cache, reactor, metrics)
+        metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
+        metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
+        metrics.gauge(
+            "cargobay_cache_max_size_bytes", "The cache's size limit.", lambda: cache.max_size_bytes
+        )
+        metrics.gauge(
+            "cargobay_upstream_fetches_in_flight", "Blob downloads from upstream in progress.", blobs.in_flight
+        )
+        self.app = RegistryApp(
+            config,
+            Authenticator.from_config(config.auth, config.server),
+            self._upstreams(config, {}),
+            blobs,
+            self.manifests,
+            metrics,
+            cache.writable,
+        )
+
+    def _upstreams(self, config: Config, previous: dict[str, Upstream]) -> dict[str, Upstream]:
+        upstreams = {}
+        for registry in config.registries:
+            existing = previous.get(registry.id)
+            if existing is not None and existing.registry == registry:
+                # Unchanged: keep its cached tokens.
+                upstreams[registry.id] = existing
+            else:
+                upstreams[registry.id] = Upstream(registry, self._reactor, pool=self._pool, metrics=self.metrics)
+        return upstreams
+
+    def reload(self) -> bool:
+        """
+        Re-read the config file.  A bad file is logged and the running config
+        stays.  Returns whether the new config was applied.
+        """
+        if self._config_path is None:
+            log.warn("reload: running on the embedded development config; nothing to re-read")
+            return False
+        try:
+            config = load_config(self._config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: {problem}", problem=str(e))
+            return False
+        old = self.config
+        for label, before, after in [
+            ("server listen endpoint", old.server.endpoint, config.server.endpoint),
+            ("cache.directory", old.cache.directory, config.cache.directory),
+            ("metrics", old.metrics, config.metrics),
+            ("logging", old.logging, config.logging),
+        ]:
+            if before != after:
+                log.warn("reload: {what} changed; it takes effect at the next restart", what=label)
+        self.cache.max_size_bytes = config.cache.max_size_bytes
+        self.cache.max_age_seconds = config.cache.max_age_seconds
+        self.manifests.tag_ttl = config.cache.tag_ttl_seconds
+        self.app.reconfigure(
+            config,
+            Authenticator.from_config(config.auth, config.server),
+            self._upstreams(config, self.app.upstreams),
+        )
+        self.config = config
+        log.info(
+            "reloaded {source}: {count} repositories, {registries} registries",
+            source=config.source,
+            count=len(config.repositories),
+            registries=len(config.registries),
+        )
+        return True
 
 
 def _announce_development(config: Config) -> None:
@@ -180,12 +243,29 @@ class CargobayService(service.MultiService):
     """
     The top service.  Installs cargobay's log observer (text or JSON, level
     filtered) on the application twistd puts it in, unless twistd was given
-    a --logger of its own.
+    a --logger of its own; reloads the config on SIGHUP.
     """
 
-    def __init__(self, observer: ILogObserver) -> None:
+    def __init__(self, observer: ILogObserver, runtime: Runtime, reactor: Any) -> None:
         super().__init__()
         self._observer = observer
+        self._runtime = runtime
+        self._reactor = reactor
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> Any:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+        return super().stopService()
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes: hand the work to the reactor.
+        self._reactor.callFromThread(self._runtime.reload)
 
     def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
@@ -199,8 +279,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     config: Config = options.config
-    app, cache = build_app(config, reactor)
-    top = CargobayService(make_observer(config.logging.format, config.logging.level))
+    config_path = None if config.source == "<embedded default>" else config.source
+    runtime = Runtime(config, config_path, reactor)
+    app, cache = runtime.app, runtime.cache
+    top = CargobayService(make_observer(config.logging.format, config.logging.level), runtime, reactor)
     site = ProxySite(app.resource())
     strports.service(config.server.endpoint, site).setServiceParent(top)
     if config.metrics.enabled and config.metrics.listen:
