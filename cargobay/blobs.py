@@ -38,6 +38,9 @@ log = Logger()
 
 #: Bytes read from a cache file per write to a client.
 CHUNK_SIZE = 256 * 1024
+#: How far a download may run ahead of its fastest reading client before it
+#: pauses (without readers it runs at full speed into the cache).
+READ_WINDOW = 16 * 1024 * 1024
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -70,8 +73,16 @@ class Fetch:
         self.state = "starting"  # starting, running, done, failed
         self.entry: Entry | None = None
         self.error: RegistryError | None = None
-        self._listeners: set[Callable[[], None]] = set()
+        #: Bytes written to the temporary file so far.
+        self.written = 0
+        self._readers: set[FileSender] = set()
         self._started: list[Deferred[Fetch]] = []
+        #: Called when a reader moved on or left, so that a download paused
+        #: for readers far behind can resume.
+        self.on_reader_moved: Callable[[], None] | None = None
+        #: Called when a follower joins, so that a paused primary client
+        #: stops holding the download back.
+        self.on_follower_joined: Callable[[], None] | None = None
 
     def when_started(self) -> Deferred[Fetch]:
         """
@@ -102,13 +113,33 @@ class Fetch:
         for d in waiting:
             d.errback(error)
 
-    def listen(self, listener: Callable[[], None]) -> None:
-        self._listeners.add(listener)
+    def add_reader(self, reader: FileSender, follower: bool = True) -> None:
+        self._readers.add(reader)
+        if follower and self.on_follower_joined is not None:
+            self.on_follower_joined()
 
-    def unlisten(self, listener: Callable[[], None]) -> None:
-        self._listeners.discard(listener)
+    def remove_reader(self, reader: FileSender) -> None:
+        self._readers.discard(reader)
+        self.reader_moved()
+
+    def has_readers(self) -> bool:
+        return bool(self._readers)
+
+    def reader_moved(self) -> None:
+        if self.on_reader_moved is not None:
+            self.on_reader_moved()
+
+    def lead(self) -> int | None:
+        """
+        How far the download is ahead of its fastest reader; None without
+        readers.
+        """
+        if not self._readers:
+            return None
+        return self.written - max(reader.position for reader in self._readers)
 
     def progressed(self, written: int) -> None:
+        self.written = written
         self.safe_end = max(0, written - 1)
         self._notify()
 
@@ -120,8 +151,8 @@ class Fetch:
         self._notify()
 
     def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
+        for reader in list(self._readers):
+            reader.wake()
 
 
 @implementer(IPushProducer)
@@ -156,7 +187,14 @@ class BlobPipe(Protocol):
         self._on_bytes = on_bytes
         self._received = 0
         self._held = b""
+        #: Bytes actually written to the primary client.
+        self._sent = 0
         self._client_paused = False
+        #: Paused because every reader of the fetch is far behind.
+        self._window_paused = False
+        if fetch is not None:
+            fetch.on_reader_moved = self._reader_moved
+            fetch.on_follower_joined = self._follower_joined
         self._timer: IDelayedCall | None = None
         self._failure_reason: str | None = None
         self.done: Deferred[bool] = Deferred()
@@ -195,11 +233,55 @@ class BlobPipe(Protocol):
                     self._upstream().stopProducing()
                     return
         if self._request is not None:
-            if self._held:
-                self._request.write(self._held)
-            self._held = data
+            held, self._held = self._held, data
+            if held:
+                self._sent += len(held)
+                self._request.write(held)
         if self._fetch is not None:
             self._fetch.progressed(self._received)
+            if self._request is None and not self._window_paused:
+                lead = self._fetch.lead()
+                if lead is not None and lead > READ_WINDOW:
+                    self._window_paused = True
+                    self._disarm()
+                    self._upstream().pauseProducing()
+
+    def _reader_moved(self) -> None:
+        if not self._window_paused or self._fetch is None:
+            return
+        lead = self._fetch.lead()
+        if lead is None or lead <= READ_WINDOW // 2:
+            self._window_paused = False
+            self._upstream().resumeProducing()
+            self._arm()
+
+    def _follower_joined(self) -> None:
+        if self._client_paused:
+            self._demote()
+
+    def _demote(self) -> None:
+        """
+        The primary client cannot keep up, and others are waiting: stop
+        feeding it directly and let it read the file at its own pace, like a
+        follower, so that it no longer holds the download back for everyone.
+        """
+        request, fetch, writer = self._request, self._fetch, self._writer
+        if request is None or fetch is None or writer is None:
+            return
+        try:
+            fileobj = open(writer.path, "rb")
+        except OSError:
+            return
+        self._request = None
+        self._held = b""
+        request.unregisterProducer()
+        # The client's transport is full: start paused, the channel resumes
+        # the sender when it drains.
+        sender = FileSender(request, fileobj, self._sent, fetch.total, fetch, paused=True, follower=False)
+        sender.start()
+        self._client_paused = False
+        self._upstream().resumeProducing()
+        self._arm()
 
     def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
         self._disarm()
@@ -245,7 +327,7 @@ class BlobPipe(Protocol):
     # -- idle timeout ------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._client_paused:
+        if self._client_paused or self._window_paused:
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
@@ -269,13 +351,19 @@ class BlobPipe(Protocol):
     # -- IPushProducer (primary client side) -------------------------------
 
     def pauseProducing(self) -> None:
+        if self._fetch is not None and self._fetch.has_readers():
+            self._demote()
+            return
         self._client_paused = True
         self._disarm()
         self._upstream().pauseProducing()
 
     def resumeProducing(self) -> None:
+        if not self._client_paused:
+            return
         self._client_paused = False
-        self._upstream().resumeProducing()
+        if not self._window_paused:
+            self._upstream().resumeProducing()
         self._arm()
 
     def stopProducing(self) -> None:
@@ -289,7 +377,8 @@ class BlobPipe(Protocol):
             return
         if self._client_paused:
             self._client_paused = False
-            self._upstream().resumeProducing()
+            if not self._window_paused:
+                self._upstream().resumeProducing()
         self._arm()
 
 
@@ -308,21 +397,28 @@ class FileSender:
         end: int | None,
         fetch: Fetch | None = None,
         on_done: Callable[[bool], None] | None = None,
+        paused: bool = False,
+        follower: bool = True,
     ) -> None:
         self._request = request
         self._file: IO[bytes] | None = fileobj
         self._fd = fileobj.fileno()
-        self._position = start
+        self.position = start
         self._end = end
         self._fetch = fetch
         self._on_done = on_done
-        self._paused = False
+        self._paused = paused
         self._pumping = False
+        self._follower = follower
 
     def start(self) -> None:
         self._request.registerProducer(self, True)
         if self._fetch is not None:
-            self._fetch.listen(self._pump)
+            self._fetch.add_reader(self, follower=self._follower)
+        self._pump()
+
+    def wake(self) -> None:
+        """More of the file is there (or the fetch ended)."""
         self._pump()
 
     def _limit(self) -> int | None:
@@ -351,23 +447,25 @@ class FileSender:
                 if limit is None:
                     self._close(ok=False)
                     return
-                if self._end is not None and self._position >= self._end:
+                if self._end is not None and self.position >= self._end:
                     self._close(ok=True)
                     return
-                if self._position >= limit:
+                if self.position >= limit:
                     return  # wait for the fetch to write more
-                data = os.pread(self._fd, min(CHUNK_SIZE, limit - self._position), self._position)
+                data = os.pread(self._fd, min(CHUNK_SIZE, limit - self.position), self.position)
                 if not data:
                     self._close(ok=False)
                     return
-                self._position += len(data)
+                self.position += len(data)
                 self._request.write(data)
+                if self._fetch is not None:
+                    self._fetch.reader_moved()
         finally:
             self._pumping = False
 
     def _close(self, ok: bool) -> None:
         if self._fetch is not None:
-            self._fetch.unlisten(self._pump)
+            self._fetch.remove_reader(self)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -390,7 +488,7 @@ class FileSender:
 
     def stopProducing(self) -> None:
         if self._fetch is not None:
-            self._fetch.unlisten(self._pump)
+            self._fetch.remove_reader(self)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -492,8 +590,7 @@ class BlobService:
 
         def release(ok: bool = True) -> None:
             self.cache.release(entry)
-            if not done.called:
-                done.callback(None)
+            _fire(done)
 
         if_none_match = request.getHeader(b"if-none-match")
         if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
@@ -575,7 +672,7 @@ class BlobService:
                 fetch.refused(_retry_error())
                 if client is None:
                     discard_body(response)
-                    served.callback(None)
+                    _fire(served)
                     return None
             else:
                 fetch.started(writer, length)
@@ -596,9 +693,11 @@ class BlobService:
             )
             response.deliverBody(pipe)
             if client is None:
-                served.callback(None)
+                _fire(served)
             else:
-                pipe.done.addBoth(lambda _: served.callback(None))
+                # Klein's handler is done when the response is, whoever ends
+                # it (this pipe, or a FileSender after a demotion).
+                client.notifyFinish().addBoth(lambda _: _fire(served))
             return pipe.done
 
         def failed(failure: Failure) -> None:
@@ -631,10 +730,16 @@ class BlobService:
             _blob_headers(request, digest)
             if fetch.total is not None:
                 request.setHeader(b"Content-Length", str(fetch.total).encode())
-            FileSender(request, fileobj, 0, fetch.total, fetch, on_done=lambda ok: done.callback(None)).start()
+            FileSender(request, fileobj, 0, fetch.total, fetch, on_done=lambda ok: _fire(done)).start()
             return done
 
         return fetch.when_started().addCallback(go)
+
+
+def _fire(d: Deferred[None]) -> None:
+    # Klein cancels a handler's Deferred when the client goes away.
+    if not d.called:
+        d.callback(None)
 
 
 def _retry_error() -> RegistryError:

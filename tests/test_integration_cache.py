@@ -351,3 +351,32 @@ def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
             process.stop()
     finally:
         subprocess.run(["umount", "-l", str(cache)])
+
+
+def test_a_stalled_first_client_does_not_hold_back_the_others(upstream, tmp_path):
+    size = 64 * 1024**2
+    digest = push_blob(upstream, "library/big", size)
+    proxy = proxy_for(tmp_path, upstream)
+    try:
+        # The first client starts the download, reads a little, then stops.
+        first = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        first.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+        first_response = first.getresponse()
+        head = first_response.read(1024 * 1024)
+        # A second client joins: it must get the whole blob while the first
+        # still reads nothing (the first no longer paces the download).
+        status, _, body = proxy.request(f"/v2/big/blobs/{digest}")
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        del body
+        # The first client then reads on and gets exactly the right bytes.
+        hasher = hashlib.sha256(head)
+        while True:
+            piece = first_response.read(1024 * 1024)
+            if not piece:
+                break
+            hasher.update(piece)
+        first.close()
+        assert "sha256:" + hasher.hexdigest() == digest
+        assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
+    finally:
+        proxy.process.stop()
