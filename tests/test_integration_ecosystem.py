@@ -1,0 +1,161 @@
+"""
+Fitting the ecosystem, against the real twistd process: HTTPS served directly
+and verified by a real client, Prometheus metrics after a pull, SIGHUP
+reloads, and the container image's build steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from certs import TestCA
+from prometheus_client.parser import text_string_to_metric_families
+
+from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, skopeo, skopeo_push
+from proxy import ALL, Proxy, start_proxy, write_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def image(upstream_anon, tmp_path_factory):
+    work = tmp_path_factory.mktemp("eco-image")
+    built = build_oci_layout(work / "img", "latest", layer_sizes=[400_000, 100_000])
+    skopeo_push(work / "img", "latest", f"{upstream_anon.host}/library/ecosystem:latest")
+    return built
+
+
+def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
+    ca = TestCA(tmp_path / "ca")
+    server = ca.issue("proxy", ["127.0.0.1", "localhost"])
+    port = free_port()
+    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={server.key_path}:certKey={server.cert_path}"
+    config = write_config(tmp_path / "tls.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])
+    text = config.read_text().replace(f"port = {port}\n", f'port = {port}\nlisten = "{listen}"\n', 1)
+    config.write_text(text)
+    process = Twistd(config_path=config, log_path=tmp_path / "tls.log").start()
+    try:
+        process.wait_listening(port)
+        cert_dir = tmp_path / "certs.d"
+        cert_dir.mkdir()
+        (cert_dir / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+        # skopeo verifies the certificate against the CA directory.
+        raw = skopeo("inspect", "--raw", f"--cert-dir={cert_dir}", f"--creds=t:{ALL}", f"docker://127.0.0.1:{port}/eco:latest").stdout.encode()
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == image["manifest"]
+        out = tmp_path / "out"
+        skopeo("copy", f"--src-cert-dir={cert_dir}", f"--src-creds=t:{ALL}", f"docker://127.0.0.1:{port}/eco:latest", f"dir:{out}")
+        assert (out / "manifest.json").read_bytes() == raw
+        # Without the CA, verification fails: the certificate really is checked.
+        with pytest.raises(RuntimeError, match="certificate"):
+            skopeo("inspect", "--raw", f"--creds=t:{ALL}", f"docker://127.0.0.1:{port}/eco:latest")
+        # The token realm a client is sent to is https too.
+        context = ssl.create_default_context(cafile=str(ca.cert_path))
+        try:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", context=context)
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+            assert e.headers["WWW-Authenticate"].startswith(f'Bearer realm="https://127.0.0.1:{port}/token"')
+    finally:
+        process.stop()
+
+
+def metric_values(proxy: Proxy) -> dict[tuple[str, tuple], float]:
+    body = urllib.request.urlopen(f"{proxy.url}/metrics").read().decode()
+    values = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def value(values, name, **labels):
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_by_the_right_amounts_after_a_pull(upstream_anon, image, tmp_path):
+    proxy = start_proxy(tmp_path, [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])
+    try:
+        before = metric_values(proxy)
+        layer = image["layers"][0]
+        status, _, body = proxy.request(f"/v2/eco/blobs/{layer}")
+        assert status == 200
+        size = len(body)
+        status, _, _ = proxy.request(f"/v2/eco/blobs/{layer}")
+        assert status == 200
+        after = metric_values(proxy)
+        assert value(after, "cargobay_cache_requests_total", kind="blob", result="miss") - value(before, "cargobay_cache_requests_total", kind="blob", result="miss") == 1
+        assert value(after, "cargobay_cache_requests_total", kind="blob", result="hit") - value(before, "cargobay_cache_requests_total", kind="blob", result="hit") == 1
+        assert value(after, "cargobay_served_bytes_total", source="upstream") - value(before, "cargobay_served_bytes_total", source="upstream") == size
+        assert value(after, "cargobay_served_bytes_total", source="cache") - value(before, "cargobay_served_bytes_total", source="cache") == size
+        assert value(after, "cargobay_upstream_received_bytes_total", registry="up") == size
+        assert value(after, "cargobay_cache_entries") == 1 and value(after, "cargobay_cache_size_bytes") == size
+        assert value(after, "cargobay_http_requests_total", route="blob", method="GET", status="200") == 2
+        assert value(after, "cargobay_upstream_request_duration_seconds_count", registry="up") >= 1
+        # Health endpoints need no token.
+        assert urllib.request.urlopen(f"{proxy.url}/healthz").read() == b"ok\n"
+        assert urllib.request.urlopen(f"{proxy.url}/readyz").read() == b"ok\n"
+    finally:
+        proxy.process.stop()
+
+
+def test_sighup_reloads_mappings_and_keeps_the_old_config_when_broken(upstream_anon, image, tmp_path):
+    proxy = start_proxy(tmp_path, [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])
+    config = tmp_path / "config.toml"
+    try:
+        status, _, _ = proxy.request("/v2/renamed/tags/list")
+        assert status == 404
+        # A long download in progress survives the reload.
+        conn = __import__("http.client").client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("GET", f"/v2/eco/blobs/{image['layers'][0]}", headers={"Authorization": f"Bearer {ALL}"})
+        response = conn.getresponse()
+        first = response.read(1000)
+        config.write_text(config.read_text() + '\n[[repositories]]\nname = "renamed"\nregistry_id = "up"\nupstream_name = "library/ecosystem"\n')
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while proxy.request("/v2/renamed/tags/list")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, _, body = proxy.request("/v2/renamed/tags/list")
+        assert status == 200 and json.loads(body)["name"] == "renamed"
+        rest = response.read()
+        assert "sha256:" + hashlib.sha256(first + rest).hexdigest() == image["layers"][0]
+        conn.close()
+        # A broken file is refused; the running mapping stays.
+        config.write_text(config.read_text() + "\n[[repositories]]\nname = 'x'\n")
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload refused" not in proxy.process.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload refused" in proxy.process.log_text()
+        assert proxy.request("/v2/renamed/tags/list")[0] == 200
+        assert proxy.process.returncode is None
+    finally:
+        proxy.process.stop()
+
+
+def test_dockerfile_steps_build_a_working_install(tmp_path):
+    """
+    No Docker engine can build images here; run the Dockerfile's own RUN
+    steps in a fresh virtualenv instead and start the result.
+    """
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "USER cargobay" in dockerfile and "HEALTHCHECK" in dockerfile and "VOLUME" in dockerfile
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = venv / "bin" / "pip"
+    subprocess.run([str(pip), "install", "-q", str(REPO_ROOT)], check=True, timeout=600)
+    python = venv / "bin" / "python"
+    # The plugin cache step of the Dockerfile.
+    subprocess.run([str(python), "-c", "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"], check=True, cwd=tmp_path)
+    result = subprocess.run([str(venv / "bin" / "twistd"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert "cargobay" in result.stdout and "cargobay-token" in result.stdout
+    token = subprocess.run([str(venv / "bin" / "cargobay-token"), "--secret", "s" * 32, "x"], capture_output=True, text=True, cwd=tmp_path)
+    assert token.returncode == 0 and token.stdout.count(".") == 2
