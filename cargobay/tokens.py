@@ -11,11 +11,16 @@ C{team/app} and C{team/app/x}, never C{team/apple}.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+
+#: How long a verified token is remembered (never past its own expiry).
+VERIFIED_TOKEN_CACHE_SECONDS = 60.0
+VERIFIED_TOKEN_CACHE_SIZE = 10_000
 
 #: Pinned: a token is never accepted with another algorithm (no "none", no
 #: HS/RS confusion).
@@ -95,12 +100,17 @@ class TokenVerifier:
         public_keys: Iterable[_Key] = (),
         issuer: str | None = None,
         audience: str | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._keys = [_Key(s, tuple(ALGORITHMS)) for s in secrets if s]
         self._keys += list(public_keys)
         self._leeway = leeway
         self._issuer = issuer
         self._audience = audience
+        # Verified tokens, so that a client's many requests with one token
+        # pay for the signature check once: token -> (grant, good until).
+        self._verified: OrderedDict[str, tuple[Grant, float]] = OrderedDict()
+        self._clock = clock or time.time
 
     def verify(self, token: str) -> Grant:
         """
@@ -109,6 +119,24 @@ class TokenVerifier:
             for another issuer or audience, or its claims are not of the
             expected shape.
         """
+        now = self._clock()
+        cached = self._verified.get(token)
+        if cached is not None:
+            grant, good_until = cached
+            if now < good_until:
+                self._verified.move_to_end(token)
+                return grant
+            del self._verified[token]
+        grant = self._verify(token)
+        good_until = now + VERIFIED_TOKEN_CACHE_SECONDS
+        if grant.expires_at is not None:
+            good_until = min(good_until, grant.expires_at + self._leeway)
+        self._verified[token] = (grant, good_until)
+        if len(self._verified) > VERIFIED_TOKEN_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return grant
+
+    def _verify(self, token: str) -> Grant:
         if len(token) > 16384:
             raise InvalidToken("token too long")
         try:

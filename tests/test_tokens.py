@@ -141,3 +141,13 @@ def test_issuer_and_audience_checks():
         verifier.verify(mint_token(SECRET, "x", issuer="corp-idp", audience="other"))
     with pytest.raises(InvalidToken, match="lacks"):
         verifier.verify(mint_token(SECRET, "x"))
+
+
+def test_remembered_tokens_still_expire():
+    verifier = TokenVerifier([SECRET], leeway=0)
+    token = jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": int(time.time()) + 1}, SECRET, "HS256")
+    assert verifier.verify(token).subject == "x"
+    assert verifier.verify(token).subject == "x"  # from memory now
+    time.sleep(2.1)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
