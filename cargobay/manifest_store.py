@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +42,27 @@ class TagResolution:
 
 
 class ManifestStore:
-    def __init__(self, directory: str, clock: Any) -> None:
+    def __init__(self, directory: str, clock: Any, memory_bytes: int = 16 * 1024 * 1024) -> None:
         self.directory = os.path.abspath(directory)
         self._clock = clock
         self._tags: dict[tuple[str, str, str], TagResolution] = {}
         self._write_error_logged = False
+        # Hot manifests stay in memory (verified when they were loaded), so a
+        # busy tag costs neither a disk read nor a hash per request.
+        self._memory: OrderedDict[tuple[str, Digest], Manifest] = OrderedDict()
+        self._memory_bytes = 0
+        self._memory_limit = memory_bytes
+
+    def _remember(self, registry_id: str, manifest: Manifest) -> None:
+        key = (registry_id, manifest.digest)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return
+        self._memory[key] = manifest
+        self._memory_bytes += len(manifest.content)
+        while self._memory_bytes > self._memory_limit and self._memory:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_bytes -= len(evicted.content)
 
     # -- manifests ---------------------------------------------------------
 
@@ -53,6 +70,10 @@ class ManifestStore:
         return os.path.join(self.directory, "manifests", registry_id, digest.algorithm, digest.encoded)
 
     def get(self, registry_id: str, digest: Digest) -> Manifest | None:
+        remembered = self._memory.get((registry_id, digest))
+        if remembered is not None:
+            self._memory.move_to_end((registry_id, digest))
+            return remembered
         path = self._manifest_path(registry_id, digest)
         try:
             with open(path, "rb") as f:
@@ -64,9 +85,12 @@ class ManifestStore:
             log.warn("cached manifest {digest} is damaged; dropping it", digest=str(digest))
             _unlink(path)
             return None
-        return Manifest(content, media_type.decode("utf-8", "replace"), digest)
+        manifest = Manifest(content, media_type.decode("utf-8", "replace"), digest)
+        self._remember(registry_id, manifest)
+        return manifest
 
     def put(self, registry_id: str, manifest: Manifest) -> None:
+        self._remember(registry_id, manifest)
         path = self._manifest_path(registry_id, manifest.digest)
         if os.path.exists(path):
             return
