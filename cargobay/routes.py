@@ -10,12 +10,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.server import Request
 
 from cargobay.auth import Authenticator
@@ -108,7 +109,7 @@ class RegistryApp:
         self.mapper = Mapper(config)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _PathGuard(self.app.resource())
 
     # -- routes ------------------------------------------------------------
 
@@ -365,6 +366,29 @@ class RegistryApp:
             return None
 
         request.notifyFinish().addBoth(record)
+
+
+class _PathGuard(resource.Resource):
+    """
+    Answers requests whose path Klein cannot decode (percent-encoded bytes
+    that are not UTF-8) with an OCI error, before Klein turns them into an
+    HTML page and a logged traceback.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: resource.Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(*API_VERSION)
+            return _json(request, name_invalid(request.path[:100].decode("latin-1")).body())
+        return self._inner.render(request)
 
 
 def _args(request: Request) -> dict[bytes, list[bytes]]:

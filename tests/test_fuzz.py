@@ -21,7 +21,7 @@ from cargobay.tokens import mint_token
 NAME_CHARS = string.ascii_letters + string.digits + "._-/%:\x00~@+ "
 segments = st.text(alphabet=NAME_CHARS, min_size=0, max_size=40)
 names = st.one_of(
-    st.sampled_from(["alpine", "mycompany/app", "mycompany/app/x", "unmapped", "../etc", "/etc/passwd", "a" * 300]),
+    st.sampled_from(["alpine", "mycompany/app", "mycompany/app/x", "unmapped", "../etc", "/etc/passwd", "a" * 300, "%80", "a%ff%fe"]),
     segments,
 )
 references = st.one_of(
