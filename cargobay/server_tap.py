@@ -69,9 +69,34 @@ class Options(usage.Options):
             fail(f"server.listen: {self.config.server.endpoint!r} is not a usable endpoint ({e})")
 
 
+class RegistryChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 that refuses a TLS handshake on a plain-HTTP port at once.
+
+    docker, podman and skopeo try HTTPS first on an insecure registry and
+    fall back to HTTP when the handshake fails; a server that just waits for
+    a request line makes each of them sit out a 10 s handshake timeout.
+    """
+
+    _first_bytes = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first_bytes:
+            self._first_bytes = False
+            if data[:1] == b"\x16" and self.transport is not None:  # a TLS record: handshake
+                self.transport.write(
+                    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
 class ProxySite(server.Site):
     # Tracebacks never reach clients.
     displayTracebacks = False
+    # Plain HTTP/1.1 channels (no HTTP/2 negotiation wrapper).
+    protocol = RegistryChannel  # type: ignore[assignment]
 
     def log(self, request: http.Request) -> None:
         """

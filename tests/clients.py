@@ -19,14 +19,23 @@ avoided here:
   creates the empty directory ``/run/docker/plugins`` (hard-coded).
 - podman: ``--root``, ``--runroot``, ``--tmpdir`` and ``--network-config-dir``
   in the work dir (the last one, otherwise ``/etc/cni/net.d/cni.lock``),
-  ``--events-backend none``, ``--cgroup-manager cgroupfs``.
+  ``--events-backend none``, ``--cgroup-manager cgroupfs``. podman refuses
+  a runroot path longer than 50 characters: a longer one is reached through
+  a symlink ``/tmp/cb-podman-<hash>``, removed when the interpreter exits.
+  (skopeo and podman still share the machine's blob-info cache,
+  ``/var/lib/containers/cache/blob-info-cache-v1.boltdb``, as peers.skopeo does.)
+- Unix socket paths longer than about 90 bytes go to a short ``/tmp/cb-sock-*``
+  directory, removed by ``stop()``.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -35,10 +44,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
+import pytest
+
 from peers import need
 
 #: Longest unix socket path we use as is (sun_path holds 108 bytes).
 _MAX_SOCKET_PATH = 90
+
+
+def need_root(program: str) -> None:
+    """Skip (fail under CI=true) when not root: ``program`` needs it here."""
+    if os.geteuid() != 0:
+        reason = f"{program} needs root in these tests"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
 
 
 def client_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -55,11 +75,14 @@ def client_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _socket_dir(workdir: Path) -> Path:
-    """``workdir``, or a short private directory when socket paths would be too long."""
+def _socket_dir(workdir: Path) -> tuple[Path, bool]:
+    """
+    ``workdir``, or a short private directory (made now; the caller removes
+    it) when socket paths would be too long; and whether it was made.
+    """
     if len(str(workdir)) + 32 <= _MAX_SOCKET_PATH:
-        return workdir
-    return Path(tempfile.mkdtemp(prefix="cb-sock-", dir="/tmp"))
+        return workdir, False
+    return Path(tempfile.mkdtemp(prefix="cb-sock-", dir="/tmp")), True
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -132,7 +155,7 @@ class Containerd:
         self.state = self.workdir / "state"
         self.config_path = self.workdir / "containerd.toml"
         self.log_path = self.workdir / "containerd.log"
-        self.socket_dir = _socket_dir(self.workdir)
+        self.socket_dir, self._own_socket_dir = _socket_dir(self.workdir)
         self.address = str(self.socket_dir / "containerd.sock")
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -159,6 +182,7 @@ class Containerd:
     def start(self, timeout: float = 30.0) -> Self:
         binary = need("containerd")
         need("ctr")
+        need_root("containerd")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text())
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -198,6 +222,8 @@ class Containerd:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._own_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         return code
 
     def log_text(self) -> str:
@@ -241,12 +267,13 @@ class Dockerd:
         self.daemon_config = dict(daemon_config or {})
         self.debug = debug
         self.data_root = self.workdir / "data"
-        self.exec_root = self.workdir / "exec"
         self.pidfile = self.workdir / "dockerd.pid"
         self.config_path = self.workdir / "daemon.json"
         self.cli_config = self.workdir / "cli"
         self.log_path = self.workdir / "dockerd.log"
-        self.socket_dir = _socket_dir(self.workdir)
+        self.socket_dir, self._own_socket_dir = _socket_dir(self.workdir)
+        # The exec root holds sockets too (metrics.sock).
+        self.exec_root = self.socket_dir / "exec"
         self.socket = str(self.socket_dir / "docker.sock")
         self.host = f"unix://{self.socket}"
         self.containerd = Containerd(self.workdir / "containerd")
@@ -271,6 +298,7 @@ class Dockerd:
     def start(self, timeout: float = 60.0) -> Self:
         binary = need("dockerd")
         need("docker")
+        need_root("dockerd")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cli_config.mkdir(parents=True, exist_ok=True)
         # An empty CLI config: no credential helper, so `docker login` stores
@@ -325,6 +353,8 @@ class Dockerd:
             self._log_file.close()
             self._log_file = None
         self.containerd.stop()
+        if self._own_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         return code
 
     def log_text(self) -> str:
@@ -347,12 +377,22 @@ class Dockerd:
 
 #: podman refuses a --runroot longer than this.
 _PODMAN_MAX_RUNROOT = 50
+#: The /tmp symlinks made for long runroots; removed when the interpreter exits.
+_PODMAN_LINKS: set[Path] = set()
+
+
+@atexit.register
+def _remove_podman_links() -> None:
+    for link in _PODMAN_LINKS:
+        with contextlib.suppress(OSError):
+            link.unlink()
 
 
 def _short_path(path: Path) -> Path:
     """
     ``path``, or when it is too long for podman's --runroot, a symlink to it
-    in /tmp whose name is derived from it (the same for every call).
+    in /tmp whose name is derived from it (the same for every call: podman
+    remembers its runroot in its database and refuses another one later).
     """
     if len(str(path)) <= _PODMAN_MAX_RUNROOT:
         return path
@@ -361,6 +401,7 @@ def _short_path(path: Path) -> Path:
     if not link.is_symlink() or os.readlink(link) != str(path):
         link.unlink(missing_ok=True)
         link.symlink_to(path, target_is_directory=True)
+    _PODMAN_LINKS.add(link)
     return link
 
 
@@ -388,6 +429,9 @@ def podman(
     for d in (root, runroot, tmpdir, netdir):
         d.mkdir(parents=True, exist_ok=True)
     runroot = _short_path(runroot)
+    auth_file = runroot / "auth.json"
+    if not auth_file.exists():
+        auth_file.write_text('{"auths": {}}\n')
     return _run(
         [
             binary,
@@ -406,4 +450,4 @@ def podman(
     )
 
 
-__all__ = ["CONTAINERD_DISABLED_PLUGINS", "Containerd", "Dockerd", "client_env", "podman"]
+__all__ = ["CONTAINERD_DISABLED_PLUGINS", "Containerd", "Dockerd", "client_env", "need_root", "podman"]
