@@ -177,11 +177,13 @@ class RegistryApp:
             else:
                 raise RegistryError(400, "UNSUPPORTED", "unsupported grant_type")
             grant = self._verify(request, secret)
+            request.grant = grant  # type: ignore[attr-defined]
             scopes = [s for s in form.get("scope", "").split(" ") if s]
             answer = self.authenticator.issue(grant, scopes)
             answer["refresh_token"] = secret
         else:
             grant = self.authenticator.authenticate(request)
+            request.grant = grant  # type: ignore[attr-defined]
             scopes = [v.decode("utf-8", "replace") for v in _args(request).get(b"scope", [])]
             answer = self.authenticator.issue(grant, scopes)
         request.setHeader(b"Cache-Control", b"no-store")
