@@ -39,6 +39,7 @@ lint: $(STAMP)
 	$(BIN)/mypy cargobay
 
 bench: $(STAMP) peers
+	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python bench/run.py
 
 clean:

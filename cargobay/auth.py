@@ -28,6 +28,8 @@ from cargobay.tokens import Grant, InvalidToken, TokenVerifier, load_public_key,
 
 #: Lifetime of the tokens the /token endpoint hands out.
 ISSUED_TOKEN_LIFETIME = 300
+#: Longest lifetime of a refresh token (OAuth2 password grant).
+REFRESH_TOKEN_LIFETIME = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,20 @@ class Authenticator:
                 request, f"repository:{name}:pull", "insufficient_scope"
             )
             raise error
+
+    def refresh_token(self, grant: Grant) -> str:
+        """
+        A token for the OAuth2 refresh grant: the same rights as the user's
+        own JWT, never outliving it, at most a day; never the JWT itself.
+        """
+        now = int(time.time())
+        lifetime = REFRESH_TOKEN_LIFETIME
+        if grant.expires_at is not None:
+            lifetime = max(1, min(lifetime, grant.expires_at - now))
+        return mint_token(
+            self._secret, grant.subject, grant.repositories, lifetime, now=now,
+            issuer=self._issuer, audience=self._audience,
+        )
 
     def issue(self, grant: Grant, scopes: Iterable[str]) -> dict[str, object]:
         """

@@ -180,7 +180,7 @@ class RegistryApp:
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [s for s in form.get("scope", "").split(" ") if s]
             answer = self.authenticator.issue(grant, scopes)
-            answer["refresh_token"] = secret
+            answer["refresh_token"] = self.authenticator.refresh_token(grant)
         else:
             grant = self.authenticator.authenticate(request)
             request.grant = grant  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet import error as netError
@@ -395,12 +396,18 @@ class Upstream:
         return self._error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
 
 
+_TLS_ERRORS = (SSL.Error, VerificationError)
+
+
 def _is_tls_failure(failure: Failure) -> bool:
-    if failure.check(SSL.Error):
+    # An untrusted certificate surfaces as OpenSSL's error, a certificate for
+    # another host name as service_identity's, often wrapped in the reasons
+    # of a ResponseNeverReceived.
+    if failure.check(*_TLS_ERRORS):
         return True
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
-        return any(isinstance(reason, Failure) and reason.check(SSL.Error) for reason in reasons)
+        return any(isinstance(reason, Failure) and reason.check(*_TLS_ERRORS) for reason in reasons)
     return False
 
 
