@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from typing import IO, Any, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -38,6 +39,10 @@ log = Logger()
 
 #: Bytes read from a cache file per write to a client.
 CHUNK_SIZE = 256 * 1024
+#: Bytes per sendfile(2) call on plain TCP.
+SENDFILE_CHUNK = 4 * 1024 * 1024
+#: Whether to use sendfile(2) at all (CARGOBAY_SENDFILE=0 turns it off, to compare).
+SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024
@@ -410,11 +415,17 @@ class FileSender:
         self._paused = paused
         self._pumping = False
         self._follower = follower
+        self._socket = _sendfile_socket(request)
+        self._waiting_for_socket = False
 
     def start(self) -> None:
         self._request.registerProducer(self, True)
         if self._fetch is not None:
             self._fetch.add_reader(self, follower=self._follower)
+        if self._socket is not None and not self._request.startedWriting:
+            # The headers go out through the transport's buffer; the body
+            # then goes from the file to the socket by sendfile(2).
+            self._request.write(b"")
         self._pump()
 
     def wake(self) -> None:
@@ -452,6 +463,10 @@ class FileSender:
                     return
                 if self.position >= limit:
                     return  # wait for the fetch to write more
+                if self._socket is not None:
+                    if not self._send_file(limit):
+                        return
+                    continue
                 data = os.pread(self._fd, min(CHUNK_SIZE, limit - self.position), self.position)
                 if not data:
                     self._close(ok=False)
@@ -462,6 +477,46 @@ class FileSender:
                     self._fetch.reader_moved()
         finally:
             self._pumping = False
+
+    def _send_file(self, limit: int) -> bool:
+        """
+        Copy from the file to the client's socket in the kernel.  Returns
+        False when we must wait (the socket is full, or the transport still
+        holds bytes that have to go first).
+        """
+        transport = cast(Any, self._request.channel.transport)
+        assert self._socket is not None
+        if transport.dataBuffer or transport._tempDataBuffer:
+            self._wait_for_socket(transport)
+            return False
+        try:
+            sent = os.sendfile(self._socket, self._fd, self.position, min(SENDFILE_CHUNK, limit - self.position))
+        except BlockingIOError:
+            self._wait_for_socket(transport)
+            return False
+        except OSError:
+            # The client went away; the transport will notice and stop us.
+            self._close(ok=False)
+            return False
+        if sent == 0:
+            self._close(ok=False)
+            return False
+        self.position += sent
+        self._request.sentLength += sent  # type: ignore[attr-defined]
+        if self._fetch is not None:
+            self._fetch.reader_moved()
+        return True
+
+    def _wait_for_socket(self, transport: Any) -> None:
+        # Have the transport tell us when the socket can take more: with its
+        # buffer empty, its next write event resumes its producer (the HTTP
+        # channel), which resumes us.
+        if self._waiting_for_socket:
+            return
+        self._waiting_for_socket = True
+        self._paused = True
+        transport.producerPaused = True
+        transport.startWriting()
 
     def _close(self, ok: bool) -> None:
         if self._fetch is not None:
@@ -484,6 +539,7 @@ class FileSender:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._waiting_for_socket = False
         self._pump()
 
     def stopProducing(self) -> None:
@@ -495,6 +551,23 @@ class FileSender:
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done(False)
+
+
+def _sendfile_socket(request: Request) -> int | None:
+    """
+    The client's socket, when the body can go out by sendfile(2): plain TCP
+    (not TLS, which must encrypt in user space) on a platform that has it.
+    """
+    if not SENDFILE or not hasattr(os, "sendfile"):
+        return None
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if not isinstance(transport, tcp.Server) or getattr(transport, "TLS", False):
+        return None
+    if not hasattr(transport, "dataBuffer") or not hasattr(transport, "_tempDataBuffer"):
+        return None
+    if request.method == b"HEAD":
+        return None
+    return transport.fileno()
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:

@@ -13,6 +13,7 @@ from typing import IO, Any, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
+from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -234,6 +235,15 @@ class RegistryApp:
         request.setHeader(*API_VERSION)
         return _json(request, error.body())
 
+    @app.handle_errors(HTTPException)  # type: ignore[arg-type]
+    def routing_error(self, request: Request, failure: Failure) -> Any:
+        # Werkzeug's own answers (no route matched, method not allowed) as
+        # OCI errors.
+        code = getattr(failure.value, "code", 404) or 404
+        request.setResponseCode(code)
+        request.setHeader(*API_VERSION)
+        return _json(request, RegistryError(code, "UNSUPPORTED", "not a registry endpoint").body())
+
     @app.handle_errors(Exception)  # type: ignore[arg-type]
     def unexpected_error(self, request: Request, failure: Failure) -> Any:
         log.failure("unexpected error answering {path}", failure, path=request.path[:200])
@@ -385,7 +395,10 @@ class _PathGuard(resource.Resource):
 
     def render(self, request: Request) -> Any:
         try:
-            unquote_to_bytes(request.path).decode("utf-8")
+            decoded = unquote_to_bytes(request.path).decode("utf-8")
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+                # Werkzeug's routes never match these; no name holds them.
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "control character")
         except UnicodeDecodeError:
             request.setResponseCode(400)
             request.setHeader(*API_VERSION)

@@ -25,7 +25,7 @@ names = st.one_of(
     segments,
 )
 references = st.one_of(
-    st.sampled_from(["latest", BLOB_DIGEST, "sha256:" + "0" * 64, "sha256:..", "..", "%2e%2e", "a" * 200, "sha512:" + "f" * 128]),
+    st.sampled_from(["latest", "%0A", "%00", "%7f", BLOB_DIGEST, "sha256:" + "0" * 64, "sha256:..", "..", "%2e%2e", "a" * 200, "sha512:" + "f" * 128]),
     segments,
 )
 kinds = st.sampled_from(["manifests", "blobs", "tags/list", "referrers", "blobs/uploads", "x"])

@@ -140,6 +140,8 @@ def test_wrong_repository_is_denied(world):
         ("/v2/../etc/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/alpine%2f..%2fx/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/%80/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/alpine/manifests/%0A", 400, "NAME_INVALID"),
+        ("/v2/alpine%00/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/alpine/manifests/%ff%fe", 400, "NAME_INVALID"),
         ("/v2/alpine/manifests/.bad", 400, "MANIFEST_INVALID"),
         ("/v2/alpine/manifests/sha256:abc", 400, "DIGEST_INVALID"),
