@@ -39,6 +39,8 @@ log = Logger()
 
 #: Bytes read from a cache file per write to a client.
 CHUNK_SIZE = 256 * 1024
+#: Seconds a client may take nothing from a blob response before it is cut.
+SEND_STALL_TIMEOUT = 120.0
 #: Bytes per sendfile(2) call on plain TCP.
 SENDFILE_CHUNK = 4 * 1024 * 1024
 #: Whether to use sendfile(2) at all (CARGOBAY_SENDFILE=0 turns it off, to compare).
@@ -282,7 +284,9 @@ class BlobPipe(Protocol):
         request.unregisterProducer()
         # The client's transport is full: start paused, the channel resumes
         # the sender when it drains.
-        sender = FileSender(request, fileobj, self._sent, fetch.total, fetch, paused=True, follower=False)
+        sender = FileSender(
+            request, fileobj, self._sent, fetch.total, fetch, self._clock, paused=True, follower=False
+        )
         sender.start()
         self._client_paused = False
         self._upstream().resumeProducing()
@@ -401,11 +405,14 @@ class FileSender:
         start: int,
         end: int | None,
         fetch: Fetch | None = None,
+        clock: Any = None,
         on_done: Callable[[bool], None] | None = None,
         paused: bool = False,
         follower: bool = True,
     ) -> None:
         self._request = request
+        self._clock = clock
+        self._stall: IDelayedCall | None = None
         self._file: IO[bytes] | None = fileobj
         self._fd = fileobj.fileno()
         self.position = start
@@ -515,10 +522,12 @@ class FileSender:
             return
         self._waiting_for_socket = True
         self._paused = True
+        self._arm_stall()
         transport.producerPaused = True
         transport.startWriting()
 
     def _close(self, ok: bool) -> None:
+        self._disarm_stall()
         if self._fetch is not None:
             self._fetch.remove_reader(self)
         if self._file is not None:
@@ -536,18 +545,41 @@ class FileSender:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._arm_stall()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._waiting_for_socket = False
+        self._disarm_stall()
         self._pump()
 
+    # A client that takes nothing for this long is gone in all but name: it
+    # would hold a descriptor and keep its cache entry from being evicted.
+    def _arm_stall(self) -> None:
+        if self._clock is not None and self._stall is None:
+            self._stall = self._clock.callLater(SEND_STALL_TIMEOUT, self._stalled)
+
+    def _disarm_stall(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        log.info("client read nothing for {seconds} s; closing", seconds=SEND_STALL_TIMEOUT)
+        self._close(ok=False)
+
     def stopProducing(self) -> None:
+        # The client's connection is gone.  Unregister, so that nothing later
+        # tries to finish a response with a producer still attached.
+        self._disarm_stall()
         if self._fetch is not None:
             self._fetch.remove_reader(self)
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._request.unregisterProducer()
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done(False)
@@ -663,7 +695,10 @@ class BlobService:
 
         def release(ok: bool = True) -> None:
             self.cache.release(entry)
-            _fire(done)
+            # A response cut short ends with the connection: Klein cancels
+            # the handler's Deferred then; only a finished one fires it.
+            if ok:
+                _fire(done)
 
         if_none_match = request.getHeader(b"if-none-match")
         if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
@@ -692,7 +727,7 @@ class BlobService:
             request.finish()
             release()
             return done
-        FileSender(request, fileobj, start, end, on_done=release).start()
+        FileSender(request, fileobj, start, end, clock=self._clock, on_done=release).start()
         return done
 
     # -- misses ------------------------------------------------------------
@@ -803,7 +838,11 @@ class BlobService:
             _blob_headers(request, digest)
             if fetch.total is not None:
                 request.setHeader(b"Content-Length", str(fetch.total).encode())
-            FileSender(request, fileobj, 0, fetch.total, fetch, on_done=lambda ok: _fire(done)).start()
+            def finished(ok: bool) -> None:
+                if ok:
+                    _fire(done)
+
+            FileSender(request, fileobj, 0, fetch.total, fetch, self._clock, on_done=finished).start()
             return done
 
         return fetch.when_started().addCallback(go)

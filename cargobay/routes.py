@@ -364,7 +364,7 @@ class RegistryApp:
         def record(result: object) -> object:
             audit.info(
                 "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
-                "reference={reference} status={status} bytes={sent} cache={cache}",
+                "reference={reference} status={status} bytes={sent} cache={cache} complete={complete}",
                 subject=grant.subject,
                 name=mapping.local_name,
                 registry=mapping.registry_id,
