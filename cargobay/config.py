@@ -145,6 +145,12 @@ class ServerConfig:
     public_url: str | None = None
     #: Peers (load balancers) whose X-Forwarded-Proto/Host are believed.
     trusted_proxies: tuple[str, ...] = ()
+    #: Client connections held open at once; more are answered 503.
+    max_connections: int = 10_000
+    #: Seconds an idle client connection stays open.
+    idle_timeout: float = 30.0
+    #: Seconds a client has to send a request's whole header block.
+    header_timeout: float = 30.0
 
     @property
     def endpoint(self) -> str:
@@ -391,8 +397,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             ipaddress.ip_network(address, strict=False)
         except ValueError:
             raise ConfigError(f"server.trusted_proxies: {address!r} is not an IP address or network") from None
+    max_connections = server_section.integer("max_connections", 10_000, minimum=1)
+    idle_timeout = server_section.number("idle_timeout_seconds", 30.0)
+    header_timeout = server_section.number("header_timeout_seconds", 30.0)
     server_section.finish()
-    server = ServerConfig(bind_address, port, listen, public_url, trusted)
+    server = ServerConfig(
+        bind_address, port, listen, public_url, trusted, max_connections, idle_timeout, header_timeout
+    )
 
     auth_section = section("auth")
     if "auth" not in document:

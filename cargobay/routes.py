@@ -13,12 +13,12 @@ from typing import IO, Any, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
-from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService, abort_request

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints
@@ -79,6 +79,29 @@ class RegistryChannel(http.HTTPChannel):
     """
 
     _first_bytes = True
+    #: When the request whose headers are arriving started, if one is.
+    _request_started: float | None = None
+
+    def connectionMade(self) -> None:
+        site = cast(ProxySite, self.factory)
+        site.open_connections += 1
+        self._counted = True
+        if site.open_connections > site.max_connections:
+            site.refused_connections += 1
+            if self.transport is not None:
+                self.transport.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
+                self.transport.loseConnection()
+            return
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            cast(ProxySite, self.factory).open_connections -= 1
+        super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_bytes:
@@ -89,12 +112,29 @@ class RegistryChannel(http.HTTPChannel):
                 )
                 self.transport.loseConnection()
                 return
+        if not self._handlingRequest:
+            # A client trickling a request's headers a byte at a time resets
+            # the idle timeout forever: give the whole header block a deadline.
+            now = cast(ProxySite, self.factory).reactor.seconds()
+            if self._request_started is None:
+                self._request_started = now
+            elif now - self._request_started > cast(ProxySite, self.factory).header_timeout:
+                cast(Any, self.transport).abortConnection()
+                return
         super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._request_started = None
+        super().allHeadersReceived()
 
 
 class ProxySite(server.Site):
     # Tracebacks never reach clients.
     displayTracebacks = False
+    open_connections = 0
+    refused_connections = 0
+    max_connections = 10_000
+    header_timeout = 30.0
     # Plain HTTP/1.1 channels (no HTTP/2 negotiation wrapper).
     protocol = RegistryChannel  # type: ignore[assignment]
 
@@ -308,7 +348,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
     top = CargobayService(make_observer(config.logging.format, config.logging.level), runtime, reactor)
-    site = ProxySite(app.resource())
+    site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
+    site.max_connections = config.server.max_connections
+    site.header_timeout = config.server.header_timeout
+    runtime.metrics.gauge("cargobay_open_connections", "Client connections open.", lambda: site.open_connections)
+    runtime.metrics.gauge(
+        "cargobay_refused_connections", "Connections refused over server.max_connections.",
+        lambda: site.refused_connections,
+    )
     strports.service(config.server.endpoint, site).setServiceParent(top)
     if config.metrics.enabled and config.metrics.listen:
         strports.service(config.metrics.listen, ProxySite(MetricsResource(app))).setServiceParent(top)

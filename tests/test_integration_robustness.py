@@ -27,6 +27,8 @@ import socket
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -850,3 +852,76 @@ def test_unknown_repository_is_no_existence_oracle(proxy, kind):
         assert statuses == [(404, "NAME_UNKNOWN"), (200, None)]
     else:
         assert statuses == [(403, "DENIED"), (403, "DENIED")]
+
+
+def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_anon, tmp_path):
+    """
+    A client that sends a request's headers a byte at a time cannot keep a
+    connection forever, and connections over `max_connections` are refused
+    with a 503 at once.
+    """
+    import socket as _socket
+
+    from peers import Twistd, free_port
+    from proxy import write_config
+
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("alpine", "up", "library/alpine")])
+    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {port}\nmax_connections = 5\nheader_timeout_seconds = 4\n", 1))
+    process = Twistd(config_path=config, log_path=tmp_path / "cap.log").start()
+    process.wait_listening(port)
+    held = []
+    try:
+        # The cap: five open connections are served, the sixth refused.
+        for _ in range(5):
+            held.append(_socket.create_connection(("127.0.0.1", port)))
+        extra = _socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(30)
+        assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        extra.close()
+        for sock in held:
+            sock.close()
+        held.clear()
+        # Once the server has seen those close, connections are served again.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.HTTPError, OSError):
+                pass
+            assert time.monotonic() < deadline, "connections were not released"
+            time.sleep(0.2)
+        # The deadline: trickle a byte every second; the proxy cuts the
+        # connection once the header block has taken longer than allowed.
+        sock = _socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(5)
+        request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+        cut = False
+        started = time.monotonic()
+        import select
+
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                cut = True
+                break
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if readable:
+                try:
+                    if sock.recv(1) == b"":
+                        cut = True
+                        break
+                except OSError:
+                    cut = True
+                    break
+        sock.close()
+        assert cut, f"still open after {time.monotonic() - started:.0f} s of trickled headers"
+        # It was the header deadline, not an early refusal.
+        assert time.monotonic() - started >= 3
+    finally:
+        for sock in held:
+            sock.close()
+        process.stop()
