@@ -14,12 +14,14 @@ see a complete body with wrong content: on any failure its connection is cut.
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable
 from typing import IO, Any, cast
 
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -29,7 +31,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from cargobay.cache import BlobKey, BlobStore, BlobWriter, CacheWriteError, Entry
+from cargobay.cache import BlobKey, BlobStore, BlobWriter, Entry
 from cargobay.errors import RegistryError, blob_unknown
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest
@@ -45,6 +47,11 @@ SEND_STALL_TIMEOUT = 120.0
 SENDFILE_CHUNK = 4 * 1024 * 1024
 #: Whether to use sendfile(2) at all (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
+#: Bytes a blob connection buffers (and reads at once) before pausing.
+TRANSPORT_BUFFER = 1024 * 1024
+#: Bytes received from upstream but not yet hashed and written by the worker
+#: thread before the upstream connection is paused.
+STORE_BACKLOG = 8 * 1024 * 1024
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024
@@ -162,12 +169,198 @@ class Fetch:
             reader.wake()
 
 
+RunInThread = Callable[..., Deferred[Any]]
+
+
+def run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    Run "in a thread" synchronously: for tests with an in-memory reactor.
+    """
+    return maybeDeferred(function, *args)
+
+
+class HashAndStore:
+    """
+    Hashes a blob body and appends it to its cache file on a worker thread,
+    in order, a batch at a time, while the reactor thread goes on receiving
+    and sending.  (sha256 and write(2) release the GIL, so the two really
+    run at once.)
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        writer: BlobWriter | None,
+        run_in_thread: RunInThread,
+        on_stored: Callable[[int], None],
+        on_write_error: Callable[[OSError], None],
+    ) -> None:
+        self.hasher = digest.hasher()
+        self.writer = writer
+        self.stored = 0
+        self.pending_bytes = 0
+        self._pending: list[bytes] = []
+        self._busy = False
+        self._run = run_in_thread
+        self._on_stored = on_stored
+        self._on_write_error = on_write_error
+        self._drained: list[Deferred[None]] = []
+
+    def feed(self, data: bytes) -> None:
+        self._pending.append(data)
+        self.pending_bytes += len(data)
+        if not self._busy:
+            self._start()
+
+    def drained(self) -> Deferred[None]:
+        """Fires once everything fed so far is hashed (and written)."""
+        d: Deferred[None] = Deferred()
+        if self._busy or self._pending:
+            self._drained.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def stop_writing(self) -> None:
+        self.writer = None
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        size, self.pending_bytes = self.pending_bytes, 0
+        self._busy = True
+        writer = self.writer
+        d = self._run(_hash_and_write, self.hasher, writer, batch)
+        d.addBoth(self._batch_done, size, writer)
+
+    def _batch_done(self, result: object, size: int, writer: BlobWriter | None) -> None:
+        self._busy = False
+        if isinstance(result, Failure):
+            error = result.value if isinstance(result.value, OSError) else OSError(str(result.value))
+            if writer is not None and self.writer is writer:
+                self.writer = None
+                self._on_write_error(error)
+        elif writer is not None and self.writer is writer:
+            writer.wrote(size)
+            self.stored += size
+        if self._pending:
+            self._start()
+        else:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+        self._on_stored(self.stored)
+
+
+_DRAIN = object()
+#: The worker reports progress (for followers) at least this often.
+REPORT_EVERY = 1024 * 1024
+
+
+class ThreadedHashAndStore:
+    """
+    L{HashAndStore} with a worker thread of its own for each download: the
+    reactor only puts chunks on a queue, the worker hashes and writes them
+    and reports progress back every megabyte or so.  No handoff per batch.
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        writer: BlobWriter | None,
+        call_from_thread: Callable[..., None],
+        on_stored: Callable[[int], None],
+        on_write_error: Callable[[OSError], None],
+    ) -> None:
+        self.hasher = digest.hasher()
+        self.writer = writer
+        self.stored = 0
+        self.pending_bytes = 0
+        self._call_from_thread = call_from_thread
+        self._on_stored = on_stored
+        self._on_write_error = on_write_error
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._writing = writer is not None
+        self._thread: threading.Thread | None = None
+        self._drained: list[Deferred[None]] = []
+
+    def feed(self, data: bytes) -> None:
+        self.pending_bytes += len(data)
+        self._queue.put(data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="cargobay-blob-store", daemon=True)
+            self._thread.start()
+
+    def drained(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self._thread is None:
+            d.callback(None)
+            return d
+        self._drained.append(d)
+        self._queue.put(_DRAIN)
+        return d
+
+    def stop_writing(self) -> None:
+        self._writing = False
+        self.writer = None
+
+    def _work(self) -> None:
+        # The worker touches nothing but the hasher, the file and the queue.
+        writer = self.writer
+        unreported = 0
+        while True:
+            item = self._queue.get()
+            if item is _DRAIN:
+                self._call_from_thread(self._progress, unreported, True)
+                return
+            data = cast(bytes, item)
+            self.hasher.update(data)
+            if self._writing and writer is not None:
+                try:
+                    writer.write_raw(data)
+                except OSError as e:
+                    self._writing = False
+                    self._call_from_thread(self._failed, writer, e)
+            unreported += len(data)
+            if unreported >= REPORT_EVERY or self._queue.empty():
+                self._call_from_thread(self._progress, unreported, False)
+                unreported = 0
+
+    def _progress(self, count: int, final: bool) -> None:
+        self.pending_bytes -= count
+        if self.writer is not None and self._writing:
+            self.writer.wrote(count)
+            self.stored += count
+        if final:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+        self._on_stored(self.stored)
+
+    def _failed(self, writer: BlobWriter, error: OSError) -> None:
+        if self.writer is writer:
+            self.writer = None
+            self._on_write_error(error)
+
+
+def _hash_and_write(hasher: Any, writer: BlobWriter | None, batch: list[bytes]) -> None:
+    # On the worker thread: touches nothing but the hasher and the file.
+    for data in batch:
+        hasher.update(data)
+    if writer is not None:
+        for data in batch:
+            writer.write_raw(data)
+
+
 @implementer(IPushProducer)
 class BlobPipe(Protocol):
     """
-    Receives an upstream blob body: hashes it, writes it to the cache writer
-    (if any) and to the primary client (if still there), and decides at the end
-    whether the result is correct.
+    Receives an upstream blob body: has it hashed and written to the cache
+    writer (if any) by a L{HashAndStore}, sends it to the primary client (if
+    still there), and decides at the end whether the result is correct.
+
+    The upstream connection is paused while the primary client is full,
+    while every reader of the download is far behind, or while the worker
+    thread has too much still to hash and write.
     """
 
     def __init__(
@@ -181,9 +374,10 @@ class BlobPipe(Protocol):
         idle_timeout: float,
         describe: str,
         on_bytes: Callable[[int], None] | None = None,
+        run_in_thread: RunInThread = run_here,
+        call_from_thread: Callable[..., None] | None = None,
     ) -> None:
         self._digest = digest
-        self._hasher = digest.hasher()
         self._expected = expected_length
         self._writer = writer
         self._request = request
@@ -192,6 +386,12 @@ class BlobPipe(Protocol):
         self._idle_timeout = idle_timeout
         self._describe = describe
         self._on_bytes = on_bytes
+        self._run_in_thread = run_in_thread
+        self._store: HashAndStore | ThreadedHashAndStore
+        if call_from_thread is not None:
+            self._store = ThreadedHashAndStore(digest, writer, call_from_thread, self._stored, self._write_failed)
+        else:
+            self._store = HashAndStore(digest, writer, run_in_thread, self._stored, self._write_failed)
         self._received = 0
         self._held = b""
         #: Bytes actually written to the primary client.
@@ -199,6 +399,10 @@ class BlobPipe(Protocol):
         self._client_paused = False
         #: Paused because every reader of the fetch is far behind.
         self._window_paused = False
+        #: Paused because the worker thread is behind.
+        self._store_paused = False
+        self._upstream_paused = False
+        self._finished = False
         if fetch is not None:
             fetch.on_reader_moved = self._reader_moved
             fetch.on_follower_joined = self._follower_joined
@@ -206,15 +410,44 @@ class BlobPipe(Protocol):
         self._failure_reason: str | None = None
         self.done: Deferred[bool] = Deferred()
 
-    # -- Protocol (upstream side) ------------------------------------------
+    # -- flow control ------------------------------------------------------
 
     def _upstream(self) -> IPushProducer:
         # Response.deliverBody connects us to a producer-capable transport.
         return cast(IPushProducer, self.transport)
 
+    def _update_flow(self) -> None:
+        """Pause or resume the upstream connection to match the reasons."""
+        if self._finished:
+            return
+        paused = self._client_paused or self._window_paused or self._store_paused
+        if paused and not self._upstream_paused:
+            self._upstream_paused = True
+            self._disarm()
+            self._upstream().pauseProducing()
+        elif not paused and self._upstream_paused:
+            self._upstream_paused = False
+            self._upstream().resumeProducing()
+            self._arm()
+
+    def _check_window(self) -> None:
+        if self._fetch is None or self._request is not None:
+            self._window_paused = False
+            return
+        lead = self._fetch.lead()
+        if self._window_paused:
+            self._window_paused = lead is not None and lead > READ_WINDOW // 2
+        else:
+            self._window_paused = lead is not None and lead > READ_WINDOW
+
+    # -- Protocol (upstream side) ------------------------------------------
+
     def connectionMade(self) -> None:
         if self._request is not None:
+            _widen_buffer(self._request.channel.transport if self._request.channel else None)  # type: ignore[attr-defined]
             self._request.registerProducer(self, True)
+        # Read the upstream in bigger gulps than Twisted's 64 KiB.
+        _widen_buffer(getattr(self.transport, "_producer", None))
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -223,44 +456,46 @@ class BlobPipe(Protocol):
         if self._expected is not None and self._received > self._expected:
             self._give_up("sent more bytes than its Content-Length")
             return
-        self._hasher.update(data)
         if self._on_bytes is not None:
             self._on_bytes(len(data))
-        if self._writer is not None:
-            try:
-                self._writer.write(data)
-            except CacheWriteError:
-                self._writer = None
-                if self._fetch is not None:
-                    # Followers read the file, which is gone: they are cut and
-                    # will retry; the primary goes on uncached.
-                    self._fetch.finished(None, ok=False)
-                    self._fetch = None
-                if self._request is None:
-                    self._upstream().stopProducing()
-                    return
+        self._store.feed(data)
         if self._request is not None:
             held, self._held = self._held, data
             if held:
                 self._sent += len(held)
                 self._request.write(held)
+        if self._store.pending_bytes > STORE_BACKLOG:
+            self._store_paused = True
+            self._update_flow()
+
+    def _stored(self, stored: int) -> None:
+        if self._finished:
+            return
         if self._fetch is not None:
-            self._fetch.progressed(self._received)
-            if self._request is None and not self._window_paused:
-                lead = self._fetch.lead()
-                if lead is not None and lead > READ_WINDOW:
-                    self._window_paused = True
-                    self._disarm()
-                    self._upstream().pauseProducing()
+            self._fetch.progressed(stored)
+        self._store_paused = self._store.pending_bytes > STORE_BACKLOG // 2 and self._store_paused
+        self._check_window()
+        self._update_flow()
+
+    def _write_failed(self, error: OSError) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.failed(error)
+        if self._fetch is not None:
+            # Followers read the file, which is gone: they are cut and will
+            # retry; the primary goes on uncached.
+            self._fetch.finished(None, ok=False)
+            self._fetch = None
+        self._window_paused = False
+        if self._request is None:
+            self._give_up("cannot be cached and has no client left")
+            return
+        self._update_flow()
 
     def _reader_moved(self) -> None:
-        if not self._window_paused or self._fetch is None:
-            return
-        lead = self._fetch.lead()
-        if lead is None or lead <= READ_WINDOW // 2:
-            self._window_paused = False
-            self._upstream().resumeProducing()
-            self._arm()
+        if self._window_paused:
+            self._check_window()
+            self._update_flow()
 
     def _follower_joined(self) -> None:
         if self._client_paused:
@@ -289,28 +524,42 @@ class BlobPipe(Protocol):
         )
         sender.start()
         self._client_paused = False
-        self._upstream().resumeProducing()
-        self._arm()
+        self._check_window()
+        self._update_flow()
 
     def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
         self._disarm()
-        ok = False
+        self._finished = True
         if self._failure_reason is None:
             if not reason.check(webclient.ResponseDone):
                 self._failure_reason = f"failed mid-body ({reason.type.__name__})"
             elif self._expected is not None and self._received != self._expected:
-                self._failure_reason = (
-                    f"sent {self._received} of {self._expected} announced bytes"
-                )
-            elif self._hasher.hexdigest() != self._digest.encoded:
-                self._failure_reason = "sent content that does not match the digest"
-            else:
-                ok = True
-        entry: Entry | None = None
-        if ok:
-            if self._writer is not None:
-                entry = self._writer.commit()
+                self._failure_reason = f"sent {self._received} of {self._expected} announced bytes"
+        self._store.drained().addCallback(lambda _: self._verify())
+
+    def _verify(self) -> None:
+        if self._failure_reason is None and self._store.hasher.hexdigest() != self._digest.encoded:
+            self._failure_reason = "sent content that does not match the digest"
+        writer = self._writer
+        if self._failure_reason is None and writer is not None:
+            self._run_in_thread(writer.sync_raw).addBoth(self._synced, writer)
         else:
+            self._conclude(None)
+
+    def _synced(self, result: object, writer: BlobWriter) -> None:
+        if self._writer is not writer:  # failed meanwhile
+            self._conclude(None)
+            return
+        if isinstance(result, Failure):
+            self._writer = None
+            writer.failed(result.value if isinstance(result.value, OSError) else OSError(str(result.value)))
+            self._conclude(None)
+            return
+        self._conclude(writer.commit(synced=True))
+
+    def _conclude(self, entry: Entry | None) -> None:
+        ok = self._failure_reason is None
+        if not ok:
             log.warn(
                 "upstream {what} {reason}; nothing cached",
                 what=self._describe,
@@ -336,7 +585,7 @@ class BlobPipe(Protocol):
     # -- idle timeout ------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._client_paused or self._window_paused:
+        if self._upstream_paused or self._finished:
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
@@ -364,16 +613,11 @@ class BlobPipe(Protocol):
             self._demote()
             return
         self._client_paused = True
-        self._disarm()
-        self._upstream().pauseProducing()
+        self._update_flow()
 
     def resumeProducing(self) -> None:
-        if not self._client_paused:
-            return
         self._client_paused = False
-        if not self._window_paused:
-            self._upstream().resumeProducing()
-        self._arm()
+        self._update_flow()
 
     def stopProducing(self) -> None:
         # The primary client went away.  With a cache file to finish, the
@@ -381,14 +625,13 @@ class BlobPipe(Protocol):
         # is a hit; without one there is no reason to keep reading.
         self._request = None
         self._held = b""
+        self._client_paused = False
         if self._writer is None:
-            self._give_up("lost its only client")
+            if not self._finished:
+                self._give_up("lost its only client")
             return
-        if self._client_paused:
-            self._client_paused = False
-            if not self._window_paused:
-                self._upstream().resumeProducing()
-        self._arm()
+        self._check_window()
+        self._update_flow()
 
 
 @implementer(IPushProducer)
@@ -585,6 +828,17 @@ class FileSender:
             on_done(False)
 
 
+def _widen_buffer(transport: object) -> None:
+    """
+    Let a TCP transport buffer (and read) more than Twisted's default 64 KiB
+    before it pauses its producer: with blob-sized bodies, pausing and
+    resuming the upstream connection every 64 KiB costs more time than
+    moving the bytes.
+    """
+    if isinstance(transport, tcp.Connection):
+        transport.bufferSize = TRANSPORT_BUFFER
+
+
 def _sendfile_socket(request: Request) -> int | None:
     """
     The client's socket, when the body can go out by sendfile(2): plain TCP
@@ -634,10 +888,20 @@ class BlobService:
     Answers blob GET and HEAD requests for mapped repositories.
     """
 
-    def __init__(self, cache: BlobStore, clock: Any, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: BlobStore,
+        clock: Any,
+        metrics: Metrics | None = None,
+        run_in_thread: RunInThread = run_here,
+        call_from_thread: Callable[..., None] | None = None,
+    ) -> None:
         self.cache = cache
         self._clock = clock
         self._metrics = metrics
+        self._run_in_thread = run_in_thread
+        #: With it, each download hashes and writes on a thread of its own.
+        self._call_from_thread = call_from_thread
         self._fetches: dict[BlobKey, Fetch] = {}
 
     def _upstream_bytes_counter(self, registry_id: str) -> Callable[[int], None] | None:
@@ -798,6 +1062,8 @@ class BlobService:
                 upstream.registry.read_timeout,
                 describe,
                 self._upstream_bytes_counter(upstream.registry.id),
+                self._run_in_thread,
+                self._call_from_thread,
             )
             response.deliverBody(pipe)
             if client is None:

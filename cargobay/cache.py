@@ -108,29 +108,46 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         assert self._file is not None
         try:
-            # Unbuffered: followers of a download read this file through
-            # their own descriptors and must see every byte counted so far.
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            self.write_raw(data)
         except OSError as e:
-            self.abort()
-            self._cache.note_write_error(e)
+            self.failed(e)
             raise CacheWriteError(str(e)) from e
         self.size += len(data)
 
-    def commit(self) -> Entry | None:
+    def write_raw(self, data: bytes) -> None:
         """
-        Make the file a cache entry: fsync it and rename it into place.  Its
-        content must already have been verified.  Returns L{None} (and leaves
-        nothing behind) when the disk refuses.
+        Write to the file and nothing else (no bookkeeping), so that a worker
+        thread may call it; the reactor then calls L{wrote} or L{failed}.
+        Unbuffered: followers of a download read this file through their
+        own descriptors and must see every byte counted so far.
+        """
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def sync_raw(self) -> None:
+        """fsync, from a worker thread: it can take a while."""
+        os.fsync(self._fd)
+
+    def wrote(self, count: int) -> None:
+        self.size += count
+
+    def failed(self, error: OSError) -> None:
+        self.abort()
+        self._cache.note_write_error(error)
+
+    def commit(self, synced: bool = False) -> Entry | None:
+        """
+        Make the file a cache entry: fsync it (unless L{sync_raw} did) and
+        rename it into place.  Its content must already have been verified.
+        Returns L{None} (and leaves nothing behind) when the disk refuses.
         """
         assert self._file is not None
         fileobj, self._file = self._file, None
         try:
-            fileobj.flush()
-            os.fsync(fileobj.fileno())
+            if not synced:
+                os.fsync(fileobj.fileno())
             fileobj.close()
             return self._cache._adopt(self.key, self.path, self.size)
         except OSError as e:

@@ -10,9 +10,11 @@ from typing import Any, cast
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.threadpool import ThreadPool
 from twisted.web import client as webclient
 from twisted.web import http, resource, server
 
@@ -208,7 +210,15 @@ class Runtime:
         self._pool.cachedConnectionTimeout = 120
         store = ManifestStore(config.cache.directory, reactor)
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
-        blobs = BlobService(cache, reactor, metrics)
+        # Hashing and writing downloads to disk happen on these threads.
+        self.disk_threads = ThreadPool(minthreads=1, maxthreads=4, name="cargobay-disk")
+        reactor.callWhenRunning(self.disk_threads.start)
+        reactor.addSystemEventTrigger("during", "shutdown", self.disk_threads.stop)
+
+        def run_in_thread(function: Any, *args: Any) -> Any:
+            return deferToThreadPool(reactor, self.disk_threads, function, *args)
+
+        blobs = BlobService(cache, reactor, metrics, run_in_thread, reactor.callFromThread)
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
         metrics.gauge(
