@@ -22,7 +22,6 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -50,7 +48,7 @@ sys.path.insert(1, str(REPO_ROOT))
 
 from dockerd import DockerdError, start_dockerd  # noqa: E402
 
-from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, free_port, skopeo_push  # noqa: E402
+from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, free_port, push_blob, skopeo_push  # noqa: E402
 from proxy import ALL, Proxy, write_config  # noqa: E402
 
 MiB = 1024 * 1024
@@ -178,46 +176,6 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def push_blob(registry: Registry, name: str, size: int) -> str:
-    """
-    Upload ``size`` pseudo-random bytes straight through the registry's upload
-    API, streamed (as tests/test_integration_core.py's push_blob); the digest.
-    """
-    block = os.urandom(MiB)
-
-    def chunks():  # type: ignore[no-untyped-def]
-        sent = 0
-        counter = 0
-        while sent < size:
-            piece = (counter.to_bytes(8, "big") + block)[: min(len(block), size - sent)]
-            counter += 1
-            sent += len(piece)
-            yield piece
-
-    hasher = hashlib.sha256()
-    for piece in chunks():
-        hasher.update(piece)
-    digest = "sha256:" + hasher.hexdigest()
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=600)
-    conn.request("POST", f"/v2/{name}/blobs/uploads/")
-    response = conn.getresponse()
-    response.read()
-    if response.status != 202:
-        raise RuntimeError(f"upload start answered {response.status}")
-    location = response.getheader("Location") or ""
-    separator = "&" if "?" in location else "?"
-    target = urllib.parse.urlsplit(location)
-    path = (target.path + "?" + target.query if target.query else target.path) + f"{separator}digest={digest}"
-    conn.request("PUT", path, body=chunks(), headers={"Content-Type": "application/octet-stream"},
-                 encode_chunked=True)
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    if response.status != 201:
-        raise RuntimeError(f"upload answered {response.status}")
-    return digest
 
 
 def blob_file(registry: Registry, digest: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -983,6 +984,45 @@ def skopeo_pull(
     if all_platforms:
         args.append("--all")
     skopeo(*args, f"docker://{ref}", f"dir:{dest_dir}")
+
+
+def push_blob(registry: Registry, name: str, size: int) -> str:
+    """
+    Upload a blob of `size` pseudo-random bytes straight through the
+    registry's upload API, streaming (never the whole blob in memory).
+    """
+    block = os.urandom(1024 * 1024)
+
+    def chunks():
+        sent = 0
+        counter = 0
+        while sent < size:
+            piece = (counter.to_bytes(8, "big") + block)[: min(len(block), size - sent)]
+            counter += 1
+            sent += len(piece)
+            yield piece
+
+    hasher = hashlib.sha256()
+    for piece in chunks():
+        hasher.update(piece)
+    digest = "sha256:" + hasher.hexdigest()
+    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300)
+    conn.request("POST", f"/v2/{name}/blobs/uploads/")
+    response = conn.getresponse()
+    response.read()
+    if response.status != 202:
+        raise RuntimeError(f"upload start answered {response.status}")
+    location = response.getheader("Location")
+    separator = "&" if "?" in location else "?"
+    target = urllib.parse.urlsplit(location)
+    path = (target.path + "?" + target.query if target.query else target.path) + f"{separator}digest={digest}"
+    conn.request("PUT", path, body=chunks(), headers={"Content-Type": "application/octet-stream"}, encode_chunked=True)
+    response = conn.getresponse()
+    response.read()
+    if response.status != 201:
+        raise RuntimeError(f"upload answered {response.status}")
+    conn.close()
+    return digest
 
 
 def sha256_digest(data: bytes) -> str:

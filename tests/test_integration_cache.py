@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_integration_core import push_blob
 
 from evil_upstream import BLOB, DIGEST
-from peers import Registry, Twistd, build_oci_layout, free_port, skopeo_pull, skopeo_push
+from peers import Registry, Twistd, build_oci_layout, free_port, push_blob, skopeo_pull, skopeo_push
 from proxy import ALL, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import socket
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from peers import (
     cargobay_command,
     free_port,
     need,
+    push_blob,
     run_to_completion,
     skopeo,
     skopeo_inspect_raw,
@@ -228,43 +228,6 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
 
 
 # -- streaming --------------------------------------------------------------
-
-
-def push_blob(registry: Registry, name: str, size: int) -> str:
-    """
-    Upload a blob of `size` pseudo-random bytes straight through the
-    registry's upload API, streaming (never the whole blob in memory).
-    """
-    block = os.urandom(1024 * 1024)
-
-    def chunks():
-        sent = 0
-        counter = 0
-        while sent < size:
-            piece = (counter.to_bytes(8, "big") + block)[: min(len(block), size - sent)]
-            counter += 1
-            sent += len(piece)
-            yield piece
-
-    hasher = hashlib.sha256()
-    for piece in chunks():
-        hasher.update(piece)
-    digest = "sha256:" + hasher.hexdigest()
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300)
-    conn.request("POST", f"/v2/{name}/blobs/uploads/")
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 202, response.status
-    location = response.getheader("Location")
-    separator = "&" if "?" in location else "?"
-    target = urllib.parse.urlsplit(location)
-    path = (target.path + "?" + target.query if target.query else target.path) + f"{separator}digest={digest}"
-    conn.request("PUT", path, body=chunks(), headers={"Content-Type": "application/octet-stream"}, encode_chunked=True)
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 201, response.status
-    conn.close()
-    return digest
 
 
 @pytest.fixture(scope="module")

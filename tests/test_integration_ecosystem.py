@@ -17,8 +17,8 @@ import time
 import urllib.request
 
 import pytest
-from certs import TestCA
 from prometheus_client.parser import text_string_to_metric_families
+from tls import TestCA
 
 from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, skopeo, skopeo_push
 from proxy import ALL, Proxy, start_proxy, write_config
@@ -36,7 +36,7 @@ def image(upstream_anon, tmp_path_factory):
 
 def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
     ca = TestCA(tmp_path / "ca")
-    server = ca.issue("proxy", ["127.0.0.1", "localhost"])
+    server = ca.issue("proxy", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     port = free_port()
     listen = f"ssl:{port}:interface=127.0.0.1:privateKey={server.key_path}:certKey={server.cert_path}"
     config = write_config(tmp_path / "tls.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_integration_core import push_blob
 
 from cargobay.tokens import mint_token
-from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, need, skopeo_push
+from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, need, push_blob, skopeo_push
 from proxy import ALL, SECRET, Proxy, start_proxy
 
 pytestmark = pytest.mark.integration
