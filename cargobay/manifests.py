@@ -134,7 +134,10 @@ class ManifestService:
                 raise
             _log_stale(upstream, upstream_name, reference, error)
             return _answer(cached, head, "stale")
-        if answer.content is not None:
+        # Docker resolves a tag with a HEAD and then GETs the digest: remember
+        # the resolution from either, so that the tag keeps working when the
+        # upstream is down (the manifest itself is stored by digest).
+        if answer.media_type:
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer
 

@@ -379,3 +379,33 @@ def test_a_stalled_first_client_does_not_hold_back_the_others(upstream, tmp_path
         assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
     finally:
         proxy.process.stop()
+
+
+def test_docker_pull_keeps_working_with_the_upstream_down(upstream, image, tmp_path):
+    """The same as the skopeo case above, with Docker Engine: pull, stop the
+    upstream, remove the image locally, pull again by tag and by digest."""
+    from clients import Dockerd
+
+    proxy = proxy_for(tmp_path / "p", upstream)
+    daemon = Dockerd(tmp_path / "dockerd")
+    daemon.start()
+    try:
+        login = daemon.login(proxy.host, "docker-user", ALL)
+        assert login.returncode == 0, login.stderr
+        ref = f"{proxy.host}/alpine:latest"
+        first = daemon.docker("pull", ref)
+        assert first.returncode == 0, first.stdout + first.stderr
+        upstream.stop()
+        try:
+            daemon.docker("rmi", "-f", ref, check=True)
+            again = daemon.docker("pull", ref)
+            assert again.returncode == 0, again.stdout + again.stderr
+            by_digest = daemon.docker("pull", f"{proxy.host}/alpine@{image['manifest']}")
+            assert by_digest.returncode == 0, by_digest.stdout + by_digest.stderr
+            image_id = daemon.docker("image", "inspect", "--format", "{{.Id}}", ref, check=True).stdout.strip()
+            assert image_id == image["configs"][0]
+        finally:
+            upstream.start()
+    finally:
+        daemon.stop()
+        proxy.process.stop()

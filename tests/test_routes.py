@@ -444,3 +444,21 @@ def test_token_endpoint_oauth2_post_and_refresh(world):
     d.addBoth(results.append)
     world.client.flush()
     assert results[0].code == 200
+
+
+def test_tag_resolved_by_head_then_digest_is_served_when_upstream_fails(world):
+    # Docker's pattern: HEAD the tag, then GET the manifest by digest.
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _manifest_head)
+    response, _ = world.get("/v2/alpine/manifests/latest", ALL, method="HEAD")
+    assert response.code == 200
+    response, body = world.get(f"/v2/alpine/manifests/{MANIFEST_DIGEST}", ALL)
+    assert body == MANIFEST
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.clock.advance(3600)
+    response, _ = world.get("/v2/alpine/manifests/latest", ALL, method="HEAD")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 200 and body == MANIFEST
