@@ -147,3 +147,23 @@ def test_config_path_resolution():
     assert resolve_config_path("a.toml", {"CONFIG_PATH": "b.toml"}) == "a.toml"
     assert resolve_config_path(None, {"CONFIG_PATH": "b.toml"}) == "b.toml"
     assert resolve_config_path(None, {}) == "config.toml"
+
+
+def test_every_config_key_is_documented_in_the_example():
+    """Each key the parser reads appears in config.example.toml, and the
+    example with every optional line switched on still loads."""
+    import re
+
+    source = (Path(__file__).parent.parent / "cargobay" / "config.py").read_text()
+    keys = set(re.findall(r'\.(?:string|integer|number|boolean|strings|sub|table_list)\(\s*"([a-z_]+)"', source))
+    keys |= set(re.findall(r'section\("([a-z_]+)"\)', source))
+    example = EXAMPLE.read_text()
+    assert len(keys) > 35, sorted(keys)
+    missing = sorted(k for k in keys if not re.search(rf"(^|[\s\[#.]){k}(\s*=|\]|\.)", example, re.M))
+    assert missing == []
+    switched_on = re.sub(r"^# ?((\[\[?[a-z.]+\]\]?)|([a-z_]+ = .*))$", r"\1", example, flags=re.M)
+    switched_on = switched_on.replace("/etc/cargobay/private-ca.pem", str(EXAMPLE))
+    switched_on = re.sub(r"^public_key_files = .*$", "", switched_on, flags=re.M)
+    switched_on = re.sub(r'^listen = "ssl:.*$', "", switched_on, flags=re.M)
+    config = parse_config(switched_on)
+    assert config.metrics.listen is not None and config.logging.format == "text"
