@@ -15,6 +15,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ class Authenticator:
             lifetime = max(1, min(lifetime, grant.expires_at - now))
         return mint_token(
             self._secret, grant.subject, grant.repositories, lifetime, now=now,
-            issuer=self._issuer, audience=self._audience,
+            issuer=self._issuer, audience=self._audience, token_id=secrets.token_hex(8),
         )
 
     def issue(self, grant: Grant, scopes: Iterable[str]) -> dict[str, object]:

@@ -196,6 +196,7 @@ def mint_token(
     now: float | None = None,
     issuer: str | None = None,
     audience: str | None = None,
+    token_id: str | None = None,
 ) -> str:
     """
     Make a token in the earlier implementation's claim format.
@@ -215,4 +216,6 @@ def mint_token(
         claims["iss"] = issuer
     if audience is not None:
         claims["aud"] = audience
+    if token_id is not None:
+        claims["jti"] = token_id
     return jwt.encode(claims, secret, algorithm="HS256")
