@@ -179,19 +179,17 @@ def run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return maybeDeferred(function, *args)
 
 
-class HashAndStore:
+class InlineHashAndStore:
     """
-    Hashes a blob body and appends it to its cache file on a worker thread,
-    in order, a batch at a time, while the reactor thread goes on receiving
-    and sending.  (sha256 and write(2) release the GIL, so the two really
-    run at once.)
+    Hashes a blob body and appends it to its cache file as it arrives, on
+    the calling thread: for in-memory tests and platforms without threads.
+    L{ThreadedHashAndStore} does the same on a worker thread.
     """
 
     def __init__(
         self,
         digest: Digest,
         writer: BlobWriter | None,
-        run_in_thread: RunInThread,
         on_stored: Callable[[int], None],
         on_write_error: Callable[[OSError], None],
     ) -> None:
@@ -199,56 +197,27 @@ class HashAndStore:
         self.writer = writer
         self.stored = 0
         self.pending_bytes = 0
-        self._pending: list[bytes] = []
-        self._busy = False
-        self._run = run_in_thread
         self._on_stored = on_stored
         self._on_write_error = on_write_error
-        self._drained: list[Deferred[None]] = []
 
     def feed(self, data: bytes) -> None:
-        self._pending.append(data)
-        self.pending_bytes += len(data)
-        if not self._busy:
-            self._start()
+        self.hasher.update(data)
+        writer = self.writer
+        if writer is not None:
+            try:
+                writer.write_raw(data)
+            except OSError as e:
+                self.writer = None
+                self._on_write_error(e)
+            else:
+                writer.wrote(len(data))
+                self.stored += len(data)
+        self._on_stored(self.stored)
 
     def drained(self) -> Deferred[None]:
-        """Fires once everything fed so far is hashed (and written)."""
         d: Deferred[None] = Deferred()
-        if self._busy or self._pending:
-            self._drained.append(d)
-        else:
-            d.callback(None)
+        d.callback(None)
         return d
-
-    def stop_writing(self) -> None:
-        self.writer = None
-
-    def _start(self) -> None:
-        batch, self._pending = self._pending, []
-        size, self.pending_bytes = self.pending_bytes, 0
-        self._busy = True
-        writer = self.writer
-        d = self._run(_hash_and_write, self.hasher, writer, batch)
-        d.addBoth(self._batch_done, size, writer)
-
-    def _batch_done(self, result: object, size: int, writer: BlobWriter | None) -> None:
-        self._busy = False
-        if isinstance(result, Failure):
-            error = result.value if isinstance(result.value, OSError) else OSError(str(result.value))
-            if writer is not None and self.writer is writer:
-                self.writer = None
-                self._on_write_error(error)
-        elif writer is not None and self.writer is writer:
-            writer.wrote(size)
-            self.stored += size
-        if self._pending:
-            self._start()
-        else:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
-        self._on_stored(self.stored)
 
 
 _DRAIN = object()
@@ -258,7 +227,7 @@ REPORT_EVERY = 1024 * 1024
 
 class ThreadedHashAndStore:
     """
-    L{HashAndStore} with a worker thread of its own for each download: the
+    L{InlineHashAndStore} on a worker thread of its own for each download: the
     reactor only puts chunks on a queue, the worker hashes and writes them
     and reports progress back every megabyte or so.  No handoff per batch.
     """
@@ -299,10 +268,6 @@ class ThreadedHashAndStore:
         self._queue.put(_DRAIN)
         return d
 
-    def stop_writing(self) -> None:
-        self._writing = False
-        self.writer = None
-
     def _work(self) -> None:
         # The worker touches nothing but the hasher, the file and the queue.
         writer = self.writer
@@ -342,20 +307,11 @@ class ThreadedHashAndStore:
             self._on_write_error(error)
 
 
-def _hash_and_write(hasher: Any, writer: BlobWriter | None, batch: list[bytes]) -> None:
-    # On the worker thread: touches nothing but the hasher and the file.
-    for data in batch:
-        hasher.update(data)
-    if writer is not None:
-        for data in batch:
-            writer.write_raw(data)
-
-
 @implementer(IPushProducer)
 class BlobPipe(Protocol):
     """
     Receives an upstream blob body: has it hashed and written to the cache
-    writer (if any) by a L{HashAndStore}, sends it to the primary client (if
+    writer (if any) by a hash-and-store worker, sends it to the primary client (if
     still there), and decides at the end whether the result is correct.
 
     The upstream connection is paused while the primary client is full,
@@ -387,11 +343,11 @@ class BlobPipe(Protocol):
         self._describe = describe
         self._on_bytes = on_bytes
         self._run_in_thread = run_in_thread
-        self._store: HashAndStore | ThreadedHashAndStore
+        self._store: InlineHashAndStore | ThreadedHashAndStore
         if call_from_thread is not None:
             self._store = ThreadedHashAndStore(digest, writer, call_from_thread, self._stored, self._write_failed)
         else:
-            self._store = HashAndStore(digest, writer, run_in_thread, self._stored, self._write_failed)
+            self._store = InlineHashAndStore(digest, writer, self._stored, self._write_failed)
         self._received = 0
         self._held = b""
         #: Bytes actually written to the primary client.
