@@ -227,9 +227,10 @@ REPORT_EVERY = 1024 * 1024
 
 class ThreadedHashAndStore:
     """
-    L{InlineHashAndStore} on a worker thread of its own for each download: the
-    reactor only puts chunks on a queue, the worker hashes and writes them
-    and reports progress back every megabyte or so.  No handoff per batch.
+    L{InlineHashAndStore} on worker threads of its own for each download:
+    the reactor only puts chunks on queues; one thread hashes them, another
+    writes them (sha256 and write(2) both release the GIL, so they overlap),
+    and the one that tracks progress reports back every megabyte or so.
     """
 
     def __init__(
@@ -247,38 +248,69 @@ class ThreadedHashAndStore:
         self._call_from_thread = call_from_thread
         self._on_stored = on_stored
         self._on_write_error = on_write_error
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._hash_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._write_queue: queue.SimpleQueue[object] | None = queue.SimpleQueue() if writer is not None else None
         self._writing = writer is not None
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._draining = False
+        self._parts_left = 0
         self._drained: list[Deferred[None]] = []
 
     def feed(self, data: bytes) -> None:
         self.pending_bytes += len(data)
-        self._queue.put(data)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="cargobay-blob-store", daemon=True)
-            self._thread.start()
+        self._hash_queue.put(data)
+        if self._write_queue is not None:
+            self._write_queue.put(data)
+        if not self._started:
+            self._started = True
+            threads = [threading.Thread(target=self._hash_work, name="cargobay-blob-hash", daemon=True)]
+            if self._write_queue is not None:
+                threads.append(threading.Thread(target=self._write_work, name="cargobay-blob-write", daemon=True))
+            self._parts_left = len(threads)
+            for thread in threads:
+                thread.start()
 
     def drained(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        if self._thread is None:
+        if not self._started:
             d.callback(None)
             return d
         self._drained.append(d)
-        self._queue.put(_DRAIN)
+        if not self._draining:
+            self._draining = True
+            self._hash_queue.put(_DRAIN)
+            if self._write_queue is not None:
+                self._write_queue.put(_DRAIN)
         return d
 
-    def _work(self) -> None:
-        # The worker touches nothing but the hasher, the file and the queue.
-        writer = self.writer
+    # The threads touch nothing but the hasher, the file and their queue.
+
+    def _hash_work(self) -> None:
+        reports = self._write_queue is None  # without a writer, hashing is the progress
         unreported = 0
         while True:
-            item = self._queue.get()
+            item = self._hash_queue.get()
             if item is _DRAIN:
-                self._call_from_thread(self._progress, unreported, True)
+                self._call_from_thread(self._part_done, unreported if reports else 0)
                 return
             data = cast(bytes, item)
             self.hasher.update(data)
+            if reports:
+                unreported += len(data)
+                if unreported >= REPORT_EVERY or self._hash_queue.empty():
+                    self._call_from_thread(self._progress, unreported)
+                    unreported = 0
+
+    def _write_work(self) -> None:
+        assert self._write_queue is not None
+        writer = self.writer
+        unreported = 0
+        while True:
+            item = self._write_queue.get()
+            if item is _DRAIN:
+                self._call_from_thread(self._part_done, unreported)
+                return
+            data = cast(bytes, item)
             if self._writing and writer is not None:
                 try:
                     writer.write_raw(data)
@@ -286,20 +318,24 @@ class ThreadedHashAndStore:
                     self._writing = False
                     self._call_from_thread(self._failed, writer, e)
             unreported += len(data)
-            if unreported >= REPORT_EVERY or self._queue.empty():
-                self._call_from_thread(self._progress, unreported, False)
+            if unreported >= REPORT_EVERY or self._write_queue.empty():
+                self._call_from_thread(self._progress, unreported)
                 unreported = 0
 
-    def _progress(self, count: int, final: bool) -> None:
+    def _progress(self, count: int) -> None:
         self.pending_bytes -= count
         if self.writer is not None and self._writing:
             self.writer.wrote(count)
             self.stored += count
-        if final:
+        self._on_stored(self.stored)
+
+    def _part_done(self, count: int) -> None:
+        self._progress(count)
+        self._parts_left -= 1
+        if self._parts_left == 0:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
-        self._on_stored(self.stored)
 
     def _failed(self, writer: BlobWriter, error: OSError) -> None:
         if self.writer is writer:
