@@ -187,6 +187,9 @@ class RegistryApp:
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [v.decode("utf-8", "replace") for v in _args(request).get(b"scope", [])]
             answer = self.authenticator.issue(grant, scopes)
+            if _args(request).get(b"offline_token", [b""])[0].lower() == b"true":
+                # docker login asks for one to keep instead of the password.
+                answer["refresh_token"] = self.authenticator.refresh_token(grant)
         request.setHeader(b"Cache-Control", b"no-store")
         return _json(request, json.dumps(answer).encode())
 

@@ -462,3 +462,15 @@ def test_tag_resolved_by_head_then_digest_is_served_when_upstream_fails(world):
     assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
     response, body = world.get("/v2/alpine/manifests/latest", ALL)
     assert response.code == 200 and body == MANIFEST
+
+
+def test_token_endpoint_offline_token_gives_a_refresh_token(world):
+    response, body = world.get(
+        "/token?service=cargobay&offline_token=true&client_id=docker&account=ci",
+        headers={"Authorization": _basic("ci", ALPINE_ONLY)},
+    )
+    answer = json.loads(body)
+    assert response.code == 200 and answer["refresh_token"] != ALPINE_ONLY
+    assert TokenVerifier([SECRET]).verify(answer["refresh_token"]).repositories == ("alpine",)
+    response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("ci", ALPINE_ONLY)})
+    assert "refresh_token" not in json.loads(body)
