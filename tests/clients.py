@@ -46,7 +46,7 @@ from typing import IO, Any, Self
 
 import pytest
 
-from peers import need
+from peers import LoggedProcess, need
 
 #: Longest unix socket path we use as is (sun_path holds 108 bytes).
 _MAX_SOCKET_PATH = 90
@@ -141,7 +141,7 @@ CONTAINERD_DISABLED_PLUGINS = (
 )
 
 
-class Containerd:
+class Containerd(LoggedProcess):
     """
     ``containerd --config C.toml`` with root, state and sockets under
     ``workdir``. Construct, ``start()`` (returns self), ``ctr(...)``, ``stop()``.
@@ -226,17 +226,6 @@ class Containerd:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         return code
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> Self:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +233,7 @@ class Containerd:
 # ---------------------------------------------------------------------------
 
 
-class Dockerd:
+class Dockerd(LoggedProcess):
     """
     ``dockerd`` (vfs storage, no iptables, no bridge) with data root, exec
     root, pid file, trust key and daemon config under ``workdir``, listening
@@ -357,17 +346,6 @@ class Dockerd:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         return code
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> Self:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------

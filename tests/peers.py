@@ -32,7 +32,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,6 +135,45 @@ def wait_http(
                 + _tail(_read_log(log_path))
             )
         time.sleep(0.05)
+
+
+class LoggedProcess:
+    """
+    What every helper that runs a server process with a log file shares:
+    reading its log, and use as a context manager.  Subclasses set
+    ``log_path``, ``process`` and define ``start()`` and ``stop()``.
+    """
+
+    log_path: Path
+    process: Any
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stop(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
+    """Poll for a condition that a background activity brings about."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:

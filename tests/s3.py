@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from peers import Registry, free_port
+from peers import LoggedProcess, Registry, free_port
 
 S3_REGION = "us-east-1"
 
@@ -84,7 +84,7 @@ def sigv4_headers(
     }
 
 
-class SeaweedS3:
+class SeaweedS3(LoggedProcess):
     """
     ``weed server`` with its S3 gateway, every port (master, volume, filer,
     S3 and their gRPC ports) free and on 127.0.0.1, one admin identity.
@@ -205,17 +205,6 @@ class SeaweedS3:
             if port is not None:
                 Path(f"/tmp/seaweedfs-{server}-grpc-{port}.sock").unlink(missing_ok=True)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> Self:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class S3Registry(Registry):

@@ -20,21 +20,20 @@ from pathlib import Path
 import pytest
 
 from evil_upstream import BLOB, DIGEST
-from peers import Registry, Twistd, build_oci_layout, free_port, push_blob, skopeo_pull, skopeo_push
+from peers import (
+    Registry,
+    Twistd,
+    build_oci_layout,
+    free_port,
+    push_blob,
+    skopeo_pull,
+    skopeo_push,
+    wait_until,
+)
 from proxy import ALL, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05):
-    """Poll for a condition that a background activity brings about."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from cargobay.tokens import mint_token
-from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, need, push_blob, skopeo_push
+from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, need, push_blob, skopeo_push, wait_until
 from proxy import ALL, SECRET, Proxy, start_proxy
 
 pytestmark = pytest.mark.integration
@@ -48,16 +48,6 @@ MiB = 1024 * 1024
 FD_SLACK = 5
 #: Growth of the proxy's resident memory allowed during and after a fault.
 RSS_SLACK_KIB = 60 * 1024
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05):
-    """Poll for a condition that a background activity brings about."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------
