@@ -9,6 +9,7 @@ resolved once keep working while the upstream is down.  Layout::
 
     manifests/<registry id>/<algorithm>/<hex>
     tags/<registry id>/<upstream name>/<tag>.json
+    taglists/<registry id>/<upstream name>/@list.json
 """
 
 from __future__ import annotations
@@ -136,6 +137,37 @@ class ManifestStore:
         key = (registry_id, upstream_name, tag)
         self._tags.pop(key, None)
         _unlink(self._tag_path(*key))
+
+    # -- tag lists ---------------------------------------------------------
+
+    def _tag_list_path(self, registry_id: str, upstream_name: str) -> str:
+        # "@" never occurs in a repository name, so this cannot collide with
+        # the directory of a longer name.
+        return os.path.join(self.directory, "taglists", registry_id, upstream_name, "@list.json")
+
+    def tag_list(self, registry_id: str, upstream_name: str) -> list[str] | None:
+        try:
+            with open(self._tag_list_path(registry_id, upstream_name), "rb") as f:
+                tags = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            return None
+        return tags
+
+    def set_tag_list(self, registry_id: str, upstream_name: str, tags: list[str]) -> None:
+        data = json.dumps(tags).encode()
+        path = self._tag_list_path(registry_id, upstream_name)
+        try:
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    return
+        except OSError:
+            pass
+        self._write_atomically(path, data)
+
+    def drop_tag_list(self, registry_id: str, upstream_name: str) -> None:
+        _unlink(self._tag_list_path(registry_id, upstream_name))
 
     # -- files -------------------------------------------------------------
 

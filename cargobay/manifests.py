@@ -240,8 +240,9 @@ class ManifestService:
         last: str | None,
     ) -> Any:
         """
-        The upstream's tag list with the names rewritten to the local name.
-        Fires with (JSON bytes, Link header or None).
+        The upstream's tag list with the names rewritten to the local name;
+        the whole list as last seen when the upstream fails.  Fires with
+        (JSON bytes, Link header or None, stale).
         """
         query = []
         if n is not None:
@@ -251,11 +252,23 @@ class ManifestService:
         path = f"/v2/{upstream_name}/tags/list"
         if query:
             path += "?" + urlencode(query)
-        response = yield upstream.request("GET", path, _scope(upstream_name))
-        if response.code != 200:
-            discard_body(response)
-            raise map_status(upstream, response, name_unknown(local_name))
-        body = yield read_body(response)
+        registry_id = upstream.registry.id
+        try:
+            response = yield upstream.request("GET", path, _scope(upstream_name))
+            if response.code != 200:
+                discard_body(response)
+                raise map_status(upstream, response, name_unknown(local_name))
+            body = yield read_body(response)
+        except RegistryError as error:
+            remembered = self._store.tag_list(registry_id, upstream_name) if self._store else None
+            if not _worth_serving_stale(error) or remembered is None:
+                if self._store is not None and not _worth_serving_stale(error):
+                    self._store.drop_tag_list(registry_id, upstream_name)
+                raise
+            # The whole list as last seen, paginated here.
+            _log_stale(upstream, upstream_name, "tags/list", error)
+            tags, link = paginate(remembered, n, last, local_name)
+            return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
         try:
             document = json.loads(body)
             tags = document.get("tags") or []
@@ -263,11 +276,14 @@ class ManifestService:
                 raise ValueError
         except (ValueError, AttributeError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
+        tags = [t for t in tags if isinstance(t, str)]
         link = rewrite_link((response.headers.getRawHeaders("link") or [None])[0], upstream_name, local_name)
+        if self._store is not None and link is None and n is None and last is None:
+            self._store.set_tag_list(registry_id, upstream_name, tags)
         if link is None and (n is not None or last is not None):
-            tags, link = paginate([t for t in tags if isinstance(t, str)], n, last, local_name)
+            tags, link = paginate(tags, n, last, local_name)
         rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
-        return rewritten, link
+        return rewritten, link, False
 
     @inlineCallbacks
     def referrers(

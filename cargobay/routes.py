@@ -339,7 +339,9 @@ class RegistryApp:
             last = last_values[0].decode("latin-1")
             if not is_valid_tag(last):
                 raise RegistryError(400, "TAG_INVALID", "invalid tag in 'last'", last[:150])
-        body, link = yield self.manifests.tags(upstream, mapping.local_name, mapping.upstream_name, n, last)
+        body, link, stale = yield self.manifests.tags(upstream, mapping.local_name, mapping.upstream_name, n, last)
+        if stale:
+            request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
         if link:
             request.setHeader(b"Link", link.encode("latin-1"))
         return _json(request, body)

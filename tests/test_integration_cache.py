@@ -68,8 +68,13 @@ def test_second_pull_is_served_without_upstream_even_when_it_is_down(upstream, i
         second = tmp_path / "second"
         skopeo_pull(f"{proxy.host}/alpine:latest", second, creds=f"t:{ALL}")
         assert upstream.count_requests("GET", "/blobs/") == blob_gets
+        status, _, listed = proxy.request("/v2/alpine/tags/list")
+        assert status == 200
         upstream.stop()
         try:
+            status, headers, body = proxy.request("/v2/alpine/tags/list")
+            assert status == 200 and "warning" in headers
+            assert sorted(json.loads(body)["tags"]) == sorted(json.loads(listed)["tags"])
             for ref in ("alpine:latest", f"alpine@{image['manifest']}"):
                 target = tmp_path / ref.replace(":", "_").replace("@", "_")
                 skopeo_pull(f"{proxy.host}/{ref}", target, creds=f"t:{ALL}")

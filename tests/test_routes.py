@@ -474,3 +474,23 @@ def test_token_endpoint_offline_token_gives_a_refresh_token(world):
     assert TokenVerifier([SECRET]).verify(answer["refresh_token"]).repositories == ("alpine",)
     response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("ci", ALPINE_ONLY)})
     assert "refresh_token" not in json.loads(body)
+
+
+def test_tag_list_served_from_the_last_full_list_when_upstream_fails(world):
+    world.upstream_registry.on(
+        "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a", "c"]}).encode()
+    )
+    assert json.loads(world.get("/v2/alpine/tags/list", ALL)[1])["tags"] == ["b", "a", "c"]
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get("/v2/alpine/tags/list", ALL)
+    assert response.code == 200 and json.loads(body) == {"name": "alpine", "tags": ["a", "b", "c"]}
+    assert response.headers.getRawHeaders("warning")
+    response, body = world.get("/v2/alpine/tags/list?n=2", ALL)
+    assert json.loads(body)["tags"] == ["a", "b"]
+    # Gone upstream (404): not served from the cache any more.
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(404))
+    assert world.get("/v2/alpine/tags/list", ALL)[0].code == 404
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    assert world.get("/v2/alpine/tags/list", ALL)[0].code == 502
