@@ -45,7 +45,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(1, str(REPO_ROOT))
 
-from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, free_port, skopeo_push  # noqa: E402
+from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, fd_kinds, free_port, skopeo_push  # noqa: E402
 from proxy import ALL, Proxy, write_config  # noqa: E402
 
 KiB = 1024
@@ -313,37 +313,6 @@ def proc_status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
-
-
-def fd_kinds(pid: int, port: int) -> Counter[str]:
-    """cargobay's descriptors by kind: client connections, upstream connections, files..."""
-    inodes: dict[str, tuple[int, int]] = {}
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            inodes[fields[9]] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
-    kinds: Counter[str] = Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            local, remote = inodes.get(target[8:-1], (0, 0))
-            kinds["listening" if local == port and not remote else "client" if local == port else
-                  "upstream" if remote else "other socket"] += 1
-        else:
-            if "/cache/tmp/" in target:
-                kinds["cache tmp file"] += 1
-            elif "/cache/" in target:
-                kinds["cache file"] += 1
-            else:
-                kinds["file" if target.startswith("/") else target.split(":")[0]] += 1
-    return kinds
 
 
 class Sampler(threading.Thread):

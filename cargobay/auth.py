@@ -157,6 +157,12 @@ class Authenticator:
         token = self.credentials(request)
         if token is None:
             raise unauthorized("authentication required", self.challenge(request, scope))
+        return self.verify(request, token, scope)
+
+    def verify(self, request: Request, token: str, scope: str | None = None) -> Grant:
+        """
+        @raise RegistryError: 401 with an C{invalid_token} challenge.
+        """
         try:
             return self.verifier.verify(token)
         except InvalidToken as e:

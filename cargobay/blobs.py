@@ -35,7 +35,7 @@ from cargobay.cache import BlobKey, BlobStore, BlobWriter, Entry
 from cargobay.errors import RegistryError, blob_unknown
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest
-from cargobay.upstream import Upstream, discard_body, map_status
+from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
 
 log = Logger()
 
@@ -81,9 +81,6 @@ class Fetch:
         self.key = key
         self.writer: BlobWriter | None = None
         self.total: int | None = None
-        #: Bytes in the temporary file that followers may send: everything
-        #: but the last byte until the whole blob is verified.
-        self.safe_end = 0
         self.state = "starting"  # starting, running, done, failed
         self.entry: Entry | None = None
         self.error: RegistryError | None = None
@@ -152,16 +149,23 @@ class Fetch:
             return None
         return self.written - max(reader.position for reader in self._readers)
 
+    @property
+    def safe_end(self) -> int:
+        """
+        Bytes of the temporary file that followers may send: everything but
+        the last byte until the whole blob is verified.
+        """
+        if self.entry is not None:
+            return self.entry.size
+        return max(0, self.written - 1)
+
     def progressed(self, written: int) -> None:
         self.written = written
-        self.safe_end = max(0, written - 1)
         self._notify()
 
     def finished(self, entry: Entry | None, ok: bool) -> None:
         self.state = "done" if ok and entry is not None else "failed"
         self.entry = entry
-        if self.state == "done":
-            self.safe_end = entry.size if entry is not None else self.safe_end
         self._notify()
 
     def _notify(self) -> None:
@@ -916,7 +920,6 @@ class BlobService:
         key = BlobKey(upstream.registry.id, digest)
         opened = self.cache.open_entry(key)
         if opened is not None:
-            self.cache.stats.hits += 1
             self._mark(request, "hit")
             entry, fileobj = opened
             return self._serve_hit(request, entry, fileobj, digest, head)
@@ -927,7 +930,6 @@ class BlobService:
         if fetch is not None:
             self._mark(request, "join")
             return self._follow(request, fetch, digest)
-        self.cache.stats.misses += 1
         self._mark(request, "miss")
         return self._start_fetch(request, key, upstream, upstream_name, digest)
 
@@ -991,7 +993,7 @@ class BlobService:
     def _head_upstream(
         self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest
     ) -> Deferred[None]:
-        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", _scope(upstream_name))
+        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
 
         def answered(response: IResponse) -> None:
             discard_body(response)
@@ -1072,7 +1074,7 @@ class BlobService:
             if not served.called:
                 served.errback(failure)
 
-        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", _scope(upstream_name))
+        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
         d.addCallback(answered)
         d.addErrback(failed)
         d.addBoth(forget)
@@ -1096,6 +1098,7 @@ class BlobService:
             _blob_headers(request, digest)
             if fetch.total is not None:
                 request.setHeader(b"Content-Length", str(fetch.total).encode())
+
             def finished(ok: bool) -> None:
                 if ok:
                     _fire(done)
@@ -1120,17 +1123,10 @@ def _retry_error() -> RegistryError:
 
 
 def _as_registry_error(failure: Failure, upstream: Upstream) -> RegistryError:
-    from cargobay.upstream import UpstreamError
-
-    if failure.check(RegistryError):
+    if failure.check(RegistryError):  # UpstreamError included
         return failure.value  # type: ignore[return-value]
-    if failure.check(UpstreamError):
-        return failure.value.error  # type: ignore[union-attr]
-    return upstream._error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}")
+    return upstream.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}")
 
-
-def _scope(upstream_name: str) -> str:
-    return f"repository:{upstream_name}:pull"
 
 
 def _header(request: Request, name: bytes) -> str | None:

@@ -62,14 +62,8 @@ class Entry:
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
     evictions: int = 0
     write_errors: int = 0
-
-
-class CacheWriteError(Exception):
-    pass
 
 
 class BlobStore(Protocol):
@@ -104,15 +98,6 @@ class BlobWriter:
         self._file: IO[bytes] | None = fileobj
         self._fd = fileobj.fileno()
         self.size = 0
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        try:
-            self.write_raw(data)
-        except OSError as e:
-            self.failed(e)
-            raise CacheWriteError(str(e)) from e
-        self.size += len(data)
 
     def write_raw(self, data: bytes) -> None:
         """

@@ -17,7 +17,7 @@ from twisted.web.server import Request
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.manifest_store import Manifest, ManifestStore
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
-from cargobay.upstream import Upstream, discard_body, map_status, read_body
+from cargobay.upstream import Upstream, discard_body, map_status, pull_scope, read_body
 
 log = Logger()
 
@@ -31,9 +31,6 @@ MANIFEST_MEDIA_TYPES = (
 )
 
 
-def _scope(upstream_name: str) -> str:
-    return f"repository:{upstream_name}:pull"
-
 
 def accept_headers(request: Request) -> list[str]:
     values = request.requestHeaders.getRawHeaders(b"accept") or []
@@ -44,7 +41,7 @@ def accept_headers(request: Request) -> list[str]:
 
 
 def _bad_upstream(upstream: Upstream, message: str) -> RegistryError:
-    return upstream._error(502, "UNAVAILABLE", message)
+    return upstream.error(502, "UNAVAILABLE", message)
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ def _worth_serving_stale(error: RegistryError) -> bool:
 
 
 class ManifestService:
-    def __init__(self, store: ManifestStore | None = None, clock: Any = None, tag_ttl: float = 60.0) -> None:
+    def __init__(self, store: ManifestStore, clock: Any, tag_ttl: float = 60.0) -> None:
         self._store = store
         self._clock = clock
         self.tag_ttl = tag_ttl
@@ -95,8 +92,6 @@ class ManifestService:
         """
         store = self._store
         registry_id = upstream.registry.id
-        if store is None:
-            return (yield self._from_upstream(upstream, upstream_name, reference, accept, head))
         if ":" in reference:
             cached = store.get(registry_id, Digest.parse(reference))
             if cached is not None:
@@ -155,8 +150,7 @@ class ManifestService:
                 return _answer(manifest, True, "miss")
             return ManifestAnswer(media_type, parsed, length, None, "miss")
         manifest = yield self.fetch(upstream, upstream_name, reference, accept)
-        if self._store is not None:
-            self._store.put(upstream.registry.id, manifest)
+        self._store.put(upstream.registry.id, manifest)
         return _answer(manifest, False, "miss")
 
     @inlineCallbacks
@@ -174,7 +168,7 @@ class ManifestService:
         response = yield upstream.request(
             "GET",
             f"/v2/{upstream_name}/manifests/{reference}",
-            _scope(upstream_name),
+            pull_scope(upstream_name),
             headers={"Accept": accept},
         )
         if response.code != 200:
@@ -217,7 +211,7 @@ class ManifestService:
         response = yield upstream.request(
             "HEAD",
             f"/v2/{upstream_name}/manifests/{reference}",
-            _scope(upstream_name),
+            pull_scope(upstream_name),
             headers={"Accept": accept},
         )
         discard_body(response)
@@ -254,16 +248,17 @@ class ManifestService:
             path += "?" + urlencode(query)
         registry_id = upstream.registry.id
         try:
-            response = yield upstream.request("GET", path, _scope(upstream_name))
+            response = yield upstream.request("GET", path, pull_scope(upstream_name))
             if response.code != 200:
                 discard_body(response)
                 raise map_status(upstream, response, name_unknown(local_name))
             body = yield read_body(response)
         except RegistryError as error:
-            remembered = self._store.tag_list(registry_id, upstream_name) if self._store else None
-            if not _worth_serving_stale(error) or remembered is None:
-                if self._store is not None and not _worth_serving_stale(error):
-                    self._store.drop_tag_list(registry_id, upstream_name)
+            if not _worth_serving_stale(error):
+                self._store.drop_tag_list(registry_id, upstream_name)
+                raise
+            remembered = self._store.tag_list(registry_id, upstream_name)
+            if remembered is None:
                 raise
             # The whole list as last seen, paginated here.
             _log_stale(upstream, upstream_name, "tags/list", error)
@@ -278,7 +273,7 @@ class ManifestService:
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
         tags = [t for t in tags if isinstance(t, str)]
         link = rewrite_link((response.headers.getRawHeaders("link") or [None])[0], upstream_name, local_name)
-        if self._store is not None and link is None and n is None and last is None:
+        if link is None and n is None and last is None:
             self._store.set_tag_list(registry_id, upstream_name, tags)
         if link is None and (n is not None or last is not None):
             tags, link = paginate(tags, n, last, local_name)
@@ -300,7 +295,7 @@ class ManifestService:
         path = f"/v2/{upstream_name}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode([("artifactType", artifact_type)])
-        response = yield upstream.request("GET", path, _scope(upstream_name))
+        response = yield upstream.request("GET", path, pull_scope(upstream_name))
         if response.code != 200:
             discard_body(response)
             raise map_status(upstream, response, manifest_unknown(str(digest)))

@@ -31,13 +31,12 @@ from cargobay.errors import (
     name_invalid,
     name_unknown,
     pagination_invalid,
-    unauthorized,
 )
 from cargobay.manifests import ManifestService, accept_headers
 from cargobay.mapping import Mapper, Resolved
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
-from cargobay.tokens import Grant, InvalidToken
+from cargobay.tokens import Grant
 from cargobay.upstream import Upstream
 
 log = Logger()
@@ -177,7 +176,7 @@ class RegistryApp:
                 secret = form.get("refresh_token", "")
             else:
                 raise RegistryError(400, "UNSUPPORTED", "unsupported grant_type")
-            grant = self._verify(request, secret)
+            grant = self.authenticator.verify(request, secret)
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [s for s in form.get("scope", "").split(" ") if s]
             answer = self.authenticator.issue(grant, scopes)
@@ -282,14 +281,6 @@ class RegistryApp:
         request.notifyFinish().addBoth(done)
 
     # -- handlers ----------------------------------------------------------
-
-    def _verify(self, request: Request, secret: str) -> Grant:
-        try:
-            return self.authenticator.verifier.verify(secret)
-        except InvalidToken as e:
-            raise unauthorized(
-                f"invalid token: {e}", self.authenticator.challenge(request, error="invalid_token")
-            ) from None
 
     @inlineCallbacks
     def _manifest(

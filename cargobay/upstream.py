@@ -136,6 +136,10 @@ class RegistryTLSPolicy:
         return self._default.creatorForNetloc(hostname, port)
 
 
+def pull_scope(upstream_name: str) -> str:
+    return f"repository:{upstream_name}:pull"
+
+
 def origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -286,7 +290,7 @@ class Upstream:
         realm = challenge.realm
         assert realm is not None
         if urlsplit(realm).scheme not in ("http", "https"):
-            raise UpstreamError(self._error(502, "UNAVAILABLE", f"gave an unusable token realm {realm!r}"))
+            raise UpstreamError(self.error(502, "UNAVAILABLE", f"gave an unusable token realm {realm!r}"))
         query = []
         if challenge.service:
             query.append(("service", challenge.service))
@@ -311,12 +315,12 @@ class Upstream:
             raise UpstreamError(self._network_error(Failure(e), "token service")) from None
         if response.code in (401, 403):
             raise UpstreamError(
-                self._error(403, "DENIED", "refused cargobay's credentials (token service answered "
+                self.error(403, "DENIED", "refused cargobay's credentials (token service answered "
                             f"{response.code})")
             )
         if response.code != 200:
             raise UpstreamError(
-                self._error(502, "UNAVAILABLE", f"token service answered {response.code}")
+                self.error(502, "UNAVAILABLE", f"token service answered {response.code}")
             )
         try:
             document = json.loads(body)
@@ -328,7 +332,7 @@ class Upstream:
                 lifetime = DEFAULT_TOKEN_LIFETIME
         except (ValueError, AttributeError):
             raise UpstreamError(
-                self._error(502, "UNAVAILABLE", "token service answered something that is not a token")
+                self.error(502, "UNAVAILABLE", "token service answered something that is not a token")
             ) from None
         expires_at = self._clock.seconds() + max(lifetime - TOKEN_EXPIRY_MARGIN, lifetime / 2)
         self._tokens[scope] = _CachedToken(token, expires_at)
@@ -372,7 +376,8 @@ class Upstream:
                 self._metrics.upstream_errors.inc(1, self.registry.id, "status")
         return response
 
-    def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RegistryError:
+    def error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RegistryError:
+        """An OCI error naming this registry, for the client."""
         return RegistryError(
             status,
             code,
@@ -384,16 +389,16 @@ class Upstream:
     def _network_error(self, failure: Failure, what: str) -> RegistryError:
         host = urlsplit(what).netloc if "://" in what else what
         if failure.check(defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
-            return self._error(504, "UNAVAILABLE", f"timed out ({host})")
+            return self.error(504, "UNAVAILABLE", f"timed out ({host})")
         if failure.check(netError.DNSLookupError):
-            return self._error(502, "UNAVAILABLE", f"host not found ({host})")
+            return self.error(502, "UNAVAILABLE", f"host not found ({host})")
         if failure.check(netError.ConnectionRefusedError):
-            return self._error(502, "UNAVAILABLE", f"refused the connection ({host})")
+            return self.error(502, "UNAVAILABLE", f"refused the connection ({host})")
         if failure.check(netError.ConnectError):
-            return self._error(502, "UNAVAILABLE", f"is unreachable ({host})")
+            return self.error(502, "UNAVAILABLE", f"is unreachable ({host})")
         if _is_tls_failure(failure):
-            return self._error(502, "UNAVAILABLE", f"failed TLS verification ({host})")
-        return self._error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
+            return self.error(502, "UNAVAILABLE", f"failed TLS verification ({host})")
+        return self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
 
 
 _TLS_ERRORS = (SSL.Error, VerificationError)
@@ -419,7 +424,7 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
     if code == 404:
         return not_found
     if code in (401, 403):
-        return upstream._error(
+        return upstream.error(
             403, "DENIED", f"refused access (answered {code}); check its credentials in the config"
         )
     if code == 429:
@@ -427,9 +432,9 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
         retry_after = response.headers.getRawHeaders("retry-after", [None])[0]
         if retry_after:
             headers["Retry-After"] = retry_after
-        return upstream._error(429, "TOOMANYREQUESTS", "is rate limiting requests", headers)
+        return upstream.error(429, "TOOMANYREQUESTS", "is rate limiting requests", headers)
     if code in REDIRECT_CODES:
-        return upstream._error(502, "UNAVAILABLE", f"redirected too often or without a location ({code})")
+        return upstream.error(502, "UNAVAILABLE", f"redirected too often or without a location ({code})")
     if code == 504:
-        return upstream._error(504, "UNAVAILABLE", "timed out (answered 504)")
-    return upstream._error(502, "UNAVAILABLE", f"answered {code}")
+        return upstream.error(504, "UNAVAILABLE", "timed out (answered 504)")
+    return upstream.error(502, "UNAVAILABLE", f"answered {code}")

@@ -11,6 +11,7 @@ Every server binds to 127.0.0.1 on a free port and is stopped by its
 from __future__ import annotations
 
 import base64
+import collections
 import gzip
 import hashlib
 import http.client
@@ -357,14 +358,17 @@ class Registry:
             env=env, cwd=self.workdir,
         )
         try:
-            wait_http(
-                self.url + "/v2/", timeout=timeout, expect=(200, 401),
-                process=self.process, log_path=self.log_path,
-            )
+            self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        wait_http(
+            self.url + "/v2/", timeout=timeout, expect=(200, 401),
+            process=self.process, log_path=self.log_path,
+        )
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process is not None:
@@ -1062,6 +1066,37 @@ def push_blob(registry: Registry, name: str, size: int) -> str:
         raise RuntimeError(f"upload answered {response.status}")
     conn.close()
     return digest
+
+
+def fd_kinds(pid: int, port: int) -> collections.Counter[str]:
+    """cargobay's descriptors by kind: client connections, upstream connections, files..."""
+    inodes: dict[str, tuple[int, int]] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            inodes[fields[9]] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
+    kinds: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            local, remote = inodes.get(target[8:-1], (0, 0))
+            kinds["listening" if local == port and not remote else "client" if local == port else
+                  "upstream" if remote else "other socket"] += 1
+        else:
+            if "/cache/tmp/" in target:
+                kinds["cache tmp file"] += 1
+            elif "/cache/" in target:
+                kinds["cache file"] += 1
+            else:
+                kinds["file" if target.startswith("/") else target.split(":")[0]] += 1
+    return kinds
 
 
 def sha256_digest(data: bytes) -> str:

@@ -21,7 +21,8 @@ def store(cache: BlobCache, data: bytes) -> BlobKey:
     key = key_for(data)
     writer = cache.begin(key)
     assert writer is not None
-    writer.write(data)
+    writer.write_raw(data)
+    writer.wrote(len(data))
     assert writer.commit() is not None
     return key
 
@@ -98,7 +99,8 @@ def test_an_entry_being_read_is_never_removed(tmp_path):
     data = b"x" * 5000
     key = key_for(data)
     writer = cache.begin(key)
-    writer.write(data)
+    writer.write_raw(data)
+    writer.wrote(len(data))
     entry = writer.commit()
     run(clock)
     assert cache.lookup(key) is None  # limit 0: nothing stays...

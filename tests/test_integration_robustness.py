@@ -37,7 +37,17 @@ from pathlib import Path
 import pytest
 
 from cargobay.tokens import mint_token
-from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, need, push_blob, skopeo_push, wait_until
+from peers import (
+    OCI_MANIFEST,
+    Registry,
+    Twistd,
+    build_oci_layout,
+    fd_kinds,
+    need,
+    push_blob,
+    skopeo_push,
+    wait_until,
+)
 from proxy import ALL, SECRET, Proxy, start_proxy
 
 pytestmark = pytest.mark.integration
@@ -66,45 +76,9 @@ def rss_kib(proxy: Proxy) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _socket_ports(pid: int) -> dict[str, tuple[int, int]]:
-    """socket inode -> (local port, remote port), from /proc/PID/net/tcp*."""
-    ports: dict[str, tuple[int, int]] = {}
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, inode = fields[1], fields[2], fields[9]
-            ports[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
-    return ports
-
-
 def describe_fds(proxy: Proxy) -> str:
     """What the proxy's descriptors are, for assertion messages."""
-    pid = proxy.process.pid
-    ports = _socket_ports(pid)
-    kinds: collections.Counter[str] = collections.Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            local, remote = ports.get(target[8:-1], (0, 0))
-            if local == proxy.port and remote == 0:
-                kinds["listening socket"] += 1
-            elif local == proxy.port:
-                kinds["client connection"] += 1
-            elif remote:
-                kinds[f"connection to port {remote}"] += 1
-            else:
-                kinds["other socket"] += 1
-        elif "/cache/" in target:
-            kinds["cache file " + ("(tmp)" if "/tmp/" in target else "(blob)")] += 1
-        else:
-            kinds[target if not target.startswith(("pipe:", "anon_inode:")) else target.split(":")[0]] += 1
+    kinds = fd_kinds(proxy.process.pid, proxy.port)
     return ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
 
 

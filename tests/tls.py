@@ -7,10 +7,7 @@ HTTPS with one of them (``http.tls`` through ``Registry.extra_config``).
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -18,14 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from peers import Registry, need
+from peers import Registry
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -124,8 +121,8 @@ class TLSRegistry(Registry):
     The CNCF registry serving HTTPS with ``server_cert`` (no auth, filesystem
     storage). ``url`` is ``https://127.0.0.1:PORT``.
 
-    ``Registry.start`` polls plain ``http://`` for readiness, which a TLS
-    listener answers with 400; this ``start`` polls over TLS, trusting ``ca``
+    ``Registry`` polls plain ``http://`` for readiness, which a TLS
+    listener answers with 400; this one polls over TLS, trusting ``ca``
     but not checking the host name (the certificate may be for another host
     on purpose).
     """
@@ -137,42 +134,23 @@ class TLSRegistry(Registry):
         self.ca = ca
         self.url = f"https://{self.host}"
 
-    def start(self, timeout: float = 30.0) -> Self:
-        binary = need("docker-registry")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
-        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            [binary, "serve", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            env=env, cwd=self.workdir,
-        )
+    def _wait_ready(self, timeout: float) -> None:
         context = self.ca.client_context(check_hostname=False)
         deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"registry exited with {self.process.returncode}\n{self.log_text()[-3000:]}"
-                    )
-                try:
-                    with urllib.request.urlopen(self.url + "/v2/", timeout=2.0, context=context):
-                        return self
-                except urllib.error.HTTPError as e:
-                    if e.code in (200, 401):
-                        return self
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{self.url}/v2/ not ready after {timeout}s\n{self.log_text()[-3000:]}"
-                    )
-                time.sleep(0.05)
-        except BaseException:
-            self.stop()
-            raise
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"registry exited with {self.process.returncode}\n{self.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/v2/", timeout=2.0, context=context):
+                    return
+            except urllib.error.HTTPError as e:
+                if e.code in (200, 401):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.url}/v2/ not ready after {timeout}s\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
 
 
 __all__ = ["ServerCert", "TLSRegistry", "TestCA"]
