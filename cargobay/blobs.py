@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import IO, Any, cast
 
@@ -45,7 +46,8 @@ CHUNK_SIZE = 256 * 1024
 SEND_STALL_TIMEOUT = 120.0
 #: Bytes per sendfile(2) call on plain TCP.
 SENDFILE_CHUNK = 4 * 1024 * 1024
-#: Whether to use sendfile(2) at all (CARGOBAY_SENDFILE=0 turns it off, to compare).
+#: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
+#: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
 #: Bytes a blob connection buffers (and reads at once) before pausing.
 TRANSPORT_BUFFER = 1024 * 1024
@@ -86,6 +88,8 @@ class Fetch:
         self.error: RegistryError | None = None
         #: Bytes written to the temporary file so far.
         self.written = 0
+        #: The blob's size once its content is verified.
+        self.verified_size: int | None = None
         self._readers: set[FileSender] = set()
         self._started: list[Deferred[Fetch]] = []
         #: Called when a reader moved on or left, so that a download paused
@@ -143,27 +147,31 @@ class Fetch:
     def lead(self) -> int | None:
         """
         How far the download is ahead of its fastest reader; None without
-        readers.
+        readers, or when one waits for the end.
         """
         if not self._readers:
             return None
-        return self.written - max(reader.position for reader in self._readers)
-
-    @property
-    def safe_end(self) -> int:
-        """
-        Bytes of the temporary file that followers may send: everything but
-        the last byte until the whole blob is verified.
-        """
-        if self.entry is not None:
-            return self.entry.size
-        return max(0, self.written - 1)
+        if any(r.end is not None and r.end <= self.written for r in self._readers):
+            # A reader whose part is all written waits for the verification
+            # of the whole blob: the download must go on to the end.
+            return None
+        return self.written - max(r.position for r in self._readers)
 
     def progressed(self, written: int) -> None:
         self.written = written
         self._notify()
 
+    def verified(self, size: int) -> None:
+        """The whole body is written and matches the digest."""
+        self.verified_size = size
+        self._notify()
+
     def finished(self, entry: Entry | None, ok: bool) -> None:
+        """
+        The fetch is over: C{entry} is the cache entry it made, L{None} if it
+        failed, or if a verified body could not be made an entry (readers
+        then still finish from the file they hold open).
+        """
         self.state = "done" if ok and entry is not None else "failed"
         self.entry = entry
         self._notify()
@@ -392,6 +400,10 @@ class BlobPipe(Protocol):
         self._held = b""
         #: Bytes actually written to the primary client.
         self._sent = 0
+        #: The primary client's socket when the body goes to it directly
+        #: (plain TCP, known length), and what it has not yet taken.
+        self._client_fd: int | None = None
+        self._unsent: deque[memoryview] = deque()
         self._client_paused = False
         #: Paused because every reader of the fetch is far behind.
         self._window_paused = False
@@ -439,9 +451,14 @@ class BlobPipe(Protocol):
     # -- Protocol (upstream side) ------------------------------------------
 
     def connectionMade(self) -> None:
-        if self._request is not None:
-            _widen_buffer(self._request.channel.transport if self._request.channel else None)  # type: ignore[attr-defined]
-            self._request.registerProducer(self, True)
+        request = self._request
+        if request is not None:
+            _widen_buffer(request.channel.transport if request.channel else None)  # type: ignore[attr-defined]
+            request.registerProducer(self, True)
+            if self._expected is not None:
+                self._client_fd = _raw_socket(request)
+                if self._client_fd is not None:
+                    request.write(b"")  # the headers, through the transport
         # Read the upstream in bigger gulps than Twisted's 64 KiB.
         _widen_buffer(getattr(self.transport, "_producer", None))
         self._arm()
@@ -458,8 +475,7 @@ class BlobPipe(Protocol):
         if self._request is not None:
             held, self._held = self._held, data
             if held:
-                self._sent += len(held)
-                self._request.write(held)
+                self._send(held)
         if self._store.pending_bytes > STORE_BACKLOG:
             self._store_paused = True
             self._update_flow()
@@ -472,6 +488,64 @@ class BlobPipe(Protocol):
         self._store_paused = self._store.pending_bytes > STORE_BACKLOG // 2 and self._store_paused
         self._check_window()
         self._update_flow()
+
+    # -- the primary client ------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        request = self._request
+        assert request is not None
+        if self._client_fd is None:
+            self._sent += len(data)
+            request.write(data)
+            return
+        self._unsent.append(memoryview(data))
+        self._flush()
+
+    def _flush(self) -> None:
+        """
+        Hand what the client has not taken yet straight to its socket, in
+        as few system calls as the socket allows.  Twisted's transport
+        would copy it into its buffer and send 128 KiB per reactor turn.
+        """
+        request, fd = self._request, self._client_fd
+        if request is None or fd is None:
+            return
+        transport = cast(Any, request.channel).transport
+        while self._unsent:
+            if transport.dataBuffer or transport._tempDataBuffer:
+                self._wait_for_client(transport)  # the headers go first
+                return
+            view = self._unsent[0]
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                self._wait_for_client(transport)
+                return
+            except OSError:
+                # The client went away; its transport will notice and stop us.
+                self._unsent.clear()
+                return
+            self._sent += sent
+            request.sentLength += sent  # type: ignore[attr-defined]
+            if sent == len(view):
+                self._unsent.popleft()
+            else:
+                self._unsent[0] = view[sent:]
+        if self._client_paused:
+            self._client_paused = False
+            self._update_flow()
+
+    def _wait_for_client(self, transport: Any) -> None:
+        # Until the socket can take more: the transport resumes its producer
+        # (the HTTP channel, hence us or whoever replaced us) on its next
+        # write event.
+        transport.producerPaused = True
+        transport.startWriting()
+        if self._fetch is not None and self._fetch.has_readers() and self._demote():
+            return
+        if not self._client_paused:
+            self._client_paused = True
+            self._update_flow()
 
     def _write_failed(self, error: OSError) -> None:
         writer, self._writer = self._writer, None
@@ -497,21 +571,23 @@ class BlobPipe(Protocol):
         if self._client_paused:
             self._demote()
 
-    def _demote(self) -> None:
+    def _demote(self) -> bool:
         """
         The primary client cannot keep up, and others are waiting: stop
         feeding it directly and let it read the file at its own pace, like a
         follower, so that it no longer holds the download back for everyone.
+        Returns whether it could.
         """
         request, fetch, writer = self._request, self._fetch, self._writer
         if request is None or fetch is None or writer is None:
-            return
+            return False
         try:
             fileobj = open(writer.path, "rb")
         except OSError:
-            return
+            return False
         self._request = None
         self._held = b""
+        self._unsent.clear()
         request.unregisterProducer()
         # The client's transport is full: start paused, the channel resumes
         # the sender when it drains.
@@ -522,6 +598,7 @@ class BlobPipe(Protocol):
         self._client_paused = False
         self._check_window()
         self._update_flow()
+        return True
 
     def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
         self._disarm()
@@ -536,26 +613,7 @@ class BlobPipe(Protocol):
     def _verify(self) -> None:
         if self._failure_reason is None and self._store.hasher.hexdigest() != self._digest.encoded:
             self._failure_reason = "sent content that does not match the digest"
-        writer = self._writer
-        if self._failure_reason is None and writer is not None:
-            self._run_in_thread(writer.sync_raw).addBoth(self._synced, writer)
-        else:
-            self._conclude(None)
-
-    def _synced(self, result: object, writer: BlobWriter) -> None:
-        if self._writer is not writer:  # failed meanwhile
-            self._conclude(None)
-            return
-        if isinstance(result, Failure):
-            self._writer = None
-            writer.failed(result.value if isinstance(result.value, OSError) else OSError(str(result.value)))
-            self._conclude(None)
-            return
-        self._conclude(writer.commit(synced=True))
-
-    def _conclude(self, entry: Entry | None) -> None:
-        ok = self._failure_reason is None
-        if not ok:
+        if self._failure_reason is not None:
             log.warn(
                 "upstream {what} {reason}; nothing cached",
                 what=self._describe,
@@ -563,20 +621,53 @@ class BlobPipe(Protocol):
             )
             if self._writer is not None:
                 self._writer.abort()
+                self._writer = None
+            self._conclude(None, ok=False)
+            return
+        # The body is right: every client may have its last bytes now.  Making
+        # it a cache entry (fsync, rename) is the cache's business, not theirs.
+        if self._fetch is not None:
+            self._fetch.verified(self._received)
+        self._end_primary(ok=True)
+        writer = self._writer
+        if writer is None:
+            self._conclude(None, ok=True)
+            return
+        self._run_in_thread(writer.sync_raw).addBoth(self._synced, writer)
+
+    def _synced(self, result: object, writer: BlobWriter) -> None:
+        entry = None
+        if self._writer is writer:  # else: it failed meanwhile
+            if isinstance(result, Failure):
+                writer.failed(result.value if isinstance(result.value, OSError) else OSError(str(result.value)))
+            else:
+                entry = writer.commit(synced=True)
         self._writer = None
+        self._conclude(entry, ok=True)
+
+    def _conclude(self, entry: Entry | None, ok: bool) -> None:
         if self._fetch is not None:
             self._fetch.finished(entry, ok)
-        request, self._request = self._request, None
-        if request is not None:
-            request.unregisterProducer()
-            if ok:
-                if self._held:
-                    request.write(self._held)
-                request.finish()
-            else:
-                abort_request(request)
-        self._held = b""
+        self._end_primary(ok)
         self.done.callback(ok)
+
+    def _end_primary(self, ok: bool) -> None:
+        request, self._request = self._request, None
+        held, self._held = self._held, b""
+        if request is None:
+            return
+        unsent, self._unsent = self._unsent, deque()
+        request.unregisterProducer()
+        if ok:
+            # Whatever the socket has not taken yet goes through the
+            # transport's buffer, in order, and the response ends after it.
+            for view in unsent:
+                request.write(bytes(view))
+            if held:
+                request.write(held)
+            request.finish()
+        else:
+            abort_request(request)
 
     # -- idle timeout ------------------------------------------------------
 
@@ -612,6 +703,9 @@ class BlobPipe(Protocol):
         self._update_flow()
 
     def resumeProducing(self) -> None:
+        if self._unsent:
+            self._flush()
+            return
         self._client_paused = False
         self._update_flow()
 
@@ -621,6 +715,7 @@ class BlobPipe(Protocol):
         # is a hit; without one there is no reason to keep reading.
         self._request = None
         self._held = b""
+        self._unsent.clear()
         self._client_paused = False
         if self._writer is None:
             if not self._finished:
@@ -661,8 +756,13 @@ class FileSender:
         self._paused = paused
         self._pumping = False
         self._follower = follower
-        self._socket = _sendfile_socket(request)
+        self._socket = _raw_socket(request)
         self._waiting_for_socket = False
+
+    @property
+    def end(self) -> int | None:
+        """Where this response ends in the file, if known yet."""
+        return self._end
 
     def start(self) -> None:
         self._request.registerProducer(self, True)
@@ -686,13 +786,19 @@ class FileSender:
         if fetch is None:
             assert self._end is not None
             return self._end
+        if fetch.verified_size is not None:
+            # Verified: the open file is good to its end, whatever becomes
+            # of the cache entry.
+            if self._end is None:
+                self._end = fetch.verified_size
+            return self._end
         if fetch.state == "failed":
             return None
-        if fetch.state == "done":
-            assert fetch.entry is not None
-            self._end = fetch.entry.size
-            return self._end
-        return fetch.safe_end
+        # Until the blob is verified, the response's last byte waits (and
+        # any byte that might be the last, when its length is unknown).
+        if self._end is None:
+            return max(0, fetch.written - 1)
+        return min(fetch.written, self._end - 1)
 
     def _pump(self) -> None:
         if self._pumping or self._file is None:
@@ -835,10 +941,11 @@ def _widen_buffer(transport: object) -> None:
         transport.bufferSize = TRANSPORT_BUFFER
 
 
-def _sendfile_socket(request: Request) -> int | None:
+def _raw_socket(request: Request) -> int | None:
     """
-    The client's socket, when the body can go out by sendfile(2): plain TCP
-    (not TLS, which must encrypt in user space) on a platform that has it.
+    The client's socket, when the body can go to it directly (sendfile(2)
+    from a file, write(2) from memory) rather than through the transport:
+    plain TCP, not TLS, which must encrypt in user space.
     """
     if not SENDFILE or not hasattr(os, "sendfile"):
         return None
@@ -945,11 +1052,6 @@ class BlobService:
         self, request: Request, entry: Entry, fileobj: IO[bytes], digest: Digest, head: bool
     ) -> Deferred[None]:
         done: Deferred[None] = Deferred()
-        etag = f'"{digest}"'
-        _blob_headers(request, digest)
-        request.setHeader(b"ETag", etag.encode())
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        size = entry.size
 
         def release(ok: bool = True) -> None:
             self.cache.release(entry)
@@ -958,33 +1060,12 @@ class BlobService:
             if ok:
                 _fire(done)
 
-        if_none_match = request.getHeader(b"if-none-match")
-        if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
+        span = _answer_conditions(request, digest, entry.size, head)
+        if span is None:
             fileobj.close()
-            request.setResponseCode(304)
-            request.finish()
             release()
             return done
-        wanted = parse_range(_header(request, b"range"), size)
-        if wanted == "unsatisfiable":
-            fileobj.close()
-            request.setResponseCode(416)
-            request.setHeader(b"Content-Range", f"bytes */{size}".encode())
-            request.setHeader(b"Content-Length", b"0")
-            request.finish()
-            release()
-            return done
-        start, end = 0, size
-        if isinstance(wanted, tuple):
-            start, end = wanted
-            request.setResponseCode(206)
-            request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
-        request.setHeader(b"Content-Length", str(end - start).encode())
-        if head:
-            fileobj.close()
-            request.finish()
-            release()
-            return done
+        start, end = span
         FileSender(request, fileobj, start, end, clock=self._clock, on_done=release).start()
         return done
 
@@ -1028,7 +1109,7 @@ class BlobService:
                 raise map_status(upstream, response, blob_unknown(str(digest)))
             length = _content_length(response)
             writer = None
-            if length is None or length <= self.cache.max_size_bytes:
+            if (length is None or length <= self.cache.max_size_bytes):
                 writer = self.cache.begin(key)
             client = primary[0]
             if writer is None:
@@ -1095,18 +1176,59 @@ class BlobService:
                 fileobj = open(fetch.writer.path, "rb")
             except OSError:
                 raise _retry_error() from None
-            _blob_headers(request, digest)
-            if fetch.total is not None:
-                request.setHeader(b"Content-Length", str(fetch.total).encode())
+            start, end = 0, fetch.total
+            if fetch.total is None:
+                _blob_headers(request, digest)
+            else:
+                span = _answer_conditions(request, digest, fetch.total, head=False)
+                if span is None:
+                    fileobj.close()
+                    _fire(done)
+                    return done
+                start, end = span
 
             def finished(ok: bool) -> None:
                 if ok:
                     _fire(done)
 
-            FileSender(request, fileobj, 0, fetch.total, fetch, self._clock, on_done=finished).start()
+            FileSender(request, fileobj, start, end, fetch, self._clock, on_done=finished).start()
             return done
 
         return fetch.when_started().addCallback(go)
+
+
+def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) -> tuple[int, int] | None:
+    """
+    Set the headers of a blob response whose size is known, and answer it
+    at once when there is no body to send (304, 416, HEAD).  Returns the
+    span C{(start, end)} of the blob to send, or L{None} when finished.
+    """
+    etag = f'"{digest}"'
+    _blob_headers(request, digest)
+    request.setHeader(b"ETag", etag.encode())
+    request.setHeader(b"Accept-Ranges", b"bytes")
+    if_none_match = request.getHeader(b"if-none-match")
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
+        request.setResponseCode(304)
+        request.finish()
+        return None
+    wanted = parse_range(_header(request, b"range"), size)
+    if wanted == "unsatisfiable":
+        request.setResponseCode(416)
+        request.setHeader(b"Content-Range", f"bytes */{size}".encode())
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        return None
+    start, end = 0, size
+    if isinstance(wanted, tuple):
+        start, end = wanted
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
+    request.setHeader(b"Content-Length", str(end - start).encode())
+    if head:
+        request.finish()
+        return None
+    return start, end
 
 
 def _fire(d: Deferred[None]) -> None:

@@ -9,7 +9,7 @@ import http.client
 from pathlib import Path
 
 from cargobay.tokens import mint_token
-from peers import Twistd, free_port
+from peers import Twistd, free_port, wait_until
 
 SECRET = "integration-secret-integration-secret"
 ALL = mint_token(SECRET, "tester")
@@ -70,6 +70,17 @@ class Proxy:
 
     def cached_blob_files(self) -> list[Path]:
         return [p for p in (self.cache / "blobs").rglob("*") if p.is_file()]
+
+    def cached_blob(self, digest: str, timeout: float = 30.0) -> Path:
+        """
+        The cache file of a blob just pulled.  It appears just after the
+        response: the client has its bytes once they are verified, and
+        fsync and rename come after.
+        """
+        encoded = digest.split(":")[1]
+        found = wait_until(lambda: [p for p in self.cached_blob_files() if p.name.startswith(encoded + "-")], timeout=timeout)
+        assert found, f"{digest} was never cached"
+        return found[0]
 
     def temp_files(self) -> list[Path]:
         return [p for p in (self.cache / "tmp").iterdir() if p.is_file()]

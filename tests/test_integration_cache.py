@@ -185,10 +185,15 @@ def test_small_max_size_keeps_the_cache_under_the_limit(upstream, tmp_path):
         def total() -> int:
             return sum(p.stat().st_size for p in small.cached_blob_files())
 
+        def names() -> set[str]:
+            return {p.name.split("-")[0] for p in small.cached_blob_files()}
+
+        # The last blob becomes an entry just after its response (fsync and
+        # rename come after the client has its bytes).
+        wait_until(lambda: digests[-1].split(":")[1] in names(), timeout=10)
         assert wait_until(lambda: total() <= limit, timeout=10)
-        names = {p.name.split("-")[0] for p in small.cached_blob_files()}
-        assert digests[-1].split(":")[1] in names, "the most recently used blob was evicted"
-        assert digests[0].split(":")[1] not in names
+        assert digests[-1].split(":")[1] in names(), "the most recently used blob was evicted"
+        assert digests[0].split(":")[1] not in names()
     finally:
         process.stop()
 
@@ -238,7 +243,7 @@ def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
     try:
         layer = image["layers"][0]
         status, _, good = proxy.request(f"/v2/alpine/blobs/{layer}")
-        [path] = [p for p in proxy.cached_blob_files() if p.name.startswith(layer.split(":")[1])]
+        path = proxy.cached_blob(layer)
         with open(path, "r+b") as f:
             f.truncate(1000)
         status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}")
@@ -377,6 +382,38 @@ def test_a_stalled_first_client_does_not_hold_back_the_others(upstream, tmp_path
             piece = first_response.read(1024 * 1024)
             if not piece:
                 break
+            hasher.update(piece)
+        first.close()
+        assert "sha256:" + hasher.hexdigest() == digest
+        assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
+    finally:
+        proxy.process.stop()
+
+
+def test_range_and_etag_requests_joining_a_download_are_answered_from_it(upstream, tmp_path):
+    size = 64 * 1024**2
+    digest = push_blob(upstream, "library/big", size)
+    proxy = proxy_for(tmp_path, upstream)
+    try:
+        # The first client starts the download and stops reading, so it is
+        # still running when the others come.
+        first = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        first.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+        first_response = first.getresponse()
+        head = first_response.read(1024 * 1024)
+        status, headers, body = proxy.request(f"/v2/big/blobs/{digest}", headers={"Range": "bytes=1000-1999"})
+        assert status == 206, status
+        assert headers["content-range"] == f"bytes 1000-1999/{size}"
+        assert body == head[1000:2000]
+        status, _, body = proxy.request(f"/v2/big/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'})
+        assert status == 304 and body == b""
+        status, headers, _ = proxy.request(f"/v2/big/blobs/{digest}", headers={"Range": f"bytes={size}-"})
+        assert status == 416 and headers["content-range"] == f"bytes */{size}"
+        # The last bytes of the blob come only once it is all verified.
+        status, _, tail = proxy.request(f"/v2/big/blobs/{digest}", headers={"Range": f"bytes={size - 10}-"})
+        assert status == 206 and len(tail) == 10
+        hasher = hashlib.sha256(head)
+        while piece := first_response.read(1024 * 1024):
             hasher.update(piece)
         first.close()
         assert "sha256:" + hasher.hexdigest() == digest

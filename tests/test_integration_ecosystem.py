@@ -89,6 +89,7 @@ def test_metrics_move_by_the_right_amounts_after_a_pull(upstream_anon, image, tm
         status, _, body = proxy.request(f"/v2/eco/blobs/{layer}")
         assert status == 200
         size = len(body)
+        proxy.cached_blob(layer)  # an entry just after the response; until then a GET joins the fetch
         status, _, _ = proxy.request(f"/v2/eco/blobs/{layer}")
         assert status == 200
         after = metric_values(proxy)

@@ -647,6 +647,8 @@ def test_kill_9_during_eight_cold_downloads_leaves_only_verified_files(upstream_
         for thread in threads:
             thread.start()
         assert wait_until(fast_done_slow_started, timeout=60), received
+        for i in (0, 1):
+            proxy.cached_blob(digests[i])  # committed just after their responses
         assert len(proxy.temp_files()) >= 6, "the slow downloads were not in progress"
         proxy.process.kill9()
         stop.set()
