@@ -195,7 +195,7 @@ class InlineHashAndStore:
     """
     Hashes a blob body and appends it to its cache file as it arrives, on
     the calling thread: for in-memory tests and platforms without threads.
-    L{ThreadedHashAndStore} does the same on a worker thread.
+    L{ThreadedHashAndStore} does the same on worker threads.
     """
 
     def __init__(
@@ -226,6 +226,12 @@ class InlineHashAndStore:
                 self.stored += len(data)
         self._on_stored(self.stored)
 
+    def write_backlog(self) -> int:
+        return 0
+
+    def stop_writing(self) -> None:
+        self.writer = None
+
     def drained(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         d.callback(None)
@@ -233,7 +239,7 @@ class InlineHashAndStore:
 
 
 _DRAIN = object()
-#: The worker reports progress (for followers) at least this often.
+#: Each worker thread reports its progress at least this often.
 REPORT_EVERY = 1024 * 1024
 
 
@@ -242,7 +248,7 @@ class ThreadedHashAndStore:
     L{InlineHashAndStore} on worker threads of its own for each download:
     the reactor only puts chunks on queues; one thread hashes them, another
     writes them (sha256 and write(2) both release the GIL, so they overlap),
-    and the one that tracks progress reports back every megabyte or so.
+    and each reports its progress back every megabyte or so.
     """
 
     def __init__(
@@ -255,24 +261,44 @@ class ThreadedHashAndStore:
     ) -> None:
         self.hasher = digest.hasher()
         self.writer = writer
+        #: Bytes written to the file (what followers may read).
         self.stored = 0
-        self.pending_bytes = 0
+        self._fed = 0
+        self._hashed = 0
+        #: Bytes the writing thread is done with: written, or passed over
+        #: once it stopped writing.
+        self._handled = 0
         self._call_from_thread = call_from_thread
         self._on_stored = on_stored
         self._on_write_error = on_write_error
         self._hash_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._write_queue: queue.SimpleQueue[object] | None = queue.SimpleQueue() if writer is not None else None
+        #: Read by the writing thread: once False, it leaves the file alone.
         self._writing = writer is not None
         self._started = False
         self._draining = False
         self._parts_left = 0
         self._drained: list[Deferred[None]] = []
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes fed but not yet both hashed and written."""
+        if self._write_queue is None:
+            return self._fed - self._hashed
+        return self._fed - min(self._hashed, self._handled)
+
+    def write_backlog(self) -> int:
+        """Bytes fed but not yet written (0 when not writing)."""
+        return self._fed - self._handled if self._writing else 0
+
     def feed(self, data: bytes) -> None:
-        self.pending_bytes += len(data)
+        self._fed += len(data)
         self._hash_queue.put(data)
         if self._write_queue is not None:
-            self._write_queue.put(data)
+            if self._writing:
+                self._write_queue.put(data)
+            else:
+                self._handled += len(data)
         if not self._started:
             self._started = True
             threads = [threading.Thread(target=self._hash_work, name="cargobay-blob-hash", daemon=True)]
@@ -281,6 +307,28 @@ class ThreadedHashAndStore:
             self._parts_left = len(threads)
             for thread in threads:
                 thread.start()
+
+    def stop_writing(self) -> None:
+        """
+        Write nothing more, and let go of what was waiting to be written.
+        The file stays open until L{drained}: the writing thread may be in
+        the middle of a write.
+        """
+        self._writing = False
+        self.writer = None
+        if self._write_queue is None:
+            return
+        dropped = 0
+        while True:
+            try:
+                item = self._write_queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DRAIN:
+                self._write_queue.put(_DRAIN)
+                break
+            dropped += len(cast(bytes, item))
+        self._handled += dropped
 
     def drained(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -298,32 +346,31 @@ class ThreadedHashAndStore:
     # The threads touch nothing but the hasher, the file and their queue.
 
     def _hash_work(self) -> None:
-        reports = self._write_queue is None  # without a writer, hashing is the progress
         unreported = 0
         while True:
             item = self._hash_queue.get()
             if item is _DRAIN:
-                self._call_from_thread(self._part_done, unreported if reports else 0)
+                self._call_from_thread(self._part_done, self._hashed_more, unreported)
                 return
             data = cast(bytes, item)
             self.hasher.update(data)
-            if reports:
-                unreported += len(data)
-                if unreported >= REPORT_EVERY or self._hash_queue.empty():
-                    self._call_from_thread(self._progress, unreported)
-                    unreported = 0
+            unreported += len(data)
+            if unreported >= REPORT_EVERY or self._hash_queue.empty():
+                self._call_from_thread(self._hashed_more, unreported)
+                unreported = 0
 
     def _write_work(self) -> None:
         assert self._write_queue is not None
         writer = self.writer
+        assert writer is not None
         unreported = 0
         while True:
             item = self._write_queue.get()
             if item is _DRAIN:
-                self._call_from_thread(self._part_done, unreported)
+                self._call_from_thread(self._part_done, self._handled_more, unreported)
                 return
             data = cast(bytes, item)
-            if self._writing and writer is not None:
+            if self._writing:
                 try:
                     writer.write_raw(data)
                 except OSError as e:
@@ -331,18 +378,22 @@ class ThreadedHashAndStore:
                     self._call_from_thread(self._failed, writer, e)
             unreported += len(data)
             if unreported >= REPORT_EVERY or self._write_queue.empty():
-                self._call_from_thread(self._progress, unreported)
+                self._call_from_thread(self._handled_more, unreported)
                 unreported = 0
 
-    def _progress(self, count: int) -> None:
-        self.pending_bytes -= count
+    def _hashed_more(self, count: int) -> None:
+        self._hashed += count
+        self._on_stored(self.stored)
+
+    def _handled_more(self, count: int) -> None:
+        self._handled += count
         if self.writer is not None and self._writing:
             self.writer.wrote(count)
             self.stored += count
         self._on_stored(self.stored)
 
-    def _part_done(self, count: int) -> None:
-        self._progress(count)
+    def _part_done(self, report: Callable[[int], None], count: int) -> None:
+        report(count)
         self._parts_left -= 1
         if self._parts_left == 0:
             waiting, self._drained = self._drained, []
@@ -380,9 +431,15 @@ class BlobPipe(Protocol):
         on_bytes: Callable[[int], None] | None = None,
         run_in_thread: RunInThread = run_here,
         call_from_thread: Callable[..., None] | None = None,
+        on_disk_left_behind: Callable[[], None] | None = None,
     ) -> None:
         self._digest = digest
         self._expected = expected_length
+        #: Given, a disk that falls behind a lone client may be left behind
+        #: (and this is called when it is); else the client waits for it.
+        self._on_disk_left_behind = on_disk_left_behind
+        #: The writer of a cache file given up on, aborted once drained.
+        self._left_behind: BlobWriter | None = None
         self._writer = writer
         self._request = request
         self._fetch = fetch
@@ -477,8 +534,44 @@ class BlobPipe(Protocol):
             if held:
                 self._send(held)
         if self._store.pending_bytes > STORE_BACKLOG:
-            self._store_paused = True
-            self._update_flow()
+            if self._store.write_backlog() > STORE_BACKLOG and self._may_leave_disk_behind():
+                self._leave_disk_behind()
+            if self._store.pending_bytes > STORE_BACKLOG:
+                self._store_paused = True
+                self._update_flow()
+
+    def _may_leave_disk_behind(self) -> bool:
+        """
+        Only a client of its own waits for this download, and the operator
+        lets us stream past a disk that cannot keep up.
+        """
+        return (
+            self._on_disk_left_behind is not None
+            and self._request is not None
+            and self._writer is not None
+            and self._fetch is not None
+            and not self._fetch.has_readers()
+        )
+
+    def _leave_disk_behind(self) -> None:
+        """
+        Stop writing the cache file, so that the client gets the blob at the
+        upstream's pace rather than the disk's; the service fetches the blob
+        again into the cache once the client is served.
+        """
+        writer, self._writer = self._writer, None
+        fetch, self._fetch = self._fetch, None
+        assert writer is not None and fetch is not None and self._on_disk_left_behind is not None
+        self._store.stop_writing()
+        self._left_behind = writer
+        fetch.on_reader_moved = fetch.on_follower_joined = None
+        fetch.finished(None, ok=False)
+        log.info(
+            "the cache's disk fell behind upstream {what}; streaming it uncached, to be fetched "
+            "again into the cache afterwards",
+            what=self._describe,
+        )
+        self._on_disk_left_behind()
 
     def _stored(self, stored: int) -> None:
         if self._finished:
@@ -611,6 +704,9 @@ class BlobPipe(Protocol):
         self._store.drained().addCallback(lambda _: self._verify())
 
     def _verify(self) -> None:
+        left_behind, self._left_behind = self._left_behind, None
+        if left_behind is not None:
+            left_behind.abort()  # the workers are done with it now
         if self._failure_reason is None and self._store.hasher.hexdigest() != self._digest.encoded:
             self._failure_reason = "sent content that does not match the digest"
         if self._failure_reason is not None:
@@ -998,11 +1094,15 @@ class BlobService:
         metrics: Metrics | None = None,
         run_in_thread: RunInThread = run_here,
         call_from_thread: Callable[..., None] | None = None,
+        client_waits_for_disk: bool = False,
     ) -> None:
         self.cache = cache
         self._clock = clock
         self._metrics = metrics
         self._run_in_thread = run_in_thread
+        #: Else a lone client of a cold blob is not held back by a disk slower
+        #: than the upstream (the blob is fetched again into the cache).
+        self.client_waits_for_disk = client_waits_for_disk
         #: With it, each download hashes and writes on a thread of its own.
         self._call_from_thread = call_from_thread
         self._fetches: dict[BlobKey, Fetch] = {}
@@ -1089,19 +1189,31 @@ class BlobService:
         return d.addCallback(answered)
 
     def _start_fetch(
-        self, request: Request, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
+        self, request: Request | None, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
     ) -> Deferred[None]:
         fetch = Fetch(key)
         self._fetches[key] = fetch
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
         primary: list[Request | None] = [request]
-        request.notifyFinish().addErrback(lambda _: primary.__setitem__(0, None))
+        if request is not None:
+            request.notifyFinish().addErrback(lambda _: primary.__setitem__(0, None))
         served: Deferred[None] = Deferred()
+        disk_left_behind = False
 
         def forget(result: object) -> object:
             if self._fetches.get(key) is fetch:
                 del self._fetches[key]
             return result
+
+        def leave_disk_behind() -> None:
+            nonlocal disk_left_behind
+            disk_left_behind = True
+            forget(None)  # whoever comes next starts a download of their own
+
+        def refill(ok: bool) -> bool:
+            if ok and disk_left_behind:
+                self._refill(key, upstream, upstream_name, digest)
+            return ok
 
         def answered(response: IResponse) -> Deferred[bool] | None:
             if response.code != 200:
@@ -1109,7 +1221,7 @@ class BlobService:
                 raise map_status(upstream, response, blob_unknown(str(digest)))
             length = _content_length(response)
             writer = None
-            if (length is None or length <= self.cache.max_size_bytes):
+            if length is None or length <= self.cache.max_size_bytes:
                 writer = self.cache.begin(key)
             client = primary[0]
             if writer is None:
@@ -1139,6 +1251,7 @@ class BlobService:
                 self._upstream_bytes_counter(upstream.registry.id),
                 self._run_in_thread,
                 self._call_from_thread,
+                None if self.client_waits_for_disk else leave_disk_behind,
             )
             response.deliverBody(pipe)
             if client is None:
@@ -1147,7 +1260,7 @@ class BlobService:
                 # Klein's handler is done when the response is, whoever ends
                 # it (this pipe, or a FileSender after a demotion).
                 client.notifyFinish().addBoth(lambda _: _fire(served))
-            return pipe.done
+            return pipe.done.addCallback(refill)
 
         def failed(failure: Failure) -> None:
             error = _as_registry_error(failure, upstream)
@@ -1160,6 +1273,25 @@ class BlobService:
         d.addErrback(failed)
         d.addBoth(forget)
         return served
+
+    def _refill(self, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest) -> None:
+        """
+        Download a blob into the cache with no client waiting for it, unless
+        it is already there or on its way.
+        """
+        if key in self._fetches or self.cache.lookup(key) is not None:
+            return
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "fetching {registry} {name}@{digest} into the cache failed: {why}",
+                registry=upstream.registry.id,
+                name=upstream_name,
+                digest=str(digest),
+                why=_as_registry_error(failure, upstream).message,
+            )
+
+        self._start_fetch(None, key, upstream, upstream_name, digest).addErrback(failed)
 
     def _follow(self, request: Request, fetch: Fetch, digest: Digest) -> Deferred[None]:
         def go(fetch: Fetch) -> Deferred[None]:

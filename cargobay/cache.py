@@ -76,6 +76,9 @@ class BlobStore(Protocol):
     max_size_bytes: int
     stats: CacheStats
 
+    def lookup(self, key: BlobKey) -> Entry | None:
+        """The entry of a cached blob, or None."""
+
     def open_entry(self, key: BlobKey) -> tuple[Entry, IO[bytes]] | None:
         """A readable, whole, verified blob, or None; call release() after."""
 

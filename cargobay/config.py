@@ -184,6 +184,10 @@ class CacheConfig:
     #: Bytes of cached blobs re-verified against their digests per eviction
     #: interval (0: never).
     scrub_bytes_per_interval: int = 64 * 1024 * 1024
+    #: Whether a lone client of a cold blob is paced by the cache's disk
+    #: (the upstream then sends every blob once); else a disk slower than
+    #: the upstream is left behind and the blob fetched again into the cache.
+    client_waits_for_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -450,6 +454,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         ),
         scrub_bytes_per_interval=cache_section.integer(
             "scrub_bytes_per_interval", CacheConfig.scrub_bytes_per_interval
+        ),
+        client_waits_for_disk=cache_section.boolean(
+            "client_waits_for_disk", CacheConfig.client_waits_for_disk
         ),
     )
     if cache.tag_ttl_seconds < 0:

@@ -218,7 +218,9 @@ class Runtime:
         def run_in_thread(function: Any, *args: Any) -> Any:
             return deferToThreadPool(reactor, self.disk_threads, function, *args)
 
-        blobs = BlobService(cache, reactor, metrics, run_in_thread, reactor.callFromThread)
+        self.blobs = blobs = BlobService(
+            cache, reactor, metrics, run_in_thread, reactor.callFromThread, config.cache.client_waits_for_disk
+        )
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
         metrics.gauge(
@@ -273,6 +275,7 @@ class Runtime:
         self.cache.max_size_bytes = config.cache.max_size_bytes
         self.cache.max_age_seconds = config.cache.max_age_seconds
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
+        self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.app.reconfigure(
             config,
             Authenticator.from_config(config.auth, config.server),

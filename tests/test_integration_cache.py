@@ -219,6 +219,7 @@ def test_kill_9_during_downloads_then_restart_is_clean(upstream, tmp_path):
         status, _, body = restarted.request(f"/v2/big/blobs/{digest}")
         assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
         del body
+        restarted.cached_blob(digest, timeout=120)
         restarted.process.stop()
         # And again: now a hit, verified on disk.
         process = Twistd(args=proxy.process.args, log_path=tmp_path / "again.log").start()

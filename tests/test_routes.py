@@ -17,10 +17,11 @@ from twisted.internet.task import Clock
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
-from cargobay.cache import BlobCache
+from cargobay.cache import BlobCache, BlobKey
 from cargobay.config import parse_config
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
+from cargobay.reference import Digest
 from cargobay.routes import RegistryApp
 from cargobay.tokens import TokenVerifier, mint_token
 from fakes import FakeRegistry, make_upstream
@@ -58,7 +59,9 @@ class World:
         auth = Authenticator(TokenVerifier([SECRET]), SECRET, "cargobay", None)
         self.store = ManifestStore(str(tmp_path / "cache"), self.clock)
         manifests = ManifestService(self.store, self.clock, tag_ttl=60)
-        self.app = RegistryApp(config, auth, {"up": upstream}, BlobService(self.cache, self.clock), manifests)
+        self.upstream = upstream
+        self.blobs = BlobService(self.cache, self.clock)
+        self.app = RegistryApp(config, auth, {"up": upstream}, self.blobs, manifests)
         self.client = StubTreq(self.app.resource())
 
     def get(self, path, token=None, method="GET", headers=None):
@@ -218,6 +221,23 @@ def test_blob_miss_then_hit(world):
     assert response.headers.getRawHeaders("x-cache") == ["HIT"]
     assert len(world.upstream_registry.requests("/blobs/")) == 1
     assert len(world.cache) == 1
+
+
+def test_a_blob_left_behind_by_a_slow_disk_is_fetched_again_into_the_cache(world):
+    # What the service does once a lone client was served past a slow disk
+    # (see test_blobs.py): a download with no client, into the cache.
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest)
+    world.client.flush()
+    assert len(world.upstream_registry.requests("/blobs/")) == 1
+    assert world.cache.lookup(key) is not None
+    # Not again while it is cached.
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest)
+    world.client.flush()
+    assert len(world.upstream_registry.requests("/blobs/")) == 1
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 200 and body == BLOB
+    assert response.headers.getRawHeaders("x-cache") == ["HIT"]
 
 
 def test_blob_with_wrong_content_is_never_cached(world):

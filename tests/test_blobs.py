@@ -1,0 +1,200 @@
+"""
+BlobPipe's flow control with the real worker threads and a cache writer the
+test holds back: what happens to a client when the cache's disk cannot keep
+up with the upstream.  (Against real peers, see test_integration_cache.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from cargobay.blobs import STORE_BACKLOG, BlobPipe, Fetch
+from cargobay.cache import BlobKey, Entry
+from cargobay.reference import Digest
+
+MiB = 1024 * 1024
+BODY = os.urandom(STORE_BACKLOG + 4 * MiB)
+DIGEST = Digest.parse("sha256:" + hashlib.sha256(BODY).hexdigest())
+
+
+class HeldBackWriter:
+    """A cache writer whose writes wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.path = "/nonexistent/held-back"
+        self.gate = threading.Event()
+        self.written = bytearray()
+        self.size = 0
+        self.aborted = False
+        self.committed = False
+
+    def write_raw(self, data: bytes) -> None:
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.written += data
+
+    def wrote(self, count: int) -> None:
+        self.size += count
+
+    def sync_raw(self) -> None:
+        pass
+
+    def commit(self, synced: bool = False) -> Entry:
+        self.committed = True
+        return Entry(BlobKey("up", DIGEST), "/nonexistent/entry", self.size, 0.0)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def failed(self, error: OSError) -> None:
+        self.abort()
+
+
+class Reactor:
+    """call_from_thread into a queue that the test runs, as a reactor would."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def call_from_thread(self, function: Callable[..., Any], *args: Any) -> None:
+        self.calls.put((function, args))
+
+    def run_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            function, args = self.calls.get(timeout=30)
+            function(*args)
+
+
+class Client:
+    """The primary client's request, through request.write (no raw socket)."""
+
+    channel = None
+    method = b"GET"
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.finished = False
+        self.producer: object = None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class UpstreamConnection:
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Follower:
+    """A reader of the cache file, as FileSender looks to a Fetch."""
+
+    position = 0
+    end = None
+
+    def wake(self) -> None:
+        pass
+
+
+def make_pipe(may_leave: bool) -> tuple[BlobPipe, HeldBackWriter, Fetch, Reactor, Client, UpstreamConnection, list[str]]:
+    writer = HeldBackWriter()
+    fetch = Fetch(BlobKey("up", DIGEST))
+    fetch.started(writer, len(BODY))  # type: ignore[arg-type]
+    reactor, client, upstream = Reactor(), Client(), UpstreamConnection()
+    events: list[str] = []
+    pipe = BlobPipe(
+        DIGEST, len(BODY), writer, client, fetch, Clock(), 60.0, "up test@digest",  # type: ignore[arg-type]
+        call_from_thread=reactor.call_from_thread,
+        on_disk_left_behind=(lambda: events.append("left behind")) if may_leave else None,
+    )
+    pipe.makeConnection(upstream)  # type: ignore[arg-type]
+    return pipe, writer, fetch, reactor, client, upstream, events
+
+
+def feed(pipe: BlobPipe) -> None:
+    for start in range(0, len(BODY), MiB):
+        pipe.dataReceived(BODY[start:start + MiB])
+
+
+def finish(pipe: BlobPipe, reactor: Reactor) -> bool:
+    results: list[bool] = []
+    pipe.done.addCallback(results.append)
+    pipe.connectionLost(Failure(ResponseDone()))
+    reactor.run_until(lambda: bool(results))
+    return results[0]
+
+
+def test_a_lone_client_is_not_held_back_by_a_slow_disk():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
+    feed(pipe)
+    # The disk took nothing: the cache file was left behind, the fetch let
+    # go (later requests start afresh), and the upstream keeps flowing.
+    assert events == ["left behind"]
+    assert fetch.state == "failed"
+    reactor.run_until(lambda: not upstream.paused)
+    assert bytes(client.body) == BODY[:len(client.body)] and len(client.body) >= len(BODY) - MiB
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert client.finished and bytes(client.body) == BODY
+    assert writer.aborted and not writer.committed
+    assert len(writer.written) < len(BODY)
+
+
+def test_with_client_waits_for_disk_the_upstream_is_paused_instead():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    feed(pipe)
+    assert upstream.paused and events == []
+    writer.gate.set()
+    reactor.run_until(lambda: not upstream.paused)
+    assert finish(pipe, reactor) is True
+    assert client.finished and bytes(client.body) == BODY
+    assert writer.committed and bytes(writer.written) == BODY
+    assert fetch.state == "done"
+
+
+def test_readers_of_the_file_keep_the_disk_in_the_loop():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
+    fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
+    feed(pipe)
+    assert upstream.paused and events == []
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert writer.committed and bytes(writer.written) == BODY
+
+
+def test_a_wrong_body_left_behind_is_still_refused():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
+    for start in range(0, len(BODY), MiB):
+        chunk = BODY[start:start + MiB]
+        pipe.dataReceived(chunk if start else b"X" + chunk[1:])
+    assert events == ["left behind"]
+    writer.gate.set()
+    assert finish(pipe, reactor) is False
+    assert not client.finished and writer.aborted
