@@ -158,8 +158,9 @@ class Fetch:
         return self.written - max(r.position for r in self._readers)
 
     def progressed(self, written: int) -> None:
-        self.written = written
-        self._notify()
+        if written != self.written:
+            self.written = written
+            self._notify()
 
     def verified(self, size: int) -> None:
         """The whole body is written and matches the digest."""
