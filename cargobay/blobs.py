@@ -1210,6 +1210,8 @@ class BlobService:
             nonlocal disk_left_behind
             disk_left_behind = True
             forget(None)  # whoever comes next starts a download of their own
+            if self._metrics is not None:
+                self._metrics.disk_left_behind.inc()
 
         def refill(ok: bool) -> bool:
             if ok and disk_left_behind:

@@ -130,6 +130,11 @@ class Metrics:
             ("kind", "result"),
         )
         self.evictions = Counter("cargobay_cache_evictions_total", "Blobs removed from the cache.")
+        self.disk_left_behind = Counter(
+            "cargobay_cache_disk_left_behind_total",
+            "Cold blobs streamed to their client past a cache disk slower than the upstream, "
+            "then fetched again into the cache.",
+        )
         self.upstream_bytes = Counter(
             "cargobay_upstream_received_bytes_total", "Blob bytes received from upstream registries.",
             ("registry",),
