@@ -94,6 +94,9 @@ def test_new_optional_keys():
     )
     registry = parse_config(text).registry("gcr")
     assert registry.connect_timeout == 3.0 and registry.read_timeout == 7.5
+    assert parse_config(SEED).cache.client_waits_for_disk is False
+    waits = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nclient_waits_for_disk = true")
+    assert parse_config(waits).cache.client_waits_for_disk is True
 
 
 @pytest.mark.parametrize(
@@ -118,6 +121,8 @@ def test_new_optional_keys():
         (('[server]', '[sever]'), "sever", "unknown section"),
         (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
+        (('max_age_seconds = 604800', 'max_age_seconds = 604800\nclient_waits_for_disk = "yes"'),
+         "cache.client_waits_for_disk", "must be true or false"),
     ],
 )
 def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
