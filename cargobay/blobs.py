@@ -132,6 +132,7 @@ class Fetch:
         self._readers.add(reader)
         if follower and self.on_follower_joined is not None:
             self.on_follower_joined()
+        self.reader_moved()  # it may change how far the download may run ahead
 
     def remove_reader(self, reader: FileSender) -> None:
         self._readers.discard(reader)
@@ -230,8 +231,11 @@ class InlineHashAndStore:
     def write_backlog(self) -> int:
         return 0
 
-    def stop_writing(self) -> None:
+    def stop_writing(self) -> Deferred[None]:
         self.writer = None
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
 
     def drained(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -273,19 +277,19 @@ class ThreadedHashAndStore:
         self._on_stored = on_stored
         self._on_write_error = on_write_error
         self._hash_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._write_queue: queue.SimpleQueue[object] | None = queue.SimpleQueue() if writer is not None else None
+        self._write_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         #: Read by the writing thread: once False, it leaves the file alone.
         self._writing = writer is not None
         self._started = False
+        self._hash_running = False
+        self._write_running = False
         self._draining = False
-        self._parts_left = 0
         self._drained: list[Deferred[None]] = []
+        self._write_stopped: list[Deferred[None]] = []
 
     @property
     def pending_bytes(self) -> int:
         """Bytes fed but not yet both hashed and written."""
-        if self._write_queue is None:
-            return self._fed - self._hashed
         return self._fed - min(self._hashed, self._handled)
 
     def write_backlog(self) -> int:
@@ -295,92 +299,107 @@ class ThreadedHashAndStore:
     def feed(self, data: bytes) -> None:
         self._fed += len(data)
         self._hash_queue.put(data)
-        if self._write_queue is not None:
-            if self._writing:
-                self._write_queue.put(data)
-            else:
-                self._handled += len(data)
+        if self._writing:
+            self._write_queue.put(data)
+        else:
+            self._handled += len(data)
         if not self._started:
             self._started = True
-            threads = [threading.Thread(target=self._hash_work, name="cargobay-blob-hash", daemon=True)]
-            if self._write_queue is not None:
-                threads.append(threading.Thread(target=self._write_work, name="cargobay-blob-write", daemon=True))
-            self._parts_left = len(threads)
-            for thread in threads:
-                thread.start()
+            self._hash_running = True
+            threading.Thread(target=self._hash_work, name="cargobay-blob-hash", daemon=True).start()
+            if self._writing and self.writer is not None:
+                self._write_running = True
+                threading.Thread(
+                    target=self._write_work, args=(self.writer,), name="cargobay-blob-write", daemon=True
+                ).start()
 
-    def stop_writing(self) -> None:
+    def stop_writing(self) -> Deferred[None]:
         """
-        Write nothing more, and let go of what was waiting to be written.
-        The file stays open until L{drained}: the writing thread may be in
-        the middle of a write.
+        Write nothing more, let go of what was waiting to be written, and
+        stop waiting for the disk.  Fires once the writing thread is gone:
+        until then it may be in the middle of a write, so the file must stay
+        open.
         """
         self._writing = False
         self.writer = None
-        if self._write_queue is None:
-            return
+        d: Deferred[None] = Deferred()
+        if not self._write_running:
+            d.callback(None)
+            return d
+        self._write_stopped.append(d)
         dropped = 0
         while True:
             try:
                 item = self._write_queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _DRAIN:
-                self._write_queue.put(_DRAIN)
-                break
-            dropped += len(cast(bytes, item))
+            if item is not _DRAIN:
+                dropped += len(cast(bytes, item))
         self._handled += dropped
+        self._write_queue.put(_DRAIN)
+        self._check_drained()
+        return d
 
     def drained(self) -> Deferred[None]:
+        """
+        Fires once everything fed is hashed, and written unless writing
+        stopped.
+        """
         d: Deferred[None] = Deferred()
-        if not self._started:
-            d.callback(None)
-            return d
         self._drained.append(d)
         if not self._draining:
             self._draining = True
             self._hash_queue.put(_DRAIN)
-            if self._write_queue is not None:
+            if self._writing:
                 self._write_queue.put(_DRAIN)
+        self._check_drained()
         return d
 
+    def _check_drained(self) -> None:
+        if self._draining and not self._hash_running and not (self._writing and self._write_running):
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
     # The threads touch nothing but the hasher, the file and their queue.
+    # However they end, they say so: the download waits for them.
 
     def _hash_work(self) -> None:
         unreported = 0
-        while True:
-            item = self._hash_queue.get()
-            if item is _DRAIN:
-                self._call_from_thread(self._part_done, self._hashed_more, unreported)
-                return
-            data = cast(bytes, item)
-            self.hasher.update(data)
-            unreported += len(data)
-            if unreported >= REPORT_EVERY or self._hash_queue.empty():
-                self._call_from_thread(self._hashed_more, unreported)
-                unreported = 0
+        try:
+            while True:
+                item = self._hash_queue.get()
+                if item is _DRAIN:
+                    return
+                data = cast(bytes, item)
+                self.hasher.update(data)
+                unreported += len(data)
+                if unreported >= REPORT_EVERY or self._hash_queue.empty():
+                    self._call_from_thread(self._hashed_more, unreported)
+                    unreported = 0
+        finally:
+            self._call_from_thread(self._hash_ended, unreported)
 
-    def _write_work(self) -> None:
-        assert self._write_queue is not None
-        writer = self.writer
-        assert writer is not None
+    def _write_work(self, writer: BlobWriter) -> None:
         unreported = 0
-        while True:
-            item = self._write_queue.get()
-            if item is _DRAIN:
-                self._call_from_thread(self._part_done, self._handled_more, unreported)
-                return
-            data = cast(bytes, item)
-            if self._writing:
-                try:
-                    writer.write_raw(data)
-                except OSError as e:
-                    self._writing = False
-                    self._call_from_thread(self._failed, writer, e)
-            unreported += len(data)
-            if unreported >= REPORT_EVERY or self._write_queue.empty():
-                self._call_from_thread(self._handled_more, unreported)
-                unreported = 0
+        try:
+            while True:
+                item = self._write_queue.get()
+                if item is _DRAIN:
+                    return
+                data = cast(bytes, item)
+                if self._writing:
+                    try:
+                        writer.write_raw(data)
+                    except OSError as e:
+                        self._writing = False
+                        self._call_from_thread(self._failed, writer, e)
+                unreported += len(data)
+                if unreported >= REPORT_EVERY or self._write_queue.empty():
+                    self._call_from_thread(self._handled_more, unreported)
+                    unreported = 0
+        finally:
+            self._call_from_thread(self._write_ended, unreported)
 
     def _hashed_more(self, count: int) -> None:
         self._hashed += count
@@ -393,13 +412,18 @@ class ThreadedHashAndStore:
             self.stored += count
         self._on_stored(self.stored)
 
-    def _part_done(self, report: Callable[[int], None], count: int) -> None:
-        report(count)
-        self._parts_left -= 1
-        if self._parts_left == 0:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
+    def _hash_ended(self, count: int) -> None:
+        self._hash_running = False
+        self._hashed_more(count)
+        self._check_drained()
+
+    def _write_ended(self, count: int) -> None:
+        self._write_running = False
+        self._handled_more(count)
+        waiting, self._write_stopped = self._write_stopped, []
+        for d in waiting:
+            d.callback(None)
+        self._check_drained()
 
     def _failed(self, writer: BlobWriter, error: OSError) -> None:
         if self.writer is writer:
@@ -439,8 +463,7 @@ class BlobPipe(Protocol):
         #: Given, a disk that falls behind a lone client may be left behind
         #: (and this is called when it is); else the client waits for it.
         self._on_disk_left_behind = on_disk_left_behind
-        #: The writer of a cache file given up on, aborted once drained.
-        self._left_behind: BlobWriter | None = None
+
         self._writer = writer
         self._request = request
         self._fetch = fetch
@@ -463,6 +486,7 @@ class BlobPipe(Protocol):
         self._client_fd: int | None = None
         self._unsent: deque[memoryview] = deque()
         self._client_paused = False
+        self._client_stall: IDelayedCall | None = None
         #: Paused because every reader of the fetch is far behind.
         self._window_paused = False
         #: Paused because the worker thread is behind.
@@ -563,8 +587,7 @@ class BlobPipe(Protocol):
         writer, self._writer = self._writer, None
         fetch, self._fetch = self._fetch, None
         assert writer is not None and fetch is not None and self._on_disk_left_behind is not None
-        self._store.stop_writing()
-        self._left_behind = writer
+        self._store.stop_writing().addCallback(lambda _: writer.abort())
         fetch.on_reader_moved = fetch.on_follower_joined = None
         fetch.finished(None, ok=False)
         log.info(
@@ -616,8 +639,10 @@ class BlobPipe(Protocol):
                 self._wait_for_client(transport)
                 return
             except OSError:
-                # The client went away; its transport will notice and stop us.
+                # Bytes lost mid-body: the response cannot end well.  Cutting
+                # the connection makes the channel stop us.
                 self._unsent.clear()
+                abort_request(request)
                 return
             self._sent += sent
             request.sentLength += sent  # type: ignore[attr-defined]
@@ -626,8 +651,25 @@ class BlobPipe(Protocol):
             else:
                 self._unsent[0] = view[sent:]
         if self._client_paused:
-            self._client_paused = False
+            self._set_client_paused(False)
             self._update_flow()
+
+    def _set_client_paused(self, paused: bool) -> None:
+        # A client that takes nothing for this long is gone in all but name:
+        # it would hold the upstream connection and the download for good.
+        self._client_paused = paused
+        if paused and self._client_stall is None:
+            self._client_stall = self._clock.callLater(SEND_STALL_TIMEOUT, self._client_stalled)
+        elif not paused and self._client_stall is not None:
+            if self._client_stall.active():
+                self._client_stall.cancel()
+            self._client_stall = None
+
+    def _client_stalled(self) -> None:
+        self._client_stall = None
+        if self._request is not None:
+            log.info("client read nothing for {seconds} s; closing", seconds=SEND_STALL_TIMEOUT)
+            abort_request(self._request)
 
     def _wait_for_client(self, transport: Any) -> None:
         # Until the socket can take more: the transport resumes its producer
@@ -638,7 +680,7 @@ class BlobPipe(Protocol):
         if self._fetch is not None and self._fetch.has_readers() and self._demote():
             return
         if not self._client_paused:
-            self._client_paused = True
+            self._set_client_paused(True)
             self._update_flow()
 
     def _write_failed(self, error: OSError) -> None:
@@ -689,7 +731,7 @@ class BlobPipe(Protocol):
             request, fileobj, self._sent, fetch.total, fetch, self._clock, paused=True, follower=False
         )
         sender.start()
-        self._client_paused = False
+        self._set_client_paused(False)
         self._check_window()
         self._update_flow()
         return True
@@ -705,9 +747,6 @@ class BlobPipe(Protocol):
         self._store.drained().addCallback(lambda _: self._verify())
 
     def _verify(self) -> None:
-        left_behind, self._left_behind = self._left_behind, None
-        if left_behind is not None:
-            left_behind.abort()  # the workers are done with it now
         if self._failure_reason is None and self._store.hasher.hexdigest() != self._digest.encoded:
             self._failure_reason = "sent content that does not match the digest"
         if self._failure_reason is not None:
@@ -749,6 +788,7 @@ class BlobPipe(Protocol):
         self.done.callback(ok)
 
     def _end_primary(self, ok: bool) -> None:
+        self._set_client_paused(False)
         request, self._request = self._request, None
         held, self._held = self._held, b""
         if request is None:
@@ -796,14 +836,14 @@ class BlobPipe(Protocol):
         if self._fetch is not None and self._fetch.has_readers():
             self._demote()
             return
-        self._client_paused = True
+        self._set_client_paused(True)
         self._update_flow()
 
     def resumeProducing(self) -> None:
         if self._unsent:
             self._flush()
             return
-        self._client_paused = False
+        self._set_client_paused(False)
         self._update_flow()
 
     def stopProducing(self) -> None:
@@ -813,7 +853,7 @@ class BlobPipe(Protocol):
         self._request = None
         self._held = b""
         self._unsent.clear()
-        self._client_paused = False
+        self._set_client_paused(False)
         if self._writer is None:
             if not self._finished:
                 self._give_up("lost its only client")
@@ -869,6 +909,8 @@ class FileSender:
             # The headers go out through the transport's buffer; the body
             # then goes from the file to the socket by sendfile(2).
             self._request.write(b"")
+        if self._paused:
+            self._arm_stall()
         self._pump()
 
     def wake(self) -> None:
@@ -907,7 +949,7 @@ class FileSender:
                 if limit is None:
                     self._close(ok=False)
                     return
-                if self._end is not None and self.position >= self._end:
+                if self._end is not None and self.position >= self._end and limit >= self._end:
                     self._close(ok=True)
                     return
                 if self.position >= limit:
@@ -1053,6 +1095,8 @@ def _raw_socket(request: Request) -> int | None:
         return None
     if request.method == b"HEAD":
         return None
+    if not request.responseHeaders.hasHeader(b"content-length"):
+        return None  # the body is chunked: Twisted must frame it
     return transport.fileno()
 
 
@@ -1071,6 +1115,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     first, last = match.groups()
     if not first and not last:
         return None
+    if size == 0:
+        return "unsatisfiable"
     if not first:
         length = int(last)
         if length == 0:

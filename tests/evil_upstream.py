@@ -12,6 +12,8 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
   connection closes;
 - ``stall``: Content-Length, half of the blob, then silence (connection open);
 - ``chunkedcut``: no Content-Length, half of the blob, then the connection closes;
+- ``chunkedslow``: no Content-Length, half of the blob, the rest a second
+  later (so that other requests join the download);
 - ``longer``: Content-Length of the whole blob, then more bytes than that;
 - ``status<code>``: that HTTP status, with ``Retry-After: 7``.
 """
@@ -63,6 +65,15 @@ def main(port: int) -> None:
                 request.write(half)
                 if mode == "truncate":
                     reactor.callLater(0.2, request.channel.transport.abortConnection)
+                return server.NOT_DONE_YET
+            if mode == "chunkedslow":
+                request.write(half)
+
+                def rest() -> None:
+                    request.write(BLOB[len(half):])
+                    request.finish()
+
+                reactor.callLater(1.0, rest)
                 return server.NOT_DONE_YET
             if mode == "chunkedcut":
                 request.write(half)

@@ -271,7 +271,7 @@ def evil(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evil_proxy(evil, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evil-proxy")
-    modes = ["good", "wrong", "truncate", "stall", "chunkedcut", "longer", "status429", "status500", "status503"]
+    modes = ["good", "wrong", "truncate", "stall", "chunkedcut", "chunkedslow", "longer", "status429", "status500", "status503"]
     # One registry id per mode: cached blobs are shared by every repository
     # of one registry, and every mode serves the same digest.
     proxy = start_proxy(
@@ -299,6 +299,25 @@ def get_blob(proxy: Proxy, name: str) -> tuple[int, bytes | None, str | None]:
 def test_good_evil_upstream_blob_is_cached(evil_proxy):
     status, body, error = get_blob(evil_proxy, "good")
     assert (status, body, error) == (200, BLOB, None)
+
+
+def test_a_blob_without_content_length_reaches_joiners_with_correct_framing(evil_proxy):
+    # Without a length the responses are chunked; a joiner's body must not
+    # bypass that framing (the raw sendfile path is for known lengths only).
+    results: dict[int, tuple[int, bytes]] = {}
+
+    def pull(i: int) -> None:
+        status, _, body = evil_proxy.request(f"/v2/chunkedslow/blobs/{DIGEST}")
+        results[i] = (status, body)
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(3)]
+    threads[0].start()
+    time.sleep(0.4)
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {i: (200, BLOB) for i in range(3)}
 
 
 @pytest.mark.parametrize("mode", ["wrong", "truncate", "stall", "chunkedcut", "longer"])
