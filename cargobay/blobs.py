@@ -54,6 +54,10 @@ TRANSPORT_BUFFER = 1024 * 1024
 #: Bytes received from upstream but not yet hashed and written by the worker
 #: thread before the upstream connection is paused.
 STORE_BACKLOG = 8 * 1024 * 1024
+#: Seconds a download keeps its cache file in step, however slow the disk:
+#: clients that come together (a herd) share it.  Only after that may a
+#: lone client leave a lagging disk behind.
+LEAVE_DISK_AFTER = 0.5
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024
@@ -498,6 +502,7 @@ class BlobPipe(Protocol):
             fetch.on_follower_joined = self._follower_joined
         self._timer: IDelayedCall | None = None
         self._failure_reason: str | None = None
+        self._began = clock.seconds()
         self.done: Deferred[bool] = Deferred()
 
     # -- flow control ------------------------------------------------------
@@ -567,11 +572,13 @@ class BlobPipe(Protocol):
 
     def _may_leave_disk_behind(self) -> bool:
         """
-        Only a client of its own waits for this download, and the operator
-        lets us stream past a disk that cannot keep up.
+        Only a client of its own waits for this download, none has joined
+        it since it began, and the operator lets us stream past a disk that
+        cannot keep up.
         """
         return (
             self._on_disk_left_behind is not None
+            and self._clock.seconds() - self._began >= LEAVE_DISK_AFTER
             and self._request is not None
             and self._writer is not None
             and self._fetch is not None

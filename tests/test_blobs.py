@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from cargobay.blobs import STORE_BACKLOG, BlobPipe, Fetch, parse_range
+from cargobay.blobs import LEAVE_DISK_AFTER, STORE_BACKLOG, BlobPipe, Fetch, parse_range
 from cargobay.cache import BlobKey, Entry
 from cargobay.reference import Digest
 
@@ -123,18 +123,23 @@ class Follower:
         pass
 
 
-def make_pipe(may_leave: bool) -> tuple[BlobPipe, HeldBackWriter, Fetch, Reactor, Client, UpstreamConnection, list[str]]:
+def make_pipe(
+    may_leave: bool, running_for: float = LEAVE_DISK_AFTER
+) -> tuple[BlobPipe, HeldBackWriter, Fetch, Reactor, Client, UpstreamConnection, list[str]]:
+    """A download that has been running for C{running_for} seconds."""
     writer = HeldBackWriter()
+    clock = Clock()
     fetch = Fetch(BlobKey("up", DIGEST))
     fetch.started(writer, len(BODY))  # type: ignore[arg-type]
     reactor, client, upstream = Reactor(), Client(), UpstreamConnection()
     events: list[str] = []
     pipe = BlobPipe(
-        DIGEST, len(BODY), writer, client, fetch, Clock(), 60.0, "up test@digest",  # type: ignore[arg-type]
+        DIGEST, len(BODY), writer, client, fetch, clock, 60.0, "up test@digest",  # type: ignore[arg-type]
         call_from_thread=reactor.call_from_thread,
         on_disk_left_behind=(lambda: events.append("left behind")) if may_leave else None,
     )
     pipe.makeConnection(upstream)  # type: ignore[arg-type]
+    clock.advance(running_for)
     return pipe, writer, fetch, reactor, client, upstream, events
 
 
@@ -180,6 +185,15 @@ def test_with_client_waits_for_disk_the_upstream_is_paused_instead():
     assert client.finished and bytes(client.body) == BODY
     assert writer.committed and bytes(writer.written) == BODY
     assert fetch.state == "done"
+
+
+def test_a_young_download_keeps_its_disk_so_that_a_herd_can_share_it():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True, running_for=0.1)
+    feed(pipe)
+    assert upstream.paused and events == []
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert writer.committed and bytes(writer.written) == BODY
 
 
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
