@@ -56,7 +56,7 @@ TRANSPORT_BUFFER = 1024 * 1024
 STORE_BACKLOG = 8 * 1024 * 1024
 #: Seconds a download keeps its cache file in step, however slow the disk:
 #: clients that come together (a herd) share it.  Only after that may a
-#: lone client leave a lagging disk behind.
+#: lone client leave a lagging disk behind (cache.leave_disk_after_seconds).
 LEAVE_DISK_AFTER = 0.5
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
@@ -461,12 +461,14 @@ class BlobPipe(Protocol):
         run_in_thread: RunInThread = run_here,
         call_from_thread: Callable[..., None] | None = None,
         on_disk_left_behind: Callable[[], None] | None = None,
+        leave_disk_after: float = LEAVE_DISK_AFTER,
     ) -> None:
         self._digest = digest
         self._expected = expected_length
         #: Given, a disk that falls behind a lone client may be left behind
         #: (and this is called when it is); else the client waits for it.
         self._on_disk_left_behind = on_disk_left_behind
+        self._leave_disk_after = leave_disk_after
 
         self._writer = writer
         self._request = request
@@ -578,7 +580,7 @@ class BlobPipe(Protocol):
         """
         return (
             self._on_disk_left_behind is not None
-            and self._clock.seconds() - self._began >= LEAVE_DISK_AFTER
+            and self._clock.seconds() - self._began >= self._leave_disk_after
             and self._request is not None
             and self._writer is not None
             and self._fetch is not None
@@ -1149,6 +1151,7 @@ class BlobService:
         run_in_thread: RunInThread = run_here,
         call_from_thread: Callable[..., None] | None = None,
         client_waits_for_disk: bool = False,
+        leave_disk_after: float = LEAVE_DISK_AFTER,
     ) -> None:
         self.cache = cache
         self._clock = clock
@@ -1157,6 +1160,7 @@ class BlobService:
         #: Else a lone client of a cold blob is not held back by a disk slower
         #: than the upstream (the blob is fetched again into the cache).
         self.client_waits_for_disk = client_waits_for_disk
+        self.leave_disk_after = leave_disk_after
         #: With it, each download hashes and writes on a thread of its own.
         self._call_from_thread = call_from_thread
         self._fetches: dict[BlobKey, Fetch] = {}
@@ -1308,6 +1312,7 @@ class BlobService:
                 self._run_in_thread,
                 self._call_from_thread,
                 None if self.client_waits_for_disk else leave_disk_behind,
+                self.leave_disk_after,
             )
             response.deliverBody(pipe)
             if client is None:

@@ -188,6 +188,9 @@ class CacheConfig:
     #: (the upstream then sends every blob once); else a disk slower than
     #: the upstream is left behind and the blob fetched again into the cache.
     client_waits_for_disk: bool = False
+    #: How long such a client is kept in step with the disk first, so that
+    #: clients arriving together share one download.
+    leave_disk_after_seconds: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -458,7 +461,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         client_waits_for_disk=cache_section.boolean(
             "client_waits_for_disk", CacheConfig.client_waits_for_disk
         ),
+        leave_disk_after_seconds=cache_section.number(
+            "leave_disk_after_seconds", CacheConfig.leave_disk_after_seconds, positive=False
+        ),
     )
+    if cache.leave_disk_after_seconds < 0:
+        raise ConfigError(
+            f"cache.leave_disk_after_seconds: must not be negative, got {cache.leave_disk_after_seconds}"
+        )
     if cache.tag_ttl_seconds < 0:
         raise ConfigError(f"cache.tag_ttl_seconds: must not be negative, got {cache.tag_ttl_seconds}")
     cache_section.finish()

@@ -219,7 +219,13 @@ class Runtime:
             return deferToThreadPool(reactor, self.disk_threads, function, *args)
 
         self.blobs = blobs = BlobService(
-            cache, reactor, metrics, run_in_thread, reactor.callFromThread, config.cache.client_waits_for_disk
+            cache,
+            reactor,
+            metrics,
+            run_in_thread,
+            reactor.callFromThread,
+            config.cache.client_waits_for_disk,
+            config.cache.leave_disk_after_seconds,
         )
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
@@ -276,6 +282,7 @@ class Runtime:
         self.cache.max_age_seconds = config.cache.max_age_seconds
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
+        self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
         self.app.reconfigure(
             config,
             Authenticator.from_config(config.auth, config.server),

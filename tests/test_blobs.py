@@ -124,7 +124,7 @@ class Follower:
 
 
 def make_pipe(
-    may_leave: bool, running_for: float = LEAVE_DISK_AFTER
+    may_leave: bool, running_for: float = LEAVE_DISK_AFTER, leave_disk_after: float = LEAVE_DISK_AFTER
 ) -> tuple[BlobPipe, HeldBackWriter, Fetch, Reactor, Client, UpstreamConnection, list[str]]:
     """A download that has been running for C{running_for} seconds."""
     writer = HeldBackWriter()
@@ -137,6 +137,7 @@ def make_pipe(
         DIGEST, len(BODY), writer, client, fetch, clock, 60.0, "up test@digest",  # type: ignore[arg-type]
         call_from_thread=reactor.call_from_thread,
         on_disk_left_behind=(lambda: events.append("left behind")) if may_leave else None,
+        leave_disk_after=leave_disk_after,
     )
     pipe.makeConnection(upstream)  # type: ignore[arg-type]
     clock.advance(running_for)
@@ -194,6 +195,15 @@ def test_a_young_download_keeps_its_disk_so_that_a_herd_can_share_it():
     writer.gate.set()
     assert finish(pipe, reactor) is True
     assert writer.committed and bytes(writer.written) == BODY
+
+
+def test_with_no_grace_a_lone_client_leaves_the_disk_at_once():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True, running_for=0, leave_disk_after=0)
+    feed(pipe)
+    assert events == ["left behind"]
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert bytes(client.body) == BODY
 
 
 def test_readers_of_the_file_keep_the_disk_in_the_loop():

@@ -97,6 +97,9 @@ def test_new_optional_keys():
     assert parse_config(SEED).cache.client_waits_for_disk is False
     waits = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nclient_waits_for_disk = true")
     assert parse_config(waits).cache.client_waits_for_disk is True
+    assert parse_config(SEED).cache.leave_disk_after_seconds == 0.5
+    sooner = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nleave_disk_after_seconds = 0")
+    assert parse_config(sooner).cache.leave_disk_after_seconds == 0.0
 
 
 @pytest.mark.parametrize(
@@ -123,6 +126,8 @@ def test_new_optional_keys():
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\nclient_waits_for_disk = "yes"'),
          "cache.client_waits_for_disk", "must be true or false"),
+        (('max_age_seconds = 604800', 'max_age_seconds = 604800\nleave_disk_after_seconds = -1'),
+         "cache.leave_disk_after_seconds", "must not be negative"),
     ],
 )
 def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
