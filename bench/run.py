@@ -154,11 +154,16 @@ http {{
             self._log.close()
 
 
-def start_cargobay(workdir: Path, upstream_url: str) -> Proxy:
-    """Like tests/proxy.py's start_proxy, but stops the process if it never listens."""
+def start_cargobay(workdir: Path, upstream_url: str, cache_settings: str = "") -> Proxy:
+    """
+    Like tests/proxy.py's start_proxy, but stops the process if it never
+    listens.  ``cache_settings``: extra TOML lines for its [cache] table.
+    """
     port = free_port()
     cache = workdir / "cache"
-    config = write_config(workdir / "config.toml", port, cache, [{"id": "up", "url": upstream_url}], REPOSITORIES)
+    config = write_config(
+        workdir / "config.toml", port, cache, [{"id": "up", "url": upstream_url}], REPOSITORIES, cache_settings
+    )
     process = Twistd(config_path=config, log_path=workdir / "cargobay.log").start()
     try:
         process.wait_listening(port)
@@ -410,6 +415,9 @@ class Bench:
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.auth = {"Authorization": f"Bearer {ALL}"}
+        self.cache_settings = "\n".join(args.cache_setting)
+        if args.cache_setting:
+            self.notes.append(f"cargobay ran with [cache] {'; '.join(args.cache_setting)}")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -436,7 +444,7 @@ class Bench:
         self.peer = Registry(self.tmp / "cncf-proxy", proxy_remoteurl=self.upstream.url)
         self.later(self.peer.stop)
         self.peer.start()
-        self.cargobay = start_cargobay(self.tmp / "cargobay", self.upstream.url)
+        self.cargobay = start_cargobay(self.tmp / "cargobay", self.upstream.url, self.cache_settings)
         self.later(self.cargobay.process.stop)
         log(f"upstream {self.upstream.url}, CNCF proxy {self.peer.url}, cargobay {self.cargobay.url}")
 
@@ -723,7 +731,7 @@ class Bench:
             for label in self.order(rnd, "big", "small"):
                 digest, size = (big_digest, big) if label == "big" else (small_digest, self.blob_size)
                 workdir = self.tmp / f"mem-{label}-{rnd}"
-                proxy = start_cargobay(workdir, self.upstream.url)
+                proxy = start_cargobay(workdir, self.upstream.url, self.cache_settings)
                 try:
                     proxy.request("/v2/")
                     baselines.append(proc_status_kib(proxy.process.pid or 0, "VmHWM") or 0)
@@ -886,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"comma-separated scenarios among {','.join(SCENARIOS)}")
     parser.add_argument("--skip-docker", action="store_true")
+    parser.add_argument("--cache-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TOML line for cargobay's [cache] table, e.g. leave_disk_after_seconds=0 "
+                             "(repeatable; the defaults otherwise)")
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                         help="after the warm and the cold rounds, profile cargobay with py-spy for this many seconds of GETs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, storage)")
