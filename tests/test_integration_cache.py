@@ -237,6 +237,7 @@ def test_kill_9_during_downloads_then_restart_is_clean(upstream, tmp_path):
         again.process.stop()
     finally:
         restarted.process.stop()
+        process.stop()  # "again", if the test got that far
 
 
 def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
