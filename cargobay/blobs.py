@@ -369,41 +369,41 @@ class ThreadedHashAndStore:
     # However they end, they say so: the download waits for them.
 
     def _hash_work(self) -> None:
-        unreported = 0
-        try:
-            while True:
-                item = self._hash_queue.get()
-                if item is _DRAIN:
-                    return
-                data = cast(bytes, item)
-                self.hasher.update(data)
-                unreported += len(data)
-                if unreported >= REPORT_EVERY or self._hash_queue.empty():
-                    self._call_from_thread(self._hashed_more, unreported)
-                    unreported = 0
-        finally:
-            self._call_from_thread(self._hash_ended, unreported)
+        self._work(self._hash_queue, self.hasher.update, self._hashed_more, self._hash_ended)
 
     def _write_work(self, writer: BlobWriter) -> None:
+        def write(data: bytes) -> None:
+            if self._writing:
+                try:
+                    writer.write_raw(data)
+                except OSError as e:
+                    self._writing = False
+                    self._call_from_thread(self._failed, writer, e)
+
+        self._work(self._write_queue, write, self._handled_more, self._write_ended)
+
+    def _work(
+        self,
+        work: queue.SimpleQueue[object],
+        handle: Callable[[bytes], object],
+        progressed: Callable[[int], None],
+        ended: Callable[[int], None],
+    ) -> None:
+        """A worker thread's loop: handle each chunk, report every megabyte."""
         unreported = 0
         try:
             while True:
-                item = self._write_queue.get()
+                item = work.get()
                 if item is _DRAIN:
                     return
                 data = cast(bytes, item)
-                if self._writing:
-                    try:
-                        writer.write_raw(data)
-                    except OSError as e:
-                        self._writing = False
-                        self._call_from_thread(self._failed, writer, e)
+                handle(data)
                 unreported += len(data)
-                if unreported >= REPORT_EVERY or self._write_queue.empty():
-                    self._call_from_thread(self._handled_more, unreported)
+                if unreported >= REPORT_EVERY or work.empty():
+                    self._call_from_thread(progressed, unreported)
                     unreported = 0
         finally:
-            self._call_from_thread(self._write_ended, unreported)
+            self._call_from_thread(ended, unreported)
 
     def _hashed_more(self, count: int) -> None:
         self._hashed += count

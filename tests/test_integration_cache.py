@@ -382,30 +382,40 @@ def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
         subprocess.run(["umount", "-l", str(cache)])
 
 
+class StalledClient:
+    """
+    A client that starts a blob's download, reads its first megabyte, then
+    reads nothing until told to: the download is still running meanwhile.
+    """
+
+    def __init__(self, proxy: Proxy, digest: str) -> None:
+        self.digest = digest
+        self.connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        self.connection.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+        self.response = self.connection.getresponse()
+        self.head = self.response.read(1024 * 1024)
+
+    def read_the_rest(self) -> None:
+        """Reads on, and checks that the whole body is exactly the blob."""
+        hasher = hashlib.sha256(self.head)
+        while piece := self.response.read(1024 * 1024):
+            hasher.update(piece)
+        self.connection.close()
+        assert "sha256:" + hasher.hexdigest() == self.digest
+
+
 def test_a_stalled_first_client_does_not_hold_back_the_others(upstream, tmp_path):
     size = 64 * 1024**2
     digest = push_blob(upstream, "library/big", size)
     proxy = proxy_for(tmp_path, upstream)
     try:
-        # The first client starts the download, reads a little, then stops.
-        first = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
-        first.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
-        first_response = first.getresponse()
-        head = first_response.read(1024 * 1024)
+        first = StalledClient(proxy, digest)
         # A second client joins: it must get the whole blob while the first
         # still reads nothing (the first no longer paces the download).
         status, _, body = proxy.request(f"/v2/big/blobs/{digest}")
         assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
         del body
-        # The first client then reads on and gets exactly the right bytes.
-        hasher = hashlib.sha256(head)
-        while True:
-            piece = first_response.read(1024 * 1024)
-            if not piece:
-                break
-            hasher.update(piece)
-        first.close()
-        assert "sha256:" + hasher.hexdigest() == digest
+        first.read_the_rest()
         assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
     finally:
         proxy.process.stop()
@@ -416,12 +426,8 @@ def test_range_and_etag_requests_joining_a_download_are_answered_from_it(upstrea
     digest = push_blob(upstream, "library/big", size)
     proxy = proxy_for(tmp_path, upstream)
     try:
-        # The first client starts the download and stops reading, so it is
-        # still running when the others come.
-        first = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
-        first.request("GET", f"/v2/big/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
-        first_response = first.getresponse()
-        head = first_response.read(1024 * 1024)
+        first = StalledClient(proxy, digest)
+        head = first.head
         status, headers, body = proxy.request(f"/v2/big/blobs/{digest}", headers={"Range": "bytes=1000-1999"})
         assert status == 206, status
         assert headers["content-range"] == f"bytes 1000-1999/{size}"
@@ -433,11 +439,7 @@ def test_range_and_etag_requests_joining_a_download_are_answered_from_it(upstrea
         # The last bytes of the blob come only once it is all verified.
         status, _, tail = proxy.request(f"/v2/big/blobs/{digest}", headers={"Range": f"bytes={size - 10}-"})
         assert status == 206 and len(tail) == 10
-        hasher = hashlib.sha256(head)
-        while piece := first_response.read(1024 * 1024):
-            hasher.update(piece)
-        first.close()
-        assert "sha256:" + hasher.hexdigest() == digest
+        first.read_the_rest()
         assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
     finally:
         proxy.process.stop()
