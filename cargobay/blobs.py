@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Any, cast
@@ -45,10 +47,18 @@ CHUNK_SIZE = 256 * 1024
 #: Seconds a client may take nothing from a blob response before it is cut.
 SEND_STALL_TIMEOUT = 120.0
 #: Bytes per sendfile(2) call on plain TCP.
-SENDFILE_CHUNK = 4 * 1024 * 1024
+SENDFILE_CHUNK = 512 * 1024
+#: Most bytes one hand-off to a sending thread moves before it reports back.
+SEND_BATCH = 16 * 1024 * 1024
+#: Milliseconds one batch may take on a sending thread, waiting for a full
+#: socket included, before it hands the client back to the reactor.
+SEND_WAIT_MS = 50
 #: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
 #: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
+#: Whether sendfile(2) runs on sending threads rather than the reactor's
+#: (CARGOBAY_SEND_THREADS=0 keeps it on the reactor, to compare).
+SEND_THREADS = os.environ.get("CARGOBAY_SEND_THREADS", "1") != "0"
 #: Bytes a blob connection buffers (and reads at once) before pausing.
 TRANSPORT_BUFFER = 1024 * 1024
 #: Bytes received from upstream but not yet hashed and written by the worker
@@ -462,8 +472,10 @@ class BlobPipe(Protocol):
         call_from_thread: Callable[..., None] | None = None,
         on_disk_left_behind: Callable[[], None] | None = None,
         leave_disk_after: float = LEAVE_DISK_AFTER,
+        send_in_thread: RunInThread | None = None,
     ) -> None:
         self._digest = digest
+        self._send_in_thread = send_in_thread
         self._expected = expected_length
         #: Given, a disk that falls behind a lone client may be left behind
         #: (and this is called when it is); else the client waits for it.
@@ -737,7 +749,15 @@ class BlobPipe(Protocol):
         # The client's transport is full: start paused, the channel resumes
         # the sender when it drains.
         sender = FileSender(
-            request, fileobj, self._sent, fetch.total, fetch, self._clock, paused=True, follower=False
+            request,
+            fileobj,
+            self._sent,
+            fetch.total,
+            fetch,
+            self._clock,
+            paused=True,
+            follower=False,
+            send_in_thread=self._send_in_thread,
         )
         sender.start()
         self._set_client_paused(False)
@@ -889,9 +909,16 @@ class FileSender:
         on_done: Callable[[bool], None] | None = None,
         paused: bool = False,
         follower: bool = True,
+        send_in_thread: RunInThread | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
+        #: Given, sendfile(2) runs on a sending thread (batches of
+        #: SEND_BATCH), so that many clients use more than the reactor's core.
+        self._send_in_thread = send_in_thread
+        #: A batch is on a sending thread: the file must stay open.
+        self._sending = False
+        self._closing: IO[bytes] | None = None
         self._stall: IDelayedCall | None = None
         self._file: IO[bytes] | None = fileobj
         self._fd = fileobj.fileno()
@@ -949,7 +976,7 @@ class FileSender:
         return min(fetch.written, self._end - 1)
 
     def _pump(self) -> None:
-        if self._pumping or self._file is None:
+        if self._pumping or self._sending or self._file is None:
             return
         self._pumping = True
         try:
@@ -989,6 +1016,14 @@ class FileSender:
         if transport.dataBuffer or transport._tempDataBuffer:
             self._wait_for_socket(transport)
             return False
+        if self._send_in_thread is not None:
+            # The thread gets a duplicate of the socket: whatever becomes of
+            # the connection meanwhile, its descriptor number cannot be
+            # reused for another client's while the batch runs.
+            self._sending = True
+            batch = self._send_in_thread(_send_batch, os.dup(self._socket), self._fd, self.position, limit)
+            batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
+            return False
         try:
             sent = os.sendfile(self._socket, self._fd, self.position, min(SENDFILE_CHUNK, limit - self.position))
         except BlockingIOError:
@@ -1007,6 +1042,26 @@ class FileSender:
             self._fetch.reader_moved()
         return True
 
+    def _batch_sent(self, result: tuple[int, str], transport: Any) -> None:
+        sent, how = result
+        self._sending = False
+        self.position += sent
+        self._request.sentLength += sent  # type: ignore[attr-defined]
+        if self._file is None:
+            # Stopped meanwhile.
+            if self._closing is not None:
+                self._closing.close()
+                self._closing = None
+            return
+        if self._fetch is not None:
+            self._fetch.reader_moved()
+        if how == "blocked":
+            self._wait_for_socket(transport)
+        elif how == "failed":
+            self._close(ok=False)
+        else:
+            self._pump()
+
     def _wait_for_socket(self, transport: Any) -> None:
         # Have the transport tell us when the socket can take more: with its
         # buffer empty, its next write event resumes its producer (the HTTP
@@ -1019,13 +1074,21 @@ class FileSender:
         transport.producerPaused = True
         transport.startWriting()
 
+    def _let_go_of_file(self) -> None:
+        fileobj, self._file = self._file, None
+        if fileobj is None:
+            return
+        if self._sending:
+            # A sending thread still reads it: close it once the batch ends.
+            self._closing = fileobj
+        else:
+            fileobj.close()
+
     def _close(self, ok: bool) -> None:
         self._disarm_stall()
         if self._fetch is not None:
             self._fetch.remove_reader(self)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._let_go_of_file()
         request = self._request
         request.unregisterProducer()
         if ok:
@@ -1069,13 +1132,50 @@ class FileSender:
         self._disarm_stall()
         if self._fetch is not None:
             self._fetch.remove_reader(self)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._let_go_of_file()
         self._request.unregisterProducer()
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done(False)
+
+
+def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str]:
+    """
+    On a sending thread: sendfile(2) from C{fd} at C{position} towards
+    C{limit} to C{sock} (a duplicate this closes), until C{limit} or
+    C{SEND_BATCH} bytes, the socket stays full, the batch has run for
+    C{SEND_WAIT_MS}, or the client is gone.  A slow client thus never holds
+    a thread for long.  Returns the bytes sent and C{"blocked"},
+    C{"failed"} or C{"more"}.
+    """
+    sent = 0
+    deadline = time.monotonic() + SEND_WAIT_MS / 1000
+    writable = select.poll()
+    writable.register(sock, select.POLLOUT)
+    try:
+        while sent < SEND_BATCH and position + sent < limit:
+            try:
+                count = os.sendfile(sock, fd, position + sent, min(SENDFILE_CHUNK, limit - position - sent))
+            except BlockingIOError:
+                # A client that drains its socket quickly is waited for here,
+                # without a round trip through the reactor.
+                left = deadline - time.monotonic()
+                if left > 0 and writable.poll(max(1, int(left * 1000))):
+                    continue
+                return sent, "blocked"
+            except OSError:
+                return sent, "failed"
+            if count == 0:
+                return sent, "failed"
+            sent += count
+        return sent, "more"
+    finally:
+        os.close(sock)
+
+
+def _batch_crashed(failure: Failure) -> tuple[int, str]:
+    log.failure("sending a blob failed", failure)
+    return 0, "failed"
 
 
 def _widen_buffer(transport: object) -> None:
@@ -1152,6 +1252,7 @@ class BlobService:
         call_from_thread: Callable[..., None] | None = None,
         client_waits_for_disk: bool = False,
         leave_disk_after: float = LEAVE_DISK_AFTER,
+        send_in_thread: RunInThread | None = None,
     ) -> None:
         self.cache = cache
         self._clock = clock
@@ -1163,6 +1264,8 @@ class BlobService:
         self.leave_disk_after = leave_disk_after
         #: With it, each download hashes and writes on a thread of its own.
         self._call_from_thread = call_from_thread
+        #: With it, blob bodies go from files to sockets on sending threads.
+        self._send_in_thread = send_in_thread
         self._fetches: dict[BlobKey, Fetch] = {}
 
     def _upstream_bytes_counter(self, registry_id: str) -> Callable[[int], None] | None:
@@ -1224,7 +1327,9 @@ class BlobService:
             release()
             return done
         start, end = span
-        FileSender(request, fileobj, start, end, clock=self._clock, on_done=release).start()
+        FileSender(
+            request, fileobj, start, end, clock=self._clock, on_done=release, send_in_thread=self._send_in_thread
+        ).start()
         return done
 
     # -- misses ------------------------------------------------------------
@@ -1313,6 +1418,7 @@ class BlobService:
                 self._call_from_thread,
                 None if self.client_waits_for_disk else leave_disk_behind,
                 self.leave_disk_after,
+                self._send_in_thread,
             )
             response.deliverBody(pipe)
             if client is None:
@@ -1384,7 +1490,9 @@ class BlobService:
                 if ok:
                     _fire(done)
 
-            FileSender(request, fileobj, start, end, fetch, self._clock, on_done=finished).start()
+            FileSender(
+                request, fileobj, start, end, fetch, self._clock, on_done=finished, send_in_thread=self._send_in_thread
+            ).start()
             return done
 
         return fetch.when_started().addCallback(go)

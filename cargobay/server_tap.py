@@ -4,6 +4,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, cast
@@ -19,7 +20,7 @@ from twisted.web import client as webclient
 from twisted.web import http, resource, server
 
 from cargobay.auth import Authenticator
-from cargobay.blobs import BlobService
+from cargobay.blobs import SEND_THREADS, BlobService
 from cargobay.cache import BlobCache
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
 from cargobay.logs import make_observer
@@ -215,8 +216,17 @@ class Runtime:
         reactor.callWhenRunning(self.disk_threads.start)
         reactor.addSystemEventTrigger("during", "shutdown", self.disk_threads.stop)
 
+        # Blob bodies go from cache files to clients' sockets on these, so
+        # that many clients are served by every core, not the reactor's alone.
+        self.send_threads = ThreadPool(minthreads=1, maxthreads=max(2, os.cpu_count() or 1), name="cargobay-send")
+        reactor.callWhenRunning(self.send_threads.start)
+        reactor.addSystemEventTrigger("during", "shutdown", self.send_threads.stop)
+
         def run_in_thread(function: Any, *args: Any) -> Any:
             return deferToThreadPool(reactor, self.disk_threads, function, *args)
+
+        def send_in_thread(function: Any, *args: Any) -> Any:
+            return deferToThreadPool(reactor, self.send_threads, function, *args)
 
         self.blobs = blobs = BlobService(
             cache,
@@ -226,6 +236,7 @@ class Runtime:
             reactor.callFromThread,
             config.cache.client_waits_for_disk,
             config.cache.leave_disk_after_seconds,
+            send_in_thread if SEND_THREADS else None,
         )
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))

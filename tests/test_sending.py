@@ -1,0 +1,191 @@
+"""
+The sending threads' batch (blobs._send_batch) on real sockets and files:
+where a batch stops, and that it never keeps the socket it was lent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from cargobay import blobs
+from cargobay.blobs import FileSender, _send_batch
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def blob_file() -> Iterator[int]:
+    with tempfile.TemporaryFile() as f:
+        f.write(os.urandom(MiB) * 20)
+        f.flush()
+        yield f.fileno()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    sender, receiver = socket.socketpair()
+    sender.setblocking(False)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def drain(receiver: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = receiver.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def test_a_batch_sends_up_to_its_limit_and_gives_back_the_socket(blob_file, pair, monkeypatch):
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    lent = os.dup(sender.fileno())
+    sent, how = _send_batch(lent, blob_file, 1000, 1000 + 300_000)
+    assert (sent, how) == (300_000, "more")
+    assert drain(receiver, sent) == os.pread(blob_file, sent, 1000)
+    assert closed(lent)
+    assert not closed(sender.fileno())
+
+
+def test_a_batch_stops_at_its_size_however_much_is_left(blob_file, pair, monkeypatch):
+    monkeypatch.setattr(blobs, "SEND_BATCH", 256 * 1024)
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 0, 20 * MiB)
+    assert how == "more"
+    assert 0 < sent <= 256 * 1024 + blobs.SENDFILE_CHUNK
+    assert sent < 20 * MiB
+
+
+def test_a_client_that_reads_nothing_hands_the_wait_back(blob_file, pair):
+    sender, receiver = pair
+    lent = os.dup(sender.fileno())
+    sent, how = _send_batch(lent, blob_file, 0, 20 * MiB)
+    assert how == "blocked"
+    assert 0 < sent < 20 * MiB
+    assert closed(lent)
+    # What it did send is the file's bytes, in order.
+    assert drain(receiver, sent) == os.pread(blob_file, sent, 0)
+
+
+def test_a_client_gone_ends_the_batch_as_failed(blob_file, pair):
+    sender, receiver = pair
+    receiver.close()
+    lent = os.dup(sender.fileno())
+    sent, how = _send_batch(lent, blob_file, 0, MiB)
+    assert (sent, how) == (0, "failed")
+    assert closed(lent)
+
+
+def test_a_file_shorter_than_the_limit_fails_rather_than_spins(blob_file, pair):
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 20 * MiB - 100, 20 * MiB + 100)
+    assert (sent, how) == (100, "failed")
+
+
+class Transport:
+    dataBuffer = b""
+    _tempDataBuffer: list[bytes] = []
+
+
+class Request:
+    """Just what FileSender touches of a request whose body goes raw."""
+
+    method = b"GET"
+    startedWriting = True
+
+    def __init__(self) -> None:
+        self.channel = type("Channel", (), {"transport": Transport()})()
+        self.sentLength = 0
+        self.producer: object = None
+        self.finished = False
+        self.aborted = False
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class HeldBatches:
+    """send_in_thread that holds each batch until the test lets it run."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, function: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.batches.append((d, function, args))
+        return d
+
+    def run_next(self) -> None:
+        d, function, args = self.batches.pop(0)
+        d.callback(function(*args))
+
+
+def sender_on(pair: tuple[socket.socket, socket.socket], monkeypatch: Any, size: int) -> tuple[
+    FileSender, Request, HeldBatches, Any
+]:
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    monkeypatch.setattr(blobs, "_raw_socket", lambda request: sender.fileno())
+    fileobj = tempfile.TemporaryFile()
+    fileobj.data = os.urandom(size)  # type: ignore[attr-defined]
+    fileobj.write(fileobj.data)  # type: ignore[attr-defined]
+    fileobj.flush()
+    request, held = Request(), HeldBatches()
+    return FileSender(request, fileobj, 0, size, send_in_thread=held), request, held, fileobj  # type: ignore[arg-type]
+
+
+def test_a_body_goes_out_in_batches_on_the_sending_threads(pair, monkeypatch):
+    monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
+    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    sender, request, held, fileobj = sender_on(pair, monkeypatch, 200_000)
+    sender.start()
+    batches = 0
+    while held.batches:
+        held.run_next()
+        batches += 1
+    assert batches == 4  # 64 KiB at a time, one at a time
+    assert request.finished and request.sentLength == 200_000
+    assert fileobj.closed
+    assert drain(pair[1], 200_000) == fileobj.data
+
+
+def test_a_client_gone_mid_batch_leaves_the_file_open_until_the_batch_ends(pair, monkeypatch):
+    sender, request, held, fileobj = sender_on(pair, monkeypatch, 100_000)
+    sender.start()
+    assert len(held.batches) == 1
+    sender.stopProducing()  # the connection is gone, the batch still runs
+    assert not fileobj.closed
+    held.run_next()
+    assert fileobj.closed
+    assert not held.batches and not request.finished
