@@ -217,15 +217,30 @@ def curl(url: str, headers: dict[str, str] | None = None, expect_size: int | Non
     return result
 
 
-def upstream_gets(upstream: Registry, digest: str, start: int) -> tuple[int, int, int]:
-    """(GET count, bytes sent, log length) for ``digest`` in the upstream's access log after ``start``."""
+def by_cargobay(agent: str) -> bool:
+    return agent == "cargobay"
+
+
+def by_peer(agent: str) -> bool:
+    """The CNCF proxy's requests: neither cargobay's nor the script's own curls."""
+    return agent != "cargobay" and not agent.startswith("curl/")
+
+
+def upstream_gets(upstream: Registry, digest: str, start: int,
+                  who: Callable[[str], bool] | None = None) -> tuple[int, int, int]:
+    """
+    (GET count, bytes sent, log length) for ``digest`` in the upstream's
+    access log after ``start``, only by clients whose User-Agent ``who``
+    accepts: a proxy's late background GET must not count for the other.
+    """
     entries = upstream.access_log()
-    mine = [e for e in entries[start:] if e.method == "GET" and digest in e.uri]
+    mine = [e for e in entries[start:] if e.method == "GET" and digest in e.uri and (who is None or who(e.agent))]
     return len(mine), sum(e.size for e in mine), len(entries)
 
 
 def wait_upstream_quiet(upstream: Registry, digest: str, start: int, at_least: int,
-                        quiet: float = 1.5, timeout: float = 300.0) -> tuple[int, int]:
+                        quiet: float = 1.5, timeout: float = 300.0,
+                        who: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """
     Wait until the upstream has logged at least ``at_least`` GETs of
     ``digest`` since ``start`` and no new one for ``quiet`` seconds (the CNCF
@@ -236,7 +251,7 @@ def wait_upstream_quiet(upstream: Registry, digest: str, start: int, at_least: i
     last = (-1, -1)
     since = time.monotonic()
     while True:
-        count, sent, _ = upstream_gets(upstream, digest, start)
+        count, sent, _ = upstream_gets(upstream, digest, start, who)
         now = time.monotonic()
         if (count, sent) != last:
             last, since = (count, sent), now
@@ -579,6 +594,7 @@ class Bench:
                         note="informational: the upstream served straight, no proxy")
         gets = Row("cold_gets", "2 cold upstream GETs", "GETs", "CNCF proxy",
                    note="informational: upstream GETs per cold GET, background fill included")
+        digests: list[str] = []
         for rnd in range(a.rounds):
             log(f"cold round {rnd + 1}: pushing a fresh {a.blob_mib} MiB blob")
             digest = push_blob(self.upstream, BLOB_REPO, self.blob_size)
@@ -590,19 +606,23 @@ class Bench:
                     # When its disk fell behind, cargobay fills its cache in the
                     # background too: wait for that as for the CNCF proxy's.
                     self.cargobay.cached_blob(digest, timeout=300)
-                    gets.cargobay.append(wait_upstream_quiet(self.upstream, digest, start, at_least=1)[0])
+                    wait_upstream_quiet(self.upstream, digest, start, at_least=1, who=by_cargobay)
                 elif who == "peer":
                     figures[who] = self.get_peer(digest).speed / 1e6
                     # Its background cache fill competes with whatever runs next.
-                    gets.peer.append(wait_upstream_quiet(self.upstream, digest, start, at_least=2)[0])
+                    wait_upstream_quiet(self.upstream, digest, start, at_least=2, who=by_peer)
                 else:
                     figures[who] = self.get_upstream(digest).speed / 1e6
+            digests.append(digest)
             vs_peer.cargobay.append(figures["cargobay"])
             vs_peer.peer.append(figures["peer"])
             vs_direct.cargobay.append(figures["cargobay"])
             vs_direct.peer.append(figures["upstream"])
             log(f"cold round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
                 f"{figures['peer']:.0f}, upstream direct {figures['upstream']:.0f}")
+        for digest in digests:
+            gets.cargobay.append(self.gets_of(digest, by_cargobay)[0])
+            gets.peer.append(self.gets_of(digest, by_peer)[0])
         self.rows += [vs_peer, vs_direct, gets]
         if a.py_spy:
             self.profile_cold()
@@ -636,6 +656,7 @@ class Bench:
                    target=("cargobay_max", "==", 1), target_text="cargobay = 1")
         sent = Row("herd_bytes", "3 herd upstream sent", "MiB", "CNCF proxy",
                    target=("cargobay_max", "<=", a.blob_mib), target_text=f"cargobay = {a.blob_mib} MiB")
+        digests: list[str] = []
         for rnd in range(a.rounds):
             log(f"herd round {rnd + 1}: pushing a fresh {a.blob_mib} MiB blob")
             digest = push_blob(self.upstream, BLOB_REPO, self.blob_size)
@@ -643,19 +664,29 @@ class Bench:
                 start = len(self.upstream.access_log())
                 if who == "cargobay":
                     seconds, _ = self.herd_once(self.cargobay.url + self.blob_path(digest), self.auth)
-                    count, nbytes = wait_upstream_quiet(self.upstream, digest, start, at_least=1)
+                    count, nbytes = wait_upstream_quiet(self.upstream, digest, start, at_least=1, who=by_cargobay)
                     wall.cargobay.append(seconds)
-                    gets.cargobay.append(count)
-                    sent.cargobay.append(nbytes / MiB)
                 else:
                     seconds, _ = self.herd_once(self.peer.url + self.blob_path(digest), None)
-                    count, nbytes = wait_upstream_quiet(self.upstream, digest, start, at_least=2)
+                    count, nbytes = wait_upstream_quiet(self.upstream, digest, start, at_least=2, who=by_peer)
                     wall.peer.append(seconds)
-                    gets.peer.append(count)
-                    sent.peer.append(nbytes / MiB)
                 log(f"herd round {rnd + 1}: {who}: {seconds:.2f} s, upstream {count} GETs, "
-                    f"{nbytes / MiB:.0f} MiB")
+                    f"{nbytes / MiB:.0f} MiB so far")
+            digests.append(digest)
+        # Counted once all is quiet, over the whole log, by User-Agent: a
+        # late background GET belongs to the proxy that made it.
+        for digest, rnd in zip(digests, range(1, a.rounds + 1), strict=True):
+            for row_gets, row_sent, who, name in ((gets.cargobay, sent.cargobay, by_cargobay, "cargobay"),
+                                                  (gets.peer, sent.peer, by_peer, "peer")):
+                count, nbytes = self.gets_of(digest, who)
+                row_gets.append(count)
+                row_sent.append(nbytes / MiB)
+                log(f"herd round {rnd}: {name}: upstream {count} GETs, {nbytes / MiB:.0f} MiB in all")
         self.rows += [wall, gets, sent]
+
+    def gets_of(self, digest: str, who: Callable[[str], bool]) -> tuple[int, int]:
+        """A proxy's GETs of ``digest`` over the whole run, once the upstream is quiet."""
+        return wait_upstream_quiet(self.upstream, digest, 0, at_least=1, quiet=1.0, who=who)
 
     # -- 4. manifest rate --------------------------------------------------
 

@@ -209,6 +209,7 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 ACCESS_LOG_RE = re.compile(
     r'^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] '
     r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)'
+    r'(?: "[^"]*" "(?P<agent>[^"]*)")?'
 )
 
 
@@ -219,6 +220,8 @@ class AccessLogEntry:
     status: int
     size: int
     user: str
+    #: The client's User-Agent ("cargobay" for cargobay's own requests).
+    agent: str = ""
 
 
 AuthMode = Literal["basic", "token"] | None
@@ -395,7 +398,7 @@ class Registry:
                 size = m["size"]
                 entries.append(AccessLogEntry(
                     method=m["method"], uri=m["uri"], status=int(m["status"]),
-                    size=0 if size == "-" else int(size), user=m["user"],
+                    size=0 if size == "-" else int(size), user=m["user"], agent=m["agent"] or "",
                 ))
         return entries
 
