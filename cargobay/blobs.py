@@ -67,7 +67,7 @@ STORE_BACKLOG = 8 * 1024 * 1024
 #: Seconds a download keeps its cache file in step, however slow the disk:
 #: clients that come together (a herd) share it.  Only after that may a
 #: lone client leave a lagging disk behind (cache.leave_disk_after_seconds).
-LEAVE_DISK_AFTER = 0.5
+LEAVE_DISK_AFTER = 0.25
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024

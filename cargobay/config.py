@@ -190,7 +190,7 @@ class CacheConfig:
     client_waits_for_disk: bool = False
     #: How long such a client is kept in step with the disk first, so that
     #: clients arriving together share one download.
-    leave_disk_after_seconds: float = 0.5
+    leave_disk_after_seconds: float = 0.25
 
 
 @dataclass(frozen=True)

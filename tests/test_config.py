@@ -97,7 +97,7 @@ def test_new_optional_keys():
     assert parse_config(SEED).cache.client_waits_for_disk is False
     waits = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nclient_waits_for_disk = true")
     assert parse_config(waits).cache.client_waits_for_disk is True
-    assert parse_config(SEED).cache.leave_disk_after_seconds == 0.5
+    assert parse_config(SEED).cache.leave_disk_after_seconds == 0.25
     sooner = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nleave_disk_after_seconds = 0")
     assert parse_config(sooner).cache.leave_disk_after_seconds == 0.0
 
