@@ -486,6 +486,32 @@ def test_very_slow_reader_does_not_hold_back_anyone(proxy, image, upstream_anon)
     # the slow clients: its RSS stayed within the slack.)
 
 
+def test_slow_readers_outnumbering_the_sending_threads_hold_up_no_one(proxy, image, upstream_anon):
+    # Cached blobs go out on a few sending threads (as many as cores, at
+    # least two).  Slow readers, many more than that, must not occupy them:
+    # a normal client of the same blob still gets all of it.
+    size = 32 * MiB
+    digest = push_blob(upstream_anon, "robust/big", size)
+    assert_whole(pull_blob(proxy, "big", digest), digest, size)
+    with stays_healthy(proxy, image):
+        slow = [SlowReader(proxy, "big", digest, rate=32 * 1024) for _ in range(3 * max(2, os.cpu_count() or 1))]
+        try:
+            for reader in slow:
+                reader.start()
+            assert wait_until(lambda: all(r.received > 32 * 1024 for r in slow), timeout=30)
+            for _ in range(3):
+                pulled = pull_blob(proxy, "big", digest)
+                assert_whole(pulled, digest, size)
+                assert pulled.headers.get("x-cache") == "HIT"
+            for reader in slow:
+                assert reader.error is None and reader.status == 200
+                assert reader.received < 8 * MiB, "a slow client was not slow"
+                assert reader.is_alive(), "a slow client was cut off"
+        finally:
+            for reader in slow:
+                reader.finish()
+
+
 # ---------------------------------------------------------------------------
 # (c) slowloris
 # ---------------------------------------------------------------------------
