@@ -610,6 +610,7 @@ class Bench:
                 elif who == "peer":
                     figures[who] = self.get_peer(digest).speed / 1e6
                     # Its background cache fill competes with whatever runs next.
+                    self.peer_filled(digest)
                     wait_upstream_quiet(self.upstream, digest, start, at_least=2, who=by_peer)
                 else:
                     figures[who] = self.get_upstream(digest).speed / 1e6
@@ -668,6 +669,7 @@ class Bench:
                     wall.cargobay.append(seconds)
                 else:
                     seconds, _ = self.herd_once(self.peer.url + self.blob_path(digest), None)
+                    self.peer_filled(digest)
                     count, nbytes = wait_upstream_quiet(self.upstream, digest, start, at_least=2, who=by_peer)
                     wall.peer.append(seconds)
                 log(f"herd round {rnd + 1}: {who}: {seconds:.2f} s, upstream {count} GETs, "
@@ -683,6 +685,19 @@ class Bench:
                 row_sent.append(nbytes / MiB)
                 log(f"herd round {rnd}: {name}: upstream {count} GETs, {nbytes / MiB:.0f} MiB in all")
         self.rows += [wall, gets, sent]
+
+    def peer_filled(self, digest: str, timeout: float = 300.0) -> None:
+        """
+        Wait for the CNCF proxy's background fill of ``digest`` to be stored:
+        its upstream GET is logged only when it ends, so a quiet log alone
+        let the next measurement start while it still ran.
+        """
+        deadline = time.monotonic() + timeout
+        while not blob_file(self.peer, digest).exists():
+            if time.monotonic() > deadline:
+                log(f"the CNCF proxy has not stored {digest} after {timeout:.0f} s; going on")
+                return
+            time.sleep(0.1)
 
     def gets_of(self, digest: str, who: Callable[[str], bool]) -> tuple[int, int]:
         """A proxy's GETs of ``digest`` over the whole run, once the upstream is quiet."""

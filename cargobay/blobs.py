@@ -1020,8 +1020,13 @@ class FileSender:
             # The thread gets a duplicate of the socket: whatever becomes of
             # the connection meanwhile, its descriptor number cannot be
             # reused for another client's while the batch runs.
+            try:
+                lent = os.dup(self._socket)
+            except OSError:
+                self._close(ok=False)
+                return False
             self._sending = True
-            batch = self._send_in_thread(_send_batch, os.dup(self._socket), self._fd, self.position, limit)
+            batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, limit)
             batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
             return False
         try:
