@@ -1016,17 +1016,22 @@ class FileSender:
         if transport.dataBuffer or transport._tempDataBuffer:
             self._wait_for_socket(transport)
             return False
-        if self._send_in_thread is not None:
+        last = None if self._end is None else self._end - 1
+        if self._send_in_thread is not None and (last is None or self.position < last):
             # The thread gets a duplicate of the socket: whatever becomes of
             # the connection meanwhile, its descriptor number cannot be
-            # reused for another client's while the batch runs.
+            # reused for another client's while the batch runs.  It sends all
+            # but the response's last byte, which goes from here: the
+            # response then ends (and is logged and counted) before the
+            # client can have all of it and hang up.
             try:
                 lent = os.dup(self._socket)
             except OSError:
                 self._close(ok=False)
                 return False
             self._sending = True
-            batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, limit)
+            upto = limit if last is None else min(limit, last)
+            batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, upto)
             batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
             return False
         try:

@@ -165,6 +165,7 @@ class Metrics:
             self.bytes_served,
             self.cache_lookups,
             self.evictions,
+            self.disk_left_behind,
             self.upstream_bytes,
             self.upstream_latency,
             self.upstream_errors,

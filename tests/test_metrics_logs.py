@@ -25,6 +25,16 @@ def test_metrics_render_parses_with_prometheus_client():
     assert families["cargobay_cache_size_bytes"].samples[0].value == 42
 
 
+def test_every_metric_is_rendered():
+    # A metric defined and counted but left out of render() is invisible.
+    from cargobay.metrics import _Metric
+
+    metrics = Metrics()
+    defined = {m.name for m in vars(metrics).values() if isinstance(m, _Metric)}
+    rendered = metrics.render().decode()
+    assert defined and all(f"# TYPE {name} " in rendered for name in defined), defined
+
+
 def test_log_level_from_environment():
     assert level_from_environment({}, "info") == "info"
     assert level_from_environment({"CARGOBAY_LOG_LEVEL": "DEBUG"}, "info") == "debug"
