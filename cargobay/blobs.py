@@ -50,9 +50,11 @@ SEND_STALL_TIMEOUT = 120.0
 SENDFILE_CHUNK = 512 * 1024
 #: Most bytes one hand-off to a sending thread moves before it reports back.
 SEND_BATCH = 16 * 1024 * 1024
-#: Milliseconds one batch may take on a sending thread, waiting for a full
-#: socket included, before it hands the client back to the reactor.
+#: Milliseconds one batch may take on a sending thread before it hands the
+#: client back to the reactor.
 SEND_WAIT_MS = 50
+#: Milliseconds a sending thread waits for a full socket to take more.
+SOCKET_WAIT_MS = 2
 #: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
 #: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
@@ -1027,13 +1029,14 @@ class FileSender:
             try:
                 lent = os.dup(self._socket)
             except OSError:
-                self._close(ok=False)
-                return False
-            self._sending = True
-            upto = limit if last is None else min(limit, last)
-            batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, upto)
-            batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
-            return False
+                lent = None  # out of descriptors: send from here instead
+            if lent is not None:
+                self._sending = True
+                upto = limit if last is None else min(limit, last)
+                batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, upto)
+                batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
+                # A runner that finished at once leaves the loop to go on.
+                return not self._sending and self._file is not None and not self._paused
         try:
             sent = os.sendfile(self._socket, self._fd, self.position, min(SENDFILE_CHUNK, limit - self.position))
         except BlockingIOError:
@@ -1062,6 +1065,10 @@ class FileSender:
             if self._closing is not None:
                 self._closing.close()
                 self._closing = None
+            counted = getattr(self._request, "still_sending", None)
+            if counted is not None:
+                del self._request.still_sending  # type: ignore[attr-defined]
+                counted.callback(None)
             return
         if self._fetch is not None:
             self._fetch.reader_moved()
@@ -1090,7 +1097,9 @@ class FileSender:
             return
         if self._sending:
             # A sending thread still reads it: close it once the batch ends.
+            # Until then the response's byte count is short of what went out.
             self._closing = fileobj
+            self._request.still_sending = Deferred()  # type: ignore[attr-defined]
         else:
             fileobj.close()
 
@@ -1153,24 +1162,24 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
     """
     On a sending thread: sendfile(2) from C{fd} at C{position} towards
     C{limit} to C{sock} (a duplicate this closes), until C{limit} or
-    C{SEND_BATCH} bytes, the socket stays full, the batch has run for
-    C{SEND_WAIT_MS}, or the client is gone.  A slow client thus never holds
-    a thread for long.  Returns the bytes sent and C{"blocked"},
-    C{"failed"} or C{"more"}.
+    C{SEND_BATCH} bytes, the batch has run for C{SEND_WAIT_MS}, the socket
+    stays full for C{SOCKET_WAIT_MS}, or the client is gone.  A slow client
+    (or a slow disk) thus never holds a thread for long.  Returns the bytes
+    sent and C{"blocked"}, C{"failed"} or C{"more"}.
     """
     sent = 0
-    deadline = time.monotonic() + SEND_WAIT_MS / 1000
-    writable = select.poll()
-    writable.register(sock, select.POLLOUT)
     try:
+        deadline = time.monotonic() + SEND_WAIT_MS / 1000
+        writable = select.poll()
+        writable.register(sock, select.POLLOUT)
         while sent < SEND_BATCH and position + sent < limit:
             try:
                 count = os.sendfile(sock, fd, position + sent, min(SENDFILE_CHUNK, limit - position - sent))
             except BlockingIOError:
-                # A client that drains its socket quickly is waited for here,
-                # without a round trip through the reactor.
-                left = deadline - time.monotonic()
-                if left > 0 and writable.poll(max(1, int(left * 1000))):
+                # A client that drains its socket at once (one on the same
+                # machine, say) is waited for here, briefly; any other is
+                # left to the reactor's write events.
+                if time.monotonic() < deadline and writable.poll(SOCKET_WAIT_MS):
                     continue
                 return sent, "blocked"
             except OSError:
@@ -1178,9 +1187,23 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
             if count == 0:
                 return sent, "failed"
             sent += count
+            if time.monotonic() >= deadline:
+                break
         return sent, "more"
     finally:
         os.close(sock)
+
+
+def when_counted(request: Request, then: Callable[[], object]) -> None:
+    """
+    Call C{then} once C{request.sentLength} counts every byte sent: at once,
+    or when a sending thread that was mid-batch as the client left is done.
+    """
+    pending: Deferred[None] | None = getattr(request, "still_sending", None)
+    if pending is None:
+        then()
+    else:
+        pending.addCallback(lambda _: then())
 
 
 def _batch_crashed(failure: Failure) -> tuple[int, str]:

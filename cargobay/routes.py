@@ -21,7 +21,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from cargobay.auth import Authenticator
-from cargobay.blobs import BlobService, abort_request
+from cargobay.blobs import BlobService, abort_request, when_counted
 from cargobay.config import Config
 from cargobay.errors import (
     RegistryError,
@@ -276,7 +276,7 @@ class RegistryApp:
             if label in ("manifest", "blob") and request.method == b"GET":
                 status = getattr(request, "cache_status", None)
                 source = "cache" if status in ("hit", "revalidated", "stale") else "upstream"
-                metrics.bytes_served.inc(request.sentLength, source)
+                when_counted(request, lambda: metrics.bytes_served.inc(request.sentLength, source))
 
         request.notifyFinish().addBoth(done)
 
@@ -358,6 +358,10 @@ class RegistryApp:
         self, request: Request, grant: Grant, mapping: Resolved, reference: str
     ) -> None:
         def record(result: object) -> object:
+            when_counted(request, lambda: write(result))
+            return None
+
+        def write(result: object) -> None:
             audit.info(
                 "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
                 "reference={reference} status={status} bytes={sent} cache={cache} complete={complete}",
@@ -371,7 +375,6 @@ class RegistryApp:
                 cache=getattr(request, "cache_status", "-"),
                 complete=not isinstance(result, Failure),
             )
-            return None
 
         request.notifyFinish().addBoth(record)
 

@@ -218,7 +218,7 @@ class Runtime:
 
         # Blob bodies go from cache files to clients' sockets on these, so
         # that many clients are served by every core, not the reactor's alone.
-        self.send_threads = ThreadPool(minthreads=1, maxthreads=max(2, os.cpu_count() or 1), name="cargobay-send")
+        self.send_threads = ThreadPool(minthreads=1, maxthreads=max(2, len(os.sched_getaffinity(0))), name="cargobay-send")
         reactor.callWhenRunning(self.send_threads.start)
         reactor.addSystemEventTrigger("during", "shutdown", self.send_threads.stop)
 

@@ -155,12 +155,13 @@ class SlowDisk:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if os.path.ismount(self.mountpoint):
-            # libfuse mounts directly as root; fusermount is for everyone else.
-            unmount = ["fusermount", "-u"] if shutil.which("fusermount") else ["umount"]
-            if subprocess.run([*unmount, str(self.mountpoint)], capture_output=True).returncode:
-                lazily = ["fusermount", "-uz"] if unmount[0] == "fusermount" else ["umount", "-l"]
-                subprocess.run([*lazily, str(self.mountpoint)], capture_output=True)
+        # Always try: a mount whose daemon died is not "a mount" to ismount()
+        # ("transport endpoint is not connected") but must still go.  libfuse
+        # mounts directly as root; fusermount is for everyone else.
+        unmount = ["fusermount", "-u"] if shutil.which("fusermount") else ["umount"]
+        if subprocess.run([*unmount, str(self.mountpoint)], capture_output=True).returncode:
+            lazily = ["fusermount", "-uz"] if unmount[0] == "fusermount" else ["umount", "-l"]
+            subprocess.run([*lazily, str(self.mountpoint)], capture_output=True)
         if self._process is not None:
             try:
                 self._process.wait(timeout=10)

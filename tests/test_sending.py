@@ -193,3 +193,39 @@ def test_a_client_gone_mid_batch_leaves_the_file_open_until_the_batch_ends(pair,
     held.run_next()
     assert fileobj.closed
     assert not held.batches and not request.finished
+
+
+def test_a_runner_that_finishes_at_once_still_sends_the_whole_body(pair, monkeypatch):
+    # blobs.run_here, the stand-in for threads, calls back before the hand-off returns.
+    monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
+    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    sender, request, _, fileobj = sender_on(pair, monkeypatch, 200_000)
+    sender._send_in_thread = blobs.run_here
+    sender.start()
+    assert request.finished and request.sentLength == 200_000
+    assert drain(pair[1], 200_000) == fileobj.data
+
+
+def test_bytes_sent_by_a_batch_the_client_left_during_are_counted_when_it_ends(pair, monkeypatch):
+    sender, request, held, _ = sender_on(pair, monkeypatch, 100_000)
+    sender.start()
+    sender.stopProducing()
+    counted: list[int] = []
+    blobs.when_counted(request, lambda: counted.append(request.sentLength))
+    assert counted == []  # the batch still runs: the count would be short
+    held.run_next()
+    assert counted == [100_000 - 1]  # all the thread sent (the last byte was the reactor's)
+    # Later readers need not wait.
+    blobs.when_counted(request, lambda: counted.append(-1))
+    assert counted[-1] == -1
+
+
+def test_a_batch_ends_on_its_deadline_even_while_the_socket_takes_everything(blob_file, pair, monkeypatch):
+    # A slow disk (or a fast client) must not keep a thread for a whole batch.
+    monkeypatch.setattr(blobs, "SEND_WAIT_MS", 0)
+    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 64 * 1024)
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 0, 20 * MiB)
+    assert (sent, how) == (64 * 1024, "more")
