@@ -202,6 +202,25 @@ class Fetch:
 RunInThread = Callable[..., Deferred[Any]]
 
 
+def hash_prefix(hasher: Any, path: str, length: int) -> None:
+    """
+    Feed C{hasher} the first C{length} bytes of the file at C{path}: what a
+    download resumed with a Range request already has.  A file that cannot
+    be read (or is short) spoils the hash, so that nothing wrong is cached.
+    """
+    try:
+        with open(path, "rb", buffering=0) as f:
+            left = length
+            while left:
+                data = f.read(min(left, REPORT_EVERY))
+                if not data:
+                    raise OSError(f"{path} is shorter than {length} bytes")
+                hasher.update(data)
+                left -= len(data)
+    except OSError:
+        hasher.update(b"\0unreadable prefix")
+
+
 def run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
     Run "in a thread" synchronously: for tests with an in-memory reactor.
@@ -222,10 +241,14 @@ class InlineHashAndStore:
         writer: BlobWriter | None,
         on_stored: Callable[[int], None],
         on_write_error: Callable[[OSError], None],
+        prefix: int = 0,
     ) -> None:
         self.hasher = digest.hasher()
         self.writer = writer
-        self.stored = 0
+        if prefix:
+            assert writer is not None
+            hash_prefix(self.hasher, writer.path, prefix)
+        self.stored = prefix
         self.pending_bytes = 0
         self._on_stored = on_stored
         self._on_write_error = on_write_error
@@ -279,11 +302,14 @@ class ThreadedHashAndStore:
         call_from_thread: Callable[..., None],
         on_stored: Callable[[int], None],
         on_write_error: Callable[[OSError], None],
+        prefix: int = 0,
     ) -> None:
         self.hasher = digest.hasher()
         self.writer = writer
+        #: Bytes the file held before this body (hashed first, by the hashing thread).
+        self._prefix = (writer.path, prefix) if prefix and writer is not None else None
         #: Bytes written to the file (what followers may read).
-        self.stored = 0
+        self.stored = prefix
         self._fed = 0
         self._hashed = 0
         #: Bytes the writing thread is done with: written, or passed over
@@ -381,6 +407,11 @@ class ThreadedHashAndStore:
     # However they end, they say so: the download waits for them.
 
     def _hash_work(self) -> None:
+        if self._prefix is not None:
+            try:
+                hash_prefix(self.hasher, *self._prefix)
+            except BaseException:
+                self.hasher.update(b"\0unreadable prefix")
         self._work(self._hash_queue, self.hasher.update, self._hashed_more, self._hash_ended)
 
     def _write_work(self, writer: BlobWriter) -> None:
@@ -472,12 +503,16 @@ class BlobPipe(Protocol):
         on_bytes: Callable[[int], None] | None = None,
         run_in_thread: RunInThread = run_here,
         call_from_thread: Callable[..., None] | None = None,
-        on_disk_left_behind: Callable[[], None] | None = None,
+        on_disk_left_behind: Callable[[Deferred[BlobWriter]], None] | None = None,
         leave_disk_after: float = LEAVE_DISK_AFTER,
         send_in_thread: RunInThread | None = None,
+        offset: int = 0,
     ) -> None:
         self._digest = digest
         self._send_in_thread = send_in_thread
+        #: Bytes of the blob the writer's file already holds: this body (a
+        #: Range response) starts there.
+        self._offset = offset
         self._expected = expected_length
         #: Given, a disk that falls behind a lone client may be left behind
         #: (and this is called when it is); else the client waits for it.
@@ -494,9 +529,11 @@ class BlobPipe(Protocol):
         self._run_in_thread = run_in_thread
         self._store: InlineHashAndStore | ThreadedHashAndStore
         if call_from_thread is not None:
-            self._store = ThreadedHashAndStore(digest, writer, call_from_thread, self._stored, self._write_failed)
+            self._store = ThreadedHashAndStore(
+                digest, writer, call_from_thread, self._stored, self._write_failed, offset
+            )
         else:
-            self._store = InlineHashAndStore(digest, writer, self._stored, self._write_failed)
+            self._store = InlineHashAndStore(digest, writer, self._stored, self._write_failed, offset)
         self._received = 0
         self._held = b""
         #: Bytes actually written to the primary client.
@@ -604,21 +641,23 @@ class BlobPipe(Protocol):
     def _leave_disk_behind(self) -> None:
         """
         Stop writing the cache file, so that the client gets the blob at the
-        upstream's pace rather than the disk's; the service fetches the blob
-        again into the cache once the client is served.
+        upstream's pace rather than the disk's; once the client is served,
+        the service fetches the rest of the blob into the file.
         """
         writer, self._writer = self._writer, None
         fetch, self._fetch = self._fetch, None
         assert writer is not None and fetch is not None and self._on_disk_left_behind is not None
-        self._store.stop_writing().addCallback(lambda _: writer.abort())
+        # The file keeps what was written: the refill asks the upstream only
+        # for the rest (once the writing thread has let go of it).
+        kept = self._store.stop_writing().addCallback(lambda _: writer)
         fetch.on_reader_moved = fetch.on_follower_joined = None
         fetch.finished(None, ok=False)
         log.info(
-            "the cache's disk fell behind upstream {what}; streaming it uncached, to be fetched "
-            "again into the cache afterwards",
+            "the cache's disk fell behind upstream {what}; streaming it past the disk, the rest "
+            "to be fetched into the cache afterwards",
             what=self._describe,
         )
-        self._on_disk_left_behind()
+        self._on_disk_left_behind(kept)
 
     def _stored(self, stored: int) -> None:
         if self._finished:
@@ -794,7 +833,7 @@ class BlobPipe(Protocol):
         # The body is right: every client may have its last bytes now.  Making
         # it a cache entry (fsync, rename) is the cache's business, not theirs.
         if self._fetch is not None:
-            self._fetch.verified(self._received)
+            self._fetch.verified(self._offset + self._received)
         self._end_primary(ok=True)
         writer = self._writer
         if writer is None:
@@ -1242,6 +1281,22 @@ def _raw_socket(request: Request) -> int | None:
     return transport.fileno()
 
 
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def parse_content_range(header: str | bytes | None) -> tuple[int, int, int | None] | None:
+    """C{Content-Range: bytes FIRST-LAST/TOTAL} as (first, last, total or None)."""
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    match = _CONTENT_RANGE.fullmatch((header or "").strip())
+    if match is None:
+        return None
+    first, last, total = match.groups()
+    if int(last) < int(first):
+        return None
+    return int(first), int(last), None if total == "*" else int(total)
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """
     Interpret a single C{Range: bytes=...} header against a blob of C{size}
@@ -1292,7 +1347,7 @@ class BlobService:
         self._metrics = metrics
         self._run_in_thread = run_in_thread
         #: Else a lone client of a cold blob is not held back by a disk slower
-        #: than the upstream (the blob is fetched again into the cache).
+        #: than the upstream (the rest of the blob is fetched into the cache after).
         self.client_waits_for_disk = client_waits_for_disk
         self.leave_disk_after = leave_disk_after
         #: With it, each download hashes and writes on a thread of its own.
@@ -1385,8 +1440,19 @@ class BlobService:
         return d.addCallback(answered)
 
     def _start_fetch(
-        self, request: Request | None, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
+        self,
+        request: Request | None,
+        key: BlobKey,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+        resume: BlobWriter | None = None,
     ) -> Deferred[None]:
+        """
+        Download a blob for C{request} (None: into the cache only).  With
+        C{resume}, a cache file that already holds the start of the blob,
+        only the rest is asked for (C{Range}).
+        """
         fetch = Fetch(key)
         self._fetches[key] = fetch
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
@@ -1394,32 +1460,50 @@ class BlobService:
         if request is not None:
             request.notifyFinish().addErrback(lambda _: primary.__setitem__(0, None))
         served: Deferred[None] = Deferred()
-        disk_left_behind = False
+        disk_left_behind: Deferred[BlobWriter] | None = None
+        have = resume.length() if resume is not None else None
+        if resume is not None and not have:
+            if have is not None:
+                resume.abort()
+            resume = None
 
         def forget(result: object) -> object:
             if self._fetches.get(key) is fetch:
                 del self._fetches[key]
             return result
 
-        def leave_disk_behind() -> None:
+        def leave_disk_behind(kept: Deferred[BlobWriter]) -> None:
             nonlocal disk_left_behind
-            disk_left_behind = True
+            disk_left_behind = kept
             forget(None)  # whoever comes next starts a download of their own
             if self._metrics is not None:
                 self._metrics.disk_left_behind.inc()
 
         def refill(ok: bool) -> bool:
-            if ok and disk_left_behind:
-                self._refill(key, upstream, upstream_name, digest)
+            if disk_left_behind is not None:
+                if ok:
+                    self._refill(key, upstream, upstream_name, digest, disk_left_behind)
+                else:
+                    disk_left_behind.addCallback(lambda writer: writer.abort())
             return ok
 
         def answered(response: IResponse) -> Deferred[bool] | None:
-            if response.code != 200:
+            offset = 0
+            if resume is not None:
+                resumed = self._resumed(response, resume, have or 0)
+                if resumed is None:
+                    resume.abort()
+                    discard_body(response)
+                    if response.code == 206:
+                        raise _retry_error()  # a range other than the one asked for
+                    raise map_status(upstream, response, blob_unknown(str(digest)))
+                offset = resumed
+            elif response.code != 200:
                 discard_body(response)
                 raise map_status(upstream, response, blob_unknown(str(digest)))
             length = _content_length(response)
-            writer = None
-            if length is None or length <= self.cache.max_size_bytes:
+            writer = resume
+            if writer is None and (length is None or length <= self.cache.max_size_bytes):
                 writer = self.cache.begin(key)
             client = primary[0]
             if writer is None:
@@ -1432,7 +1516,8 @@ class BlobService:
                     _fire(served)
                     return None
             else:
-                fetch.started(writer, length)
+                fetch.started(writer, None if length is None else offset + length)
+                fetch.progressed(offset)
             if client is not None:
                 _blob_headers(client, digest)
                 if length is not None:
@@ -1452,6 +1537,7 @@ class BlobService:
                 None if self.client_waits_for_disk else leave_disk_behind,
                 self.leave_disk_after,
                 self._send_in_thread,
+                offset,
             )
             response.deliverBody(pipe)
             if client is None:
@@ -1468,18 +1554,59 @@ class BlobService:
             if not served.called:
                 served.errback(failure)
 
-        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
+        headers = {"range": [f"bytes={have}-"]} if resume is not None else None
+        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name), headers)
         d.addCallback(answered)
         d.addErrback(failed)
         d.addBoth(forget)
         return served
 
-    def _refill(self, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest) -> None:
+    @staticmethod
+    def _resumed(response: IResponse, writer: BlobWriter, have: int) -> int | None:
+        """
+        Where the body of an answer to a C{Range: bytes=HAVE-} request goes
+        in C{writer}'s file: at HAVE for the matching 206, at 0 for a 200
+        (the whole blob: what the file held is dropped); None for anything
+        else, which the caller refuses.
+        """
+        if response.code == 200:
+            writer.resume_at(0)
+            return 0
+        if response.code != 206:
+            return None
+        span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
+        length = _content_length(response)
+        if span is None or span[0] != have or span[2] is None or span[1] != span[2] - 1:
+            return None
+        if length is not None and length != span[2] - have:
+            return None
+        writer.resume_at(have)
+        return have
+
+    def _refill(
+        self,
+        key: BlobKey,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+        partial: Deferred[BlobWriter] | None = None,
+    ) -> None:
         """
         Download a blob into the cache with no client waiting for it, unless
-        it is already there or on its way.
+        it is already there or on its way; C{partial}, the file a download
+        left behind, is completed rather than started over.
         """
+        if partial is not None:
+            partial.addCallback(lambda writer: self._refill_from(key, upstream, upstream_name, digest, writer))
+            return
+        self._refill_from(key, upstream, upstream_name, digest, None)
+
+    def _refill_from(
+        self, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest, writer: BlobWriter | None
+    ) -> None:
         if key in self._fetches or self.cache.lookup(key) is not None:
+            if writer is not None:
+                writer.abort()
             return
 
         def failed(failure: Failure) -> None:
@@ -1491,7 +1618,7 @@ class BlobService:
                 why=_as_registry_error(failure, upstream).message,
             )
 
-        self._start_fetch(None, key, upstream, upstream_name, digest).addErrback(failed)
+        self._start_fetch(None, key, upstream, upstream_name, digest, writer).addErrback(failed)
 
     def _follow(self, request: Request, fetch: Fetch, digest: Digest) -> Deferred[None]:
         def go(fetch: Fetch) -> Deferred[None]:

@@ -114,6 +114,24 @@ class BlobWriter:
             written = os.write(self._fd, view)
             view = view[written:]
 
+    def length(self) -> int | None:
+        """How long the file is now; None once it is committed or aborted."""
+        if self._file is None:
+            return None
+        try:
+            return os.fstat(self._fd).st_size
+        except OSError:
+            return None
+
+    def resume_at(self, offset: int) -> None:
+        """
+        Go on writing at C{offset}: what the file holds before it is kept
+        (and must be part of what gets verified), anything after is dropped.
+        """
+        os.ftruncate(self._fd, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        self.size = offset
+
     def sync_raw(self) -> None:
         """fsync, from a worker thread: it can take a while."""
         os.fsync(self._fd)

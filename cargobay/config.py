@@ -186,7 +186,7 @@ class CacheConfig:
     scrub_bytes_per_interval: int = 64 * 1024 * 1024
     #: Whether a lone client of a cold blob is paced by the cache's disk
     #: (the upstream then sends every blob once); else a disk slower than
-    #: the upstream is left behind and the blob fetched again into the cache.
+    #: the upstream is left behind, and what it lacks fetched into it after.
     client_waits_for_disk: bool = False
     #: How long such a client is kept in step with the disk first, so that
     #: clients arriving together share one download.

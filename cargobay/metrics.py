@@ -133,7 +133,7 @@ class Metrics:
         self.disk_left_behind = Counter(
             "cargobay_cache_disk_left_behind_total",
             "Cold blobs streamed to their client past a cache disk slower than the upstream, "
-            "then fetched again into the cache.",
+            "the rest then fetched into the cache.",
         )
         self.upstream_bytes = Counter(
             "cargobay_upstream_received_bytes_total", "Blob bytes received from upstream registries.",

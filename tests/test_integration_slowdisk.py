@@ -4,7 +4,8 @@ FUSE filesystem whose writes go at 16 MB/s), with the real twistd, the CNCF
 registry as upstream and curl as the client:
 
 - a lone client leaves the slow disk behind, gets the whole verified blob at
-  the upstream's pace, and the blob reaches the cache by a second download;
+  the upstream's pace, and the blob reaches the cache by a second download
+  of only the part the disk had not written (Range);
 - with ``client_waits_for_disk`` it waits for the disk and the upstream
   sends the blob once;
 - clients that come together share one download, at the disk's pace.
@@ -106,6 +107,11 @@ def test_a_lone_client_leaves_a_slow_disk_behind_and_the_blob_is_cached_after(up
         assert "sha256:" + hashlib.sha256(cached.read_bytes()).hexdigest() == digest
         assert wait_until(lambda: blob_gets(upstream, digest) == 2, timeout=10)
         assert not proxy.temp_files()
+        # The second download asked only for what the disk had not written:
+        # the upstream sent the blob once, plus the part the disk missed.
+        first, second = [e for e in upstream.access_log() if e.method == "GET" and digest in e.uri]
+        assert first.status == 200 and first.size == SIZE
+        assert second.status == 206 and 0 < second.size < SIZE
         # And it is served from there, with no third download.
         status, size, got, _ = curl(proxy, digest)
         assert (status, size, got) == (200, SIZE, digest)

@@ -13,6 +13,7 @@ import os
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from cargobay.auth import Authenticator
@@ -238,6 +239,84 @@ def test_a_blob_left_behind_by_a_slow_disk_is_fetched_again_into_the_cache(world
     response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
     assert response.code == 200 and body == BLOB
     assert response.headers.getRawHeaders("x-cache") == ["HIT"]
+
+
+def partial_file(world, key, data):
+    """A cache file a download left behind, holding ``data``."""
+    writer = world.cache.begin(key)
+    writer.write_raw(data)
+    writer.wrote(len(data))
+    return writer
+
+
+def ranged(body, start=None, total=None):
+    """An upstream that answers Range requests with a 206 of ``body[start:]``."""
+
+    def answer(request):
+        asked = request.getHeader(b"range")
+        if asked is None:
+            return body
+        first = int(asked.decode().split("=")[1].rstrip("-")) if start is None else start
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", f"bytes {first}-{len(body) - 1}/{total or len(body)}".encode())
+        part = body[first:]
+        request.setHeader(b"Content-Length", str(len(part)).encode())
+        return part
+
+    return answer
+
+
+def test_a_refill_asks_only_for_what_the_file_left_behind_lacks(world):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    [get] = world.upstream_registry.requests("/blobs/")
+    assert get.headers.get("range") == ["bytes=100000-"]
+    entry = world.cache.lookup(key)
+    assert entry is not None and entry.size == len(BLOB)
+    with open(entry.path, "rb") as f:
+        assert f.read() == BLOB
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert body == BLOB and response.headers.getRawHeaders("x-cache") == ["HIT"]
+
+
+def test_a_refill_from_an_upstream_that_ignores_range_starts_the_file_over(world):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    entry = world.cache.lookup(key)
+    assert entry is not None and entry.size == len(BLOB)
+    with open(entry.path, "rb") as f:
+        assert f.read() == BLOB
+
+
+@pytest.mark.parametrize("answer", [
+    {"start": 99_999},  # not where we asked
+    {"total": len(BLOB) + 1},  # a different blob
+])
+def test_a_refill_given_some_other_range_caches_nothing(world, answer):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB, **answer))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    assert world.cache.lookup(key) is None
+    assert not os.path.exists(writer.path)
+
+
+def test_a_refill_onto_a_file_with_wrong_bytes_caches_nothing(world):
+    # The prefix is hashed from the file itself: a file that does not hold
+    # the blob's first bytes can never become the entry.
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, b"X" + BLOB[1:100_000])
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    assert world.cache.lookup(key) is None
+    assert not os.path.exists(writer.path)
 
 
 def test_blob_with_wrong_content_is_never_cached(world):
