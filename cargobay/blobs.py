@@ -53,7 +53,8 @@ SEND_BATCH = 16 * 1024 * 1024
 #: Milliseconds one batch may take on a sending thread before it hands the
 #: client back to the reactor.
 SEND_WAIT_MS = 50
-#: Milliseconds a sending thread waits for a full socket to take more.
+#: Milliseconds a sending thread waits for a full socket to take more when
+#: other batches are waiting for a thread (else it may wait out the batch).
 SOCKET_WAIT_MS = 2
 #: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
 #: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
@@ -1071,8 +1072,9 @@ class FileSender:
                 lent = None  # out of descriptors: send from here instead
             if lent is not None:
                 self._sending = True
+                _batches.add(1)
                 upto = limit if last is None else min(limit, last)
-                batch = self._send_in_thread(_send_batch, lent, self._fd, self.position, upto)
+                batch = self._send_in_thread(_queued_batch, lent, self._fd, self.position, upto)
                 batch.addErrback(_batch_crashed).addCallback(self._batch_sent, transport)
                 # A runner that finished at once leaves the loop to go on.
                 return not self._sending and self._file is not None and not self._paused
@@ -1197,14 +1199,36 @@ class FileSender:
             on_done(False)
 
 
+class _Queue:
+    """How many batches wait for a sending thread (a hint, not a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.waiting += count
+
+
+_batches = _Queue()
+
+
+def _queued_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str]:
+    """L{_send_batch}, handed to the pool: it no longer waits for a thread."""
+    _batches.add(-1)
+    return _send_batch(sock, fd, position, limit)
+
+
 def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str]:
     """
     On a sending thread: sendfile(2) from C{fd} at C{position} towards
     C{limit} to C{sock} (a duplicate this closes), until C{limit} or
     C{SEND_BATCH} bytes, the batch has run for C{SEND_WAIT_MS}, the socket
-    stays full for C{SOCKET_WAIT_MS}, or the client is gone.  A slow client
-    (or a slow disk) thus never holds a thread for long.  Returns the bytes
-    sent and C{"blocked"}, C{"failed"} or C{"more"}.
+    stays full (for C{SOCKET_WAIT_MS} when other batches wait for a thread),
+    or the client is gone.  A slow client (or a slow disk) thus never holds
+    a thread for long.  Returns the bytes sent and C{"blocked"},
+    C{"failed"} or C{"more"}.
     """
     sent = 0
     try:
@@ -1215,11 +1239,14 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
             try:
                 count = os.sendfile(sock, fd, position + sent, min(SENDFILE_CHUNK, limit - position - sent))
             except BlockingIOError:
-                # A client that drains its socket at once (one on the same
-                # machine, say) is waited for here, briefly; any other is
-                # left to the reactor's write events.
-                if time.monotonic() < deadline and writable.poll(SOCKET_WAIT_MS):
-                    continue
+                # A client that drains its socket soon is waited for here,
+                # without a round trip through the reactor; only briefly
+                # when other clients' batches wait for a thread.
+                left = deadline - time.monotonic()
+                if left > 0:
+                    patience = SOCKET_WAIT_MS if _batches.waiting > 0 else max(1, int(left * 1000))
+                    if writable.poll(patience):
+                        continue
                 return sent, "blocked"
             except OSError:
                 return sent, "failed"

@@ -229,3 +229,33 @@ def test_a_batch_ends_on_its_deadline_even_while_the_socket_takes_everything(blo
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
     sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 0, 20 * MiB)
     assert (sent, how) == (64 * 1024, "more")
+
+
+class RecordingPoll:
+    """select.poll that records how long it was asked to wait, and times out."""
+
+    waits: list[int] = []
+
+    def register(self, fd: int, events: int) -> None:
+        pass
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        RecordingPoll.waits.append(timeout)
+        return []
+
+
+@pytest.mark.parametrize("others_waiting, patience", [(0, "the batch's"), (3, "brief")])
+def test_a_full_socket_is_waited_for_only_briefly_when_others_wait_for_a_thread(
+    blob_file, pair, monkeypatch, others_waiting, patience
+):
+    monkeypatch.setattr(blobs.select, "poll", RecordingPoll)
+    monkeypatch.setattr(blobs._batches, "waiting", others_waiting)
+    RecordingPoll.waits = []
+    sender, receiver = pair  # nobody reads: the socket fills up
+    sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 0, 20 * MiB)
+    assert how == "blocked" and sent > 0
+    [wait] = RecordingPoll.waits
+    if patience == "brief":
+        assert wait == blobs.SOCKET_WAIT_MS
+    else:
+        assert blobs.SOCKET_WAIT_MS < wait <= blobs.SEND_WAIT_MS
