@@ -1490,8 +1490,7 @@ class BlobService:
         disk_left_behind: Deferred[BlobWriter] | None = None
         have = resume.length() if resume is not None else None
         if resume is not None and not have:
-            if have is not None:
-                resume.abort()
+            resume.abort()  # nothing (or nothing readable) to go on from
             resume = None
 
         def forget(result: object) -> object:
@@ -1516,19 +1515,19 @@ class BlobService:
 
         def answered(response: IResponse) -> Deferred[bool] | None:
             offset = 0
+            length = _content_length(response)
             if resume is not None:
-                resumed = self._resumed(response, resume, have or 0)
+                resumed = self._resumed(response, resume, have or 0, self.cache.max_size_bytes)
                 if resumed is None:
                     resume.abort()
                     discard_body(response)
-                    if response.code == 206:
-                        raise _retry_error()  # a range other than the one asked for
+                    if response.code in (200, 206):
+                        raise _retry_error()  # another range, too big, or the disk refused
                     raise map_status(upstream, response, blob_unknown(str(digest)))
-                offset = resumed
+                offset, length = resumed
             elif response.code != 200:
                 discard_body(response)
                 raise map_status(upstream, response, blob_unknown(str(digest)))
-            length = _content_length(response)
             writer = resume
             if writer is None and (length is None or length <= self.cache.max_size_bytes):
                 writer = self.cache.begin(key)
@@ -1576,6 +1575,8 @@ class BlobService:
             return pipe.done.addCallback(refill)
 
         def failed(failure: Failure) -> None:
+            if resume is not None:
+                resume.abort()  # the upstream never answered: nothing to go on with
             error = _as_registry_error(failure, upstream)
             fetch.refused(error)
             if not served.called:
@@ -1589,26 +1590,37 @@ class BlobService:
         return served
 
     @staticmethod
-    def _resumed(response: IResponse, writer: BlobWriter, have: int) -> int | None:
+    def _resumed(
+        response: IResponse, writer: BlobWriter, have: int, max_size: int
+    ) -> tuple[int, int | None] | None:
         """
         Where the body of an answer to a C{Range: bytes=HAVE-} request goes
-        in C{writer}'s file: at HAVE for the matching 206, at 0 for a 200
-        (the whole blob: what the file held is dropped); None for anything
-        else, which the caller refuses.
+        in C{writer}'s file, and its length: at HAVE for the matching 206, at
+        0 for a 200 (the whole blob: what the file held is dropped); None for
+        anything else, a blob over C{max_size}, or a file that cannot be
+        cut to size, which the caller refuses.
         """
-        if response.code == 200:
-            writer.resume_at(0)
-            return 0
-        if response.code != 206:
-            return None
-        span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
         length = _content_length(response)
-        if span is None or span[0] != have or span[2] is None or span[1] != span[2] - 1:
+        if response.code == 200:
+            offset = 0
+            if length is not None and length > max_size:
+                return None
+        elif response.code == 206:
+            span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
+            if span is None or span[0] != have or span[2] is None or span[1] != span[2] - 1:
+                return None
+            if length is not None and length != span[2] - have:
+                return None
+            if span[2] > max_size:
+                return None
+            offset, length = have, span[2] - have
+        else:
             return None
-        if length is not None and length != span[2] - have:
+        try:
+            writer.resume_at(offset)
+        except OSError:
             return None
-        writer.resume_at(have)
-        return have
+        return offset, length
 
     def _refill(
         self,

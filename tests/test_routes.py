@@ -13,18 +13,20 @@ import os
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
 from cargobay.cache import BlobCache, BlobKey
 from cargobay.config import parse_config
+from cargobay.errors import RegistryError
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.reference import Digest
 from cargobay.routes import RegistryApp
 from cargobay.tokens import TokenVerifier, mint_token
+from cargobay.upstream import UpstreamError
 from fakes import FakeRegistry, make_upstream
 
 SECRET = "route-test-secret-route-test-secret-xx"
@@ -312,6 +314,29 @@ def test_a_refill_onto_a_file_with_wrong_bytes_caches_nothing(world):
     # the blob's first bytes can never become the entry.
     key = BlobKey("up", Digest.parse(BLOB_DIGEST))
     writer = partial_file(world, key, b"X" + BLOB[1:100_000])
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    assert world.cache.lookup(key) is None
+    assert not os.path.exists(writer.path)
+
+
+def test_a_refill_whose_upstream_cannot_be_reached_leaves_no_file(world, monkeypatch):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+    unreachable = UpstreamError(RegistryError(502, "UNKNOWN", "connection refused"))
+    monkeypatch.setattr(world.upstream, "request", lambda *args, **kwargs: fail(unreachable))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    assert world.cache.lookup(key) is None
+    assert not os.path.exists(writer.path)
+    assert world.blobs.in_flight() == 0
+
+
+def test_a_refill_of_a_blob_too_big_for_the_cache_leaves_no_file(world):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+    world.cache.max_size_bytes = len(BLOB) - 1
     world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
     world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
     world.client.flush()
