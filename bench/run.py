@@ -677,7 +677,7 @@ class Bench:
             digests.append(digest)
         # Counted once all is quiet, over the whole log, by User-Agent: a
         # late background GET belongs to the proxy that made it.
-        for digest, rnd in zip(digests, range(1, a.rounds + 1), strict=True):
+        for rnd, digest in enumerate(digests, 1):
             for row_gets, row_sent, who, name in ((gets.cargobay, sent.cargobay, by_cargobay, "cargobay"),
                                                   (gets.peer, sent.peer, by_peer, "peer")):
                 count, nbytes = self.gets_of(digest, who)

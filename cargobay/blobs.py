@@ -207,7 +207,8 @@ def hash_prefix(hasher: Any, path: str, length: int) -> None:
     """
     Feed C{hasher} the first C{length} bytes of the file at C{path}: what a
     download resumed with a Range request already has.  A file that cannot
-    be read (or is short) spoils the hash, so that nothing wrong is cached.
+    be read (or is short) spoils the hash, so that nothing wrong is cached;
+    it never raises, so the hashing thread always goes on to report its end.
     """
     try:
         with open(path, "rb", buffering=0) as f:
@@ -218,7 +219,7 @@ def hash_prefix(hasher: Any, path: str, length: int) -> None:
                     raise OSError(f"{path} is shorter than {length} bytes")
                 hasher.update(data)
                 left -= len(data)
-    except OSError:
+    except Exception:
         hasher.update(b"\0unreadable prefix")
 
 
@@ -409,10 +410,7 @@ class ThreadedHashAndStore:
 
     def _hash_work(self) -> None:
         if self._prefix is not None:
-            try:
-                hash_prefix(self.hasher, *self._prefix)
-            except BaseException:
-                self.hasher.update(b"\0unreadable prefix")
+            hash_prefix(self.hasher, *self._prefix)
         self._work(self._hash_queue, self.hasher.update, self._hashed_more, self._hash_ended)
 
     def _write_work(self, writer: BlobWriter) -> None:
@@ -1090,17 +1088,20 @@ class FileSender:
         if sent == 0:
             self._close(ok=False)
             return False
-        self.position += sent
-        self._request.sentLength += sent  # type: ignore[attr-defined]
-        if self._fetch is not None:
-            self._fetch.reader_moved()
+        self._sent(sent)
         return True
+
+    def _sent(self, count: int) -> None:
+        """C{count} more bytes went straight to the socket."""
+        self.position += count
+        self._request.sentLength += count  # type: ignore[attr-defined]
+        if self._fetch is not None and self._file is not None:
+            self._fetch.reader_moved()
 
     def _batch_sent(self, result: tuple[int, str], transport: Any) -> None:
         sent, how = result
         self._sending = False
-        self.position += sent
-        self._request.sentLength += sent  # type: ignore[attr-defined]
+        self._sent(sent)
         if self._file is None:
             # Stopped meanwhile.
             if self._closing is not None:
@@ -1111,8 +1112,6 @@ class FileSender:
                 del self._request.still_sending  # type: ignore[attr-defined]
                 counted.callback(None)
             return
-        if self._fetch is not None:
-            self._fetch.reader_moved()
         if how == "blocked":
             self._wait_for_socket(transport)
         elif how == "failed":

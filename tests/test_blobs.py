@@ -163,6 +163,14 @@ def finish(pipe: BlobPipe, reactor: Reactor) -> bool:
     return results[0]
 
 
+def assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events) -> None:
+    """The upstream waits for the disk, which is kept, and the blob is cached whole."""
+    assert upstream.paused and events == []
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert writer.committed and bytes(writer.written) == BODY
+
+
 def test_a_lone_client_is_not_held_back_by_a_slow_disk():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     feed(pipe)
@@ -200,10 +208,7 @@ def test_with_client_waits_for_disk_the_upstream_is_paused_instead():
 def test_a_young_download_keeps_its_disk_so_that_a_herd_can_share_it():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True, running_for=0.1)
     feed(pipe)
-    assert upstream.paused and events == []
-    writer.gate.set()
-    assert finish(pipe, reactor) is True
-    assert writer.committed and bytes(writer.written) == BODY
+    assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
 
 
 def test_with_no_grace_a_lone_client_leaves_the_disk_at_once():
@@ -219,10 +224,7 @@ def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
     feed(pipe)
-    assert upstream.paused and events == []
-    writer.gate.set()
-    assert finish(pipe, reactor) is True
-    assert writer.committed and bytes(writer.written) == BODY
+    assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
 
 
 def test_a_wrong_body_left_behind_is_still_refused():
