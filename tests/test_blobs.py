@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from cargobay.blobs import LEAVE_DISK_AFTER, STORE_BACKLOG, BlobPipe, Fetch, parse_range
+from cargobay.blobs import GATHER, LEAVE_DISK_AFTER, STORE_BACKLOG, BlobPipe, Fetch, parse_range
 from cargobay.cache import BlobKey, Entry
 from cargobay.reference import Digest
 
@@ -130,11 +130,14 @@ def left_behind(kept: Any, events: list[str]) -> None:
 
 
 def make_pipe(
-    may_leave: bool, running_for: float = LEAVE_DISK_AFTER, leave_disk_after: float = LEAVE_DISK_AFTER
+    may_leave: bool,
+    running_for: float = LEAVE_DISK_AFTER,
+    leave_disk_after: float = LEAVE_DISK_AFTER,
+    clock: Clock | None = None,
 ) -> tuple[BlobPipe, HeldBackWriter, Fetch, Reactor, Client, UpstreamConnection, list[str]]:
     """A download that has been running for C{running_for} seconds."""
     writer = HeldBackWriter()
-    clock = Clock()
+    clock = clock or Clock()
     fetch = Fetch(BlobKey("up", DIGEST))
     fetch.started(writer, len(BODY))  # type: ignore[arg-type]
     reactor, client, upstream = Reactor(), Client(), UpstreamConnection()
@@ -237,6 +240,35 @@ def test_a_wrong_body_left_behind_is_still_refused():
     # Refused: the service is told so, and throws the file away.
     assert finish(pipe, reactor) is False
     assert not client.finished and not writer.committed
+
+
+def test_the_small_pieces_of_a_tls_body_go_on_gathered():
+    """
+    A TLS layer hands the body over in records of 16 KiB, many per read of
+    the socket: they reach the disk (and the hash, and the client) a read's
+    worth or L{GATHER} bytes at a time, and the last ones when the body ends.
+    """
+    clock = Clock()
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False, clock=clock)
+    writer.gate.set()
+    sizes: list[int] = []
+    write_raw = writer.write_raw
+    writer.write_raw = lambda data: (sizes.append(len(data)), write_raw(data))  # type: ignore[method-assign]
+    piece = 16 * 1024
+    # One read of the socket: half of GATHER, then the reactor turn ends.
+    for start in range(0, GATHER // 2, piece):
+        pipe.dataReceived(BODY[start:start + piece])
+    assert pipe._store.pending_bytes == 0 and not client.body
+    clock.advance(0)
+    # The rest in one long read: GATHER at a time, and what is left at the end.
+    for start in range(GATHER // 2, len(BODY) - 100, piece):
+        pipe.dataReceived(BODY[start:min(start + piece, len(BODY) - 100)])
+    pipe.dataReceived(BODY[-100:])
+    assert finish(pipe, reactor) is True
+    assert client.finished and bytes(client.body) == BODY
+    assert writer.committed and bytes(writer.written) == BODY
+    middle = (len(BODY) - GATHER // 2) // GATHER
+    assert sizes == [GATHER // 2] + [GATHER] * middle + [len(BODY) - GATHER // 2 - middle * GATHER]
 
 
 def test_nothing_in_an_empty_blob_can_be_asked_for():

@@ -238,7 +238,7 @@ def tls_upstreams(ca, tmp_path_factory):
     try:
         good.start()
         mismatch.start()
-        built = build_oci_layout(work / "img", "latest", layer_sizes=[600_000, 200_000])
+        built = build_oci_layout(work / "img", "latest", layer_sizes=[3_000_000, 200_000])
         for registry in (good, mismatch):
             skopeo_push(work / "img", "latest", f"{registry.host}/library/secure:latest")
         yield {"good": good, "mismatch": mismatch, "image": built, "layout": work / "img"}
