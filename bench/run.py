@@ -47,12 +47,13 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(REPO_ROOT))
 
 from dockerd import DockerdError, start_dockerd  # noqa: E402
+from tls import TestCA, TLSRegistry  # noqa: E402
 
 from peers import OCI_MANIFEST, Registry, Twistd, build_oci_layout, free_port, push_blob, skopeo_push  # noqa: E402
 from proxy import ALL, Proxy, write_config  # noqa: E402
 
 MiB = 1024 * 1024
-SCENARIOS = ("warm", "cold", "herd", "manifest", "memory", "docker")
+SCENARIOS = ("warm", "cold", "cold-tls", "herd", "manifest", "memory", "docker")
 RESULTS_DIR = BENCH_DIR / "results"
 
 # Local repository names equal the upstream names, so that the same path works
@@ -154,16 +155,18 @@ http {{
             self._log.close()
 
 
-def start_cargobay(workdir: Path, upstream_url: str, cache_settings: str = "") -> Proxy:
+def start_cargobay(workdir: Path, upstream_url: str, cache_settings: str = "", ca_file: Path | None = None) -> Proxy:
     """
     Like tests/proxy.py's start_proxy, but stops the process if it never
-    listens.  ``cache_settings``: extra TOML lines for its [cache] table.
+    listens.  ``cache_settings``: extra TOML lines for its [cache] table;
+    ``ca_file``: the CA of an HTTPS upstream.
     """
     port = free_port()
     cache = workdir / "cache"
-    config = write_config(
-        workdir / "config.toml", port, cache, [{"id": "up", "url": upstream_url}], REPOSITORIES, cache_settings
-    )
+    upstream: dict[str, Any] = {"id": "up", "url": upstream_url}
+    if ca_file is not None:
+        upstream["ca_file"] = ca_file
+    config = write_config(workdir / "config.toml", port, cache, [upstream], REPOSITORIES, cache_settings)
     process = Twistd(config_path=config, log_path=workdir / "cargobay.log").start()
     try:
         process.wait_listening(port)
@@ -196,10 +199,12 @@ class CurlResult:
     seconds: float
 
 
-def curl_args(url: str, headers: dict[str, str] | None) -> list[str]:
+def curl_args(url: str, headers: dict[str, str] | None, cacert: Path | None = None) -> list[str]:
     args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}"]
     for k, v in (headers or {}).items():
         args += ["-H", f"{k}: {v}"]
+    if cacert is not None:
+        args += ["--cacert", str(cacert)]
     return [*args, url]
 
 
@@ -208,8 +213,9 @@ def parse_curl(out: str) -> CurlResult:
     return CurlResult(int(code), int(float(size)), float(speed), float(seconds))
 
 
-def curl(url: str, headers: dict[str, str] | None = None, expect_size: int | None = None) -> CurlResult:
-    proc = subprocess.run(curl_args(url, headers), capture_output=True, text=True, timeout=1800,
+def curl(url: str, headers: dict[str, str] | None = None, expect_size: int | None = None,
+         cacert: Path | None = None) -> CurlResult:
+    proc = subprocess.run(curl_args(url, headers, cacert), capture_output=True, text=True, timeout=1800,
                           stdin=subprocess.DEVNULL, check=False)
     result = parse_curl(proc.stdout)
     if result.code != 200 or (expect_size is not None and result.size != expect_size):
@@ -417,6 +423,18 @@ def chart(rows: list[Row], path: Path, title: str) -> bool:
 
 # ---------------------------------------------------------------------------
 # the benchmark
+@dataclass
+class Side:
+    """An upstream, and the CNCF proxy and cargobay in front of it."""
+
+    name: str
+    upstream: Registry
+    peer: Registry
+    cargobay: Proxy
+    #: The CA of an HTTPS upstream, for curl's direct GETs.
+    cacert: Path | None = None
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -461,7 +479,28 @@ class Bench:
         self.peer.start()
         self.cargobay = start_cargobay(self.tmp / "cargobay", self.upstream.url, self.cache_settings)
         self.later(self.cargobay.process.stop)
+        self.plain = Side("plain", self.upstream, self.peer, self.cargobay)
         log(f"upstream {self.upstream.url}, CNCF proxy {self.peer.url}, cargobay {self.cargobay.url}")
+
+    def setup_tls(self) -> Side:
+        """
+        The same upstream storage served over HTTPS by a second registry
+        process (pushes still go to the plain one), with a CNCF proxy and a
+        cargobay of their own in front of it, both trusting its CA.
+        """
+        ca = TestCA(self.tmp / "ca")
+        upstream = TLSRegistry(self.tmp / "upstream-tls", ca, ca.issue("upstream", ["localhost"], ["127.0.0.1"]))
+        upstream.storage_dir = self.upstream.storage_dir
+        self.later(upstream.stop)
+        upstream.start()
+        peer = Registry(self.tmp / "cncf-proxy-tls", proxy_remoteurl=upstream.url,
+                        env={"SSL_CERT_FILE": str(ca.cert_path)})
+        self.later(peer.stop)
+        peer.start()
+        cargobay = start_cargobay(self.tmp / "cargobay-tls", upstream.url, self.cache_settings, ca.cert_path)
+        self.later(cargobay.process.stop)
+        log(f"HTTPS upstream {upstream.url}, CNCF proxy {peer.url}, cargobay {cargobay.url}")
+        return Side("tls", upstream, peer, cargobay, ca.cert_path)
 
     def blob_path(self, digest: str) -> str:
         return f"/v2/{BLOB_REPO}/blobs/{digest}"
@@ -586,46 +625,51 @@ class Bench:
 
     # -- 2. cold blob ------------------------------------------------------
 
-    def cold(self) -> None:
+    def cold(self, side: Side | None = None) -> None:
         a = self.args
-        vs_peer = Row("cold_vs_cncf", "2 cold blob", "MB/s", "CNCF proxy",
-                      target=("ratio", ">=", 1.0), target_text=">=1.0x")
-        vs_direct = Row("cold_vs_upstream", "2 cold blob", "MB/s", "upstream direct",
+        side = side or self.plain
+        tls = side.cacert is not None
+        key, scenario = ("cold_tls", "2b cold, HTTPS upstream") if tls else ("cold", "2 cold blob")
+        vs_peer = Row(f"{key}_vs_cncf", scenario, "MB/s", "CNCF proxy",
+                      target=("ratio", ">=", 1.0), target_text=">=1.0x",
+                      note="the cold target with an HTTPS upstream, as real registries are" if tls else "")
+        vs_direct = Row(f"{key}_vs_upstream", scenario, "MB/s", "upstream direct",
                         note="informational: the upstream served straight, no proxy")
-        gets = Row("cold_gets", "2 cold upstream GETs", "GETs", "CNCF proxy",
+        gets = Row(f"{key}_gets", "2b cold HTTPS upstream GETs" if tls else "2 cold upstream GETs", "GETs", "CNCF proxy",
                    note="informational: upstream GETs per cold GET, background fill included")
+        upstream, path = side.upstream, self.blob_path
         digests: list[str] = []
         for rnd in range(a.rounds):
-            log(f"cold round {rnd + 1}: pushing a fresh {a.blob_mib} MiB blob")
+            log(f"{key} round {rnd + 1}: pushing a fresh {a.blob_mib} MiB blob")
             digest = push_blob(self.upstream, BLOB_REPO, self.blob_size)
             figures = {}
             for who in self.order(rnd, "cargobay", "peer", "upstream"):
-                start = len(self.upstream.access_log())
+                start = len(upstream.access_log())
                 if who == "cargobay":
-                    figures[who] = self.get_cargobay(digest).speed / 1e6
+                    figures[who] = curl(side.cargobay.url + path(digest), self.auth, self.blob_size).speed / 1e6
                     # When its disk fell behind, cargobay fills its cache in the
                     # background too: wait for that as for the CNCF proxy's.
-                    self.cargobay.cached_blob(digest, timeout=300)
-                    wait_upstream_quiet(self.upstream, digest, start, at_least=1, who=by_cargobay)
+                    side.cargobay.cached_blob(digest, timeout=300)
+                    wait_upstream_quiet(upstream, digest, start, at_least=1, who=by_cargobay)
                 elif who == "peer":
-                    figures[who] = self.get_peer(digest).speed / 1e6
+                    figures[who] = curl(side.peer.url + path(digest), None, self.blob_size).speed / 1e6
                     # Its background cache fill competes with whatever runs next.
-                    self.peer_filled(digest)
-                    wait_upstream_quiet(self.upstream, digest, start, at_least=2, who=by_peer)
+                    self.peer_filled(digest, side.peer)
+                    wait_upstream_quiet(upstream, digest, start, at_least=2, who=by_peer)
                 else:
-                    figures[who] = self.get_upstream(digest).speed / 1e6
+                    figures[who] = curl(upstream.url + path(digest), None, self.blob_size, side.cacert).speed / 1e6
             digests.append(digest)
             vs_peer.cargobay.append(figures["cargobay"])
             vs_peer.peer.append(figures["peer"])
             vs_direct.cargobay.append(figures["cargobay"])
             vs_direct.peer.append(figures["upstream"])
-            log(f"cold round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
+            log(f"{key} round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
                 f"{figures['peer']:.0f}, upstream direct {figures['upstream']:.0f}")
         for digest in digests:
-            gets.cargobay.append(self.gets_of(digest, by_cargobay)[0])
-            gets.peer.append(self.gets_of(digest, by_peer)[0])
+            gets.cargobay.append(self.gets_of(digest, by_cargobay, upstream)[0])
+            gets.peer.append(self.gets_of(digest, by_peer, upstream)[0])
         self.rows += [vs_peer, vs_direct, gets]
-        if a.py_spy:
+        if a.py_spy and not tls:
             self.profile_cold()
 
     # -- 3. thundering herd ------------------------------------------------
@@ -686,22 +730,22 @@ class Bench:
                 log(f"herd round {rnd}: {name}: upstream {count} GETs, {nbytes / MiB:.0f} MiB in all")
         self.rows += [wall, gets, sent]
 
-    def peer_filled(self, digest: str, timeout: float = 300.0) -> None:
+    def peer_filled(self, digest: str, peer: Registry | None = None, timeout: float = 300.0) -> None:
         """
         Wait for the CNCF proxy's background fill of ``digest`` to be stored:
         its upstream GET is logged only when it ends, so a quiet log alone
         let the next measurement start while it still ran.
         """
         deadline = time.monotonic() + timeout
-        while not blob_file(self.peer, digest).exists():
+        while not blob_file(peer or self.peer, digest).exists():
             if time.monotonic() > deadline:
                 log(f"the CNCF proxy has not stored {digest} after {timeout:.0f} s; going on")
                 return
             time.sleep(0.1)
 
-    def gets_of(self, digest: str, who: Callable[[str], bool]) -> tuple[int, int]:
+    def gets_of(self, digest: str, who: Callable[[str], bool], upstream: Registry | None = None) -> tuple[int, int]:
         """A proxy's GETs of ``digest`` over the whole run, once the upstream is quiet."""
-        return wait_upstream_quiet(self.upstream, digest, 0, at_least=1, quiet=1.0, who=who)
+        return wait_upstream_quiet(upstream or self.upstream, digest, 0, at_least=1, quiet=1.0, who=who)
 
     # -- 4. manifest rate --------------------------------------------------
 
@@ -855,6 +899,8 @@ class Bench:
             self.warm()
         if "cold" in only:
             self.cold()
+        if "cold-tls" in only:
+            self.cold(self.setup_tls())
         if "herd" in only:
             self.herd()
         if only & {"warm", "cold", "herd"}:

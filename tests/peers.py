@@ -259,8 +259,11 @@ class Registry:
         proxy_password: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
         port: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        #: Environment variables set for the registry process (SSL_CERT_FILE...).
+        self.env = dict(env or {})
         self.auth = auth
         self.username = username
         self.password = password
@@ -353,7 +356,7 @@ class Registry:
             (self.workdir / "htpasswd").write_text(line + "\n")
         # JSON is YAML, and spares us a YAML dependency.
         self.config_path.write_text(json.dumps(self.config(), indent=2))
-        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"} | self.env
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [binary, "serve", str(self.config_path)],

@@ -33,6 +33,8 @@ def write_config(path: Path, port: int, cache: Path, registries: list[dict], rep
         for key in ("read_timeout_seconds", "connect_timeout_seconds"):
             if key in registry:
                 lines.append(f"{key} = {registry[key]}")
+        if "ca_file" in registry:
+            lines.append(f'ca_file = "{registry["ca_file"]}"')
         if registry.get("username"):
             lines += ["[registries.auth]", f'username = "{registry["username"]}"', f'password = "{registry["password"]}"']
     for name, registry_id, upstream_name in repositories:
