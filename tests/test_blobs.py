@@ -11,13 +11,24 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from cargobay.blobs import GATHER, LEAVE_DISK_AFTER, STORE_BACKLOG, BlobPipe, Fetch, parse_range
+from cargobay.blobs import (
+    GATHER,
+    LEAVE_DISK_AFTER,
+    STORE_BACKLOG,
+    TRANSPORT_BUFFER,
+    BlobPipe,
+    Fetch,
+    _widen_buffer,
+    parse_range,
+)
 from cargobay.cache import BlobKey, Entry
 from cargobay.reference import Digest
 
@@ -101,6 +112,7 @@ class UpstreamConnection:
     def __init__(self) -> None:
         self.paused = False
         self.pauses = 0
+        self.stopped = False
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -110,7 +122,7 @@ class UpstreamConnection:
         self.paused = False
 
     def stopProducing(self) -> None:
-        pass
+        self.stopped = True
 
 
 class Follower:
@@ -269,6 +281,28 @@ def test_the_small_pieces_of_a_tls_body_go_on_gathered():
     assert writer.committed and bytes(writer.written) == BODY
     middle = (len(BODY) - GATHER // 2) // GATHER
     assert sizes == [GATHER // 2] + [GATHER] * middle + [len(BODY) - GATHER // 2 - middle * GATHER]
+
+
+def test_a_trickle_of_small_pieces_is_not_idle_but_a_stall_is():
+    """The idle timeout counts from the last pieces passed on, gathered or not."""
+    clock = Clock()
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False, clock=clock)
+    writer.gate.set()
+    piece = 16 * 1024
+    for start in range(0, 2 * MiB, piece):  # one piece a second, for twice the 60 s timeout
+        pipe.dataReceived(BODY[start:start + piece])
+        clock.advance(1)
+    assert not upstream.stopped
+    clock.advance(60)
+    assert upstream.stopped
+    assert finish(pipe, reactor) is False
+
+
+def test_a_tls_connection_reads_as_much_at_once_as_a_plain_one():
+    connection = tcp.Connection.__new__(tcp.Connection)
+    tls_layer = SimpleNamespace(transport=connection)
+    _widen_buffer(SimpleNamespace(transport=tls_layer))
+    assert connection.bufferSize == TRANSPORT_BUFFER
 
 
 def test_nothing_in_an_empty_blob_can_be_asked_for():
