@@ -186,6 +186,16 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def blob_file(registry: Registry, digest: str) -> Path:
     hexdigest = digest.split(":", 1)[1]
     return registry.storage_dir / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
@@ -890,6 +900,7 @@ class Bench:
                 (row.cargobay if who == "cargobay" else row.peer).append(seconds)
                 log(f"docker round {rnd + 1}: {who}: {seconds:.2f} s")
         self.rows.append(row)
+        self.docker_cold(pull, layer)
         # Docker tries HTTPS first on 127.0.0.0/8 and falls back to HTTP. Go's
         # server answers a TLS hello on a plain port at once; a server that
         # waits for an HTTP line instead costs a TLS handshake timeout (10 s).
@@ -902,6 +913,47 @@ class Bench:
                 "timeout (10 s) on cargobay's plain-HTTP port before falling back to HTTP (dockerd.log); "
                 "the CNCF registry answers a TLS hello on its plain port at once"
             )
+
+    def docker_cold(self, pull: Callable[[str], float], layer: int) -> None:
+        """
+        A fresh image every round, pulled through cargobay (cold), straight
+        from the upstream, and through the CNCF proxy (cold too: its cache is
+        its own), in alternating order.
+        """
+        a = self.args
+        vs_upstream = Row("docker_pull_cold", "6b docker pull cold", "s", "upstream direct",
+                          note="informational: a fresh image every round; the proxy shares the 2 cores "
+                               "with dockerd's extraction (its CPU seconds per pull are logged)")
+        vs_peer = Row("docker_pull_cold_cncf", "6b docker pull cold", "s", "CNCF proxy",
+                      note="informational: the same fresh image through the CNCF proxy")
+        for rnd in range(a.rounds):
+            tag = f"cold{rnd + 1}"
+            log(f"docker cold round {rnd + 1}: building and pushing a fresh {a.image_mib} MiB image")
+            layout = self.tmp / f"image-{tag}"
+            built = build_oci_layout(layout, tag, layer_sizes=[layer] * 5)
+            skopeo_push(layout, tag, f"{self.upstream.host}/{IMAGE_REPO}:{tag}")
+            shutil.rmtree(layout, ignore_errors=True)
+            hosts = {"cargobay": self.cargobay.host, "upstream": self.upstream.host, "peer": self.peer.host}
+            seconds: dict[str, float] = {}
+            pids = {"cargobay": self.cargobay.process.pid, "upstream": self.upstream.process.pid,
+                    "peer": self.peer.process.pid}
+            for who in self.order(rnd, "cargobay", "upstream", "peer"):
+                cpu = proc_cpu_seconds(pids[who])
+                seconds[who] = pull(f"{hosts[who]}/{IMAGE_REPO}:{tag}")
+                cpu = proc_cpu_seconds(pids[who]) - cpu
+                # Both proxies' cache fills end before the next pull starts.
+                for digest in built["layers"]:
+                    if who == "cargobay":
+                        self.cargobay.cached_blob(digest, timeout=300)
+                    elif who == "peer":
+                        self.peer_filled(digest)
+                log(f"docker cold round {rnd + 1}: {who}: {seconds[who]:.2f} s, "
+                    f"{cpu:.2f} CPU seconds in {'the upstream' if who == 'upstream' else 'the proxy'}")
+            vs_upstream.cargobay.append(seconds["cargobay"])
+            vs_upstream.peer.append(seconds["upstream"])
+            vs_peer.cargobay.append(seconds["cargobay"])
+            vs_peer.peer.append(seconds["peer"])
+        self.rows += [vs_upstream, vs_peer]
 
     # -- all ---------------------------------------------------------------
 
