@@ -1628,7 +1628,8 @@ class BlobService:
     ) -> tuple[int, int | None] | None:
         """
         Where the body of an answer to a C{Range: bytes=HAVE-} request goes
-        in C{writer}'s file, and its length: at HAVE for the matching 206, at
+        in C{writer}'s file, and its length: at HAVE for the matching 206 (to
+        the blob's end, or of an unknown total), at
         0 for a 200 (the whole blob: what the file held is dropped); None for
         anything else, a blob over C{max_size}, or a file that cannot be
         cut to size, which the caller refuses.
@@ -1640,13 +1641,18 @@ class BlobService:
                 return None
         elif response.code == 206:
             span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
-            if span is None or span[0] != have or span[2] is None or span[1] != span[2] - 1:
+            if span is None or span[0] != have:
                 return None
-            if length is not None and length != span[2] - have:
+            first, last, total = span
+            # A total of "*" (unknown) is taken at its word: the digest check
+            # refuses a range that stops short of the blob's end.
+            if total is not None and last != total - 1:
                 return None
-            if span[2] > max_size:
+            if length is not None and length != last + 1 - have:
                 return None
-            offset, length = have, span[2] - have
+            if last + 1 > max_size:
+                return None
+            offset, length = have, last + 1 - have
         else:
             return None
         try:

@@ -268,10 +268,11 @@ def ranged(body, start=None, total=None):
     return answer
 
 
-def test_a_refill_asks_only_for_what_the_file_left_behind_lacks(world):
+@pytest.mark.parametrize("total", [None, "*"])  # "*": a total the upstream does not know
+def test_a_refill_asks_only_for_what_the_file_left_behind_lacks(world, total):
     key = BlobKey("up", Digest.parse(BLOB_DIGEST))
     writer = partial_file(world, key, BLOB[:100_000])
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB, total=total))
     world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
     world.client.flush()
     [get] = world.upstream_registry.requests("/blobs/")
@@ -303,6 +304,22 @@ def test_a_refill_given_some_other_range_caches_nothing(world, answer):
     key = BlobKey("up", Digest.parse(BLOB_DIGEST))
     writer = partial_file(world, key, BLOB[:100_000])
     world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB, **answer))
+    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
+    world.client.flush()
+    assert world.cache.lookup(key) is None
+    assert not os.path.exists(writer.path)
+
+
+def test_a_refill_whose_range_of_unknown_total_stops_short_caches_nothing(world):
+    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
+    writer = partial_file(world, key, BLOB[:100_000])
+
+    def short(request):
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", b"bytes 100000-199999/*")
+        return BLOB[100_000:200_000]
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", short)
     world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
     world.client.flush()
     assert world.cache.lookup(key) is None
