@@ -813,17 +813,19 @@ class Bench:
 
     # -- 5. memory ---------------------------------------------------------
 
-    def rss_during(self) -> None:
-        c = self.cargobay.rss_peak_kib() / 1024
-        p = proc_status_kib(self.peer.process.pid, "VmHWM") if self.peer.process else None
-        row = Row("rss_peak", "5 peak RSS (1-3)", "MiB", "CNCF proxy",
-                  target=("cargobay", "<=", 150), target_text="cargobay <=150 MiB",
-                  note="VmHWM of the long-running processes after scenarios 1-3")
+    def rss_during(self, side: Side | None = None) -> None:
+        side = side or self.plain
+        which = "2b, 3b" if side.cacert is not None else "1-3"
+        c = side.cargobay.rss_peak_kib() / 1024
+        p = proc_status_kib(side.peer.process.pid, "VmHWM") if side.peer.process else None
+        row = Row("rss_peak_tls" if side.cacert is not None else "rss_peak", f"5 peak RSS ({which})", "MiB",
+                  "CNCF proxy", target=("cargobay", "<=", 150), target_text="cargobay <=150 MiB",
+                  note=f"VmHWM of the long-running processes after scenarios {which}")
         row.cargobay.append(c)
         if p is not None:
             row.peer.append(p / 1024)
         self.rows.append(row)
-        log(f"memory: peak RSS after scenarios 1-3: cargobay {c:.0f} MiB, CNCF proxy "
+        log(f"memory: peak RSS after scenarios {which}: cargobay {c:.0f} MiB, CNCF proxy "
             f"{(p or 0) / 1024:.0f} MiB")
 
     def memory(self) -> None:
@@ -900,19 +902,28 @@ class Bench:
                 (row.cargobay if who == "cargobay" else row.peer).append(seconds)
                 log(f"docker round {rnd + 1}: {who}: {seconds:.2f} s")
         self.rows.append(row)
+        warm_stalls = self.tls_stalls(dockerd)
         self.docker_cold(pull, layer)
-        # Docker tries HTTPS first on 127.0.0.0/8 and falls back to HTTP. Go's
-        # server answers a TLS hello on a plain port at once; a server that
-        # waits for an HTTP line instead costs a TLS handshake timeout (10 s).
+        cold_stalls = self.tls_stalls(dockerd) - warm_stalls
+        for stalls, which in ((warm_stalls, f"{1 + a.rounds} warm"), (cold_stalls, f"{a.rounds} cold")):
+            if stalls:
+                self.notes.append(
+                    f"docker: {stalls} of the {which} pulls through cargobay waited for a TLS handshake "
+                    "timeout (10 s) on cargobay's plain-HTTP port before falling back to HTTP (dockerd.log); "
+                    "the CNCF registry answers a TLS hello on its plain port at once"
+                )
+
+    def tls_stalls(self, dockerd: Any) -> int:
+        """
+        Pulls through cargobay so far that waited for docker's TLS handshake
+        timeout. Docker tries HTTPS first on 127.0.0.0/8 and falls back to
+        HTTP. Go's server answers a TLS hello on a plain port at once; a
+        server that waits for an HTTP line instead costs a TLS handshake
+        timeout (10 s).
+        """
         needle = f'https://{self.cargobay.host}/v2/\\": net/http: TLS handshake timeout'
-        stalls = sum(1 for line in dockerd.log_text().splitlines()
-                     if "Error getting v2 registry" in line and needle in line)
-        if stalls:
-            self.notes.append(
-                f"docker: {stalls} of the {1 + a.rounds} pulls through cargobay waited for a TLS handshake "
-                "timeout (10 s) on cargobay's plain-HTTP port before falling back to HTTP (dockerd.log); "
-                "the CNCF registry answers a TLS hello on its plain port at once"
-            )
+        return sum(1 for line in dockerd.log_text().splitlines()
+                   if "Error getting v2 registry" in line and needle in line)
 
     def docker_cold(self, pull: Callable[[str], float], layer: int) -> None:
         """
@@ -940,15 +951,16 @@ class Bench:
             for who in self.order(rnd, "cargobay", "upstream", "peer"):
                 cpu = proc_cpu_seconds(pids[who])
                 seconds[who] = pull(f"{hosts[who]}/{IMAGE_REPO}:{tag}")
-                cpu = proc_cpu_seconds(pids[who]) - cpu
-                # Both proxies' cache fills end before the next pull starts.
-                for digest in built["layers"]:
+                # Both proxies' cache fills end before the next pull starts,
+                # and their CPU seconds count with the pull's.
+                for digest in built["layers"] + built["configs"]:
                     if who == "cargobay":
                         self.cargobay.cached_blob(digest, timeout=300)
                     elif who == "peer":
                         self.peer_filled(digest)
+                cpu = proc_cpu_seconds(pids[who]) - cpu
                 log(f"docker cold round {rnd + 1}: {who}: {seconds[who]:.2f} s, "
-                    f"{cpu:.2f} CPU seconds in {'the upstream' if who == 'upstream' else 'the proxy'}")
+                    f"{cpu:.2f} CPU seconds in {'the upstream' if who == 'upstream' else 'the proxy, its cache fill included'}")
             vs_upstream.cargobay.append(seconds["cargobay"])
             vs_upstream.peer.append(seconds["upstream"])
             vs_peer.cargobay.append(seconds["cargobay"])
@@ -971,6 +983,8 @@ class Bench:
             self.herd(self.tls_side())
         if only & {"warm", "cold", "herd"}:
             self.rss_during()
+        if only & {"cold-tls", "herd-tls"}:
+            self.rss_during(self.tls_side())
         if "manifest" in only:
             self.manifest()
         if "memory" in only:
