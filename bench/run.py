@@ -528,9 +528,6 @@ class Bench:
     def get_peer(self, digest: str) -> CurlResult:
         return curl(self.peer.url + self.blob_path(digest), None, self.blob_size)
 
-    def get_upstream(self, digest: str) -> CurlResult:
-        return curl(self.upstream.url + self.blob_path(digest), None, self.blob_size)
-
     # -- 1. warm blob ------------------------------------------------------
 
     def warm(self) -> None:

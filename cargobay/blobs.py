@@ -1641,9 +1641,11 @@ class BlobService:
                 return None
         elif response.code == 206:
             span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
-            if span is None or span[0] != have:
+            if span is None:
                 return None
             first, last, total = span
+            if first != have:
+                return None
             # A total of "*" (unknown) is taken at its word: the digest check
             # refuses a range that stops short of the blob's end.
             if total is not None and last != total - 1:

@@ -243,25 +243,45 @@ def test_a_blob_left_behind_by_a_slow_disk_is_fetched_again_into_the_cache(world
     assert response.headers.getRawHeaders("x-cache") == ["HIT"]
 
 
-def partial_file(world, key, data):
-    """A cache file a download left behind, holding ``data``."""
-    writer = world.cache.begin(key)
-    writer.write_raw(data)
-    writer.wrote(len(data))
+KEY = BlobKey("up", Digest.parse(BLOB_DIGEST))
+
+
+def refill_onto(world, held, answer=None):
+    """
+    The service's refill of a cache file a download left behind holding
+    ``held``, with the upstream answering by ``answer`` (by default the whole
+    blob, Range ignored); returns the kept writer.
+    """
+    writer = world.cache.begin(KEY)
+    writer.write_raw(held)
+    writer.wrote(len(held))
+    if answer is not None:
+        world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", answer)
+    world.blobs._refill(KEY, world.upstream, "library/alpine", KEY.digest, succeed(writer))
+    world.client.flush()
     return writer
 
 
-def ranged(body, start=None, total=None):
-    """An upstream that answers Range requests with a 206 of ``body[start:]``."""
+def assert_nothing_cached(world, writer):
+    assert world.cache.lookup(KEY) is None
+    assert not os.path.exists(writer.path)
+
+
+def ranged(body, start=None, total=None, end=None):
+    """
+    An upstream that answers Range requests with a 206 of
+    ``body[start:end + 1]`` (by default from where it was asked, to the end).
+    """
 
     def answer(request):
         asked = request.getHeader(b"range")
         if asked is None:
             return body
         first = int(asked.decode().split("=")[1].rstrip("-")) if start is None else start
+        last = len(body) - 1 if end is None else end
         request.setResponseCode(206)
-        request.setHeader(b"Content-Range", f"bytes {first}-{len(body) - 1}/{total or len(body)}".encode())
-        part = body[first:]
+        request.setHeader(b"Content-Range", f"bytes {first}-{last}/{total or len(body)}".encode())
+        part = body[first:last + 1]
         request.setHeader(b"Content-Length", str(len(part)).encode())
         return part
 
@@ -270,14 +290,10 @@ def ranged(body, start=None, total=None):
 
 @pytest.mark.parametrize("total", [None, "*"])  # "*": a total the upstream does not know
 def test_a_refill_asks_only_for_what_the_file_left_behind_lacks(world, total):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB, total=total))
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
+    refill_onto(world, BLOB[:100_000], ranged(BLOB, total=total))
     [get] = world.upstream_registry.requests("/blobs/")
     assert get.headers.get("range") == ["bytes=100000-"]
-    entry = world.cache.lookup(key)
+    entry = world.cache.lookup(KEY)
     assert entry is not None and entry.size == len(BLOB)
     with open(entry.path, "rb") as f:
         assert f.read() == BLOB
@@ -286,11 +302,8 @@ def test_a_refill_asks_only_for_what_the_file_left_behind_lacks(world, total):
 
 
 def test_a_refill_from_an_upstream_that_ignores_range_starts_the_file_over(world):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    entry = world.cache.lookup(key)
+    refill_onto(world, BLOB[:100_000])
+    entry = world.cache.lookup(KEY)
     assert entry is not None and entry.size == len(BLOB)
     with open(entry.path, "rb") as f:
         assert f.read() == BLOB
@@ -299,66 +312,28 @@ def test_a_refill_from_an_upstream_that_ignores_range_starts_the_file_over(world
 @pytest.mark.parametrize("answer", [
     {"start": 99_999},  # not where we asked
     {"total": len(BLOB) + 1},  # a different blob
+    {"total": "*", "end": 199_999},  # of unknown total, and short of the blob's end
 ])
 def test_a_refill_given_some_other_range_caches_nothing(world, answer):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB, **answer))
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    assert world.cache.lookup(key) is None
-    assert not os.path.exists(writer.path)
-
-
-def test_a_refill_whose_range_of_unknown_total_stops_short_caches_nothing(world):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
-
-    def short(request):
-        request.setResponseCode(206)
-        request.setHeader(b"Content-Range", b"bytes 100000-199999/*")
-        return BLOB[100_000:200_000]
-
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", short)
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    assert world.cache.lookup(key) is None
-    assert not os.path.exists(writer.path)
+    assert_nothing_cached(world, refill_onto(world, BLOB[:100_000], ranged(BLOB, **answer)))
 
 
 def test_a_refill_onto_a_file_with_wrong_bytes_caches_nothing(world):
     # The prefix is hashed from the file itself: a file that does not hold
     # the blob's first bytes can never become the entry.
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, b"X" + BLOB[1:100_000])
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    assert world.cache.lookup(key) is None
-    assert not os.path.exists(writer.path)
+    assert_nothing_cached(world, refill_onto(world, b"X" + BLOB[1:100_000], ranged(BLOB)))
 
 
 def test_a_refill_whose_upstream_cannot_be_reached_leaves_no_file(world, monkeypatch):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
     unreachable = UpstreamError(RegistryError(502, "UNKNOWN", "connection refused"))
     monkeypatch.setattr(world.upstream, "request", lambda *args, **kwargs: fail(unreachable))
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    assert world.cache.lookup(key) is None
-    assert not os.path.exists(writer.path)
+    assert_nothing_cached(world, refill_onto(world, BLOB[:100_000]))
     assert world.blobs.in_flight() == 0
 
 
 def test_a_refill_of_a_blob_too_big_for_the_cache_leaves_no_file(world):
-    key = BlobKey("up", Digest.parse(BLOB_DIGEST))
-    writer = partial_file(world, key, BLOB[:100_000])
     world.cache.max_size_bytes = len(BLOB) - 1
-    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", ranged(BLOB))
-    world.blobs._refill(key, world.upstream, "library/alpine", key.digest, succeed(writer))
-    world.client.flush()
-    assert world.cache.lookup(key) is None
-    assert not os.path.exists(writer.path)
+    assert_nothing_cached(world, refill_onto(world, BLOB[:100_000], ranged(BLOB)))
 
 
 def test_blob_with_wrong_content_is_never_cached(world):
