@@ -56,6 +56,14 @@ SEND_WAIT_MS = 50
 #: Milliseconds a sending thread waits for a full socket to take more when
 #: other batches are waiting for a thread (else it may wait out the batch).
 SOCKET_WAIT_MS = 2
+#: A response with no more than this many bytes left is sent from the
+#: reactor's thread: for a small body, handing it to a sending thread and
+#: back costs more than the sendfile(2) itself.
+INLINE_SEND = 1024 * 1024
+#: A cached blob this small is read into memory and written through the
+#: transport, with its headers in one write, rather than sent by
+#: sendfile(2) after the headers have gone out on their own.
+SMALL_BODY = 64 * 1024
 #: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
 #: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"
@@ -999,7 +1007,8 @@ class FileSender:
         self._paused = paused
         self._pumping = False
         self._follower = follower
-        self._socket = _raw_socket(request)
+        small = fetch is None and end is not None and end - start <= SMALL_BODY
+        self._socket = None if small else _raw_socket(request)
         self._waiting_for_socket = False
 
     @property
@@ -1087,7 +1096,7 @@ class FileSender:
             self._wait_for_socket(transport)
             return False
         last = None if self._end is None else self._end - 1
-        if self._send_in_thread is not None and (last is None or self.position < last):
+        if self._send_in_thread is not None and (last is None or last - self.position > INLINE_SEND):
             # The thread gets a duplicate of the socket: whatever becomes of
             # the connection meanwhile, its descriptor number cannot be
             # reused for another client's while the batch runs.  It sends all

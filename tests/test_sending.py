@@ -123,6 +123,10 @@ class Request:
         self.producer: object = None
         self.finished = False
         self.aborted = False
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         self.producer = producer
@@ -152,9 +156,16 @@ class HeldBatches:
         d.callback(function(*args))
 
 
-def sender_on(pair: tuple[socket.socket, socket.socket], monkeypatch: Any, size: int) -> tuple[
-    FileSender, Request, HeldBatches, Any
-]:
+def sender_on(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: Any, size: int, inline: int = 0, small: int = 0
+) -> tuple[FileSender, Request, HeldBatches, Any]:
+    """
+    A FileSender of a C{size}-byte file that sends at most C{inline} bytes
+    by sendfile(2) from the reactor, and a file of at most C{small} bytes
+    through the transport.
+    """
+    monkeypatch.setattr(blobs, "INLINE_SEND", inline)
+    monkeypatch.setattr(blobs, "SMALL_BODY", small)
     sender, receiver = pair
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
@@ -259,3 +270,39 @@ def test_a_full_socket_is_waited_for_only_briefly_when_others_wait_for_a_thread(
         assert wait == blobs.SOCKET_WAIT_MS
     else:
         assert blobs.SOCKET_WAIT_MS < wait <= blobs.SEND_WAIT_MS
+
+
+def test_a_body_no_bigger_than_the_inline_size_goes_from_the_reactor(pair, monkeypatch):
+    # Handing a small body to a thread and back costs more than sending it.
+    sender, request, held, fileobj = sender_on(pair, monkeypatch, 200_000, inline=200_000)
+    sender.start()
+    assert held.batches == []
+    assert request.finished and request.sentLength == 200_000
+    assert drain(pair[1], 200_000) == fileobj.data
+
+
+def test_the_end_of_a_bigger_body_goes_from_the_reactor(pair, monkeypatch):
+    monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
+    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    sender, request, held, fileobj = sender_on(pair, monkeypatch, 300_000, inline=100_000)
+    sender.start()
+    starts = []
+    while held.batches:
+        starts.append(held.batches[0][2][2])
+        held.run_next()
+    assert starts == [0, 65536, 131072, 196608]
+    # No batch starts within 100,000 bytes of the end: the rest was the reactor's.
+    assert 300_000 - 1 - starts[-1] > 100_000
+    assert request.finished and request.sentLength == 300_000
+    assert drain(pair[1], 300_000) == fileobj.data
+
+
+@pytest.mark.parametrize("size", [1, blobs.SMALL_BODY])
+def test_a_small_cached_blob_goes_through_the_transport_with_its_headers(pair, monkeypatch, size):
+    sender, request, held, fileobj = sender_on(pair, monkeypatch, size, small=size)
+    sender.start()
+    assert request.written == fileobj.data
+    assert request.finished and held.batches == []
+    pair[1].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        pair[1].recv(1)  # nothing went to the socket directly
