@@ -775,20 +775,25 @@ class Bench:
         skopeo_push(self.tmp / "small-image", "latest", f"{self.upstream.host}/{SMALL_REPO}:latest")
         digest = layout["manifest"]
         accept = {"Accept": OCI_MANIFEST}
-        refs = {"tag": "latest", "digest": digest}
-        for ref in refs.values():
-            path = f"/v2/{SMALL_REPO}/manifests/{ref}"
+        # The config blob too: every pull fetches one, and it is as small as a manifest.
+        targets = {
+            "manifest by tag": ("manifest_tag", f"/v2/{SMALL_REPO}/manifests/latest", ""),
+            "manifest by digest": ("manifest_digest", f"/v2/{SMALL_REPO}/manifests/{digest}", ""),
+            "config blob": ("config_blob", f"/v2/{SMALL_REPO}/blobs/{layout['configs'][0]}",
+                            "a cached blob of a config's size; the manifest rate's target"),
+        }
+        for _key, path, _note in targets.values():
             for url, headers in ((self.cargobay.url, {**accept, **self.auth}), (self.peer.url, accept)):
                 for _ in range(2):
                     result = curl(url + path, headers)
                     if result.code != 200:
-                        raise RuntimeError(f"manifest warm-up {url}{path}: {result.code}")
-        for kind, ref in refs.items():
-            rps = Row(f"manifest_{kind}_rps", f"4 manifest by {kind}", "req/s", "CNCF proxy",
-                      target=("ratio", ">=", 2.0), target_text=">=2.0x")
-            p99 = Row(f"manifest_{kind}_p99", f"4 manifest by {kind} p99", "ms", "CNCF proxy",
-                      target=("ratio", "<=", 1.0), target_text="<=1.0x")
-            path = f"/v2/{SMALL_REPO}/manifests/{ref}"
+                        raise RuntimeError(f"warm-up {url}{path}: {result.code}")
+        time.sleep(1)  # the CNCF proxy stores a blob in the background
+        for what, (key, path, note) in targets.items():
+            rps = Row(f"{key}_rps", f"4 {what}", "req/s", "CNCF proxy",
+                      target=("ratio", ">=", 2.0), target_text=">=2.0x", note=note)
+            p99 = Row(f"{key}_p99", f"4 {what} p99", "ms", "CNCF proxy",
+                      target=("ratio", "<=", 1.0), target_text="<=1.0x", note=note)
             for rnd in range(a.rounds):
                 for who in self.order(rnd, "cargobay", "peer"):
                     if who == "cargobay":
@@ -801,9 +806,9 @@ class Bench:
                         rps.peer.append(r.rps)
                         p99.peer.append(r.p99_ms)
                     if r.non2xx or r.socket_errors:
-                        self.notes.append(f"manifest by {kind}, {who}, round {rnd + 1}: {r.non2xx} non-2xx "
+                        self.notes.append(f"{what}, {who}, round {rnd + 1}: {r.non2xx} non-2xx "
                                           f"and {r.socket_errors} socket errors of {r.requests} requests")
-                    log(f"manifest by {kind} round {rnd + 1}: {who}: {r.rps:.0f} req/s, p99 {r.p99_ms:.2f} ms"
+                    log(f"{what} round {rnd + 1}: {who}: {r.rps:.0f} req/s, p99 {r.p99_ms:.2f} ms"
                         + (f" ({r.non2xx} non-2xx, {r.socket_errors} socket errors)"
                            if r.non2xx or r.socket_errors else ""))
             self.rows += [rps, p99]
