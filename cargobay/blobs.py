@@ -58,7 +58,9 @@ SEND_WAIT_MS = 50
 SOCKET_WAIT_MS = 2
 #: A response with no more than this many bytes left is sent from the
 #: reactor's thread: for a small body, handing it to a sending thread and
-#: back costs more than the sendfile(2) itself.
+#: back costs more than the sendfile(2) itself.  (A small blob that has left
+#: the page cache is then read from disk on the reactor's thread, as a
+#: manifest is.)
 INLINE_SEND = 1024 * 1024
 #: A cached blob this small is read into memory and written through the
 #: transport, with its headers in one write, rather than sent by
