@@ -651,6 +651,9 @@ class Bench:
                         note="informational: the upstream served straight, no proxy")
         gets = Row(f"{key}_gets", "2b cold HTTPS upstream GETs" if tls else "2 cold upstream GETs", "GETs", "CNCF proxy",
                    note="informational: upstream GETs per cold GET, background fill included")
+        sent = Row(f"{key}_bytes", "2b cold HTTPS upstream sent" if tls else "2 cold upstream sent", "MiB",
+                   "CNCF proxy", note="informational: what the upstream sent per cold GET, background fill "
+                                      "included (cargobay's second GET, if any, asks for the rest of the blob)")
         upstream, path = side.upstream, self.blob_path
         digests: list[str] = []
         for rnd in range(a.rounds):
@@ -680,9 +683,11 @@ class Bench:
             log(f"{key} round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
                 f"{figures['peer']:.0f}, upstream direct {figures['upstream']:.0f}")
         for digest in digests:
-            gets.cargobay.append(self.gets_of(digest, by_cargobay, upstream)[0])
-            gets.peer.append(self.gets_of(digest, by_peer, upstream)[0])
-        self.rows += [vs_peer, vs_direct, gets]
+            for row_gets, row_sent, who in ((gets.cargobay, sent.cargobay, by_cargobay), (gets.peer, sent.peer, by_peer)):
+                count, nbytes = self.gets_of(digest, who, upstream)
+                row_gets.append(count)
+                row_sent.append(nbytes / MiB)
+        self.rows += [vs_peer, vs_direct, gets, sent]
         if a.py_spy and not tls:
             self.profile_cold()
 
