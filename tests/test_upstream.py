@@ -3,14 +3,36 @@ The upstream client against an in-memory registry: authentication, token
 caching and sharing, redirects, and error mapping.
 """
 
+import os
+
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
+from tls import TestCA
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test import iosim
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
+from zope.interface import implementer
 
 from cargobay.config import UpstreamAuth
 from cargobay.errors import manifest_unknown
-from cargobay.upstream import UpstreamError, map_status, read_body
+from cargobay.upstream import (
+    GatheringTLSProtocol,
+    RegistryTLSPolicy,
+    UpstreamEndpoints,
+    UpstreamError,
+    _TLSEndpoint,
+    map_status,
+    read_body,
+)
 from fakes import FakeRegistry, bearer_protected, make_upstream, token_handler
 
 SCOPE = "repository:library/alpine:pull"
@@ -213,3 +235,106 @@ def test_refused_connection_is_502_naming_the_upstream(refused_port):
         yield upstream.request("GET", "/v2/", SCOPE)
     assert caught.value.error.status == 502
     assert "'down'" in caught.value.error.message and "refused" in caught.value.error.message
+
+
+# -- TLS that hands over all it decrypted from one read at once ---------------
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.lost_after: int | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost_after = len(self.pieces)
+        self.reason = reason
+
+
+class _Talker(Protocol):
+    """Sends C{body} in TLS records of at most 16 KiB, then closes TLS."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.body)
+        self.transport.loseConnection()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerTLS:
+    def __init__(self, cert_path, key_path) -> None:
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        self.context.use_certificate_file(str(cert_path))
+        self.context.use_privatekey_file(str(key_path))
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def _tls_pair(tmp_path, client_protocol_class, body: bytes, corrupt_at: int | None = None):
+    """
+    A TLS server that sends C{body} and closes, and a client of
+    C{client_protocol_class} that records what it gets, over an in-memory
+    pump; C{corrupt_at}: flip a bit of the byte that many bytes before the
+    end of the server's output.
+    """
+    ca = TestCA(tmp_path)
+    cert = ca.issue("upstream", ["upstream.test"])
+    server_options = _ServerTLS(cert.cert_path, cert.key_path)
+    client_creator = optionsForClientTLS("upstream.test", trustRoot=Certificate.loadPEM(ca.cert_path.read_bytes()))
+    received = _Recorder()
+    server_factory = TLSMemoryBIOFactory(server_options, False, Factory.forProtocol(lambda: _Talker(body)))
+    client_factory = TLSMemoryBIOFactory(client_creator, True, Factory.forProtocol(lambda: received))
+    client_factory.protocol = client_protocol_class
+    address = IPv4Address("TCP", "127.0.0.1", 443)
+    _, _, pump = iosim.connectedServerAndClient(
+        lambda: server_factory.buildProtocol(address), lambda: client_factory.buildProtocol(address), greet=False
+    )
+    if corrupt_at is not None:
+        sent = pump.serverIO.getOutBuffer
+
+        def corrupted() -> bytes:
+            data = sent()
+            if data is not None and len(data) > len(body) // 2:  # the records, not the handshake
+                data = data[:-corrupt_at] + bytes([data[-corrupt_at] ^ 1]) + data[-corrupt_at + 1 :]
+            return data
+
+        pump.serverIO.getOutBuffer = corrupted
+    pump.flush()
+    return received
+
+
+@pytest.mark.parametrize("protocol_class", [TLSMemoryBIOProtocol, GatheringTLSProtocol])
+def test_what_one_read_decrypts_reaches_the_application_at_once(tmp_path, protocol_class):
+    body = os.urandom(40 * 16384)
+    received = _tls_pair(tmp_path, protocol_class, body)
+    assert b"".join(received.pieces) == body
+    if protocol_class is TLSMemoryBIOProtocol:
+        assert len(received.pieces) >= 40  # Twisted's: a call per record
+    else:
+        assert len(received.pieces) <= 2  # all that came in one read (the pump's)
+    # The peer's close comes after everything it sent.
+    assert received.lost_after == len(received.pieces)
+
+
+def test_upstream_endpoints_are_tcp_and_gathering_tls():
+    endpoints = UpstreamEndpoints(global_reactor, RegistryTLSPolicy("upstream.test", None), 3.0)
+    plain = endpoints.endpointForURI(URI.fromBytes(b"http://upstream.test:5000/v2/"))
+    assert isinstance(plain, HostnameEndpoint)
+    tls = endpoints.endpointForURI(URI.fromBytes(b"https://upstream.test/v2/"))
+    assert isinstance(tls, _TLSEndpoint) and isinstance(tls._wrapped, HostnameEndpoint)
+    with pytest.raises(SchemeNotSupported):
+        endpoints.endpointForURI(URI.fromBytes(b"ftp://upstream.test/v2/"))
+
+
+def test_what_was_decrypted_before_a_broken_record_reaches_the_application_first(tmp_path):
+    body = os.urandom(40 * 16384)
+    received = _tls_pair(tmp_path, GatheringTLSProtocol, body, corrupt_at=1000)
+    got = b"".join(received.pieces)
+    assert 0 < len(got) < len(body) and body.startswith(got)
+    assert received.lost_after == len(received.pieces)
+    assert received.reason is not None and received.reason.check(SSL.Error)
