@@ -64,8 +64,9 @@ SOCKET_WAIT_MS = 2
 INLINE_SEND = 1024 * 1024
 #: A cached blob this small is read into memory and written through the
 #: transport, with its headers in one write, rather than sent by
-#: sendfile(2) after the headers have gone out on their own.
-SMALL_BODY = 64 * 1024
+#: sendfile(2) after the headers have gone out on their own.  (Below the
+#: transport's 64 KiB buffer, so that the body and its headers fit.)
+SMALL_BODY = 32 * 1024
 #: Whether blob bodies go straight to plain-TCP sockets, by sendfile(2) from
 #: files and write(2) from memory (CARGOBAY_SENDFILE=0 turns it off, to compare).
 SENDFILE = os.environ.get("CARGOBAY_SENDFILE", "1") != "0"

@@ -127,6 +127,7 @@ class Request:
 
     def write(self, data: bytes) -> None:
         self.written += data
+        self.sentLength += len(data)  # as twisted.web's Request counts
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         self.producer = producer
@@ -303,6 +304,7 @@ def test_a_small_cached_blob_goes_through_the_transport_with_its_headers(pair, m
     sender.start()
     assert request.written == fileobj.data
     assert request.finished and held.batches == []
+    assert request.sentLength == size
     pair[1].setblocking(False)
     with pytest.raises(BlockingIOError):
         pair[1].recv(1)  # nothing went to the socket directly

@@ -11,6 +11,7 @@ from OpenSSL import SSL
 from tls import TestCA
 from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
@@ -18,15 +19,18 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
-from twisted.web.client import URI
+from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 
-from cargobay.config import UpstreamAuth
+from cargobay.config import RegistryConfig, UpstreamAuth
 from cargobay.errors import manifest_unknown
 from cargobay.upstream import (
     GatheringTLSProtocol,
     RegistryTLSPolicy,
+    Upstream,
     UpstreamEndpoints,
     UpstreamError,
     _TLSEndpoint,
@@ -338,3 +342,52 @@ def test_what_was_decrypted_before_a_broken_record_reaches_the_application_first
     assert 0 < len(got) < len(body) and body.startswith(got)
     assert received.lost_after == len(received.pieces)
     assert received.reason is not None and received.reason.check(SSL.Error)
+
+
+class _Body(Protocol):
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(None)
+
+
+class _Blob(Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: object) -> bytes:
+        return self.body
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_https_upstream_body_comes_in_pieces_of_more_than_one_record(tmp_path):
+    # The wiring: Upstream's own Agent connects through GatheringTLSProtocol.
+    ca = TestCA(tmp_path)
+    cert = ca.issue("upstream", ["localhost"], ["127.0.0.1"])
+    body = os.urandom(1024 * 1024)
+    root = Resource()
+    root.putChild(b"blob", _Blob(body))
+    site = Site(root)
+    port = global_reactor.listenTCP(
+        0, TLSMemoryBIOFactory(_ServerTLS(cert.cert_path, cert.key_path), False, site), interface="127.0.0.1"
+    )
+    config = RegistryConfig(id="tls", url=f"https://127.0.0.1:{port.getHost().port}", ca_file=str(ca.cert_path))
+    upstream = Upstream(config, global_reactor, pool=HTTPConnectionPool(global_reactor, persistent=False))
+    try:
+        response = yield upstream.request("GET", "/blob", SCOPE)
+        assert response.code == 200
+        received = _Body()
+        response.deliverBody(received)
+        yield received.done
+    finally:
+        yield port.stopListening()
+    assert b"".join(received.pieces) == body
+    assert max(len(piece) for piece in received.pieces) > 16384
