@@ -246,7 +246,7 @@ def test_a_wrong_body_left_behind_is_still_refused():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     for start in range(0, len(BODY), MiB):
         chunk = BODY[start:start + MiB]
-        pipe.dataReceived(chunk if start else b"X" + chunk[1:])
+        pipe.dataReceived(chunk if start else bytes([chunk[0] ^ 1]) + chunk[1:])
     assert events == ["left behind"]
     writer.gate.set()
     # Refused: the service is told so, and throws the file away.
