@@ -16,7 +16,6 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
-from twisted.web import client as webclient
 from twisted.web import http, resource, server
 
 from cargobay.auth import Authenticator
@@ -206,9 +205,6 @@ class Runtime:
         )
         cache.open()
         cache.on_evict = lambda entry: metrics.evictions.inc()
-        self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 32
-        self._pool.cachedConnectionTimeout = 120
         store = ManifestStore(config.cache.directory, reactor)
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
         # Hashing and writing downloads to disk happen on these threads.
@@ -264,7 +260,7 @@ class Runtime:
                 # Unchanged: keep its cached tokens.
                 upstreams[registry.id] = existing
             else:
-                upstreams[registry.id] = Upstream(registry, self._reactor, pool=self._pool, metrics=self.metrics)
+                upstreams[registry.id] = Upstream(registry, self._reactor, metrics=self.metrics)
         return upstreams
 
     def reload(self) -> bool:
@@ -294,11 +290,13 @@ class Runtime:
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
-        self.app.reconfigure(
-            config,
-            Authenticator.from_config(config.auth, config.server),
-            self._upstreams(config, self.app.upstreams),
-        )
+        previous = self.app.upstreams
+        upstreams = self._upstreams(config, previous)
+        self.app.reconfigure(config, Authenticator.from_config(config.auth, config.server), upstreams)
+        kept = {id(upstream) for upstream in upstreams.values()}
+        for upstream in previous.values():
+            if id(upstream) not in kept:
+                upstream.close()
         self.config = config
         log.info(
             "reloaded {source}: {count} repositories, {registries} registries",

@@ -255,9 +255,12 @@ class Upstream:
         self._metrics = metrics
         self._reactor = reactor
         self._clock: IReactorTime = reactor
+        #: Its own: a connection verified against one registry's CA must
+        #: not serve another registry (or a reloaded one) on the same host.
+        self._pool = pool
         if agent is None:
             if pool is None:
-                pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+                pool = self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = 32
                 pool.cachedConnectionTimeout = 120
             endpoints = UpstreamEndpoints(
@@ -272,6 +275,12 @@ class Upstream:
         self._basic = False
 
     # -- public API --------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        """Close the idle connections kept for reuse (when a reload replaced us)."""
+        if self._pool is None:
+            return defer.succeed(None)
+        return self._pool.closeCachedConnections()
 
     def url_for(self, path: str) -> str:
         return self.registry.url + path

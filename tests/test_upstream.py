@@ -391,3 +391,31 @@ def test_an_https_upstream_body_comes_in_pieces_of_more_than_one_record(tmp_path
         yield port.stopListening()
     assert b"".join(received.pieces) == body
     assert max(len(piece) for piece in received.pieces) > 16384
+
+
+def test_each_upstream_has_its_pool_and_a_reload_closes_the_replaced_ones(tmp_path):
+    # Two registries on one host:port, one trusting a CA of its own: a
+    # connection verified for one must never carry the other's requests.
+    from cargobay.config import load_config
+    from cargobay.server_tap import Runtime
+    from proxy import write_config
+
+    ca = TestCA(tmp_path / "ca")
+    registries = [
+        {"id": "a", "url": "https://registry.test:5000"},
+        {"id": "b", "url": "https://registry.test:5000", "ca_file": ca.cert_path},
+    ]
+    repositories = [("x", "a", "x"), ("y", "b", "y")]
+    path = write_config(tmp_path / "config.toml", 5000, tmp_path / "cache", registries, repositories)
+    runtime = Runtime(load_config(str(path)), str(path), global_reactor)
+    a, b = runtime.app.upstreams["a"], runtime.app.upstreams["b"]
+    assert a._pool is not None and b._pool is not None and a._pool is not b._pool
+    closed: list[str] = []
+    a.close = lambda: closed.append("a")  # type: ignore[method-assign]
+    b.close = lambda: closed.append("b")  # type: ignore[method-assign]
+    registries[1]["connect_timeout_seconds"] = 3
+    write_config(path, 5000, tmp_path / "cache", registries, repositories)
+    assert runtime.reload()
+    assert runtime.app.upstreams["a"] is a  # unchanged: kept, with its tokens and connections
+    assert runtime.app.upstreams["b"] is not b
+    assert closed == ["b"]
