@@ -682,11 +682,7 @@ class Bench:
             vs_direct.peer.append(figures["upstream"])
             log(f"{key} round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
                 f"{figures['peer']:.0f}, upstream direct {figures['upstream']:.0f}")
-        for digest in digests:
-            for row_gets, row_sent, who in ((gets.cargobay, sent.cargobay, by_cargobay), (gets.peer, sent.peer, by_peer)):
-                count, nbytes = self.gets_of(digest, who, upstream)
-                row_gets.append(count)
-                row_sent.append(nbytes / MiB)
+        self.count_upstream(key, digests, gets, sent, upstream)
         self.rows += [vs_peer, vs_direct, gets, sent]
         if a.py_spy and not tls:
             self.profile_cold()
@@ -743,8 +739,15 @@ class Bench:
                 log(f"{key} round {rnd + 1}: {who}: {seconds:.2f} s, upstream {count} GETs, "
                     f"{nbytes / MiB:.0f} MiB so far")
             digests.append(digest)
-        # Counted once all is quiet, over the whole log, by User-Agent: a
-        # late background GET belongs to the proxy that made it.
+        self.count_upstream(key, digests, gets, sent, upstream)
+        self.rows += [wall, gets, sent]
+
+    def count_upstream(self, key: str, digests: list[str], gets: Row, sent: Row, upstream: Registry) -> None:
+        """
+        Each proxy's GETs of each round's digest and the MiB they fetched,
+        counted once all is quiet over the whole log, by User-Agent: a late
+        background GET belongs to the proxy that made it.
+        """
         for rnd, digest in enumerate(digests, 1):
             for row_gets, row_sent, who, name in ((gets.cargobay, sent.cargobay, by_cargobay, "cargobay"),
                                                   (gets.peer, sent.peer, by_peer, "peer")):
@@ -752,7 +755,6 @@ class Bench:
                 row_gets.append(count)
                 row_sent.append(nbytes / MiB)
                 log(f"{key} round {rnd}: {name}: upstream {count} GETs, {nbytes / MiB:.0f} MiB in all")
-        self.rows += [wall, gets, sent]
 
     def peer_filled(self, digest: str, peer: Registry | None = None, timeout: float = 300.0) -> None:
         """

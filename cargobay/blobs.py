@@ -77,9 +77,10 @@ SEND_THREADS = os.environ.get("CARGOBAY_SEND_THREADS", "1") != "0"
 TRANSPORT_BUFFER = 1024 * 1024
 #: Upstream body pieces are gathered up to this size (or to the end of the
 #: reactor turn that read them) before going on to the client, the hashing
-#: thread and the writing thread.  A TLS or chunked body comes in pieces of
-#: 16 KiB or less; passing each on alone costs a system call, two queue
-#: hand-overs and a GIL hand-over per piece.
+#: thread and the writing thread.  A chunked body comes a chunk at a time,
+#: many per read (as a TLS body does a 16 KiB record at a time, unless the
+#: TLS layer joins them: upstream.GatheringTLSProtocol); passing each on
+#: alone costs a system call, two queue hand-overs and a GIL hand-over.
 GATHER = 1024 * 1024
 #: Bytes received from upstream but not yet hashed and written by the worker
 #: thread before the upstream connection is paused.

@@ -293,9 +293,8 @@ class Runtime:
         previous = self.app.upstreams
         upstreams = self._upstreams(config, previous)
         self.app.reconfigure(config, Authenticator.from_config(config.auth, config.server), upstreams)
-        kept = {id(upstream) for upstream in upstreams.values()}
-        for upstream in previous.values():
-            if id(upstream) not in kept:
+        for registry_id, upstream in previous.items():
+            if upstreams.get(registry_id) is not upstream:
                 upstream.close()
         self.config = config
         log.info(

@@ -254,11 +254,12 @@ def test_a_wrong_body_left_behind_is_still_refused():
     assert not client.finished and not writer.committed
 
 
-def test_the_small_pieces_of_a_tls_body_go_on_gathered():
+def test_the_small_pieces_of_a_body_go_on_gathered():
     """
-    A TLS layer hands the body over in records of 16 KiB, many per read of
-    the socket: they reach the disk (and the hash, and the client) a read's
-    worth or L{GATHER} bytes at a time, and the last ones when the body ends.
+    A chunked body (or TLS records, one at a time) comes in many small
+    pieces per read of the socket: they reach the disk (and the hash, and
+    the client) a read's worth or L{GATHER} bytes at a time, and the last
+    ones when the body ends.
     """
     clock = Clock()
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False, clock=clock)
