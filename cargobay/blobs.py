@@ -165,6 +165,8 @@ class Fetch:
 
     def add_reader(self, reader: FileSender, follower: bool = True) -> None:
         self._readers.add(reader)
+        if self.writer is not None:
+            self.writer.read_soon()
         if follower and self.on_follower_joined is not None:
             self.on_follower_joined()
         self.reader_moved()  # it may change how far the download may run ahead
@@ -275,17 +277,20 @@ class InlineHashAndStore:
 
     def feed(self, data: bytes) -> None:
         self.hasher.update(data)
+        self._write(lambda writer: writer.write_raw(data))
+        self._on_stored(self.stored)
+
+    def _write(self, write: Callable[[BlobWriter], int]) -> None:
         writer = self.writer
         if writer is not None:
             try:
-                writer.write_raw(data)
+                count = write(writer)
             except OSError as e:
                 self.writer = None
                 self._on_write_error(e)
             else:
-                writer.wrote(len(data))
-                self.stored += len(data)
-        self._on_stored(self.stored)
+                writer.wrote(count)
+                self.stored += count
 
     def write_backlog(self) -> int:
         return 0
@@ -297,6 +302,8 @@ class InlineHashAndStore:
         return d
 
     def drained(self) -> Deferred[None]:
+        self._write(BlobWriter.flush_raw)
+        self._on_stored(self.stored)
         d: Deferred[None] = Deferred()
         d.callback(None)
         return d
@@ -429,36 +436,56 @@ class ThreadedHashAndStore:
     def _hash_work(self) -> None:
         if self._prefix is not None:
             hash_prefix(self.hasher, *self._prefix)
-        self._work(self._hash_queue, self.hasher.update, self._hashed_more, self._hash_ended)
+
+        def hash_(data: bytes) -> int:
+            self.hasher.update(data)
+            return len(data)
+
+        self._work(self._hash_queue, hash_, lambda: 0, self._hashed_more, self._hash_ended)
 
     def _write_work(self, writer: BlobWriter) -> None:
-        def write(data: bytes) -> None:
+        def write(data: bytes) -> int:
             if self._writing:
                 try:
-                    writer.write_raw(data)
+                    return writer.write_raw(data)
                 except OSError as e:
                     self._writing = False
                     self._call_from_thread(self._failed, writer, e)
+            return len(data)
 
-        self._work(self._write_queue, write, self._handled_more, self._write_ended)
+        def last() -> int:
+            # What direct writes kept back: into the file at the body's end,
+            # else passed over like the rest.
+            if self._writing:
+                try:
+                    return writer.flush_raw()
+                except OSError as e:
+                    self._writing = False
+                    self._call_from_thread(self._failed, writer, e)
+            return writer.drop_held()
+
+        self._work(self._write_queue, write, last, self._handled_more, self._write_ended)
 
     def _work(
         self,
         work: queue.SimpleQueue[object],
-        handle: Callable[[bytes], object],
+        handle: Callable[[bytes], int],
+        last: Callable[[], int],
         progressed: Callable[[int], None],
         ended: Callable[[int], None],
     ) -> None:
-        """A worker thread's loop: handle each chunk, report every megabyte."""
+        """
+        A worker thread's loop: handle each chunk, report every megabyte (the
+        count C{handle} returns), and C{last} at the end.
+        """
         unreported = 0
         try:
             while True:
                 item = work.get()
                 if item is _DRAIN:
+                    unreported += last()
                     return
-                data = cast(bytes, item)
-                handle(data)
-                unreported += len(data)
+                unreported += handle(cast(bytes, item))
                 if unreported >= REPORT_EVERY or work.empty():
                     self._call_from_thread(progressed, unreported)
                     unreported = 0

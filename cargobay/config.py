@@ -191,6 +191,9 @@ class CacheConfig:
     #: How long such a client is kept in step with the disk first, so that
     #: clients arriving together share one download.
     leave_disk_after_seconds: float = 0.25
+    #: Whether downloads are written to the cache with O_DIRECT, past the
+    #: page cache (where the filesystem has it).
+    direct_writes: bool = True
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         leave_disk_after_seconds=cache_section.number(
             "leave_disk_after_seconds", CacheConfig.leave_disk_after_seconds, positive=False
         ),
+        direct_writes=cache_section.boolean("direct_writes", CacheConfig.direct_writes),
     )
     if cache.leave_disk_after_seconds < 0:
         raise ConfigError(

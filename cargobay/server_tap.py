@@ -202,6 +202,7 @@ class Runtime:
             config.cache.max_size_bytes,
             config.cache.max_age_seconds,
             reactor,
+            config.cache.direct_writes,
         )
         cache.open()
         cache.on_evict = lambda entry: metrics.evictions.inc()
@@ -290,6 +291,7 @@ class Runtime:
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
+        self.cache.direct_writes = config.cache.direct_writes
         previous = self.app.upstreams
         upstreams = self._upstreams(config, previous)
         self.app.reconfigure(config, Authenticator.from_config(config.auth, config.server), upstreams)

@@ -4,12 +4,16 @@ The blob cache's file handling, eviction and scrubbing, with a Clock.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import queue
 
+import pytest
 from twisted.internet.task import Clock
 
-from cargobay.cache import BlobCache, BlobKey
+from cargobay.cache import DIRECT_BLOCK, BlobCache, BlobKey
 from cargobay.reference import Digest
 
 
@@ -171,3 +175,124 @@ def test_unwritable_directory_means_no_writer_and_one_log(tmp_path):
     assert cache.begin(key_for(b"x")) is None
     assert cache.begin(key_for(b"y")) is None
     assert cache.stats.write_errors >= 2
+
+
+# -- direct writes -------------------------------------------------------------
+
+
+def direct_writer(tmp_path, data: bytes = b""):
+    """A writer of a cache with direct writes, on the test's own filesystem."""
+    cache = BlobCache(str(tmp_path / "cache"), 10**9, 3600, Clock(), direct_writes=True)
+    cache.open()
+    writer = cache.begin(key_for(data))
+    assert writer is not None
+    if writer._direct_fd is None:
+        # tmpfs and a few others refuse O_DIRECT: the writer then uses the
+        # page cache, which the rest of the suite covers.
+        assert os.environ.get("CI") != "true", "the CI machine's /tmp is ext4, which has O_DIRECT"
+        pytest.skip(f"{tmp_path} is on a filesystem without O_DIRECT")
+    assert fcntl.fcntl(writer._direct_fd, fcntl.F_GETFL) & os.O_DIRECT
+    return cache, writer
+
+
+def in_file(writer) -> bytes:
+    with open(writer.path, "rb") as f:
+        return f.read()
+
+
+def test_direct_writes_hold_back_a_partial_block_and_count_what_is_in_the_file(tmp_path):
+    data = os.urandom(3 * DIRECT_BLOCK * 100 + 1234)
+    cache, writer = direct_writer(tmp_path, data)
+    counted = 0
+    for start, end in [(0, 100), (100, 5000), (5000, 5000 + (1 << 20)), (5000 + (1 << 20), len(data))]:
+        counted += writer.write_raw(data[start:end])
+        # Whole blocks only, and exactly what was counted.
+        assert counted % DIRECT_BLOCK == 0 and end - counted < DIRECT_BLOCK
+        assert in_file(writer) == data[:counted]
+    counted += writer.flush_raw()
+    assert counted == len(data) and in_file(writer) == data
+    writer.wrote(counted)
+    entry = writer.commit()
+    assert entry is not None and entry.size == len(data)
+    with open(entry.path, "rb") as f:
+        assert f.read() == data
+
+
+def test_readers_coming_turn_a_direct_writer_to_the_page_cache(tmp_path):
+    data = os.urandom(10 * DIRECT_BLOCK + 77)
+    cache, writer = direct_writer(tmp_path, data)
+    counted = writer.write_raw(data[:DIRECT_BLOCK + 10])
+    assert counted == DIRECT_BLOCK
+    writer.read_soon()
+    # The held bytes go first, then everything, unheld.
+    counted += writer.write_raw(data[DIRECT_BLOCK + 10:5 * DIRECT_BLOCK + 3])
+    assert counted == 5 * DIRECT_BLOCK + 3 and writer._direct_fd is None
+    assert in_file(writer) == data[:counted]
+    counted += writer.write_raw(data[counted:])
+    assert counted + writer.flush_raw() == len(data) and in_file(writer) == data
+
+
+def test_what_a_stopped_direct_writer_held_is_dropped_and_the_file_ends_on_a_block(tmp_path):
+    data = os.urandom(4 * DIRECT_BLOCK + 500)
+    cache, writer = direct_writer(tmp_path, data)
+    assert writer.write_raw(data) == 4 * DIRECT_BLOCK
+    assert writer.drop_held() == 500
+    # A refill goes on from the file's length, which is what it holds.
+    assert writer.length() == 4 * DIRECT_BLOCK and in_file(writer) == data[:4 * DIRECT_BLOCK]
+    writer.resume_at(4 * DIRECT_BLOCK)
+    assert writer._direct_fd is not None  # a block boundary: still direct
+    assert writer.write_raw(data[4 * DIRECT_BLOCK:]) == 0
+    assert writer.flush_raw() == 500 and in_file(writer) == data
+    writer.abort()
+    assert not os.path.exists(writer.path)
+
+
+def test_a_resume_mid_block_goes_on_through_the_page_cache(tmp_path):
+    data = os.urandom(3 * DIRECT_BLOCK)
+    cache, writer = direct_writer(tmp_path, data)
+    assert writer.write_raw(data) == len(data)
+    writer.resume_at(DIRECT_BLOCK + 10)
+    assert writer._direct_fd is None
+    assert writer.write_raw(data[DIRECT_BLOCK + 10:]) == len(data) - DIRECT_BLOCK - 10
+    assert in_file(writer) == data
+    writer.abort()
+
+
+def test_a_filesystem_that_refuses_a_direct_write_gets_the_bytes_through_the_page_cache(tmp_path, monkeypatch):
+    data = os.urandom(2 * DIRECT_BLOCK + 9)
+    cache, writer = direct_writer(tmp_path, data)
+    direct_fd, pwrite = writer._direct_fd, os.pwrite
+
+    def refusing(fd, buffer, offset):
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    assert writer.write_raw(data[:100]) == 0  # held: nothing written yet
+    assert writer.write_raw(data[100:]) == len(data)
+    assert writer._direct_fd is None and in_file(writer) == data
+    writer.abort()
+
+
+def test_direct_writes_through_the_threaded_store_end_with_the_whole_blob(tmp_path):
+    from cargobay.blobs import ThreadedHashAndStore
+
+    data = os.urandom(5 * (1 << 20) + 3)
+    cache, writer = direct_writer(tmp_path, data)
+    digest = key_for(data).digest
+    calls: queue.SimpleQueue = queue.SimpleQueue()
+    stored: list[int] = []
+    store = ThreadedHashAndStore(
+        digest, writer, lambda f, *a: calls.put((f, a)), stored.append, lambda e: stored.append(-1)
+    )
+    for start in range(0, len(data), 300_001):
+        store.feed(data[start:start + 300_001])
+    done: list[object] = []
+    store.drained().addCallback(done.append)
+    while not done:
+        f, a = calls.get(timeout=30)
+        f(*a)
+    assert store.hasher.hexdigest() == digest.encoded
+    assert stored[-1] == len(data) == writer.size and in_file(writer) == data
+    assert writer.commit(synced=False) is not None

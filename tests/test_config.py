@@ -100,6 +100,9 @@ def test_new_optional_keys():
     assert parse_config(SEED).cache.leave_disk_after_seconds == 0.25
     sooner = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\nleave_disk_after_seconds = 0")
     assert parse_config(sooner).cache.leave_disk_after_seconds == 0.0
+    assert parse_config(SEED).cache.direct_writes is True
+    paged = SEED.replace("max_age_seconds = 604800", "max_age_seconds = 604800\ndirect_writes = false")
+    assert parse_config(paged).cache.direct_writes is False
 
 
 @pytest.mark.parametrize(
@@ -128,6 +131,8 @@ def test_new_optional_keys():
          "cache.client_waits_for_disk", "must be true or false"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\nleave_disk_after_seconds = -1'),
          "cache.leave_disk_after_seconds", "must not be negative"),
+        (('max_age_seconds = 604800', 'max_age_seconds = 604800\ndirect_writes = 1'),
+         "cache.direct_writes", "must be true or false"),
     ],
 )
 def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
