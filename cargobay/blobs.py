@@ -166,7 +166,7 @@ class Fetch:
     def add_reader(self, reader: FileSender, follower: bool = True) -> None:
         self._readers.add(reader)
         if self.writer is not None:
-            self.writer.read_soon()
+            self.writer.use_page_cache()  # they read it from there
         if follower and self.on_follower_joined is not None:
             self.on_follower_joined()
         self.reader_moved()  # it may change how far the download may run ahead
@@ -295,6 +295,9 @@ class InlineHashAndStore:
     def write_backlog(self) -> int:
         return 0
 
+    def write_rate(self) -> float | None:
+        return None
+
     def stop_writing(self) -> Deferred[None]:
         self.writer = None
         d: Deferred[None] = Deferred()
@@ -330,9 +333,17 @@ class ThreadedHashAndStore:
         on_stored: Callable[[int], None],
         on_write_error: Callable[[OSError], None],
         prefix: int = 0,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hasher = digest.hasher()
         self.writer = writer
+        #: How fast the disk takes bytes, measured on the writing thread: the
+        #: bytes written and the seconds spent inside the writes for them, and
+        #: when the write under way began.
+        self._timer = timer
+        self._disk_bytes = 0
+        self._disk_seconds = 0.0
+        self._write_began: float | None = None
         #: Bytes the file held before this body (hashed first, by the hashing thread).
         self._prefix = (writer.path, prefix) if prefix and writer is not None else None
         #: Bytes written to the file (what followers may read).
@@ -364,6 +375,19 @@ class ThreadedHashAndStore:
     def write_backlog(self) -> int:
         """Bytes fed but not yet written (0 when not writing)."""
         return self._fed - self._handled if self._writing else 0
+
+    def write_rate(self) -> float | None:
+        """
+        Bytes per second the disk took while the writing thread was writing
+        (the write under way included); None until it has begun.  With
+        direct writes, that is time waiting for the disk: a backlog behind a
+        fast disk means that the thread waited for a core or the GIL.
+        """
+        began = self._write_began
+        seconds = self._disk_seconds + (self._timer() - began if began is not None else 0.0)
+        if seconds <= 0:
+            return None
+        return self._disk_bytes / seconds
 
     def feed(self, data: bytes) -> None:
         self._fed += len(data)
@@ -446,11 +470,16 @@ class ThreadedHashAndStore:
     def _write_work(self, writer: BlobWriter) -> None:
         def write(data: bytes) -> int:
             if self._writing:
+                began = self._write_began = self._timer()
                 try:
                     return writer.write_raw(data)
                 except OSError as e:
                     self._writing = False
                     self._call_from_thread(self._failed, writer, e)
+                finally:
+                    self._disk_seconds += self._timer() - began
+                    self._disk_bytes += len(data)
+                    self._write_began = None
             return len(data)
 
         def last() -> int:
@@ -684,7 +713,11 @@ class BlobPipe(Protocol):
             if held:
                 self._send(held)
         if self._store.pending_bytes > STORE_BACKLOG:
-            if self._store.write_backlog() > STORE_BACKLOG and self._may_leave_disk_behind():
+            if (
+                self._store.write_backlog() > STORE_BACKLOG
+                and self._may_leave_disk_behind()
+                and self._disk_slower_than_upstream()
+            ):
                 self._leave_disk_behind()
             if self._store.pending_bytes > STORE_BACKLOG:
                 self._store_paused = True
@@ -704,6 +737,17 @@ class BlobPipe(Protocol):
             and self._fetch is not None
             and not self._fetch.has_readers()
         )
+
+    def _disk_slower_than_upstream(self) -> bool:
+        """
+        Whether the disk, while it was writing, took bytes slower than the
+        upstream sends them (or is stuck in its first write).  Else the
+        writing thread is only short of CPU, and the upstream waits for it:
+        leaving the disk behind would fetch the rest of the blob twice.
+        """
+        rate = self._store.write_rate()
+        elapsed = self._clock.seconds() - self._began
+        return rate is None or elapsed <= 0 or rate < self._received / elapsed
 
     def _leave_disk_behind(self) -> None:
         """

@@ -122,8 +122,8 @@ class BlobWriter:
         self._direct_fd: int | None = None
         self._buffer: mmap.mmap | None = None
         self._held = 0
-        #: Set by L{read_soon}; the writing thread then leaves O_DIRECT.
-        self._readers_coming = False
+        #: Set by L{use_page_cache}; the writing thread then leaves O_DIRECT.
+        self._paged = False
         if direct:
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC)
@@ -141,7 +141,7 @@ class BlobWriter:
         own descriptors and must see every byte counted so far.
         """
         if self._direct_fd is not None:
-            if not self._readers_coming:
+            if not self._paged:
                 return self._write_direct(data)
             return self.flush_raw() + self.write_raw(data)
         view = memoryview(data)
@@ -192,13 +192,14 @@ class BlobWriter:
         self._stop_direct()
         return self.write_raw(pending)
 
-    def read_soon(self) -> None:
+    def use_page_cache(self) -> None:
         """
-        Readers of the file are coming (clients following the download): the
-        bytes from now on go through the page cache, where they find them,
-        rather than past it to the disk.  Any thread may call this.
+        Write through the page cache from now on: readers of the file are
+        coming (clients following the download), who find the bytes there,
+        or the disk falls behind, and the page cache takes the bytes at
+        memory's pace until it writes them back.  Any thread may call this.
         """
-        self._readers_coming = True
+        self._paged = True
 
     def flush_raw(self) -> int:
         """

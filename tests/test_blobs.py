@@ -26,6 +26,7 @@ from cargobay.blobs import (
     TRANSPORT_BUFFER,
     BlobPipe,
     Fetch,
+    ThreadedHashAndStore,
     _widen_buffer,
     parse_range,
 )
@@ -51,7 +52,7 @@ class HeldBackWriter:
         self.size = 0
         self.aborted = False
         self.committed = False
-        self.readers_coming = False
+        self.paged = False
 
     def write_raw(self, data: bytes) -> int:
         assert self.gate.wait(30), "the test never opened the gate"
@@ -70,8 +71,8 @@ class HeldBackWriter:
         held, self.held = self.held, b""
         return len(held)
 
-    def read_soon(self) -> None:
-        self.readers_coming = True
+    def use_page_cache(self) -> None:
+        self.paged = True
 
     def wrote(self, count: int) -> None:
         self.size += count
@@ -258,10 +259,25 @@ def test_with_no_grace_a_lone_client_leaves_the_disk_at_once():
     assert bytes(client.body) == BODY
 
 
+def test_a_fast_disk_behind_for_want_of_a_core_keeps_the_client_in_step():
+    """
+    The writing thread is behind, but while it wrote, the disk took bytes
+    faster than the upstream sends them: the thread waited for a core, not
+    for the disk, so the download waits for it rather than fetching the
+    rest of the blob a second time.
+    """
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
+    store = pipe._store
+    assert isinstance(store, ThreadedHashAndStore)
+    store._disk_bytes, store._disk_seconds = 1 << 30, 0.001  # a terabyte a second
+    feed(pipe)
+    assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
+
+
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
-    assert writer.readers_coming  # they read it from the page cache
+    assert writer.paged  # they read it from the page cache
     feed(pipe)
     assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
 

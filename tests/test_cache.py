@@ -218,12 +218,12 @@ def test_direct_writes_hold_back_a_partial_block_and_count_what_is_in_the_file(t
         assert f.read() == data
 
 
-def test_readers_coming_turn_a_direct_writer_to_the_page_cache(tmp_path):
+def test_a_direct_writer_asked_for_the_page_cache_goes_through_it(tmp_path):
     data = os.urandom(10 * DIRECT_BLOCK + 77)
     cache, writer = direct_writer(tmp_path, data)
     counted = writer.write_raw(data[:DIRECT_BLOCK + 10])
     assert counted == DIRECT_BLOCK
-    writer.read_soon()
+    writer.use_page_cache()
     # The held bytes go first, then everything, unheld.
     counted += writer.write_raw(data[DIRECT_BLOCK + 10:5 * DIRECT_BLOCK + 3])
     assert counted == 5 * DIRECT_BLOCK + 3 and writer._direct_fd is None
