@@ -333,14 +333,12 @@ class ThreadedHashAndStore:
         on_stored: Callable[[int], None],
         on_write_error: Callable[[OSError], None],
         prefix: int = 0,
-        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hasher = digest.hasher()
         self.writer = writer
         #: How fast the disk takes bytes, measured on the writing thread: the
         #: bytes written and the seconds spent inside the writes for them, and
         #: when the write under way began.
-        self._timer = timer
         self._disk_bytes = 0
         self._disk_seconds = 0.0
         self._write_began: float | None = None
@@ -384,7 +382,7 @@ class ThreadedHashAndStore:
         fast disk means that the thread waited for a core or the GIL.
         """
         began = self._write_began
-        seconds = self._disk_seconds + (self._timer() - began if began is not None else 0.0)
+        seconds = self._disk_seconds + (time.monotonic() - began if began is not None else 0.0)
         if seconds <= 0:
             return None
         return self._disk_bytes / seconds
@@ -470,14 +468,14 @@ class ThreadedHashAndStore:
     def _write_work(self, writer: BlobWriter) -> None:
         def write(data: bytes) -> int:
             if self._writing:
-                began = self._write_began = self._timer()
+                began = self._write_began = time.monotonic()
                 try:
                     return writer.write_raw(data)
                 except OSError as e:
                     self._writing = False
                     self._call_from_thread(self._failed, writer, e)
                 finally:
-                    self._disk_seconds += self._timer() - began
+                    self._disk_seconds += time.monotonic() - began
                     self._disk_bytes += len(data)
                     self._write_began = None
             return len(data)

@@ -124,9 +124,9 @@ class BlobWriter:
         self._held = 0
         #: Set by L{use_page_cache}; the writing thread then leaves O_DIRECT.
         self._paged = False
-        if direct:
+        if direct and hasattr(os, "O_DIRECT"):
             try:
-                self._direct_fd = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC)
+                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 pass  # tmpfs and others: the page cache it is
 
@@ -195,9 +195,8 @@ class BlobWriter:
     def use_page_cache(self) -> None:
         """
         Write through the page cache from now on: readers of the file are
-        coming (clients following the download), who find the bytes there,
-        or the disk falls behind, and the page cache takes the bytes at
-        memory's pace until it writes them back.  Any thread may call this.
+        coming (clients following the download), who find the bytes there
+        rather than on the disk.  Any thread may call this.
         """
         self._paged = True
 
