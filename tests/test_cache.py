@@ -296,3 +296,39 @@ def test_direct_writes_through_the_threaded_store_end_with_the_whole_blob(tmp_pa
     assert store.hasher.hexdigest() == digest.encoded
     assert stored[-1] == len(data) == writer.size and in_file(writer) == data
     assert writer.commit(synced=False) is not None
+
+
+def test_a_full_disk_under_direct_writes_is_a_write_error_and_the_hash_goes_on(tmp_path, monkeypatch):
+    from cargobay.blobs import ThreadedHashAndStore
+
+    data = os.urandom(3 * (1 << 20) + 5)
+    cache, writer = direct_writer(tmp_path, data)
+    direct_fd, pwrite = writer._direct_fd, os.pwrite
+    room = [1 << 20]
+
+    def filling(fd, buffer, offset):
+        if fd == direct_fd:
+            if room[0] < len(buffer):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            room[0] -= len(buffer)
+        return pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    calls: queue.SimpleQueue = queue.SimpleQueue()
+    errors: list[OSError] = []
+    store = ThreadedHashAndStore(
+        key_for(data).digest, writer, lambda f, *a: calls.put((f, a)), lambda stored: None, errors.append
+    )
+    for start in range(0, len(data), 1 << 20):
+        store.feed(data[start:start + (1 << 20)])
+    done: list[object] = []
+    store.drained().addCallback(done.append)
+    while not done:
+        f, a = calls.get(timeout=30)
+        f(*a)
+    # The disk's refusal reaches the download (which then streams uncached,
+    # and the writer is aborted), the hash is whole, and nothing is counted
+    # as stored past what the disk took.
+    assert [e.errno for e in errors] == [errno.ENOSPC]
+    assert store.hasher.hexdigest() == key_for(data).digest.encoded
+    assert store.stored <= 1 << 20 and store.writer is None
