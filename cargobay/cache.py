@@ -128,7 +128,7 @@ class BlobWriter:
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
-                pass  # tmpfs and others: the page cache it is
+                pass  # the filesystem has no O_DIRECT (tmpfs before Linux 6.6): the page cache it is
 
     def write_raw(self, data: bytes) -> int:
         """
