@@ -466,14 +466,23 @@ class ThreadedHashAndStore:
         self._work(self._hash_queue, hash_, lambda: 0, self._hashed_more, self._hash_ended)
 
     def _write_work(self, writer: BlobWriter) -> None:
+        # A failed write is this thread's to know at once (it writes no more)
+        # and the reactor's to hear in order: before this thread's last
+        # report, so that the download never takes the file as complete.
+        failed = False
+
+        def fail(error: OSError) -> None:
+            nonlocal failed
+            failed = True
+            self._call_from_thread(self._failed, writer, error)
+
         def write(data: bytes) -> int:
-            if self._writing:
+            if self._writing and not failed:
                 began = self._write_began = time.monotonic()
                 try:
                     return writer.write_raw(data)
                 except OSError as e:
-                    self._writing = False
-                    self._call_from_thread(self._failed, writer, e)
+                    fail(e)
                 finally:
                     self._disk_seconds += time.monotonic() - began
                     self._disk_bytes += len(data)
@@ -483,12 +492,11 @@ class ThreadedHashAndStore:
         def last() -> int:
             # What direct writes kept back: into the file at the body's end,
             # else passed over like the rest.
-            if self._writing:
+            if self._writing and not failed:
                 try:
                     return writer.flush_raw()
                 except OSError as e:
-                    self._writing = False
-                    self._call_from_thread(self._failed, writer, e)
+                    fail(e)
             return writer.drop_held()
 
         self._work(self._write_queue, write, last, self._handled_more, self._write_ended)
@@ -956,6 +964,15 @@ class BlobPipe(Protocol):
         if self._writer is writer:  # else: it failed meanwhile
             if isinstance(result, Failure):
                 writer.failed(result.value if isinstance(result.value, OSError) else OSError(str(result.value)))
+            elif writer.size != self._offset + self._received:
+                # Only the exact verified body becomes an entry.
+                log.error(
+                    "cache file of {what} holds {size} of its {total} bytes; not cached",
+                    what=self._describe,
+                    size=writer.size,
+                    total=self._offset + self._received,
+                )
+                writer.abort()
             else:
                 entry = writer.commit(synced=True)
         self._writer = None

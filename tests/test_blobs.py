@@ -274,6 +274,23 @@ def test_a_fast_disk_behind_for_want_of_a_core_keeps_the_client_in_step():
     assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
 
 
+def test_a_cache_file_short_of_the_verified_body_never_becomes_an_entry():
+    """
+    However the count of bytes in the file came to differ from the body
+    the hash verified (here the file loses its last partial block), the
+    client still gets its verified body, and the file is dropped.
+    """
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    writer.gate.set()
+    writer.flush_raw = lambda: 0  # type: ignore[method-assign]
+    feed(pipe)
+    reactor.run_until(lambda: not upstream.paused)
+    assert finish(pipe, reactor) is True
+    assert client.finished and bytes(client.body) == BODY
+    assert writer.aborted and not writer.committed
+    assert fetch.state == "failed"
+
+
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
