@@ -102,8 +102,8 @@ class BlobWriter:
     allows it: the bytes go from one reused buffer to the disk rather than
     being copied into fresh page-cache pages, which costs several times the
     CPU of the copy itself on a virtual machine whose memory the host lends
-    lazily (see the README's "How the cache works").  The blob is then read
-    from the disk, not from memory, by its first reader.
+    lazily (see the README's "How the cache works").  L{sync_raw} reads it
+    back into the page cache once the clients have their bytes.
     """
 
     def __init__(
@@ -122,6 +122,8 @@ class BlobWriter:
         self._direct_fd: int | None = None
         self._buffer: mmap.mmap | None = None
         self._held = 0
+        #: Bytes written past the page cache.
+        self._direct_bytes = 0
         #: Set by L{use_page_cache}; the writing thread then leaves O_DIRECT.
         self._paged = False
         if direct and hasattr(os, "O_DIRECT"):
@@ -179,6 +181,7 @@ class BlobWriter:
                     raise OSError(errno.EIO, f"a direct write of {self.path} stopped mid-block")
                 done += written
                 self._end += written
+                self._direct_bytes += written
             else:
                 rest = total - whole
                 if rest:
@@ -249,8 +252,19 @@ class BlobWriter:
             self._stop_direct()  # direct writes start on a block: this one goes through the page cache
 
     def sync_raw(self) -> None:
-        """fsync, from a worker thread: it can take a while."""
+        """
+        fsync, from a worker thread: it can take a while.  What direct writes
+        put past the page cache is then read back into it, so that the next
+        pull of the blob finds it in memory: the clients of this download
+        have their bytes already, and the first touch of fresh pages, the
+        cost direct writes kept off their path, is paid here instead.
+        """
         os.fsync(self._fd)
+        if self._direct_bytes:
+            chunk = bytearray(1 << 20)
+            with open(self.path, "rb", buffering=0) as f:
+                while f.readinto(chunk):
+                    pass
 
     def wrote(self, count: int) -> None:
         self.size += count

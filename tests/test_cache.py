@@ -212,7 +212,8 @@ def test_direct_writes_hold_back_a_partial_block_and_count_what_is_in_the_file(t
     counted += writer.flush_raw()
     assert counted == len(data) and in_file(writer) == data
     writer.wrote(counted)
-    entry = writer.commit()
+    writer.sync_raw()  # and reads the file back into the page cache
+    entry = writer.commit(synced=True)
     assert entry is not None and entry.size == len(data)
     with open(entry.path, "rb") as f:
         assert f.read() == data
