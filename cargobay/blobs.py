@@ -305,7 +305,7 @@ class InlineHashAndStore:
         return d
 
     def drained(self) -> Deferred[None]:
-        self._write(BlobWriter.flush_raw)
+        self._write(lambda writer: writer.flush_raw())
         self._on_stored(self.stored)
         d: Deferred[None] = Deferred()
         d.callback(None)

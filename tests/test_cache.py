@@ -336,3 +336,19 @@ def test_a_full_disk_under_direct_writes_is_a_write_error_and_the_hash_goes_on(t
     assert store.hasher.hexdigest() == key_for(data).digest.encoded
     assert store.stored <= 1 << 20 and store.writer is None
 
+
+
+def test_direct_writes_through_the_inline_store_end_with_the_whole_blob(tmp_path):
+    from cargobay.blobs import InlineHashAndStore
+
+    data = os.urandom(2 * (1 << 20) + 7)
+    cache, writer = direct_writer(tmp_path, data)
+    stored: list[int] = []
+    store = InlineHashAndStore(key_for(data).digest, writer, stored.append, lambda e: stored.append(-1))
+    for start in range(0, len(data), 100_003):
+        store.feed(data[start:start + 100_003])
+        # Followers may read what is counted: the file holds all of it.
+        assert len(in_file(writer)) >= stored[-1] and stored[-1] % DIRECT_BLOCK == 0
+    store.drained()
+    assert stored[-1] == len(data) == writer.size and in_file(writer) == data
+    writer.abort()
