@@ -122,8 +122,8 @@ class BlobWriter:
         self._direct_fd: int | None = None
         self._buffer: mmap.mmap | None = None
         self._held = 0
-        #: The part of the file written past the page cache, [start, end).
-        self._direct_span: tuple[int, int] | None = None
+        #: Where the part of the file written past the page cache ends.
+        self._direct_end = 0
         #: Set by L{use_page_cache}; the writing thread then leaves O_DIRECT.
         self._paged = False
         if direct and hasattr(os, "O_DIRECT"):
@@ -179,10 +179,9 @@ class BlobWriter:
                     break
                 if written % DIRECT_BLOCK:
                     raise OSError(errno.EIO, f"a direct write of {self.path} stopped mid-block")
-                span = self._direct_span
-                self._direct_span = (span[0] if span else self._end, self._end + written)
                 done += written
                 self._end += written
+                self._direct_end = self._end
             else:
                 rest = total - whole
                 if rest:
@@ -261,16 +260,12 @@ class BlobWriter:
         cost direct writes kept off their path, is paid here instead.
         """
         os.fsync(self._fd)
-        if self._direct_span is not None:
-            start, end = self._direct_span
+        if self._direct_end:
             chunk = bytearray(1 << 20)
+            read = 0
             with open(self.path, "rb", buffering=0) as f:
-                f.seek(start)
-                while start < end:
-                    got = f.readinto(chunk)
-                    if not got:
-                        break
-                    start += got
+                while read < self._direct_end and (got := f.readinto(chunk)):
+                    read += got
 
     def wrote(self, count: int) -> None:
         self.size += count

@@ -232,7 +232,7 @@ def test_a_direct_writer_asked_for_the_page_cache_goes_through_it(tmp_path):
     counted += writer.write_raw(data[counted:])
     assert counted + writer.flush_raw() == len(data) and in_file(writer) == data
     # Only the first block went past the page cache: only it is read back.
-    assert writer._direct_span == (0, DIRECT_BLOCK)
+    assert writer._direct_end == DIRECT_BLOCK
 
 
 def test_what_a_stopped_direct_writer_held_is_dropped_and_the_file_ends_on_a_block(tmp_path):
