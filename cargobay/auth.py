@@ -119,7 +119,8 @@ class Authenticator:
                 host = forwarded_host
         if not host or not _HOST.fullmatch(host):
             address = request.getHost()
-            host = f"{address.host}:{address.port}"
+            # A UNIX socket listener's address has neither.
+            host = f"{address.host}:{address.port}" if hasattr(address, "port") else "localhost"
         return f"{scheme}://{host}/token"
 
     def challenge(self, request: Request, scope: str | None = None, error: str | None = None) -> str:
@@ -143,7 +144,9 @@ class Authenticator:
             return value
         if scheme.lower() == "basic" and value:
             try:
-                decoded = base64.b64decode(value, validate=True).decode("utf-8")
+                # b64decode raises ValueError, not binascii.Error, on a
+                # non-ASCII str; its bytes are not base64 either way.
+                decoded = base64.b64decode(value.encode("latin-1"), validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 return ""
             _, _, password = decoded.partition(":")

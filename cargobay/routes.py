@@ -393,6 +393,10 @@ class _PathGuard(resource.Resource):
         self._inner = inner
 
     def render(self, request: Request) -> Any:
+        if not request.getHeader(b"host") and not hasattr(request.getHost(), "host"):
+            # HTTP/1.0 without Host on a UNIX socket: Klein would ask the
+            # listening address for a host name it does not have.
+            request.requestHeaders.setRawHeaders(b"host", [b"localhost"])
         try:
             decoded = unquote_to_bytes(request.path).decode("utf-8")
             if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):

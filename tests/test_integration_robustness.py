@@ -917,3 +917,61 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         for sock in held:
             sock.close()
         process.stop()
+
+
+def unix_request(path: Path, raw: bytes) -> tuple[int, bytes]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(raw)
+        data = b""
+        while piece := sock.recv(65536):
+            data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_odd_hosts_and_credentials_on_a_unix_socket_get_oci_errors(upstream_anon, tmp_path):
+    """
+    Behind a local reverse proxy on a UNIX socket, a request whose Host
+    cannot go into a challenge (or that has none, in HTTP/1.0) still gets its
+    401 with a challenge, and Basic credentials that are not even ASCII get a
+    401 too: never a 500.
+    """
+    sock = Path(f"/tmp/cargobay-{os.getpid()}-{tmp_path.name[-12:]}.sock")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[server]\n"
+        f'listen = "unix:{sock}"\n'
+        "[auth]\n"
+        f'jwt_secret = "{SECRET}"\n'
+        "[cache]\n"
+        f'directory = "{tmp_path / "cache"}"\n'
+        "max_size_bytes = 1000000000\n"
+        "max_age_seconds = 3600\n"
+        "[[registries]]\n"
+        'id = "up"\n'
+        f'url = "{upstream_anon.url}"\n'
+    )
+    process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log").start()
+    try:
+        wait_until(sock.exists, timeout=30)
+        for raw in (
+            b"GET /v2/ HTTP/1.1\r\nHost: my_registry\r\nConnection: close\r\n\r\n",
+            b"GET /v2/ HTTP/1.0\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic \xe9\xe9\xe9\xe9\r\n"
+            b"Connection: close\r\n\r\n",
+            b"GET /token?scope=repository:alpine:pull HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Basic caf\xe9\r\nConnection: close\r\n\r\n",
+        ):
+            status, body = unix_request(sock, raw)
+            assert status == 401, (raw, status, body[:300])
+            assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED", body
+        status, body = unix_request(
+            sock, f"GET /v2/ HTTP/1.0\r\nAuthorization: Bearer {ALL}\r\n\r\n".encode()
+        )
+        assert status == 200, body
+        assert "Traceback" not in (tmp_path / "cargobay.log").read_text()
+    finally:
+        process.stop()
+        sock.unlink(missing_ok=True)
