@@ -7,6 +7,7 @@ services and the upstream clients.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -45,6 +46,11 @@ audit = Logger(namespace="cargobay.audit")
 _ROUTE_LABELS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 WRITE_METHODS = (b"POST", b"PUT", b"PATCH", b"DELETE")
 READ_METHODS = (b"GET", b"HEAD")
+#: Methods the request counter names; any other counts as "other", so that
+#: made-up methods cannot grow the metrics without end.
+_METHOD_LABELS = frozenset((*READ_METHODS, *WRITE_METHODS, b"OPTIONS"))
+#: A page size: ASCII digits only (str.isdigit() also takes "²").
+_COUNT = re.compile(r"[0-9]{1,9}")
 #: Longest request path considered; longer ones cannot hold a valid name.
 MAX_PATH = 2048
 API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -272,7 +278,8 @@ class RegistryApp:
 
         def done(result: object) -> None:
             label = getattr(request, "route_label", route)
-            metrics.requests.inc(1, label, request.method.decode("latin-1")[:10], str(request.code))
+            method = request.method if request.method in _METHOD_LABELS else b"other"
+            metrics.requests.inc(1, label, method.decode("ascii"), str(request.code))
             if label in ("manifest", "blob") and request.method == b"GET":
                 status = getattr(request, "cache_status", None)
                 source = "cache" if status in ("hit", "revalidated", "stale") else "upstream"
@@ -321,7 +328,7 @@ class RegistryApp:
         n = None
         if n_values:
             text = n_values[0].decode("latin-1")
-            if not text.isdigit() or len(text) > 9:
+            if not _COUNT.fullmatch(text):
                 raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
             n = int(text)
         last_values = _args(request).get(b"last")

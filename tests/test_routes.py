@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import pytest
 from treq.testing import StubTreq
@@ -154,6 +155,7 @@ def test_wrong_repository_is_denied(world):
         ("/v2/alpine/blobs/sha256:" + "z" * 64, 400, "DIGEST_INVALID"),
         ("/v2/alpine/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
         ("/v2/alpine/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/alpine/tags/list?n=%B2", 400, "PAGINATION_NUMBER_INVALID"),  # "²" passes str.isdigit()
         ("/v2/alpine/tags/list?last=..", 400, "TAG_INVALID"),
         ("/v2/alpine/unknown/thing", 404, "UNSUPPORTED"),
         ("/elsewhere", 404, "UNSUPPORTED"),
@@ -611,3 +613,18 @@ def test_tag_list_served_from_the_last_full_list_when_upstream_fails(world):
     assert world.get("/v2/alpine/tags/list", ALL)[0].code == 404
     world.upstream_registry.on("GET", "/v2/", _failing(503))
     assert world.get("/v2/alpine/tags/list", ALL)[0].code == 502
+
+
+def test_made_up_methods_count_as_one_label(world):
+    # Anyone may send any method (it gets a 405 before the token is read): the
+    # request counter must not grow a label set per made-up name.
+    from cargobay.metrics import Metrics
+
+    metrics = world.app.metrics = Metrics()
+    for i in range(30):
+        response, _ = world.get("/v2/", None, method=f"XQZ{i}")
+        assert response.code == 405
+    assert world.get("/v2/", ALL)[0].code == 200
+    rendered = metrics.render().decode()
+    methods = set(re.findall(r'cargobay_http_requests_total\{[^}]*method="([^"]*)"', rendered))
+    assert methods == {"other", "GET"}, rendered
