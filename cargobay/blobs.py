@@ -93,7 +93,9 @@ LEAVE_DISK_AFTER = 0.25
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: Positions of up to 19 digits (int() refuses over 4,300; a blob is never
+#: over 2**63 bytes); a Range beyond that is ignored like any we do not take.
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
 def abort_request(request: Any) -> None:
@@ -1568,7 +1570,13 @@ class BlobService:
             if ok:
                 _fire(done)
 
-        span = _answer_conditions(request, digest, entry.size, head)
+        try:
+            span = _answer_conditions(request, digest, entry.size, head)
+        except BaseException:
+            # The entry must not stay pinned (nor its file open) for good.
+            fileobj.close()
+            release(ok=False)
+            raise
         if span is None:
             fileobj.close()
             release()
@@ -1818,7 +1826,11 @@ class BlobService:
             if fetch.total is None:
                 _blob_headers(request, digest)
             else:
-                span = _answer_conditions(request, digest, fetch.total, head=False)
+                try:
+                    span = _answer_conditions(request, digest, fetch.total, head=False)
+                except BaseException:
+                    fileobj.close()
+                    raise
                 if span is None:
                     fileobj.close()
                     _fire(done)

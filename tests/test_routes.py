@@ -375,6 +375,19 @@ def test_ranges_and_conditional_requests_on_hits(world):
     assert len(world.upstream_registry.seen) == 1
 
 
+@pytest.mark.parametrize("header", ["bytes=" + "9" * 5000 + "-", "bytes=-" + "1" * 5000, "bytes=0-" + "1" * 5000])
+def test_a_range_of_huge_numbers_is_ignored_and_pins_nothing(world, header):
+    # int() refuses numbers of over 4,300 digits: that was a 500, and the
+    # cache entry stayed open and unevictable for good.
+    path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
+    world.get(path, ALL)
+    [entry] = world.cache._entries.values()
+    for _ in range(3):
+        response, body = world.get(path, ALL, headers={"Range": header})
+        assert (response.code, body) == (200, BLOB)
+    assert entry.readers == 0
+
+
 def test_blob_unknown_upstream(world):
     world.upstream_registry.handlers.clear()
     response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
