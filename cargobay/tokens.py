@@ -10,6 +10,7 @@ C{team/app} and C{team/app/x}, never C{team/apple}.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -183,9 +184,23 @@ class TokenVerifier:
             subject = claims.get("sub")
             if not isinstance(subject, str):
                 raise InvalidToken("claim 'sub' must be a string")
-            exp = claims.get("exp")
-            return Grant(subject, _parse_access(claims["access"]), exp if isinstance(exp, int) else None)
+            return Grant(subject, _parse_access(claims["access"]), _expiry(claims))
         raise InvalidToken(last_error)
+
+
+def _expiry(claims: dict[str, Any]) -> int | None:
+    """
+    The token's C{exp} as whole seconds.  PyJWT has checked it already, and
+    takes a float or a numeric string as well as an int: such a token must
+    keep its expiry (what it is traded for at C{/token} may not outlive it).
+    """
+    exp = claims.get("exp")
+    if exp is None:
+        return None
+    try:
+        return math.floor(float(exp))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidToken("claim 'exp' must be a number") from None
 
 
 def mint_token(

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import re
+import time
 
+import jwt
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import fail, succeed
@@ -606,6 +608,24 @@ def test_token_endpoint_offline_token_gives_a_refresh_token(world):
     assert TokenVerifier([SECRET]).verify(answer["refresh_token"]).repositories == ("alpine",)
     response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("ci", ALPINE_ONLY)})
     assert "refresh_token" not in json.loads(body)
+
+
+@pytest.mark.parametrize("kind", ["float", "numeric string"])
+def test_tokens_traded_at_the_token_endpoint_never_outlive_a_non_integer_exp(world, kind):
+    # PyJWT takes an "exp" of 1.7e9 + 20.5 or "1700000020": such a 20-second
+    # token was traded for a day-long refresh token.
+    now = time.time()
+    exp = now + 20.5 if kind == "float" else str(int(now) + 20)
+    token = jwt.encode({"sub": "ci", "exp": exp, "access": {"type": "repositories", "repos": ["alpine"]}},
+                       SECRET, algorithm="HS256")
+    response, body = world.get("/token?service=cargobay&offline_token=true&scope=repository:alpine:pull",
+                               headers={"Authorization": _basic("ci", token)})
+    answer = json.loads(body)
+    assert response.code == 200
+    for key in ("refresh_token", "token"):
+        claims = jwt.decode(answer[key], SECRET, algorithms=["HS256"])
+        assert claims["exp"] <= float(exp), key
+    assert answer["expires_in"] <= 21
 
 
 def test_tag_list_served_from_the_last_full_list_when_upstream_fails(world):

@@ -151,3 +151,12 @@ def test_remembered_tokens_still_expire():
     time.sleep(2.1)
     with pytest.raises(InvalidToken, match="expired"):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize("exp", [lambda now: now + 20.7, lambda now: str(int(now) + 20)])
+def test_an_exp_that_is_not_an_int_is_kept(exp):
+    # PyJWT accepts these; their expiry must still cap what the token is traded for.
+    now = time.time()
+    value = exp(now)
+    token = jwt.encode({"sub": "ci", "exp": value, "access": {"type": "all"}}, SECRET, "HS256")
+    assert verify(token).expires_at == int(float(value))
