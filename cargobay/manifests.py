@@ -6,6 +6,7 @@ the upstream byte for byte, with their digests checked.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -178,7 +179,7 @@ class ManifestService:
             content = yield read_body(response)
         except Exception as e:
             raise _bad_upstream(upstream, f"failed while sending a manifest ({type(e).__name__})") from None
-        media_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         announced = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
             expected = Digest.parse(reference)
@@ -217,7 +218,7 @@ class ManifestService:
         discard_body(response)
         if response.code != 200:
             raise map_status(upstream, response, manifest_unknown(reference))
-        media_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0]) or ""
         digest = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
             digest = reference
@@ -272,7 +273,7 @@ class ManifestService:
         except (ValueError, AttributeError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
         tags = [t for t in tags if isinstance(t, str)]
-        link = rewrite_link((response.headers.getRawHeaders("link") or [None])[0], upstream_name, local_name)
+        link = rewrite_link(header_text((response.headers.getRawHeaders("link") or [None])[0]), upstream_name, local_name)
         if link is None and n is None and last is None:
             self._store.set_tag_list(registry_id, upstream_name, tags)
         if link is None and (n is not None or last is not None):
@@ -300,8 +301,9 @@ class ManifestService:
             discard_body(response)
             raise map_status(upstream, response, manifest_unknown(str(digest)))
         body = yield read_body(response)
-        content_type = (response.headers.getRawHeaders("content-type") or ["application/vnd.oci.image.index.v1+json"])[0]
-        filters = (response.headers.getRawHeaders("oci-filters-applied") or [None])[0]
+        content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
+        filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
+        content_type = content_type or "application/vnd.oci.image.index.v1+json"
         return body, content_type, filters
 
 
@@ -363,11 +365,30 @@ def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str |
     return f"<{path}>" + link[end + 1 :]
 
 
+#: A media type as a header carries it: type/subtype, then any parameters,
+#: in printable ASCII (anything else cannot go into a response header).
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]*/[A-Za-z0-9][\w!#$&^.+-]*(?:\s*;[ -~]*)?", re.ASCII)
+
+
+def valid_media_type(value: object) -> str | None:
+    """C{value} if it is a media type we can pass on in a header, else L{None}."""
+    if isinstance(value, str) and len(value) <= 255 and _MEDIA_TYPE.fullmatch(value):
+        return value
+    return None
+
+
+def header_text(value: str | None) -> str | None:
+    """An upstream header's value if it is printable ASCII (else L{None}: dropped)."""
+    if value is not None and len(value) <= 4096 and all(" " <= c <= "~" for c in value):
+        return value
+    return None
+
+
 def _media_type_of(content: bytes) -> str:
     try:
         document = json.loads(content)
-        media_type = document.get("mediaType")
-        if isinstance(media_type, str):
+        media_type = valid_media_type(document.get("mediaType"))
+        if media_type:
             return media_type
     except (ValueError, AttributeError):
         pass

@@ -33,7 +33,7 @@ from cargobay.errors import (
     name_unknown,
     pagination_invalid,
 )
-from cargobay.manifests import ManifestService, accept_headers
+from cargobay.manifests import ManifestService, accept_headers, valid_media_type
 from cargobay.mapping import Mapper, Resolved
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
@@ -311,8 +311,9 @@ class RegistryApp:
             self.metrics.cache_lookups.inc(1, "manifest", "miss" if answer.source == "miss" else "hit")
         if answer.source == "stale":
             request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
-        if answer.media_type:
-            request.setHeader(b"Content-Type", answer.media_type.encode("latin-1"))
+        media_type = valid_media_type(answer.media_type)
+        if media_type:
+            request.setHeader(b"Content-Type", media_type.encode("ascii"))
         request.setHeader(b"Docker-Content-Digest", str(answer.digest).encode())
         request.setHeader(b"ETag", f'"{answer.digest}"'.encode())
         if answer.length is not None:

@@ -661,3 +661,43 @@ def test_made_up_methods_count_as_one_label(world):
     rendered = metrics.render().decode()
     methods = set(re.findall(r'cargobay_http_requests_total\{[^}]*method="([^"]*)"', rendered))
     assert methods == {"other", "GET"}, rendered
+
+
+def _no_content_type(body):
+    def handler(request):
+        request.defaultContentType = None
+        return body
+    return handler
+
+
+def test_upstream_header_text_that_cannot_be_passed_on_is_dropped(world):
+    # Upstream text outside latin-1 cannot go into a response header: it was a
+    # 500, and for a manifest cached before the header failed, a 500 for good.
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json\u2603"}).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _no_content_type(body))
+    for _ in range(2):  # from the upstream, then from the cache
+        response, got = world.get(f"/v2/alpine/manifests/{digest}", ALL)
+        assert (response.code, got) == (200, body)
+        assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
+
+    def tags(request):
+        request.setHeader(b"Link", '</v2/library/alpine/tags/list?last=b&n=2>; rel="next"; title="\u2603"'.encode())
+        return json.dumps({"name": "library/alpine", "tags": ["a", "b", "c"]}).encode()
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/tags/list", tags)
+    response, got = world.get("/v2/alpine/tags/list?n=2", ALL)
+    assert response.code == 200 and json.loads(got)["tags"] == ["a", "b"]
+    assert response.headers.getRawHeaders("link") == ['</v2/alpine/tags/list?last=b&n=2>; rel="next"']
+
+    def referrers(request):
+        request.setHeader(b"Content-Type", "application/vnd.oci.image.index.v1+json\u2603".encode())
+        request.setHeader(b"OCI-Filters-Applied", "artifactType\u2603".encode())
+        return b'{"schemaVersion": 2, "manifests": []}'
+
+    world.upstream_registry.on("GET", f"/v2/library/alpine/referrers/{digest}", referrers)
+    response, got = world.get(f"/v2/alpine/referrers/{digest}", ALL)
+    assert response.code == 200 and json.loads(got)["manifests"] == []
+    assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.index.v1+json"]
+    assert response.headers.getRawHeaders("oci-filters-applied") is None
