@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -478,6 +478,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     cache_section.finish()
 
     registries = []
+    default_hosts: dict[str, tuple[str, ...]] = {}
     seen_ids: set[str] = set()
     for index, table in enumerate(top.table_list("registries")):
         where = f"registries[{index}]"
@@ -506,7 +507,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         hostname = (urlsplit(url).hostname or "").lower()
         is_docker_hub = hostname in DOCKER_HUB_HOSTS
         if not hosts:
-            hosts = DOCKER_HUB_HOSTS if is_docker_hub else (hostname,)
+            # Taken only if a '*' mapping serves the whole registry (below).
+            # containerd names a registry on another port with it: host:port.
+            netloc = urlsplit(url).netloc.rpartition("@")[2].lower()
+            default_hosts[registry_id] = DOCKER_HUB_HOSTS if is_docker_hub else tuple(dict.fromkeys((hostname, netloc)))
         implicit_library = entry.boolean("implicit_library", is_docker_hub)
         ca_file = entry.string("ca_file")
         if ca_file is not None and not os.path.isfile(ca_file):
@@ -559,6 +563,15 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             raise ConfigError(f"{where}.name: duplicate repository name {name!r}")
         seen_names.add(name)
         repositories.append(RepositoryMapping(name, registry_id, upstream_name))
+
+    # ?ns= reaches a registry by upstream names only where the operator opened
+    # it whole (a '*' upstream pattern) or listed its hosts: a config of exact
+    # mappings (the earlier implementation's kind) still serves those alone.
+    served_whole = {m.registry_id for m in repositories if m.upstream_name == "*"}
+    registries = [
+        replace(r, hosts=default_hosts[r.id]) if r.id in default_hosts and r.id in served_whole else r
+        for r in registries
+    ]
 
     metrics_section = section("metrics")
     metrics_path = metrics_section.string("path", "/metrics") or "/metrics"

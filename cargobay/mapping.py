@@ -7,7 +7,8 @@ Three kinds of mapping, tried in this order:
    ``mycompany/app`` -> private registry ``team/application``;
 2. a mirror request's ``?ns=<registry host>`` (containerd's ``hosts.toml``
    mirrors add it) picks the configured registry with that host, and the
-   name is the upstream name;
+   name is the upstream name (a registry has hosts only if it lists them or
+   a ``*`` mapping serves it whole: see the config);
 3. prefix patterns: ``hub/*`` -> Docker Hub ``*`` serves ``hub/library/alpine``
    as ``library/alpine``; ``*`` -> Docker Hub ``*`` makes cargobay a mirror
    of that registry for its own names (Docker's ``registry-mirrors``).

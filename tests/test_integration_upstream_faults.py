@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import itertools
 import json
 import os
 import re
@@ -623,6 +624,16 @@ def test_unmapped_names_reach_no_other_registry(upstream_anon, bystander, tmp_pa
         status, _, body = proxy.request("/v2/nothing/here/manifests/latest",
                                         headers={"Host": hostport, "Accept": ACCEPT_ALL})
         assert status == 404 and oci_error(body)["code"] in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN")
+
+        # ?ns= naming the configured registry's own host: with exact names
+        # only, it opens no other repository of that registry (the proxy's
+        # credentials there may read far more than what was mapped).
+        for home, tail in itertools.product((upstream_anon.host, "127.0.0.1"), ("manifests/latest", "tags/list")):
+            query = "?ns=" + urllib.parse.quote(home, safe="")
+            status, _, body = proxy.request(f"/v2/other/thing/{tail}{query}", headers={"Accept": ACCEPT_ALL})
+            assert status == 404, (tail, status, body[:300])
+            expected = {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} if mirror else {"NAME_UNKNOWN"}
+            assert oci_error(body)["code"] in expected, body
 
         time.sleep(0.5)  # let a (wrong) request reach the bystander's log, if any
         assert len(registry.access_log()) == before, registry.access_log()[before:]

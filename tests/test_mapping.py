@@ -71,6 +71,26 @@ def test_ns_selects_the_registry_by_host(mapper):
     assert mapper.resolve("x/y", ns="evil.example.net") is None
 
 
+def test_ns_reaches_only_registries_opened_whole_or_listing_their_hosts():
+    # The earlier implementation's configs map exact names: ?ns= must not
+    # open every other repository the proxy's credentials can read.
+    base = '[auth]\njwt_secret="s"\n[[registries]]\nid="p"\nurl="https://registry.example.com"\n'
+    exact = '[[repositories]]\nname="myapp"\nregistry_id="p"\nupstream_name="team/application"\n'
+    part = '[[repositories]]\nname="team/*"\nregistry_id="p"\nupstream_name="team/*"\n'
+    whole = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
+    for mappings, reached in [(exact, False), (exact + part, False), (exact + whole, True)]:
+        mapper = Mapper(parse_config(base + mappings))
+        assert (mapper.resolve("team/secret", ns="registry.example.com") is not None) == reached, mappings
+        assert mapper.resolve("myapp", ns="registry.example.com") == Resolved("myapp", "p", "team/application")
+    on_a_port = Mapper(parse_config(base.replace('example.com"', 'example.com:5443"', 1) + whole))
+    for ns in ("registry.example.com:5443", "registry.example.com"):
+        assert on_a_port.resolve("team/secret", ns=ns) == Resolved("team/secret", "p", "team/secret")
+    listed = base.replace('example.com"\n', 'example.com"\nhosts = ["registry.example.com"]\n', 1)
+    assert Mapper(parse_config(listed + exact)).resolve("team/secret", ns="registry.example.com") == Resolved(
+        "team/secret", "p", "team/secret"
+    )
+
+
 def test_without_catch_all_unknown_names_are_unknown():
     config = parse_config(CONFIG.replace('name = "*"\nregistry_id = "hub"\nupstream_name = "*"', 'name = "z"\nregistry_id = "hub"\nupstream_name = "z"'))
     assert Mapper(config).resolve("nothere") is None
