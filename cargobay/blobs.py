@@ -1442,6 +1442,7 @@ def _raw_socket(request: Request) -> int | None:
     return transport.fileno()
 
 
+_LENGTH = re.compile(r"[0-9]{1,19}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -1599,7 +1600,9 @@ class BlobService:
             if response.code != 200:
                 raise map_status(upstream, response, blob_unknown(str(digest)))
             _blob_headers(request, digest)
-            length = _content_length(response)
+            # Not _content_length: Twisted's client gives every HEAD response
+            # a length of 0, whatever its Content-Length says.
+            length = _header_length(response)
             if length is not None:
                 request.setHeader(b"Content-Length", str(length).encode())
             request.finish()
@@ -1911,8 +1914,12 @@ def _header(request: Request, name: bytes) -> str | None:
 def _content_length(response: IResponse) -> int | None:
     if response.length is not webclient.UNKNOWN_LENGTH and isinstance(response.length, int):
         return response.length
+    return _header_length(response)
+
+
+def _header_length(response: IResponse) -> int | None:
     values = response.headers.getRawHeaders("content-length")
-    if values and values[0].isdigit():
+    if values and _LENGTH.fullmatch(values[0]):
         return int(values[0])
     return None
 

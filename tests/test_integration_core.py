@@ -156,9 +156,16 @@ def test_blob_head_and_get_through_proxy(proxy, images, upstream_anon):
     status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", method="HEAD")
     assert status == 200 and body == b""
     assert headers["docker-content-digest"] == layer
+    cold_length = headers["content-length"]
     status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}")
     assert status == 200
     assert "sha256:" + hashlib.sha256(body).hexdigest() == layer
+    # The HEAD of a blob not cached yet tells its size as the upstream does
+    # (tools read a layer's size from it), and the same once it is cached.
+    assert cold_length == str(len(body))
+    proxy.cached_blob(layer)
+    status, headers, _ = proxy.request(f"/v2/alpine/blobs/{layer}", method="HEAD")
+    assert (status, headers["content-length"]) == (200, str(len(body)))
 
 
 def test_writes_are_refused(proxy, tmp_path):
