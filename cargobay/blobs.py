@@ -218,8 +218,13 @@ class Fetch:
         self._notify()
 
     def _notify(self) -> None:
+        # One reader's failure is its own: the download and the others go on.
         for reader in list(self._readers):
-            reader.wake()
+            try:
+                reader.wake()
+            except Exception:
+                log.failure("a reader of {key} failed", key=self.key)
+                self.remove_reader(reader)
 
 
 RunInThread = Callable[..., Deferred[Any]]
@@ -1165,7 +1170,11 @@ class FileSender:
                     if not self._send_file(limit):
                         return
                     continue
-                data = os.pread(self._fd, min(CHUNK_SIZE, limit - self.position), self.position)
+                try:
+                    data = os.pread(self._fd, min(CHUNK_SIZE, limit - self.position), self.position)
+                except OSError as e:
+                    log.warn("reading {path} failed: {error}", path=getattr(self._file, "name", "?"), error=e)
+                    data = b""
                 if not data:
                     self._close(ok=False)
                     return
@@ -1273,6 +1282,11 @@ class FileSender:
             self._request.still_sending = Deferred()  # type: ignore[attr-defined]
         else:
             fileobj.close()
+
+    def abandon(self) -> None:
+        """Cut the response short and let go of everything (after an error)."""
+        if self._on_done is not None or self._file is not None:
+            self._close(ok=False)
 
     def _close(self, ok: bool) -> None:
         self._disarm_stall()
@@ -1583,9 +1597,14 @@ class BlobService:
             release()
             return done
         start, end = span
-        FileSender(
+        sender = FileSender(
             request, fileobj, start, end, clock=self._clock, on_done=release, send_in_thread=self._send_in_thread
-        ).start()
+        )
+        try:
+            sender.start()
+        except BaseException:
+            sender.abandon()
+            raise
         return done
 
     # -- misses ------------------------------------------------------------

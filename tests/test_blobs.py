@@ -291,6 +291,25 @@ def test_a_cache_file_short_of_the_verified_body_never_becomes_an_entry():
     assert fetch.state == "failed"
 
 
+class FailingFollower(Follower):
+    """A follower whose reads of the file fail (EIO from a failing disk)."""
+
+    def wake(self) -> None:
+        raise OSError(5, "Input/output error")
+
+
+def test_a_follower_that_fails_does_not_wedge_the_download():
+    # Its error used to escape into the pipe's progress calls: the download
+    # never concluded, nor was it forgotten; every later request joined it.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    fetch.add_reader(FailingFollower(), follower=True)  # type: ignore[arg-type]
+    writer.gate.set()
+    feed(pipe)
+    assert finish(pipe, reactor) is True
+    assert bytes(client.body) == BODY and writer.committed
+    assert not fetch.has_readers() and fetch.state == "done"
+
+
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]

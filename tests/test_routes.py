@@ -18,6 +18,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
+from twisted.web._newclient import ResponseNeverReceived
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import BlobService
@@ -701,3 +702,23 @@ def test_upstream_header_text_that_cannot_be_passed_on_is_dropped(world):
     assert response.code == 200 and json.loads(got)["manifests"] == []
     assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.index.v1+json"]
     assert response.headers.getRawHeaders("oci-filters-applied") is None
+
+
+def test_a_cached_blob_that_cannot_be_read_cuts_its_response_and_pins_nothing(world, monkeypatch):
+    # A read error (EIO from a failing disk) on a hit was a 500 with a stack
+    # trace, and the entry stayed marked as being read: never evicted.
+    import cargobay.blobs
+
+    path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
+    world.get(path, ALL)
+    [entry] = world.cache._entries.values()
+
+    def failing(fd, count, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cargobay.blobs.os, "pread", failing)
+    with pytest.raises(ResponseNeverReceived):  # cut, as a client sees a failing disk
+        world.get(path, ALL)
+    assert entry.readers == 0
+    monkeypatch.undo()
+    assert world.get(path, ALL)[1] == BLOB
