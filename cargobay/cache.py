@@ -374,7 +374,14 @@ class BlobCache:
             for algorithm in _listdir(os.path.join(root, registry_id)):
                 for fan in _listdir(os.path.join(root, registry_id, algorithm)):
                     directory = os.path.join(root, registry_id, algorithm, fan)
-                    for item in os.scandir(directory):
+                    try:
+                        items = list(os.scandir(directory))
+                    except OSError as e:
+                        # A stray file where a directory belongs (or one we
+                        # may not read) is no reason not to start.
+                        log.warn("skipping {path} in the cache: {error}", path=directory, error=e)
+                        continue
+                    for item in items:
                         entry = self._entry_from_file(registry_id, algorithm, item)
                         if entry is None:
                             log.warn("removing unexpected file {path} from the cache", path=item.path)
@@ -422,8 +429,12 @@ class BlobCache:
             return None
         try:
             fileobj = open(entry.path, "rb")
-        except OSError:
+        except FileNotFoundError:
             self._forget(entry)
+            return None
+        except OSError as e:
+            # Out of descriptors, say: the entry is still good (and counted).
+            log.warn("cannot open cached blob {digest}: {error}", digest=str(key.digest), error=e)
             return None
         if os.fstat(fileobj.fileno()).st_size != entry.size:
             fileobj.close()

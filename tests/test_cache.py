@@ -66,6 +66,33 @@ def test_a_damaged_file_is_not_indexed_after_restart(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_stray_file_where_a_directory_belongs_does_not_stop_the_start(tmp_path):
+    cache, _ = make(tmp_path)
+    key = store(cache, os.urandom(3000))
+    (tmp_path / "cache" / "blobs" / "up" / "sha256" / ".DS_Store").write_bytes(b"x")
+    again, _ = make(tmp_path)
+    assert again.lookup(key) is not None and again.total_size == 3000
+
+
+def test_a_hit_that_cannot_be_opened_for_want_of_descriptors_keeps_its_entry(tmp_path, monkeypatch):
+    import cargobay.cache
+
+    cache, _ = make(tmp_path)
+    key = store(cache, os.urandom(3000))
+
+    def emfile(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cargobay.cache, "open", emfile, raising=False)
+    assert cache.open_entry(key) is None
+    monkeypatch.undo()
+    # Still indexed and counted (forgotten, its file stayed on disk unevictable).
+    assert cache.total_size == 3000
+    entry, fileobj = cache.open_entry(key)
+    fileobj.close()
+    cache.release(entry)
+
+
 def test_size_limit_evicts_least_recently_used_first(tmp_path):
     cache, clock = make(tmp_path, max_size=3500)
     first = store(cache, b"a" * 1000)
