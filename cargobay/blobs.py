@@ -92,6 +92,8 @@ LEAVE_DISK_AFTER = 0.25
 #: How far a download may run ahead of its fastest reading client before it
 #: pauses (without readers it runs at full speed into the cache).
 READ_WINDOW = 16 * 1024 * 1024
+#: How often a download paused for its disk asks whether to leave it behind.
+DISK_CHECK_EVERY = 0.25
 
 #: Positions of up to 19 digits (int() refuses over 4,300; a blob is never
 #: over 2**63 bytes); a Range beyond that is ignored like any we do not take.
@@ -135,6 +137,10 @@ class Fetch:
         #: Called when a follower joins, so that a paused primary client
         #: stops holding the download back.
         self.on_follower_joined: Callable[[], None] | None = None
+        #: Called when the fetch fails (its file is gone, say, after a write
+        #: error) while its primary client may stream on uncached: requests
+        #: that come next must not join it.
+        self.on_failed: Callable[[], None] | None = None
 
     def when_started(self) -> Deferred[Fetch]:
         """
@@ -215,6 +221,8 @@ class Fetch:
         """
         self.state = "done" if ok and entry is not None else "failed"
         self.entry = entry
+        if self.state == "failed" and self.on_failed is not None:
+            self.on_failed()
         self._notify()
 
     def _notify(self) -> None:
@@ -593,8 +601,11 @@ class BlobPipe(Protocol):
         leave_disk_after: float = LEAVE_DISK_AFTER,
         send_in_thread: RunInThread | None = None,
         offset: int = 0,
+        max_cached: int | None = None,
     ) -> None:
         self._digest = digest
+        #: A body of unknown length that grows past this is not cached.
+        self._max_cached = max_cached
         self._send_in_thread = send_in_thread
         #: Bytes of the blob the writer's file already holds: this body (a
         #: Range response) starts there.
@@ -638,6 +649,8 @@ class BlobPipe(Protocol):
         self._window_paused = False
         #: Paused because the worker thread is behind.
         self._store_paused = False
+        #: While paused for the disk: when to ask again whether to leave it.
+        self._disk_check: IDelayedCall | None = None
         self._upstream_paused = False
         self._finished = False
         if fetch is not None:
@@ -698,6 +711,10 @@ class BlobPipe(Protocol):
         if self._expected is not None and self._received > self._expected:
             self._give_up("sent more bytes than its Content-Length")
             return
+        if self._max_cached is not None and self._writer is not None and self._offset + self._received > self._max_cached:
+            self._stop_caching()
+            if self._finished:
+                return
         self._gathered.append(data)
         self._gathered_size += len(data)
         if self._gathered_size >= GATHER:
@@ -726,15 +743,40 @@ class BlobPipe(Protocol):
             if held:
                 self._send(held)
         if self._store.pending_bytes > STORE_BACKLOG:
-            if (
-                self._store.write_backlog() > STORE_BACKLOG
-                and self._may_leave_disk_behind()
-                and self._disk_slower_than_upstream()
-            ):
-                self._leave_disk_behind()
+            self._maybe_leave_disk_behind()
             if self._store.pending_bytes > STORE_BACKLOG:
                 self._store_paused = True
                 self._update_flow()
+                self._check_disk_later()
+
+    def _maybe_leave_disk_behind(self) -> None:
+        if (
+            self._store.write_backlog() > STORE_BACKLOG
+            and self._may_leave_disk_behind()
+            and self._disk_slower_than_upstream()
+        ):
+            self._leave_disk_behind()
+
+    def _check_disk_later(self) -> None:
+        """
+        While the upstream waits for the disk, no byte comes to ask again
+        whether to leave it behind: a disk stuck from the first quarter
+        second would hold the client for as long as it stays stuck.
+        """
+        if self._disk_check is not None or self._on_disk_left_behind is None:
+            return
+        grace_left = self._began + self._leave_disk_after - self._clock.seconds()
+        self._disk_check = self._clock.callLater(max(grace_left, DISK_CHECK_EVERY), self._check_disk)
+
+    def _check_disk(self) -> None:
+        self._disk_check = None
+        if self._finished or not self._store_paused or self._writer is None:
+            return
+        self._maybe_leave_disk_behind()
+        if self._writer is None:  # left behind: only the hash may hold the upstream now
+            self._stored(self._store.stored)
+        else:
+            self._check_disk_later()
 
     def _may_leave_disk_behind(self) -> bool:
         """
@@ -884,6 +926,24 @@ class BlobPipe(Protocol):
             return
         self._update_flow()
 
+    def _stop_caching(self) -> None:
+        """
+        A body sent without a length outgrew the cache: write no more of it,
+        and drop the file once the writing thread lets go of it.
+        """
+        writer, self._writer = self._writer, None
+        assert writer is not None
+        log.info("upstream {what} outgrew the cache; streaming it uncached", what=self._describe)
+        self._store.stop_writing().addCallback(lambda _: writer.abort())
+        if self._fetch is not None:
+            self._fetch.finished(None, ok=False)  # followers are cut, and retry
+            self._fetch = None
+        self._window_paused = False
+        if self._request is None:
+            self._give_up("cannot be cached and has no client left")
+            return
+        self._update_flow()
+
     def _reader_moved(self) -> None:
         if self._window_paused:
             self._check_window()
@@ -934,6 +994,9 @@ class BlobPipe(Protocol):
         self._pass_on()
         self._disarm()
         self._finished = True
+        if self._disk_check is not None and self._disk_check.active():
+            self._disk_check.cancel()
+        self._disk_check = None
         if self._failure_reason is None:
             if not reason.check(webclient.ResponseDone):
                 self._failure_reason = f"failed mid-body ({reason.type.__name__})"
@@ -1660,6 +1723,11 @@ class BlobService:
                 del self._fetches[key]
             return result
 
+        def failed_on_the_way() -> None:
+            forget(None)  # whoever comes next starts a download of their own
+
+        fetch.on_failed = failed_on_the_way
+
         def leave_disk_behind(kept: Deferred[BlobWriter]) -> None:
             nonlocal disk_left_behind
             disk_left_behind = kept
@@ -1726,6 +1794,7 @@ class BlobService:
                 self.leave_disk_after,
                 self._send_in_thread,
                 offset,
+                self.cache.max_size_bytes if length is None else None,
             )
             response.deliverBody(pipe)
             if client is None:

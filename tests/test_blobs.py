@@ -232,6 +232,26 @@ def test_a_lone_client_is_not_held_back_by_a_slow_disk():
     assert 0 < len(writer.written) < len(BODY) and bytes(writer.written) == BODY[:len(writer.written)]
 
 
+def test_a_disk_stuck_from_the_first_quarter_second_is_left_behind_all_the_same():
+    # The upstream, paused for the disk, sends nothing more: nothing asked
+    # again whether to leave the disk, and the client waited for as long as
+    # the disk stayed stuck.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True, running_for=0.1)
+    start = 0
+    while not upstream.paused:  # a paused connection delivers nothing more
+        pipe.dataReceived(BODY[start:start + MiB])
+        start += MiB
+        pipe._clock.advance(0)
+    assert events == []
+    pipe._clock.advance(LEAVE_DISK_AFTER)
+    assert events == ["left behind"]
+    reactor.run_until(lambda: not upstream.paused)  # the hash catches up
+    pipe.dataReceived(BODY[start:])
+    writer.gate.set()
+    assert finish(pipe, reactor) is True
+    assert bytes(client.body) == BODY and not writer.committed
+
+
 def test_with_client_waits_for_disk_the_upstream_is_paused_instead():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
     feed(pipe)

@@ -1,0 +1,75 @@
+"""
+The blob service in the middle of a download, with upstream bodies delivered
+piece by piece (L{handfed}): a disk that fills up, a body of unknown length
+that outgrows the cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+from handfed import Body, World
+
+from cargobay.cache import BlobKey
+from cargobay.reference import Digest
+
+MiB = 1024 * 1024
+
+
+def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_path):
+    data = os.urandom(4 * MiB + 5)
+    world = World(tmp_path, data)
+    first, _ = world.get()
+    body = Body(length=len(data))
+    world.requests[0].d.callback(body)
+
+    def full(chunk: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    body.protocol._writer.write_raw = full  # the disk fills up
+    body.send(data[:MiB])
+    world.clock.advance(0)
+    # The first client streams on, uncached.  The next one does not join that
+    # download (it was told to retry, with a 503, for as long as it lasted).
+    second, outcome = world.get()
+    assert len(world.requests) == 2 and outcome == []
+    body.send(data[MiB:])
+    body.end()
+    world.clock.advance(0)
+    assert first.body == data
+    again = Body(length=len(data))
+    world.requests[1].d.callback(again)
+    again.send(data)
+    again.end()
+    world.clock.advance(0)
+    assert second.body == data
+
+
+def test_a_body_of_unknown_length_that_outgrows_the_cache_is_not_written_on(tmp_path):
+    # Sent chunked, with no Content-Length: it was written whole (past
+    # max_size_bytes on the disk), and its commit then evicted every entry,
+    # itself included.
+    world = World(tmp_path, os.urandom(6 * MiB), max_size=4 * MiB)
+    small = []
+    for i in range(3):
+        data = os.urandom(MiB // 2 + i)
+        key = BlobKey("up", Digest("sha256", hashlib.sha256(data).hexdigest()))
+        writer = world.cache.begin(key)
+        writer.write_raw(data)
+        writer.wrote(len(data))
+        assert writer.commit() is not None
+        small.append(key)
+    client, _ = world.get()
+    body = Body(length=None)
+    world.requests[0].d.callback(body)
+    for start in range(0, len(world.data), MiB):
+        body.send(world.data[start:start + MiB])
+        world.clock.advance(0)
+    body.end()
+    world.clock.advance(0)
+    assert client.body == world.data
+    assert all(world.cache.lookup(key) is not None for key in small)
+    assert world.cache.lookup(world.key) is None and world.cache.stats.evictions == 0
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
