@@ -1100,8 +1100,10 @@ class BlobPipe(Protocol):
     # -- IPushProducer (primary client side) -------------------------------
 
     def pauseProducing(self) -> None:
-        if self._fetch is not None and self._fetch.has_readers():
-            self._demote()
+        # Not demoted (the file cannot be opened: out of descriptors, say):
+        # the client holds the download back like a lone one, rather than
+        # its transport buffering the rest of the body.
+        if self._fetch is not None and self._fetch.has_readers() and self._demote():
             return
         self._set_client_paused(True)
         self._update_flow()

@@ -330,6 +330,21 @@ def test_a_follower_that_fails_does_not_wedge_the_download():
     assert not fetch.has_readers() and fetch.state == "done"
 
 
+def test_a_full_primary_client_that_cannot_be_demoted_pauses_the_upstream():
+    # With followers, a full primary client reads the file instead; when the
+    # file cannot be opened (here it is not there; out of descriptors, say),
+    # it must still hold the upstream back, not let its transport buffer the
+    # rest of the body.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    fetch.add_reader(Follower(), follower=True)  # type: ignore[arg-type]
+    writer.gate.set()
+    pipe.dataReceived(BODY[:MiB])
+    pipe.pauseProducing()
+    assert upstream.paused and client.producer is pipe
+    pipe.resumeProducing()
+    assert not upstream.paused
+
+
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
