@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from cargobay.cache import BlobKey, BlobStore, BlobWriter, Entry
 from cargobay.errors import RegistryError, blob_unknown
+from cargobay.links import RepositoryLinks
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
@@ -1582,9 +1583,12 @@ class BlobService:
         client_waits_for_disk: bool = False,
         leave_disk_after: float = LEAVE_DISK_AFTER,
         send_in_thread: RunInThread | None = None,
+        links: RepositoryLinks | None = None,
     ) -> None:
         self.cache = cache
         self._clock = clock
+        #: Which names the upstream has shown each cached blob under.
+        self.links = links if links is not None else RepositoryLinks(None)
         self._metrics = metrics
         self._run_in_thread = run_in_thread
         #: Else a lone client of a cold blob is not held back by a disk slower
@@ -1615,6 +1619,10 @@ class BlobService:
         head: bool,
     ) -> Deferred[None]:
         key = BlobKey(upstream.registry.id, digest)
+        if (self.cache.lookup(key) is not None or key in self._fetches) and not self.links.known(
+            upstream.registry.id, upstream_name, digest
+        ):
+            return self._confirm(request, upstream, upstream_name, digest, head)
         opened = self.cache.open_entry(key)
         if opened is not None:
             self._mark(request, "hit")
@@ -1629,6 +1637,24 @@ class BlobService:
             return self._follow(request, fetch, digest)
         self._mark(request, "miss")
         return self._start_fetch(request, key, upstream, upstream_name, digest)
+
+    def _confirm(
+        self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest, head: bool
+    ) -> Deferred[None]:
+        """
+        Another name brought this blob into the cache: serve it under this
+        one only once the upstream confirms (with a HEAD) that it has it here.
+        """
+        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
+
+        def answered(response: IResponse) -> Deferred[None]:
+            discard_body(response)
+            if response.code != 200:
+                raise map_status(upstream, response, blob_unknown(str(digest)))
+            self.links.add(upstream.registry.id, upstream_name, [digest])
+            return self.serve(request, upstream, upstream_name, digest, head)
+
+        return d.addCallback(answered)
 
     def _mark(self, request: Request, how: str) -> None:
         request.setHeader(b"X-Cache", b"HIT" if how == "hit" else b"MISS")
@@ -1683,6 +1709,7 @@ class BlobService:
             discard_body(response)
             if response.code != 200:
                 raise map_status(upstream, response, blob_unknown(str(digest)))
+            self.links.add(upstream.registry.id, upstream_name, [digest])
             _blob_headers(request, digest)
             # Not _content_length: Twisted's client gives every HEAD response
             # a length of 0, whatever its Content-Length says.
@@ -1760,6 +1787,7 @@ class BlobService:
             elif response.code != 200:
                 discard_body(response)
                 raise map_status(upstream, response, blob_unknown(str(digest)))
+            self.links.add(upstream.registry.id, upstream_name, [digest])
             writer = resume
             if writer is None and (length is None or length <= self.cache.max_size_bytes):
                 writer = self.cache.begin(key)

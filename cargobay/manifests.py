@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
+from cargobay.links import RepositoryLinks, referenced_digests
 from cargobay.manifest_store import Manifest, ManifestStore
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope, read_body
@@ -72,10 +73,29 @@ def _worth_serving_stale(error: RegistryError) -> bool:
 
 
 class ManifestService:
-    def __init__(self, store: ManifestStore, clock: Any, tag_ttl: float = 60.0) -> None:
+    def __init__(
+        self, store: ManifestStore, clock: Any, tag_ttl: float = 60.0, links: RepositoryLinks | None = None
+    ) -> None:
         self._store = store
         self._clock = clock
         self.tag_ttl = tag_ttl
+        #: Which names the upstream has shown each cached digest under.
+        self.links = links if links is not None else RepositoryLinks(None)
+
+    def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
+        """The upstream has shown C{manifest} under this name: and what it references."""
+        self.links.add(registry_id, upstream_name, [manifest.digest, *referenced_digests(manifest.content)])
+
+    @inlineCallbacks
+    def _confirm(self, upstream: Upstream, upstream_name: str, manifest: Manifest, accept: list[str]) -> Any:
+        """
+        Serve a manifest cached under another name only once the upstream
+        confirms (with a HEAD) that this name has it too.
+        """
+        registry_id = upstream.registry.id
+        if not self.links.known(registry_id, upstream_name, manifest.digest):
+            yield self.head(upstream, upstream_name, str(manifest.digest), accept)
+        self._link(registry_id, upstream_name, manifest)
 
     @inlineCallbacks
     def get(
@@ -96,6 +116,7 @@ class ManifestService:
         if ":" in reference:
             cached = store.get(registry_id, Digest.parse(reference))
             if cached is not None:
+                yield self._confirm(upstream, upstream_name, cached, accept)
                 return _answer(cached, head, "hit")
             answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
             return answer
@@ -104,6 +125,8 @@ class ManifestService:
         if resolution is not None and acceptable(resolution.media_type, accept):
             cached = store.get(registry_id, resolution.digest)
         if cached is not None and resolution is not None:
+            # The tag is this name's: what it resolves to is too.
+            self._link(registry_id, upstream_name, cached)
             age = self._clock.seconds() - resolution.confirmed_at
             if age < self.tag_ttl:
                 return _answer(cached, head, "hit")
@@ -148,10 +171,13 @@ class ManifestService:
             except InvalidDigest:
                 # Without a digest from a HEAD we cannot answer one: GET it.
                 manifest = yield self.fetch(upstream, upstream_name, reference, accept)
+                self._link(upstream.registry.id, upstream_name, manifest)
                 return _answer(manifest, True, "miss")
+            self.links.add(upstream.registry.id, upstream_name, [parsed])
             return ManifestAnswer(media_type, parsed, length, None, "miss")
         manifest = yield self.fetch(upstream, upstream_name, reference, accept)
         self._store.put(upstream.registry.id, manifest)
+        self._link(upstream.registry.id, upstream_name, manifest)
         return _answer(manifest, False, "miss")
 
     @inlineCallbacks

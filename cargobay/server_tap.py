@@ -20,8 +20,9 @@ from twisted.web import http, resource, server
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService
-from cargobay.cache import BlobCache
+from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
+from cargobay.links import RepositoryLinks
 from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
@@ -205,9 +206,15 @@ class Runtime:
             config.cache.direct_writes,
         )
         cache.open()
-        cache.on_evict = lambda entry: metrics.evictions.inc()
+        self.links = links = RepositoryLinks(os.path.join(config.cache.directory, "links"))
+
+        def evicted(entry: Entry) -> None:
+            metrics.evictions.inc()
+            links.forget(entry.key.registry_id, entry.key.digest)
+
+        cache.on_evict = evicted
         store = ManifestStore(config.cache.directory, reactor)
-        self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds)
+        self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
         # Hashing and writing downloads to disk happen on these threads.
         self.disk_threads = ThreadPool(minthreads=1, maxthreads=4, name="cargobay-disk")
         reactor.callWhenRunning(self.disk_threads.start)
@@ -234,6 +241,7 @@ class Runtime:
             config.cache.client_waits_for_disk,
             config.cache.leave_disk_after_seconds,
             send_in_thread if SEND_THREADS else None,
+            links,
         )
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from cargobay.tokens import mint_token
 from evil_upstream import BLOB, DIGEST
 from peers import (
+    OCI_MANIFEST,
     Registry,
     Twistd,
     build_oci_layout,
@@ -30,7 +32,7 @@ from peers import (
     skopeo_push,
     wait_until,
 )
-from proxy import ALL, Proxy, start_proxy, write_config
+from proxy import ALL, SECRET, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
@@ -194,6 +196,9 @@ def test_small_max_size_keeps_the_cache_under_the_limit(upstream, tmp_path):
         assert wait_until(lambda: total() <= limit, timeout=10)
         assert digests[-1].split(":")[1] in names(), "the most recently used blob was evicted"
         assert digests[0].split(":")[1] not in names()
+        # What the upstream showed under which name goes with the blob.
+        linked = {p.name for p in (tmp_path / "cache" / "links" / "up" / "sha256").glob("*/*")}
+        assert digests[-1].split(":")[1] in linked and digests[0].split(":")[1] not in linked
     finally:
         process.stop()
 
@@ -472,4 +477,50 @@ def test_docker_pull_keeps_working_with_the_upstream_down(upstream, image, tmp_p
             upstream.start()
     finally:
         daemon.stop()
+        proxy.process.stop()
+
+
+def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a_restart(upstream, image, tmp_path):
+    """
+    The cache keeps one copy of a digest per registry.  A client allowed only
+    `alpine` asks for what `secret` cached, by digest: the CNCF registry says
+    its library/alpine has no such thing, and so does cargobay.  The owner's
+    own pulls keep working from the cache after a restart with the upstream
+    down (what the upstream showed under which name is kept on disk).
+    """
+    work = tmp_path / "secret-image"
+    secret = build_oci_layout(work, "v1", layer_sizes=[300_000])
+    skopeo_push(work, "v1", f"{upstream.host}/team/secret:v1")
+    repositories = [("alpine", "up", "library/alpine"), ("secret", "up", "team/secret")]
+    proxy = start_proxy(tmp_path / "p", [{"id": "up", "url": upstream.url}], repositories)
+    alpine_only = mint_token(SECRET, "t", ["alpine"])
+    try:
+        skopeo_pull(f"{proxy.host}/secret:v1", tmp_path / "owner", creds=f"t:{ALL}")
+        layer = secret["layers"][0]
+        proxy.cached_blob(layer)
+        for path, code in ((f"/v2/alpine/manifests/{secret['manifest']}", "MANIFEST_UNKNOWN"),
+                           (f"/v2/alpine/blobs/{layer}", "BLOB_UNKNOWN")):
+            for method in ("GET", "HEAD"):
+                status, _, body = proxy.request(path, token=alpine_only, method=method, headers={"Accept": OCI_MANIFEST})
+                assert status == 404, (path, method, status, body[:200])
+                if method == "GET":
+                    assert json.loads(body)["errors"][0]["code"] == code
+        assert upstream.count_requests("HEAD", f"/v2/library/alpine/blobs/{layer}") == 2
+        proxy.process.stop()
+        upstream.stop()
+        try:
+            process = Twistd(args=proxy.process.args, log_path=tmp_path / "restart.log").start()
+            process.wait_listening(proxy.port)
+            restarted = Proxy(process, proxy.port, proxy.cache)
+            try:
+                skopeo_pull(f"{proxy.host}/secret@{secret['manifest']}", tmp_path / "again", creds=f"t:{ALL}")
+                for name in os.listdir(tmp_path / "owner"):
+                    assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "owner" / name).read_bytes()
+                status, _, _ = restarted.request(f"/v2/alpine/blobs/{layer}", token=alpine_only)
+                assert status != 200
+            finally:
+                restarted.process.stop()
+        finally:
+            upstream.start()
+    finally:
         proxy.process.stop()

@@ -25,6 +25,7 @@ from cargobay.blobs import BlobService
 from cargobay.cache import BlobCache, BlobKey
 from cargobay.config import parse_config
 from cargobay.errors import RegistryError
+from cargobay.links import RepositoryLinks
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.reference import Digest
@@ -65,9 +66,10 @@ class World:
         upstream = make_upstream(self.upstream_registry, self.clock)
         auth = Authenticator(TokenVerifier([SECRET]), SECRET, "cargobay", None)
         self.store = ManifestStore(str(tmp_path / "cache"), self.clock)
-        manifests = ManifestService(self.store, self.clock, tag_ttl=60)
+        self.links = RepositoryLinks(str(tmp_path / "cache" / "links"))
+        manifests = ManifestService(self.store, self.clock, tag_ttl=60, links=self.links)
         self.upstream = upstream
-        self.blobs = BlobService(self.cache, self.clock)
+        self.blobs = BlobService(self.cache, self.clock, links=self.links)
         self.app = RegistryApp(config, auth, {"up": upstream}, self.blobs, manifests)
         self.client = StubTreq(self.app.resource())
 
@@ -351,13 +353,62 @@ def test_blob_with_wrong_content_is_never_cached(world):
     assert os.listdir(os.path.join(world.cache.directory, "tmp")) == []
 
 
-def test_cached_blob_is_shared_by_names_of_the_same_registry_but_only_if_allowed(world):
+def test_a_cached_blob_is_served_under_another_name_only_once_the_upstream_shows_it_there(world):
+    # One copy per registry and digest, but a token for one repository must
+    # not read another's blobs by digest: the upstream is asked (a HEAD).
     world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
-    response, body = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)
-    assert response.code == 200 and body == BLOB
-    assert len(world.upstream_registry.requests("/blobs/")) == 1
+    for method in ("GET", "HEAD"):
+        response, body = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL, method=method)
+        assert response.code == 404 and body != BLOB, method
+    asked = world.upstream_registry.requests("/v2/team/application/blobs/")
+    assert [s.method for s in asked] == ["HEAD", "HEAD"]
+    world.upstream_registry.on("HEAD", "/v2/team/application/blobs/", lambda request: b"")
+    for _ in range(2):
+        response, body = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)
+        assert response.code == 200 and body == BLOB
+    # Asked once; the body came from the cache.
+    assert [s.method for s in world.upstream_registry.requests("/v2/team/application/blobs/")] == ["HEAD"] * 3
+    assert len(world.upstream_registry.requests("/library/alpine/blobs/")) == 1
     response, _ = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALPINE_ONLY)
     assert response.code == 403
+
+
+def test_a_cached_manifest_is_served_by_digest_under_another_name_only_once_the_upstream_shows_it_there(world):
+    assert world.get("/v2/alpine/manifests/latest", ALL)[1] == MANIFEST
+    path = f"/v2/mycompany/app/manifests/{MANIFEST_DIGEST}"
+    response, body = world.get(path, ALL)
+    assert response.code == 404 and error_code(body) == "MANIFEST_UNKNOWN"
+
+    def head(request):
+        request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+        return b""
+
+    world.upstream_registry.on("HEAD", "/v2/team/application/manifests/", head)
+    assert world.get(path, ALL)[1] == MANIFEST
+    assert world.get(path, ALL)[1] == MANIFEST
+    asked = world.upstream_registry.requests("/v2/team/application/manifests/")
+    assert [s.method for s in asked] == ["HEAD", "HEAD"]  # the refused one, then one confirmation
+
+
+def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
+    # A registry takes a manifest only once what it references is in the
+    # repository: a pull of an image whose layers another name cached asks
+    # the upstream nothing more about them.
+    world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
+    }).encode()
+
+    def get_manifest(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        return manifest
+
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
+    assert world.get("/v2/mycompany/app/manifests/v1", ALL)[1] == manifest
+    response, body = world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 200 and body == BLOB
+    assert world.upstream_registry.requests("/v2/team/application/blobs/") == []
 
 
 def test_ranges_and_conditional_requests_on_hits(world):
