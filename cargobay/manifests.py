@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -66,6 +67,10 @@ def acceptable(media_type: str, accept: list[str]) -> bool:
     return "*/*" in offered or media_type in offered
 
 
+#: Manifests remembered as having their references linked.
+LINKED_MEMORY = 20_000
+
+
 def _worth_serving_stale(error: RegistryError) -> bool:
     # Down, rate limited, refusing us or failing; but a 404 means the tag or
     # manifest is really gone and must not be served from the cache.
@@ -81,21 +86,19 @@ class ManifestService:
         self.tag_ttl = tag_ttl
         #: Which names the upstream has shown each cached digest under.
         self.links = links if links is not None else RepositoryLinks(None)
+        #: Manifests whose references are linked under a name (this process).
+        self._linked: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
+        key = (registry_id, upstream_name, manifest.digest)
+        if key in self._linked:  # a hit's hot path: no JSON parsing
+            self._linked.move_to_end(key)
+            return
         self.links.add(registry_id, upstream_name, [manifest.digest, *referenced_digests(manifest.content)])
-
-    @inlineCallbacks
-    def _confirm(self, upstream: Upstream, upstream_name: str, manifest: Manifest, accept: list[str]) -> Any:
-        """
-        Serve a manifest cached under another name only once the upstream
-        confirms (with a HEAD) that this name has it too.
-        """
-        registry_id = upstream.registry.id
-        if not self.links.known(registry_id, upstream_name, manifest.digest):
-            yield self.head(upstream, upstream_name, str(manifest.digest), accept)
-        self._link(registry_id, upstream_name, manifest)
+        self._linked[key] = None
+        if len(self._linked) > LINKED_MEMORY:
+            self._linked.popitem(last=False)
 
     @inlineCallbacks
     def get(
@@ -116,7 +119,11 @@ class ManifestService:
         if ":" in reference:
             cached = store.get(registry_id, Digest.parse(reference))
             if cached is not None:
-                yield self._confirm(upstream, upstream_name, cached, accept)
+                if not self.links.known(registry_id, upstream_name, cached.digest):
+                    # Cached for another name: served under this one once the
+                    # upstream confirms (a HEAD) that it has it here too.
+                    yield self.head(upstream, upstream_name, str(cached.digest), accept)
+                self._link(registry_id, upstream_name, cached)
                 return _answer(cached, head, "hit")
             answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
             return answer
