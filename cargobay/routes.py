@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks
@@ -162,7 +162,7 @@ class RegistryApp:
         if head:
             raise RegistryError(405, "UNSUPPORTED", "method not allowed")
         if target.kind == "tags":
-            return self._tags(request, mapping, upstream)
+            return self._tags(request, mapping, upstream, ns)
         return self._referrers(request, mapping, upstream, _digest(target.argument))
 
     @app.route("/token", methods=["GET", "POST"])
@@ -324,7 +324,7 @@ class RegistryApp:
         return answer.content
 
     @inlineCallbacks
-    def _tags(self, request: Request, mapping: Resolved, upstream: Upstream) -> Any:
+    def _tags(self, request: Request, mapping: Resolved, upstream: Upstream, ns: str | None) -> Any:
         n_values = _args(request).get(b"n")
         n = None
         if n_values:
@@ -342,6 +342,11 @@ class RegistryApp:
         if stale:
             request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
         if link:
+            if ns:
+                # The next page must reach the same registry as this one.
+                end = link.find(">")
+                separator = "&" if "?" in link[:end] else "?"
+                link = link[:end] + separator + urlencode([("ns", ns)]) + link[end:]
             request.setHeader(b"Link", link.encode("latin-1"))
         return _json(request, body)
 

@@ -578,6 +578,9 @@ def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
     response, body = world.get("/v2/alpine/tags/list?n=2&last=b", ALL)
     assert json.loads(body)["tags"] == ["c", "d"]
     assert response.headers.getRawHeaders("link") is None
+    # A mirror request's next page names the same registry.
+    response, body = world.get("/v2/alpine/tags/list?n=2&ns=upstream.test", ALL)
+    assert response.headers.getRawHeaders("link") == ['</v2/alpine/tags/list?last=b&n=2&ns=upstream.test>; rel="next"']
 
 
 def test_realm_honours_forwarded_headers_only_from_trusted_proxies(tmp_path):
