@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -298,6 +299,10 @@ class _Section:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self._name(key)}: must be a number, not {_kind(value)}")
+        if not math.isfinite(value):
+            # nan passes every comparison's "not too big" side: a leeway of nan
+            # would let expired tokens in.
+            raise ConfigError(f"{self._name(key)}: must be a finite number, got {value}")
         if positive and not value > 0:
             raise ConfigError(f"{self._name(key)}: must be greater than 0, got {value}")
         return float(value)
@@ -363,6 +368,10 @@ def _kind(value: object) -> str:
 
 def _check_url(where: str, url: str) -> None:
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Never echo it: the part before "@" is a password.
+        hint = "; put them in [registries.auth]" if where.startswith("registries") else ""
+        raise ConfigError(f"{where}: must not hold credentials (user:password@){hint}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment:

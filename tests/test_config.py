@@ -105,6 +105,14 @@ def test_new_optional_keys():
     assert parse_config(paged).cache.direct_writes is False
 
 
+def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
+    text = SEED.replace('url = "https://gcr.io"', 'url = "https://robot:hunter2@gcr.io"', 1)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert str(caught.value).startswith("registries[2].url: must not hold credentials")
+    assert "hunter2" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "change, key, problem",
     [
@@ -133,6 +141,14 @@ def test_new_optional_keys():
          "cache.leave_disk_after_seconds", "must not be negative"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\ndirect_writes = 1'),
          "cache.direct_writes", "must be true or false"),
+        # nan passes "not above the maximum": a leeway of nan let expired tokens in.
+        (('jwt_secret = "your-secret-key-change-this-in-production"',
+          'jwt_secret = "your-secret-key-change-this-in-production"\nleeway_seconds = nan'),
+         "auth.leeway_seconds", "finite"),
+        (('max_age_seconds = 604800', 'max_age_seconds = 604800\ntag_ttl_seconds = inf'),
+         "cache.tag_ttl_seconds", "finite"),
+        (('max_age_seconds = 604800', 'max_age_seconds = 604800\neviction_interval_seconds = inf'),
+         "cache.eviction_interval_seconds", "finite"),
     ],
 )
 def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
