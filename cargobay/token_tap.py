@@ -57,11 +57,16 @@ class Options(usage.Options):
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
             self["secret"] = config.auth.jwt_secret
+            # The proxy requires these claims when its config names them.
+            self["issuer"], self["audience"] = config.auth.issuer, config.auth.audience
         elif not self["secret"]:
             raise usage.UsageError("--secret must not be empty")
 
     def token(self) -> str:
-        return mint_token(self["secret"], self["subject"], self["repositories"], self["expires-in"])
+        return mint_token(
+            self["secret"], self["subject"], self["repositories"], self["expires-in"],
+            issuer=self.get("issuer"), audience=self.get("audience"),
+        )
 
 
 def makeService(options: Options) -> Any:

@@ -233,6 +233,14 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
     assert grant.subject == "bob" and grant.repositories == ("alpine", "team/app")
     bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET])
     assert bad.returncode != 0
+    # With --config, the token carries the issuer and audience the proxy's
+    # config requires (they were left out: the same proxy refused it).
+    config = tmp_path / "config.toml"
+    config.write_text(f'[auth]\njwt_secret = "{SECRET}"\nissuer = "https://idp.test"\naudience = "cargobay"\n')
+    result = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--config", str(config), "ci"])
+    assert result.returncode == 0, result.stderr
+    verifier = TokenVerifier([SECRET], issuer="https://idp.test", audience="cargobay")
+    assert verifier.verify(result.stdout.strip()).subject == "ci"
 
 
 # -- streaming --------------------------------------------------------------
