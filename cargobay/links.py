@@ -42,6 +42,9 @@ class RepositoryLinks:
         self._directory = directory
         self._names: OrderedDict[tuple[str, Digest], set[str]] = OrderedDict()
         self._write_error_logged = False
+        #: Moves on whenever links are forgotten: what was worked out from
+        #: the links before (the references a manifest linked) must be again.
+        self.generation = 0
 
     def _path(self, registry_id: str, digest: Digest, name: str | None = None) -> str | None:
         if self._directory is None:
@@ -95,6 +98,7 @@ class RepositoryLinks:
     def forget(self, registry_id: str, digest: Digest) -> None:
         """The digest left the cache: so do its links."""
         self._names.pop((registry_id, digest), None)
+        self.generation += 1
         path = self._path(registry_id, digest)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
@@ -104,7 +108,8 @@ def referenced_digests(content: bytes) -> list[Digest]:
     """
     The digests a manifest or index names: its config, layers and child
     manifests (and a schema 1 manifest's layers).  A registry accepts a
-    manifest only once those are in its repository.
+    manifest only once those are in its repository (but for foreign layers,
+    which carry C{urls}: those are left out).
     """
     try:
         document = json.loads(content)
@@ -119,7 +124,9 @@ def referenced_digests(content: bytes) -> list[Digest]:
     for field in ("layers", "manifests", "blobs"):
         items = document.get(field)
         if isinstance(items, list):
-            texts += [item.get("digest") for item in items if isinstance(item, dict)]
+            # A descriptor with "urls" (a foreign layer) is one the registry
+            # does not check its repository for: anyone could name anything.
+            texts += [item.get("digest") for item in items if isinstance(item, dict) and not item.get("urls")]
     layers = document.get("fsLayers")
     if isinstance(layers, list):
         texts += [item.get("blobSum") for item in layers if isinstance(item, dict)]

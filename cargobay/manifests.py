@@ -88,10 +88,14 @@ class ManifestService:
         self.links = links if links is not None else RepositoryLinks(None)
         #: Manifests whose references are linked under a name (this process).
         self._linked: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
+        self._linked_generation = self.links.generation
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
         key = (registry_id, upstream_name, manifest.digest)
+        if self._linked_generation != self.links.generation:
+            self._linked.clear()  # links were forgotten (an eviction)
+            self._linked_generation = self.links.generation
         if key in self._linked:  # a hit's hot path: no JSON parsing
             self._linked.move_to_end(key)
             return

@@ -34,7 +34,12 @@ def test_memory_holds_a_bounded_number_of_digests(tmp_path, monkeypatch):
 
 def test_the_digests_a_manifest_names():
     config, layer, child = digest_of("config"), digest_of("layer"), digest_of("child")
-    manifest = {"config": {"digest": str(config)}, "layers": [{"digest": str(layer)}, {"digest": "junk"}]}
+    foreign = digest_of("foreign")
+    manifest = {"config": {"digest": str(config)}, "layers": [
+        {"digest": str(layer)}, {"digest": "junk"},
+        # A foreign layer: the registry takes the manifest without having it.
+        {"digest": str(foreign), "urls": ["https://example.com/layer"]},
+    ]}
     index = {"manifests": [{"digest": str(child)}, "junk"]}
     assert referenced_digests(json.dumps(manifest).encode()) == [config, layer]
     assert referenced_digests(json.dumps(index).encode()) == [child]

@@ -776,3 +776,42 @@ def test_a_cached_blob_that_cannot_be_read_cuts_its_response_and_pins_nothing(wo
     assert entry.readers == 0
     monkeypatch.undo()
     assert world.get(path, ALL)[1] == BLOB
+
+
+def test_after_an_eviction_a_pull_by_tag_links_again_what_it_needs(world):
+    # Evicting a blob forgets its links; a later hit on a manifest naming it
+    # must link it again (a memo said it had), or the pull fails with the
+    # upstream down though everything is cached.
+    world.cache.on_evict = lambda entry: world.links.forget(entry.key.registry_id, entry.key.digest)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
+    }).encode()
+
+    def get_manifest(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        return manifest
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", get_manifest)
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
+    world.upstream_registry.on("GET", "/v2/team/application/blobs/", lambda r: BLOB)
+    # alpine pulls: manifest, then its blob.
+    assert world.get("/v2/alpine/manifests/v1", ALL)[1] == manifest
+    assert world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
+    # The blob ages out of the cache.
+    world.clock.advance(3601)
+    world.cache.evict()
+    for _ in range(5):
+        world.clock.advance(0.1)
+    assert len(world.cache) == 0
+    # mycompany/app (same base layer) pulls: the blob is back in the cache.
+    assert world.get("/v2/mycompany/app/manifests/v1", ALL)[1] == manifest
+    assert world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
+    # The upstream goes down; alpine pulls again.
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get("/v2/alpine/manifests/v1", ALL)
+    assert response.code == 200 and body == manifest  # stale, from the cache
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 200 and body == BLOB
