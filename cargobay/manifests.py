@@ -20,7 +20,7 @@ from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.links import RepositoryLinks, referenced_digests
 from cargobay.manifest_store import Manifest, ManifestStore
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
-from cargobay.upstream import Upstream, discard_body, map_status, pull_scope, read_body
+from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
 
 log = Logger()
 
@@ -213,7 +213,7 @@ class ManifestService:
             discard_body(response)
             raise map_status(upstream, response, manifest_unknown(reference))
         try:
-            content = yield read_body(response)
+            content = yield upstream.read_body(response)
         except Exception as e:
             raise _bad_upstream(upstream, f"failed while sending a manifest ({type(e).__name__})") from None
         media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
@@ -290,7 +290,10 @@ class ManifestService:
             if response.code != 200:
                 discard_body(response)
                 raise map_status(upstream, response, name_unknown(local_name))
-            body = yield read_body(response)
+            try:
+                body = yield upstream.read_body(response)
+            except Exception as e:
+                raise _bad_upstream(upstream, f"failed while sending a tag list ({type(e).__name__})") from None
         except RegistryError as error:
             if not _worth_serving_stale(error):
                 self._store.drop_tag_list(registry_id, upstream_name)
@@ -337,7 +340,10 @@ class ManifestService:
         if response.code != 200:
             discard_body(response)
             raise map_status(upstream, response, manifest_unknown(str(digest)))
-        body = yield read_body(response)
+        try:
+            body = yield upstream.read_body(response)
+        except Exception as e:
+            raise _bad_upstream(upstream, f"failed while sending referrers ({type(e).__name__})") from None
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         content_type = content_type or "application/vnd.oci.image.index.v1+json"

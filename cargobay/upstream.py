@@ -25,7 +25,13 @@ from twisted.internet import defer
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IProtocolFactory, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
@@ -74,26 +80,55 @@ class BodyTooLarge(Exception):
 
 
 class _LimitedCollector(Protocol):
-    def __init__(self, limit: int, finished: Deferred[bytes]) -> None:
+    def __init__(
+        self, limit: int, finished: Deferred[bytes], clock: IReactorTime | None = None, idle: float | None = None
+    ) -> None:
         self._limit = limit
         self._finished = finished
         self._chunks: list[bytes] = []
         self._size = 0
         self._failed = False
+        #: Given both, a body that stops coming for C{idle} seconds fails:
+        #: treq's timeout covers the headers only.
+        self._clock = clock
+        self._idle = idle
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        if self._clock is not None and self._idle is not None:
+            self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if self._failed:
+            return
+        self._failed = True
+        self._chunks = []
+        cast(IPushProducer, self.transport).stopProducing()
+        self._finished.errback(defer.TimeoutError(f"no body bytes for {self._idle:g} s"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._failed:
             return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(cast(float, self._idle))
         self._size += len(data)
         if self._size > self._limit:
             self._failed = True
             self._chunks = []
+            self._stop_timer()
             cast(IPushProducer, self.transport).stopProducing()
             self._finished.errback(BodyTooLarge(f"body larger than {self._limit} bytes"))
             return
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = Failure(netError.ConnectionDone())) -> None:
+        self._stop_timer()
         if self._failed:
             return
         if reason.check(webclient.ResponseDone, webclient.PotentialDataLoss):
@@ -102,19 +137,26 @@ class _LimitedCollector(Protocol):
             self._finished.errback(reason)
 
 
-def read_body(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> Deferred[bytes]:
+def read_body(
+    response: IResponse, limit: int = SMALL_BODY_LIMIT, clock: IReactorTime | None = None, idle: float | None = None
+) -> Deferred[bytes]:
     """
-    Read a whole (small) response body, giving up past C{limit} bytes.
+    Read a whole (small) response body, giving up past C{limit} bytes (and,
+    given a clock, after C{idle} seconds without a byte).
     """
     finished: Deferred[bytes] = Deferred()
-    response.deliverBody(_LimitedCollector(limit, finished))
+    response.deliverBody(_LimitedCollector(limit, finished, clock, idle))
     return finished
 
 
 def discard_body(response: IResponse) -> None:
     """
-    Throw a response body away, without keeping a large one in memory.
+    Throw a response body away, without keeping a large one in memory.  Once
+    only: a response whose body is already going somewhere is left alone.
     """
+    if getattr(response, "_cargobay_discarded", False):
+        return
+    response._cargobay_discarded = True  # type: ignore[attr-defined]
     d = read_body(response, 64 * 1024)
     d.addErrback(lambda _: None)
 
@@ -285,7 +327,10 @@ class Upstream:
     def url_for(self, path: str) -> str:
         return self.registry.url + path
 
-    @inlineCallbacks
+    def read_body(self, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> Deferred[bytes]:
+        """L{read_body}, giving up when the body stops for the read timeout."""
+        return read_body(response, limit, self._clock, self.registry.read_timeout)
+
     def request(
         self,
         method: str,
@@ -293,14 +338,35 @@ class Upstream:
         scope: str,
         headers: dict[str, list[str]] | None = None,
         follow_redirects: bool = True,
-    ) -> Any:
+    ) -> Deferred[Any]:
         """
         Send C{method} to C{path} (below the registry's URL), authenticating for
         C{scope} (C{repository:NAME:pull}).  Fires with the final
         L{IResponse}; its body has not been read.
 
-        @raise UpstreamError: when the upstream cannot be reached or times out.
+        @raise UpstreamError: when the upstream cannot be reached or times out,
+            or answers something unusable (a redirect or token realm that is
+            not a URL, say).
         """
+
+        def unusable(failure: Failure) -> Failure:
+            if failure.check(RegistryError, defer.CancelledError):
+                return failure
+            log.warn("upstream {registry} {method} {path}: {error!r}", registry=self.registry.id,
+                     method=method, path=path, error=failure.value)
+            raise UpstreamError(self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}"))
+
+        return self._request(method, path, scope, headers, follow_redirects).addErrback(unusable)
+
+    @inlineCallbacks
+    def _request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, list[str]] | None,
+        follow_redirects: bool,
+    ) -> Any:
         url = self.url_for(path)
         response = yield self._send(method, url, scope, headers)
         if response.code == 401:
@@ -317,7 +383,8 @@ class Upstream:
             discard_body(response)
             redirects += 1
             url = urljoin(url, location)
-            if method == "GET" or response.code in (307, 308):
+            # Only a POST may turn into a GET on a 301/302/303; a HEAD stays one.
+            if method in ("GET", "HEAD") or response.code in (307, 308):
                 next_method = method
             else:
                 next_method = "GET"
@@ -403,7 +470,7 @@ class Upstream:
                 unbuffered=True,
                 timeout=self.registry.read_timeout,
             )
-            body = yield read_body(response, 1024 * 1024)
+            body = yield read_body(response, 1024 * 1024, self._clock, self.registry.read_timeout)
         except Exception as e:
             raise UpstreamError(self._network_error(Failure(e), "token service")) from None
         if response.code in (401, 403):

@@ -815,3 +815,79 @@ def test_after_an_eviction_a_pull_by_tag_links_again_what_it_needs(world):
     assert response.code == 200 and body == manifest  # stale, from the cache
     response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
     assert response.code == 200 and body == BLOB
+
+
+# -- upstreams that misbehave in small ways ---------------------------------
+
+
+def _basic_401(request):
+    request.setResponseCode(401)
+    request.setHeader(b"WWW-Authenticate", b'Basic realm="x"')
+    return b'{"errors":[{"code":"UNAUTHORIZED","message":"x"}]}'
+
+
+def test_manifest_get_upstream_401_basic_without_creds(world):
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _basic_401)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 403 and error_code(body) == "DENIED"
+
+
+def test_blob_head_upstream_401_basic_without_creds(world):
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("HEAD", "/v2/", _basic_401)
+    response, body = world.get("/v2/alpine/blobs/sha256:" + "a" * 64, ALL, method="HEAD")
+    assert response.code == 403
+
+
+def test_blob_get_upstream_401_basic_without_creds(world):
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _basic_401)
+    response, body = world.get("/v2/alpine/blobs/sha256:" + "a" * 64, ALL)
+    assert response.code == 403 and error_code(body) == "DENIED"
+
+
+def test_tags_upstream_401_bearer_without_realm(world):
+    def h(request):
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", b'Bearer service="x"')
+        return b"{}"
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", h)
+    response, body = world.get("/v2/alpine/tags/list", ALL)
+    assert response.code == 403 and error_code(body) == "DENIED"
+
+
+def test_cached_tag_is_served_stale_when_the_upstream_starts_answering_401(world):
+    path = "/v2/alpine/manifests/latest"
+    assert world.get(path, ALL)[0].code == 200
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _basic_401)
+    world.upstream_registry.on("HEAD", "/v2/", _basic_401)
+    world.clock.advance(3600)
+    response, body = world.get(path, ALL)
+    assert response.code == 200  # stale, as for a 403 or a 503
+
+
+@pytest.mark.parametrize("location", [b"http://cdn.test:99999/x", b"http://[::1/x", b"http://cdn.test:port/x"])
+def test_blob_redirect_to_an_unparseable_location(world, location):
+    def redirect(request):
+        request.setResponseCode(307)
+        request.setHeader(b"Location", location)
+        return b""
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", redirect)
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 502 and error_code(body) == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("realm", ["http://[::1/token", "http://auth.test:99999/token"])
+def test_token_realm_that_cannot_be_parsed(world, realm):
+    def challenge(request):
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", f'Bearer realm="{realm}",service="s"'.encode())
+        return b"{}"
+
+    world.upstream_registry.on("GET", "/v2/", challenge)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 502 and error_code(body) == "UNAVAILABLE"

@@ -3,12 +3,14 @@ The upstream client against an in-memory registry: authentication, token
 caching and sharing, redirects, and error mapping.
 """
 
+import json
 import os
 
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
 from tls import TestCA
+from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -18,15 +20,16 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI, HTTPConnectionPool, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from cargobay.config import RegistryConfig, UpstreamAuth
-from cargobay.errors import manifest_unknown
+from cargobay.errors import RegistryError, manifest_unknown
 from cargobay.upstream import (
     GatheringTLSProtocol,
     RegistryTLSPolicy,
@@ -419,3 +422,113 @@ def test_each_upstream_has_its_pool_and_a_reload_closes_the_replaced_ones(tmp_pa
     assert runtime.app.upstreams["a"] is a  # unchanged: kept, with its tokens and connections
     assert runtime.app.upstreams["b"] is not b
     assert closed == ["b"]
+
+
+
+def test_head_redirected_with_302_stays_a_head():
+    registry = FakeRegistry()
+
+    def redirect(request):
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"http://cdn.test/presigned?sig=for-HEAD")
+        return b""
+
+    registry.on("HEAD", "/v2/", redirect)
+    registry.on("GET", "/presigned", lambda r: b"x" * 100_000)
+    registry.on("HEAD", "/presigned", lambda r: b"")
+    upstream = make_upstream(registry, Clock())
+    results = []
+    upstream.request("HEAD", "/v2/a/blobs/sha256:" + "a" * 64, "repository:a:pull").addBoth(results.append)
+    assert [s.method for s in registry.seen] == ["HEAD", "HEAD"]
+
+
+class _Silent:
+    """A response body that sends half of itself, then nothing more."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class _Response:
+    def __init__(self) -> None:
+        self.transport = _Silent()
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        protocol.dataReceived(b'{"schemaVersion": 2,')
+
+
+def test_a_small_body_that_stops_coming_fails_after_the_read_timeout():
+    # treq's timeout covers the headers only: a manifest, tag list or token
+    # reply that went quiet halfway left its request (and, for a token, every
+    # later request for that scope) waiting for good.
+    clock = Clock()
+    response = _Response()
+    outcome: list[object] = []
+    read_body(response, 1024, clock, 2.0).addBoth(outcome.append)  # type: ignore[arg-type]
+    clock.advance(1.9)
+    assert outcome == []
+    clock.advance(0.2)
+    [failure] = outcome
+    assert isinstance(failure, Failure) and failure.check(defer.TimeoutError)
+    assert response.transport.stopped
+
+
+class _Whole(_Response):
+    def deliverBody(self, protocol: Protocol) -> None:
+        super().deliverBody(protocol)
+        protocol.dataReceived(b' "layers": []}')
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+def test_a_body_that_ends_in_time_leaves_no_timer_behind():
+    clock = Clock()
+    outcome: list[object] = []
+    read_body(_Whole(), 1024, clock, 2.0).addBoth(outcome.append)  # type: ignore[arg-type]
+    assert outcome == [b'{"schemaVersion": 2, "layers": []}']
+    assert clock.getDelayedCalls() == []
+
+
+class _CutShort(Protocol):
+    """Answers any request with headers and half its body, then hangs up."""
+
+    def dataReceived(self, data: bytes) -> None:
+        body = json.dumps({"name": "x", "tags": ["a"] * 1000}).encode()
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+        self.transport.loseConnection()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_stale_list(tmp_path):
+    # It was a 500 (not a RegistryError), and the remembered list was not used.
+    from cargobay.links import RepositoryLinks
+    from cargobay.manifest_store import ManifestStore
+    from cargobay.manifests import ManifestService
+    from cargobay.reference import Digest
+
+    port = global_reactor.listenTCP(0, Factory.forProtocol(_CutShort), interface="127.0.0.1")
+    upstream = Upstream(RegistryConfig(id="raw", url=f"http://127.0.0.1:{port.getHost().port}"), global_reactor)
+    service = ManifestService(ManifestStore(str(tmp_path), global_reactor), global_reactor, 60, RepositoryLinks(None))
+    try:
+        for call in (
+            lambda: service.tags(upstream, "alpine", "library/alpine", None, None),
+            lambda: service.referrers(upstream, "library/alpine", Digest("sha256", "a" * 64), None),
+        ):
+            with pytest.raises(RegistryError) as caught:
+                yield call()
+            assert caught.value.status == 502
+        service._store.set_tag_list("raw", "library/alpine", ["a", "b"])
+        body, _, stale = yield service.tags(upstream, "alpine", "library/alpine", None, None)
+        assert stale and json.loads(body)["tags"] == ["a", "b"]
+    finally:
+        yield upstream.close()
+        yield port.stopListening()
