@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import IO, Any, cast
 
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -119,8 +119,10 @@ class Fetch:
     any number of clients.
     """
 
-    def __init__(self, key: BlobKey) -> None:
+    def __init__(self, key: BlobKey, name: str = "") -> None:
         self.key = key
+        #: The upstream name the download asks for.
+        self.name = name
         self.writer: BlobWriter | None = None
         self.total: int | None = None
         self.state = "starting"  # starting, running, done, failed
@@ -1634,7 +1636,9 @@ class BlobService:
         fetch = self._fetches.get(key)
         if fetch is not None:
             self._mark(request, "join")
-            return self._follow(request, fetch, digest)
+            return self._follow(
+                request, fetch, digest, upstream_name, lambda: self.serve(request, upstream, upstream_name, digest, head)
+            )
         self._mark(request, "miss")
         return self._start_fetch(request, key, upstream, upstream_name, digest)
 
@@ -1734,7 +1738,7 @@ class BlobService:
         C{resume}, a cache file that already holds the start of the blob,
         only the rest is asked for (C{Range}).
         """
-        fetch = Fetch(key)
+        fetch = Fetch(key, upstream_name)
         self._fetches[key] = fetch
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
         primary: list[Request | None] = [request]
@@ -1839,6 +1843,7 @@ class BlobService:
             if resume is not None:
                 resume.abort()  # the upstream never answered: nothing to go on with
             error = _as_registry_error(failure, upstream)
+            forget(None)  # before its followers hear: one may start another
             fetch.refused(error)
             if not served.called:
                 served.errback(failure)
@@ -1928,7 +1933,26 @@ class BlobService:
 
         self._start_fetch(None, key, upstream, upstream_name, digest, writer).addErrback(failed)
 
-    def _follow(self, request: Request, fetch: Fetch, digest: Digest) -> Deferred[None]:
+    def _follow(
+        self,
+        request: Request,
+        fetch: Fetch,
+        digest: Digest,
+        upstream_name: str,
+        again: Callable[[], Deferred[None]],
+    ) -> Deferred[None]:
+        """
+        Serve C{request} from C{fetch}'s file as it grows.  A download that
+        the upstream refused (404, 403) for the name that started it is asked
+        C{again} for this request's own name (which may have the blob).
+        """
+
+        def refused(failure: Failure) -> Deferred[None]:
+            error = failure.value
+            if isinstance(error, RegistryError) and error.status in (401, 403, 404) and fetch.name != upstream_name:
+                return again()
+            return fail(failure)
+
         def go(fetch: Fetch) -> Deferred[None]:
             done: Deferred[None] = Deferred()
             if fetch.state == "done" and fetch.entry is not None:
@@ -1967,7 +1991,7 @@ class BlobService:
             ).start()
             return done
 
-        return fetch.when_started().addCallback(go)
+        return fetch.when_started().addCallback(go).addErrback(refused)
 
 
 def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) -> tuple[int, int] | None:

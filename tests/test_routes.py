@@ -891,3 +891,62 @@ def test_token_realm_that_cannot_be_parsed(world, realm):
     world.upstream_registry.on("GET", "/v2/", challenge)
     response, body = world.get("/v2/alpine/manifests/latest", ALL)
     assert response.code == 502 and error_code(body) == "UNAVAILABLE"
+
+
+def test_a_client_that_joined_another_names_download_is_not_given_its_404(world):
+    # A token for any repository could make another's pulls fail: ask for
+    # their digest under its own name, and whoever joined that download got
+    # its 404, though their own repository has the blob.
+    from twisted.web.server import NOT_DONE_YET
+
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
+    }).encode()
+
+    def get_manifest(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        return manifest
+
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
+    world.upstream_registry.on("GET", "/v2/team/application/blobs/", lambda r: BLOB)
+    pending = []
+
+    def slow_404(request):  # library/alpine has no such blob; the answer takes a while
+        pending.append(request)
+        return NOT_DONE_YET
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", slow_404)
+    # The owner's client resolves its image: the blob is linked under its name.
+    assert world.get("/v2/mycompany/app/manifests/v1", ALL)[1] == manifest
+
+    # Mallory (alpine only) asks for that digest under alpine...
+    client = world.client
+    d_mallory = client.request("GET", f"http://proxy.test/v2/alpine/blobs/{BLOB_DIGEST}",
+                               headers={"Authorization": f"Bearer {ALPINE_ONLY}"})
+    client.flush()
+    assert len(pending) == 1
+    # ... and the owner pulls the blob meanwhile.
+    d_owner = client.request("GET", f"http://proxy.test/v2/mycompany/app/blobs/{BLOB_DIGEST}",
+                             headers={"Authorization": f"Bearer {ALL}"})
+    client.flush()
+    request = pending[0]
+    request.setResponseCode(404)
+    request.write(b'{"errors":[{"code":"BLOB_UNKNOWN","message":"x"}]}')
+    request.finish()
+    world.upstream._http._agent.flush()
+    client.flush()
+    world.upstream._http._agent.flush()
+    client.flush()
+    results = []
+    d_owner.addBoth(results.append)
+    client.flush()
+    m = []
+    d_mallory.addBoth(m.append)
+    client.flush()
+    response = results[0]
+    body = []
+    client.content(response).addBoth(body.append)
+    client.flush()
+    assert response.code == 200 and body[0] == BLOB
