@@ -25,6 +25,20 @@ def test_metrics_render_parses_with_prometheus_client():
     assert families["cargobay_cache_size_bytes"].samples[0].value == 42
 
 
+def test_big_counters_are_rendered_in_full():
+    metrics = Metrics()
+    metrics.bytes_served.inc(10 * 1024**3, "cache")
+    metrics.requests.inc(1_234_567, "blob", "GET", "200")
+    metrics.upstream_latency.observe(0.123456789, "hub")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["cargobay_served_bytes"].samples[0].value == 10 * 1024**3
+    assert families["cargobay_http_requests"].samples[0].value == 1_234_567
+    before = metrics.render()
+    metrics.requests.inc(4, "blob", "GET", "200")
+    assert metrics.render() != before
+    assert "10737418240" in before.decode() and "0.123456789" in before.decode()
+
+
 def test_every_metric_is_rendered():
     # A metric defined and counted but left out of render() is invisible.
     from cargobay.metrics import _Metric
