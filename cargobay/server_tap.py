@@ -22,6 +22,7 @@ from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService
 from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
+from cargobay.errors import RegistryError
 from cargobay.links import RepositoryLinks
 from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
@@ -181,6 +182,16 @@ class MetricsResource(resource.Resource):
             return b"ok\n"
         if request.path == self._app.config.metrics.path.encode() or request.path == b"/metrics":
             assert self._app.metrics is not None
+            if self._app.config.metrics.require_auth:
+                # On this listener too: it may be as reachable as the main one.
+                try:
+                    self._app.authenticator.authenticate(request)
+                except RegistryError as e:
+                    request.setResponseCode(e.status)
+                    for name, value in e.headers.items():
+                        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+                    request.setHeader(b"Content-Type", b"application/json")
+                    return e.body()
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
             return self._app.metrics.render()
         request.setResponseCode(404)

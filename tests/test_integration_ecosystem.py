@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -104,6 +105,22 @@ def test_metrics_move_by_the_right_amounts_after_a_pull(upstream_anon, image, tm
         # Health endpoints need no token.
         assert urllib.request.urlopen(f"{proxy.url}/healthz").read() == b"ok\n"
         assert urllib.request.urlopen(f"{proxy.url}/readyz").read() == b"ok\n"
+    finally:
+        proxy.process.stop()
+
+
+def test_metrics_on_a_listener_of_their_own_still_need_a_token_when_required(upstream_anon, tmp_path):
+    port = free_port()
+    extra = f'[metrics]\nlisten = "tcp:{port}:interface=127.0.0.1"\nrequire_auth = true'
+    proxy = start_proxy(tmp_path, [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")], extra)
+    try:
+        proxy.process.wait_listening(port)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics")
+        assert refused.value.code == 401
+        asked = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {ALL}"})
+        assert b"cargobay_http_requests_total" in urllib.request.urlopen(asked).read()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read() == b"ok\n"
     finally:
         proxy.process.stop()
 
