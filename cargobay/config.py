@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
 from cargobay.reference import is_valid_name
 from cargobay.tokens import load_public_key
 
@@ -382,6 +384,17 @@ def _check_url(where: str, url: str) -> None:
         raise ConfigError(f"{where}: {url!r} has an invalid port") from None
 
 
+def _check_ca_file(where: str, path: str) -> None:
+    """The file must hold a PEM certificate, as the TLS client will load it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: {path!r} does not exist or is not a file")
+    try:
+        with open(path, "rb") as f:
+            x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {path!r} is not a PEM certificate ({type(e).__name__})") from None
+
+
 def parse_config(text: str, source: str = "<string>") -> Config:
     """
     Parse and validate the text of a configuration file.
@@ -522,8 +535,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             default_hosts[registry_id] = DOCKER_HUB_HOSTS if is_docker_hub else tuple(dict.fromkeys((hostname, netloc)))
         implicit_library = entry.boolean("implicit_library", is_docker_hub)
         ca_file = entry.string("ca_file")
-        if ca_file is not None and not os.path.isfile(ca_file):
-            raise ConfigError(f"{where}.ca_file: {ca_file!r} does not exist or is not a file")
+        if ca_file is not None:
+            _check_ca_file(f"{where}.ca_file", ca_file)
         registries.append(
             RegistryConfig(
                 id=registry_id,

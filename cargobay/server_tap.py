@@ -297,9 +297,25 @@ class Runtime:
             log.error("reload refused, keeping the running config: {problem}", problem=str(e))
             return False
         old = self.config
+        previous = self.app.upstreams
+        try:
+            # Everything new is built before anything changes: a file that
+            # fails here leaves the running config whole.
+            upstreams = self._upstreams(config, previous)
+            authenticator = Authenticator.from_config(config.auth, config.server)
+        except Exception as e:
+            log.error("reload refused, keeping the running config: {problem}", problem=f"{type(e).__name__}: {e}")
+            return False
         for label, before, after in [
             ("server listen endpoint", old.server.endpoint, config.server.endpoint),
+            ("server.max_connections", old.server.max_connections, config.server.max_connections),
+            ("server.idle_timeout_seconds", old.server.idle_timeout, config.server.idle_timeout),
+            ("server.header_timeout_seconds", old.server.header_timeout, config.server.header_timeout),
             ("cache.directory", old.cache.directory, config.cache.directory),
+            ("cache.eviction_interval_seconds", old.cache.eviction_interval_seconds,
+             config.cache.eviction_interval_seconds),
+            ("cache.scrub_bytes_per_interval", old.cache.scrub_bytes_per_interval,
+             config.cache.scrub_bytes_per_interval),
             ("metrics", old.metrics, config.metrics),
             ("logging", old.logging, config.logging),
         ]:
@@ -311,9 +327,7 @@ class Runtime:
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
         self.cache.direct_writes = config.cache.direct_writes
-        previous = self.app.upstreams
-        upstreams = self._upstreams(config, previous)
-        self.app.reconfigure(config, Authenticator.from_config(config.auth, config.server), upstreams)
+        self.app.reconfigure(config, authenticator, upstreams)
         for registry_id, upstream in previous.items():
             if upstreams.get(registry_id) is not upstream:
                 upstream.close()

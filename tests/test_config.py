@@ -105,6 +105,15 @@ def test_new_optional_keys():
     assert parse_config(paged).cache.direct_writes is False
 
 
+def test_a_ca_file_that_is_not_a_pem_certificate_is_one_line(tmp_path):
+    # It used to pass as "a file", then crash the start (or half-apply a reload).
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    text = SEED.replace('url = "https://gcr.io"', f'url = "https://gcr.io"\nca_file = "{junk}"', 1)
+    with pytest.raises(ConfigError, match=r"^registries\[2\]\.ca_file: .* is not a PEM certificate"):
+        parse_config(text)
+
+
 def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
     text = SEED.replace('url = "https://gcr.io"', 'url = "https://robot:hunter2@gcr.io"', 1)
     with pytest.raises(ConfigError) as caught:
@@ -180,7 +189,7 @@ def test_config_path_resolution():
     assert resolve_config_path(None, {}) == "config.toml"
 
 
-def test_every_config_key_is_documented_in_the_example():
+def test_every_config_key_is_documented_in_the_example(tmp_path):
     """Each key the parser reads appears in config.example.toml, and the
     example with every optional line switched on still loads."""
     import re
@@ -193,7 +202,9 @@ def test_every_config_key_is_documented_in_the_example():
     missing = sorted(k for k in keys if not re.search(rf"(^|[\s\[#.]){k}(\s*=|\]|\.)", example, re.M))
     assert missing == []
     switched_on = re.sub(r"^# ?((\[\[?[a-z.]+\]\]?)|([a-z_]+ = .*))$", r"\1", example, flags=re.M)
-    switched_on = switched_on.replace("/etc/cargobay/private-ca.pem", str(EXAMPLE))
+    from tls import TestCA
+
+    switched_on = switched_on.replace("/etc/cargobay/private-ca.pem", str(TestCA(tmp_path).cert_path))
     switched_on = re.sub(r"^public_key_files = .*$", "", switched_on, flags=re.M)
     switched_on = re.sub(r'^listen = "ssl:.*$', "", switched_on, flags=re.M)
     config = parse_config(switched_on)
