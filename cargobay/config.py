@@ -415,6 +415,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
     server_section = section("server")
     bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(bind_address)
+    except ValueError:
+        raise ConfigError(
+            f"server.bind_address: {bind_address!r} is not an IP address (a host name or port goes in server.listen)"
+        ) from None
     port = server_section.integer("port", 5000, minimum=0, maximum=65535)
     listen = server_section.string("listen")
     public_url = server_section.string("public_url")

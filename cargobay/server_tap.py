@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any, cast
 
-from twisted.application import internet, service, strports
+from twisted.application import internet, service
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -66,11 +66,35 @@ class Options(usage.Options):
             fail(str(e))
         from twisted.internet import reactor
 
+        listeners = [("server.listen", self.config.server.endpoint)]
+        if self.config.metrics.enabled and self.config.metrics.listen:
+            listeners.append(("metrics.listen", self.config.metrics.listen))
+        for key, description in listeners:
+            try:
+                # Parses the description (and loads TLS files) without listening.
+                endpoints.serverFromString(reactor, description)
+            except Exception as e:
+                fail(f"{key}: {description!r} is not a usable endpoint ({e})")
+
+
+class Listener(internet.StreamServerEndpointService):
+    """
+    A listening endpoint that, when it cannot listen (the port is taken, the
+    address is not this host's, the socket's directory is missing), stops
+    the start with one line rather than a traceback.
+    """
+
+    def __init__(self, key: str, description: str, factory: Any, reactor: Any) -> None:
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self._key = key
+        self._description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
         try:
-            # Parses the description (and loads TLS files) without listening.
-            endpoints.serverFromString(reactor, self.config.server.endpoint)
+            super().privilegedStartService()
         except Exception as e:
-            fail(f"server.listen: {self.config.server.endpoint!r} is not a usable endpoint ({e})")
+            fail(f"{self._key}: cannot listen on {self._description!r} ({e})")
 
 
 class RegistryChannel(http.HTTPChannel):
@@ -419,9 +443,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         "cargobay_refused_connections", "Connections refused over server.max_connections.",
         lambda: site.refused_connections,
     )
-    strports.service(config.server.endpoint, site).setServiceParent(top)
+    Listener("server.listen", config.server.endpoint, site, reactor).setServiceParent(top)
     if config.metrics.enabled and config.metrics.listen:
-        strports.service(config.metrics.listen, ProxySite(MetricsResource(app))).setServiceParent(top)
+        Listener("metrics.listen", config.metrics.listen, ProxySite(MetricsResource(app)), reactor).setServiceParent(top)
     internet.TimerService(
         config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval
     ).setServiceParent(top)

@@ -221,6 +221,27 @@ def test_bad_config_stops_startup_with_one_line(tmp_path):
     assert lines == ["cargobay: repositories[0].registry_id: unknown registry 'nope' (defined: none)"]
 
 
+def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
+    # A taken port, an address that is not an address, a bad metrics
+    # endpoint: each was a forty-line traceback (exit 1) after "listening".
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        base = f'[auth]\njwt_secret = "x"\n[cache]\ndirectory = "{tmp_path / "cache"}"\n'
+        for server, expected in [
+            (f'bind_address = "127.0.0.1"\nport = {port}', "cargobay: server.listen: cannot listen on"),
+            ('bind_address = "127.0.0.1:5000"', "cargobay: server.bind_address: '127.0.0.1:5000' is not an IP address"),
+            (f'port = {free_port()}\n[metrics]\nlisten = "tcp:notaport"', "cargobay: metrics.listen: 'tcp:notaport'"),
+        ]:
+            config = tmp_path / "bad.toml"
+            config.write_text(f"[server]\n{server}\n{base}")
+            result = run_to_completion(cargobay_command(config))
+            assert result.returncode == 2, (server, result.stdout[-2000:], result.stderr)
+            output = result.stdout + result.stderr
+            assert expected in output and "Traceback" not in output, (server, output[-2000:])
+
+
 def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
 
     result = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET, "--expires-in", "60", "bob", "alpine,team/app"])
