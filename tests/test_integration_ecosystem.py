@@ -36,10 +36,14 @@ def image(upstream_anon, tmp_path_factory):
 
 
 def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
+    # Signed by an intermediate, as public CAs do: the README's recipe sends
+    # it along (extraCertChain), and clients trust only the root.
     ca = TestCA(tmp_path / "ca")
-    server = ca.issue("proxy", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    intermediate = TestCA(tmp_path / "intermediate", "cargobay tests intermediate", issuer=ca)
+    server = intermediate.issue("proxy", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     port = free_port()
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={server.key_path}:certKey={server.cert_path}"
+    listen = (f"ssl:{port}:interface=127.0.0.1:privateKey={server.key_path}:certKey={server.cert_path}"
+              f":extraCertChain={intermediate.cert_path}")
     config = write_config(tmp_path / "tls.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])
     text = config.read_text().replace(f"port = {port}\n", f'port = {port}\nlisten = "{listen}"\n', 1)
     config.write_text(text)

@@ -44,7 +44,8 @@ class TestCA:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, workdir: Path, name: str = "cargobay tests CA") -> None:
+    def __init__(self, workdir: Path, name: str = "cargobay tests CA", issuer: TestCA | None = None) -> None:
+        """With C{issuer}, an intermediate CA that C{issuer} signed."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -52,12 +53,12 @@ class TestCA:
         now = datetime.now(UTC)
         self.cert = (
             x509.CertificateBuilder()
-            .subject_name(self._name).issuer_name(self._name)
+            .subject_name(self._name).issuer_name(issuer._name if issuer else self._name)
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(days=1))
             .not_valid_after(now + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0 if issuer else 1), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -69,7 +70,7 @@ class TestCA:
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
             )
-            .sign(self._key, hashes.SHA256())
+            .sign(issuer._key if issuer else self._key, hashes.SHA256())
         )
         self.cert_path = self.workdir / "ca.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
