@@ -1,7 +1,10 @@
 # cargobay container image.
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 CONFIG_PATH=/etc/cargobay/config.toml
+# No CONFIG_PATH: twistd runs in /app, whose config.toml is a link to
+# /etc/cargobay/config.toml; a file mounted at /app/config.toml (as the
+# earlier implementation's image was run) takes its place.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
@@ -12,11 +15,12 @@ RUN pip install --no-cache-dir . \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && useradd --system --uid 10001 --home-dir /nonexistent cargobay \
     && mkdir -p /var/cache/cargobay /etc/cargobay \
-    && chown cargobay /var/cache/cargobay
+    && chown cargobay /var/cache/cargobay \
+    && ln -s /etc/cargobay/config.toml /app/config.toml
 
 USER cargobay
 VOLUME ["/var/cache/cargobay"]
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=5s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz')"
+# /healthz where the config says it listens (port, listen, or [metrics] listen).
+HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-m", "cargobay.healthcheck"]
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "cargobay"]

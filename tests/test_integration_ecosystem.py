@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -59,6 +60,7 @@ def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
         out = tmp_path / "out"
         skopeo("copy", f"--src-cert-dir={cert_dir}", f"--src-creds=t:{ALL}", f"docker://127.0.0.1:{port}/eco:latest", f"dir:{out}")
         assert (out / "manifest.json").read_bytes() == raw
+        assert healthcheck(config).returncode == 0  # the image's HEALTHCHECK, over TLS
         # Without the CA, verification fails: the certificate really is checked.
         with pytest.raises(RuntimeError, match="certificate"):
             skopeo("inspect", "--raw", f"--creds=t:{ALL}", f"docker://127.0.0.1:{port}/eco:latest")
@@ -170,6 +172,9 @@ def test_dockerfile_steps_build_a_working_install(tmp_path):
     """
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "USER cargobay" in dockerfile and "HEALTHCHECK" in dockerfile and "VOLUME" in dockerfile
+    # The earlier implementation's image read /app/config.toml (no CONFIG_PATH to override it).
+    assert "WORKDIR /app" in dockerfile and "CONFIG_PATH=" not in dockerfile
+    assert "ln -s /etc/cargobay/config.toml /app/config.toml" in dockerfile
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = venv / "bin" / "pip"
@@ -181,3 +186,26 @@ def test_dockerfile_steps_build_a_working_install(tmp_path):
     assert "cargobay" in result.stdout and "cargobay-token" in result.stdout
     token = subprocess.run([str(venv / "bin" / "cargobay-token"), "--secret", "s" * 32, "x"], capture_output=True, text=True, cwd=tmp_path)
     assert token.returncode == 0 and token.stdout.count(".") == 2
+
+
+def healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
+    """The container image's HEALTHCHECK command, run here."""
+    return subprocess.run([sys.executable, "-m", "cargobay.healthcheck", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_image_healthcheck_asks_where_the_config_says_the_proxy_listens(upstream_anon, tmp_path):
+    # It was hard-wired to port 5000: unhealthy on any other port or listener.
+    metrics_port = free_port()
+    for name, extra in (("plain", ""), ("metrics", f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"')):
+        proxy = start_proxy(tmp_path / name, [{"id": "up", "url": upstream_anon.url}], [], extra)
+        config = tmp_path / name / "config.toml"
+        try:
+            if extra:
+                proxy.process.wait_listening(metrics_port)
+            result = healthcheck(config)
+            assert result.returncode == 0, (name, result.stderr)
+        finally:
+            proxy.process.stop()
+        result = healthcheck(config)
+        assert result.returncode == 1 and result.stderr.startswith("cargobay healthcheck: "), result.stderr
