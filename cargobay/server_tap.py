@@ -425,6 +425,24 @@ class CargobayService(service.MultiService):
         super().setServiceParent(parent)
 
 
+def _log_stream(options: Options) -> Any:
+    """
+    Where twistd was told to log: its --logfile (or, daemonised, its default
+    twistd.log), rotated as twistd's own; stdout with -n and no --logfile.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    logfile = parent.get("logfile")
+    if not logfile and not parent.get("nodaemon"):
+        logfile = "twistd.log"
+    if not logfile or logfile == "-":
+        return None
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(logfile, rotateLength=parent.get("rotate-length") or 1_000_000)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -434,7 +452,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config_path = None if config.source == "<embedded default>" else config.source
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
-    top = CargobayService(make_observer(config.logging.format, config.logging.level), runtime, reactor)
+    top = CargobayService(make_observer(config.logging.format, config.logging.level, _log_stream(options)), runtime, reactor)
     site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
     site.max_connections = config.server.max_connections
     site.header_timeout = config.server.header_timeout

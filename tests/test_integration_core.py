@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -33,8 +34,9 @@ from peers import (
     skopeo_pull,
     skopeo_push,
     twistd_command,
+    wait_until,
 )
-from proxy import ALL, SECRET, start_proxy
+from proxy import ALL, SECRET, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -240,6 +242,26 @@ def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
             assert result.returncode == 2, (server, result.stdout[-2000:], result.stderr)
             output = result.stdout + result.stderr
             assert expected in output and "Traceback" not in output, (server, output[-2000:])
+
+
+def test_logs_go_where_twistd_is_told(upstream_anon, tmp_path):
+    # --logfile (and, daemonised, twistd.log) got nothing: every line went to
+    # stdout, which a daemon has closed.
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [])
+    logfile = tmp_path / "cargobay.log"
+    process = subprocess.Popen(
+        [*twistd_command(), "-n", "--pidfile=", f"--logfile={logfile}", "cargobay", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_until(lambda: logfile.exists() and "cargobay listening" in logfile.read_text(), timeout=30)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read() == b"ok\n"
+        wait_until(lambda: "GET /healthz 200" in logfile.read_text(), timeout=30)
+    finally:
+        process.terminate()
+        stdout, _ = process.communicate(timeout=30)
+    assert "GET /healthz" not in stdout
 
 
 def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
