@@ -29,6 +29,8 @@ from zope.interface import implementer
 
 _LEVELS = {"debug", "info", "warn", "error", "critical"}
 _ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}
+#: RUST_LOG targets that meant this program in the earlier implementation.
+_OWN_TARGETS = {"docker_registry_proxy", "cargo_bay", "cargobay"}
 
 
 def level_from_environment(environ: Mapping[str, str], default: str) -> str:
@@ -36,11 +38,22 @@ def level_from_environment(environ: Mapping[str, str], default: str) -> str:
         value = environ.get(variable, "").strip().lower()
         if not value:
             continue
-        # RUST_LOG may be "target=level,other=level": take the last level named.
-        for item in reversed(value.replace(",", " ").split()):
-            candidate = _ALIASES.get(item.rpartition("=")[2], item.rpartition("=")[2])
-            if candidate in _LEVELS:
-                return candidate
+        # RUST_LOG may be "level" or "target=level,other=level" (the earlier
+        # implementation's default: docker_registry_proxy=info): its own
+        # target's level wins, then a bare level; other crates' are not ours.
+        own = bare = None
+        for item in value.replace(",", " ").split():
+            target, _, level = item.rpartition("=")
+            level = _ALIASES.get(level, level)
+            if level not in _LEVELS:
+                continue
+            if not target:
+                bare = level
+            elif target.split("::")[0] in _OWN_TARGETS:
+                own = level
+        chosen = own or bare
+        if chosen is not None:
+            return chosen
     return default
 
 

@@ -54,6 +54,10 @@ def test_log_level_from_environment():
     assert level_from_environment({"CARGOBAY_LOG_LEVEL": "DEBUG"}, "info") == "debug"
     assert level_from_environment({"RUST_LOG": "docker_registry_proxy=warn"}, "info") == "warn"
     assert level_from_environment({"RUST_LOG": "garbage"}, "error") == "error"
+    # Our own target's level, not the last one named (another crate's).
+    assert level_from_environment({"RUST_LOG": "docker_registry_proxy=debug,hyper=warn"}, "info") == "debug"
+    assert level_from_environment({"RUST_LOG": "warn,hyper=debug"}, "info") == "warn"
+    assert level_from_environment({"RUST_LOG": "hyper=debug"}, "info") == "info"
 
 
 def test_json_logs_one_object_per_line(monkeypatch):
