@@ -97,6 +97,9 @@ class RegistryApp:
     ) -> None:
         self.config = config
         self.metrics = metrics
+        #: As started: a reload changes the listeners only at the next
+        #: restart, so /metrics stays where (and as) it was.
+        self.metrics_config = config.metrics
         self._ready = ready
         self.authenticator = authenticator
         self.upstreams = upstreams
@@ -220,7 +223,7 @@ class RegistryApp:
 
     @app.route("/", branch=True)
     def elsewhere(self, request: Request) -> Any:
-        metrics_config = self.config.metrics
+        metrics_config = self.metrics_config
         if (
             self.metrics is not None
             and metrics_config.enabled
@@ -265,7 +268,7 @@ class RegistryApp:
 
     def render_metrics(self, request: Request) -> Any:
         assert self.metrics is not None
-        if self.config.metrics.require_auth:
+        if self.metrics_config.require_auth:
             self.authenticator.authenticate(request)
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics.render()

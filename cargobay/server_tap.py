@@ -204,9 +204,9 @@ class MetricsResource(resource.Resource):
                 request.setResponseCode(503)
                 return b"cache directory not writable\n"
             return b"ok\n"
-        if request.path == self._app.config.metrics.path.encode() or request.path == b"/metrics":
+        if request.path == self._app.metrics_config.path.encode() or request.path == b"/metrics":
             assert self._app.metrics is not None
-            if self._app.config.metrics.require_auth:
+            if self._app.metrics_config.require_auth:
                 # On this listener too: it may be as reachable as the main one.
                 try:
                     self._app.authenticator.authenticate(request)

@@ -950,3 +950,17 @@ def test_a_client_that_joined_another_names_download_is_not_given_its_404(world)
     client.content(response).addBoth(body.append)
     client.flush()
     assert response.code == 200 and body[0] == BLOB
+
+
+def test_a_reload_leaves_metrics_where_they_were_until_a_restart(world):
+    # A reload that moved /metrics to a listener of its own (or changed its
+    # path) took it off the main one, while the new listener waits for a
+    # restart: no /metrics anywhere, though the log said "at the next restart".
+    from cargobay.metrics import Metrics
+
+    world.app.metrics = Metrics()
+    world.app.metrics_config = parse_config(CONFIG).metrics
+    moved = parse_config(CONFIG + '\n[metrics]\nlisten = "tcp:9999"\npath = "/elsewhere"\nrequire_auth = true\n')
+    world.app.reconfigure(moved, world.app.authenticator, world.app.upstreams)
+    response, body = world.get("/metrics")
+    assert response.code == 200 and b"cargobay_http_requests_total" in body
