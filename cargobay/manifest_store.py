@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,18 @@ class ManifestStore:
             return None
         self._tags[key] = resolution
         return resolution
+
+    def tags_on_disk(self) -> Iterator[tuple[str, str, str]]:
+        """(registry id, upstream name, tag) of every tag resolution kept on disk."""
+        root = os.path.join(self.directory, "tags")
+        for directory, _, files in os.walk(root):
+            relative = os.path.relpath(directory, root).split(os.sep)
+            if len(relative) < 2:
+                continue
+            registry_id, upstream_name = relative[0], "/".join(relative[1:])
+            for name in files:
+                if name.endswith(".json"):
+                    yield registry_id, upstream_name, name[: -len(".json")]
 
     def set_tag(self, registry_id: str, upstream_name: str, tag: str, digest: Digest, media_type: str) -> None:
         key = (registry_id, upstream_name, tag)

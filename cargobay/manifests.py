@@ -104,6 +104,27 @@ class ManifestService:
         if len(self._linked) > LINKED_MEMORY:
             self._linked.popitem(last=False)
 
+    def link_stored_tags(self) -> int:
+        """
+        Link what the tags kept on disk resolve to (and what those manifests,
+        and an index's manifests, reference) under their names: for a cache
+        written before links were kept, so that its pulls by digest keep
+        working with the upstream down.  Returns how many tags it read.
+        """
+        store, count = self._store, 0
+        for registry_id, upstream_name, tag in store.tags_on_disk():
+            resolution = store.tag(registry_id, upstream_name, tag)
+            manifest = store.get(registry_id, resolution.digest) if resolution is not None else None
+            if manifest is None:
+                continue
+            count += 1
+            self._link(registry_id, upstream_name, manifest)
+            for child in referenced_digests(manifest.content):
+                child_manifest = store.get(registry_id, child)
+                if child_manifest is not None:
+                    self._link(registry_id, upstream_name, child_manifest)
+        return count
+
     @inlineCallbacks
     def get(
         self,

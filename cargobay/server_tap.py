@@ -241,7 +241,9 @@ class Runtime:
             config.cache.direct_writes,
         )
         cache.open()
-        self.links = links = RepositoryLinks(os.path.join(config.cache.directory, "links"))
+        links_directory = os.path.join(config.cache.directory, "links")
+        upgrading = not os.path.isdir(links_directory)
+        self.links = links = RepositoryLinks(links_directory)
 
         def evicted(entry: Entry) -> None:
             metrics.evictions.inc()
@@ -250,6 +252,15 @@ class Runtime:
         cache.on_evict = evicted
         store = ManifestStore(config.cache.directory, reactor)
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
+        if upgrading:
+            # A cache from before links were kept: what its tags resolve to
+            # stays servable by digest with the upstream down.
+            linked = self.manifests.link_stored_tags()
+            log.info("linked the manifests of {count} cached tags to their repositories", count=linked)
+            try:
+                os.makedirs(links_directory, exist_ok=True)
+            except OSError:
+                pass
         # Hashing and writing downloads to disk happen on these threads.
         self.disk_threads = ThreadPool(minthreads=1, maxthreads=4, name="cargobay-disk")
         reactor.callWhenRunning(self.disk_threads.start)

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -520,6 +521,15 @@ def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a
                 assert status != 200
             finally:
                 restarted.process.stop()
+            # A cache from before links were kept: its tags are linked at start.
+            shutil.rmtree(proxy.cache / "links")
+            process = Twistd(args=proxy.process.args, log_path=tmp_path / "upgrade.log").start()
+            process.wait_listening(proxy.port)
+            try:
+                skopeo_pull(f"{proxy.host}/secret@{secret['manifest']}", tmp_path / "upgraded", creds=f"t:{ALL}")
+                assert sorted(os.listdir(tmp_path / "upgraded")) == sorted(os.listdir(tmp_path / "owner"))
+            finally:
+                process.stop()
         finally:
             upstream.start()
     finally:
