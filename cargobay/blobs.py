@@ -1621,10 +1621,13 @@ class BlobService:
         head: bool,
     ) -> Deferred[None]:
         key = BlobKey(upstream.registry.id, digest)
-        if (self.cache.lookup(key) is not None or key in self._fetches) and not self.links.known(
-            upstream.registry.id, upstream_name, digest
-        ):
-            return self._confirm(request, upstream, upstream_name, digest, head)
+        if not self.links.known(upstream.registry.id, upstream_name, digest):
+            # Another name brought it here (or is bringing it): the upstream
+            # is asked first.  A download under this very name answers for
+            # itself (a herd's followers must not each send a HEAD).
+            fetch = self._fetches.get(key)
+            if self.cache.lookup(key) is not None or (fetch is not None and fetch.name != upstream_name):
+                return self._confirm(request, upstream, upstream_name, digest, head)
         opened = self.cache.open_entry(key)
         if opened is not None:
             self._mark(request, "hit")

@@ -166,6 +166,9 @@ def test_thundering_herd_fetches_once_and_streams_to_everyone(upstream, tmp_path
         assert upstream.wait_requests("GET", f"/blobs/{digest}", 1) == 1
         time.sleep(0.5)
         assert upstream.count_requests("GET", f"/blobs/{digest}") == 1
+        # Nor a HEAD per follower: a download under their own name answers
+        # for them (one asked under another name would need the upstream's word).
+        assert upstream.count_requests("HEAD", f"/blobs/{digest}") == 0
     finally:
         proxy.process.stop()
 
