@@ -2008,7 +2008,10 @@ def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) 
     request.setHeader(b"ETag", etag.encode())
     request.setHeader(b"Accept-Ranges", b"bytes")
     if_none_match = request.getHeader(b"if-none-match")
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.decode("latin-1").split(",")]:
+    # RFC 9110 13.1.2: "*" matches any current representation, and the
+    # comparison is weak (W/"x" matches "x").
+    offered = [t.strip().removeprefix("W/") for t in (if_none_match or b"").decode("latin-1").split(",")]
+    if if_none_match is not None and ("*" in offered or etag in offered):
         request.setResponseCode(304)
         request.finish()
         return None

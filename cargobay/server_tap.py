@@ -409,7 +409,7 @@ class CargobayService(service.MultiService):
     a --logger of its own; reloads the config on SIGHUP.
     """
 
-    def __init__(self, observer: ILogObserver, runtime: Runtime, reactor: Any) -> None:
+    def __init__(self, observer: ILogObserver | None, runtime: Runtime, reactor: Any) -> None:
         super().__init__()
         self._observer = observer
         self._runtime = runtime
@@ -431,7 +431,11 @@ class CargobayService(service.MultiService):
         self._reactor.callFromThread(self._runtime.reload)
 
     def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
-        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+        if (
+            self._observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
             parent.setComponent(ILogObserver, self._observer)
         super().setServiceParent(parent)
 
@@ -463,7 +467,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config_path = None if config.source == "<embedded default>" else config.source
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
-    top = CargobayService(make_observer(config.logging.format, config.logging.level, _log_stream(options)), runtime, reactor)
+    parent = getattr(options, "parent", None)
+    # With --syslog, twistd's own syslog observer (ours would write a file).
+    observer = None if parent is not None and parent.get("syslog") else make_observer(
+        config.logging.format, config.logging.level, _log_stream(options)
+    )
+    top = CargobayService(observer, runtime, reactor)
     site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
     site.max_connections = config.server.max_connections
     site.header_timeout = config.server.header_timeout

@@ -73,3 +73,25 @@ def test_json_logs_one_object_per_line(monkeypatch):
     record = json.loads(line)
     assert record["message"] == "pulled sha256:abc for ci"
     assert record["level"] == "info" and record["namespace"] == "test" and record["subject"] == "ci"
+
+
+def test_logs_follow_twistd_options(tmp_path, monkeypatch):
+    # --logfile and daemon mode get cargobay's lines in twistd's log file;
+    # --syslog leaves the observer to twistd (ours would write a file).
+    from twisted.internet.testing import MemoryReactorClock
+
+    from cargobay.config import parse_config
+    from cargobay.server_tap import Options, makeService
+
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(f'[auth]\njwt_secret = "{"s" * 32}"\n[cache]\ndirectory = "{tmp_path / "cache"}"\n')
+    for parent, observed in (({"nodaemon": True}, True), ({"syslog": True}, False),
+                             ({"logfile": str(tmp_path / "x.log"), "nodaemon": True}, True)):
+        options = Options()
+        options.config = config
+        options.parent = parent
+        reactor = MemoryReactorClock()
+        reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)  # type: ignore[attr-defined]
+        service = makeService(options, reactor)
+        assert (service._observer is not None) == observed, parent
+    assert (tmp_path / "x.log").exists()

@@ -423,6 +423,11 @@ def test_ranges_and_conditional_requests_on_hits(world):
     assert response.code == 416
     response, body = world.get(path, ALL, headers={"If-None-Match": f'"{BLOB_DIGEST}"'})
     assert response.code == 304 and body == b""
+    for weak_or_any in (f'"other", W/"{BLOB_DIGEST}"', "*"):
+        response, body = world.get(path, ALL, headers={"If-None-Match": weak_or_any})
+        assert response.code == 304 and body == b"", weak_or_any
+    response, body = world.get(path, ALL, headers={"If-None-Match": '"sha256:other"'})
+    assert response.code == 200 and body == BLOB
     response, body = world.get(path, ALL, method="HEAD")
     assert response.code == 200
     assert response.headers.getRawHeaders("content-length") == [str(len(BLOB))]
