@@ -236,6 +236,9 @@ class Fetch:
             except Exception:
                 log.failure("a reader of {key} failed", key=self.key)
                 self.remove_reader(reader)
+                abandon = getattr(reader, "abandon", None)
+                if abandon is not None:
+                    abandon()  # its client is cut, not left waiting
 
 
 RunInThread = Callable[..., Deferred[Any]]
@@ -714,7 +717,14 @@ class BlobPipe(Protocol):
         if self._expected is not None and self._received > self._expected:
             self._give_up("sent more bytes than its Content-Length")
             return
-        if self._max_cached is not None and self._writer is not None and self._offset + self._received > self._max_cached:
+        if (
+            self._max_cached is not None
+            and self._writer is not None
+            and self._offset + self._received > self._max_cached
+            and not (self._fetch is not None and self._fetch.has_readers())
+        ):
+            # (With readers of the file, it is written to the end, for them,
+            # and then not made an entry.)
             self._stop_caching()
             if self._finished:
                 return
@@ -1037,6 +1047,10 @@ class BlobPipe(Protocol):
         if self._writer is writer:  # else: it failed meanwhile
             if isinstance(result, Failure):
                 writer.failed(result.value if isinstance(result.value, OSError) else OSError(str(result.value)))
+            elif self._max_cached is not None and writer.size > self._max_cached:
+                # Bigger than the whole cache: as an entry it would evict
+                # everything, itself included.  Its readers hold the file open.
+                writer.abort()
             elif writer.size != self._offset + self._received:
                 # Only the exact verified body becomes an entry.
                 log.error(

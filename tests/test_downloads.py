@@ -73,3 +73,25 @@ def test_a_body_of_unknown_length_that_outgrows_the_cache_is_not_written_on(tmp_
     assert all(world.cache.lookup(key) is not None for key in small)
     assert world.cache.lookup(world.key) is None and world.cache.stats.evictions == 0
     assert os.listdir(tmp_path / "cache" / "tmp") == []
+
+
+def test_readers_of_a_body_that_outgrows_the_cache_still_get_all_of_it(tmp_path):
+    # A follower (or a slow primary moved to reading the file) reads the
+    # cache file: it is written to the end for them, then not made an entry.
+    world = World(tmp_path, os.urandom(6 * MiB), max_size=4 * MiB)
+    first, _ = world.get()
+    body = Body(length=None)
+    world.requests[0].d.callback(body)
+    body.send(world.data[:MiB])
+    world.clock.advance(0)
+    second, _ = world.get()  # joins the download
+    assert len(world.requests) == 1
+    for start in range(MiB, len(world.data), MiB):
+        body.send(world.data[start:start + MiB])
+        world.clock.advance(0)
+    body.end()
+    for _ in range(5):
+        world.clock.advance(0)
+    assert first.body == world.data and second.body == world.data
+    assert world.cache.lookup(world.key) is None and world.cache.stats.evictions == 0
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
