@@ -111,6 +111,10 @@ class RegistryConfig:
     read_timeout: float = 60.0
     #: Registry host names a mirror request's ``?ns=`` may name to select it.
     hosts: tuple[str, ...] = ()
+    #: Whether ``?ns=`` with one of C{hosts} reaches any upstream name (the
+    #: hosts were listed, or a '*' mapping serves the registry whole), or
+    #: only names mapped to this registry.
+    hosts_open: bool = True
     #: Docker Hub's rule: a one-component name means ``library/<name>``.
     implicit_library: bool = False
 
@@ -384,6 +388,10 @@ def _check_url(where: str, url: str) -> None:
         raise ConfigError(f"{where}: {url!r} has an invalid port") from None
 
 
+#: A host name to bind to (an address is checked as one).
+_BIND_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
 def _check_ca_file(where: str, path: str) -> None:
     """The file must hold a PEM certificate, as the TLS client will load it."""
     if not os.path.isfile(path):
@@ -415,12 +423,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
     server_section = section("server")
     bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
-    try:
-        ipaddress.ip_address(bind_address)
-    except ValueError:
-        raise ConfigError(
-            f"server.bind_address: {bind_address!r} is not an IP address (a host name or port goes in server.listen)"
-        ) from None
+    if not _BIND_HOST.fullmatch(bind_address):
+        try:
+            ipaddress.ip_address(bind_address)
+        except ValueError:
+            raise ConfigError(
+                f"server.bind_address: {bind_address!r} is not an IP address or host name"
+                " (the port goes in server.port)"
+            ) from None
     port = server_section.integer("port", 5000, minimum=0, maximum=65535)
     listen = server_section.string("listen")
     public_url = server_section.string("public_url")
@@ -592,12 +602,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         seen_names.add(name)
         repositories.append(RepositoryMapping(name, registry_id, upstream_name))
 
-    # ?ns= reaches a registry by upstream names only where the operator opened
-    # it whole (a '*' upstream pattern) or listed its hosts: a config of exact
-    # mappings (the earlier implementation's kind) still serves those alone.
+    # ?ns= reaches a registry by any upstream name only where the operator
+    # opened it whole (a '*' upstream pattern) or listed its hosts; by its
+    # default hosts, it reaches only the names mapped to it (see Mapper).
     served_whole = {m.registry_id for m in repositories if m.upstream_name == "*"}
     registries = [
-        replace(r, hosts=default_hosts[r.id]) if r.id in default_hosts and r.id in served_whole else r
+        replace(r, hosts=default_hosts[r.id], hosts_open=r.id in served_whole) if r.id in default_hosts else r
         for r in registries
     ]
 

@@ -7,8 +7,8 @@ Three kinds of mapping, tried in this order:
    ``mycompany/app`` -> private registry ``team/application``;
 2. a mirror request's ``?ns=<registry host>`` (containerd's ``hosts.toml``
    mirrors add it) picks the configured registry with that host, and the
-   name is the upstream name (a registry has hosts only if it lists them or
-   a ``*`` mapping serves it whole: see the config);
+   name is the upstream name: any name where the registry lists its hosts
+   or a ``*`` mapping serves it whole, else only names mapped onto it;
 3. prefix patterns: ``hub/*`` -> Docker Hub ``*`` serves ``hub/library/alpine``
    as ``library/alpine``; ``*`` -> Docker Hub ``*`` makes cargobay a mirror
    of that registry for its own names (Docker's ``registry-mirrors``).
@@ -65,7 +65,15 @@ class Mapper:
             registry = self._by_host.get(ns.lower())
             if registry is None:
                 return None
-            return Resolved(name, registry.id, self._upstream(registry, name))
+            if registry.hosts_open:
+                return Resolved(name, registry.id, self._upstream(registry, name))
+            # Only what is mapped onto that registry (a "library/*" pattern,
+            # say): the name goes through the patterns below.
+            mapped = self._by_prefix(name)
+            return mapped if mapped is not None and mapped.registry_id == registry.id else None
+        return self._by_prefix(name)
+
+    def _by_prefix(self, name: str) -> Resolved | None:
         for prefix in self._prefixes:
             if prefix.local_prefix == "" or name.startswith(prefix.local_prefix):
                 rest = name[len(prefix.local_prefix) :]

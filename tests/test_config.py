@@ -105,6 +105,14 @@ def test_new_optional_keys():
     assert parse_config(paged).cache.direct_writes is False
 
 
+def test_bind_address_takes_an_address_or_a_host_name_but_no_port():
+    for value in ("127.0.0.1", "::1", "localhost", "cache.internal"):
+        assert parse_config(SEED.replace('bind_address = "0.0.0.0"', f'bind_address = "{value}"')).server.bind_address == value
+    for value in ("127.0.0.1:5000", "not an address"):
+        with pytest.raises(ConfigError, match=r"^server\.bind_address: "):
+            parse_config(SEED.replace('bind_address = "0.0.0.0"', f'bind_address = "{value}"'))
+
+
 def test_a_ca_file_that_is_not_a_pem_certificate_is_one_line(tmp_path):
     # It used to pass as "a file", then crash the start (or half-apply a reload).
     junk = tmp_path / "ca.pem"

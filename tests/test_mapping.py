@@ -78,10 +78,20 @@ def test_ns_reaches_only_registries_opened_whole_or_listing_their_hosts():
     exact = '[[repositories]]\nname="myapp"\nregistry_id="p"\nupstream_name="team/application"\n'
     part = '[[repositories]]\nname="team/*"\nregistry_id="p"\nupstream_name="team/*"\n'
     whole = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
-    for mappings, reached in [(exact, False), (exact + part, False), (exact + whole, True)]:
+    for mappings, reached in [
+        (exact, set()), (exact + part, {"team/secret"}), (exact + whole, {"team/secret", "other/thing"}),
+    ]:
         mapper = Mapper(parse_config(base + mappings))
-        assert (mapper.resolve("team/secret", ns="registry.example.com") is not None) == reached, mappings
+        for name in ("team/secret", "other/thing"):
+            # A pattern ("team/*") opens its names with or without ?ns=.
+            assert (mapper.resolve(name, ns="registry.example.com") is not None) == (name in reached), (mappings, name)
         assert mapper.resolve("myapp", ns="registry.example.com") == Resolved("myapp", "p", "team/application")
+    # containerd's mirror of a part of Docker Hub: "library/*" with ?ns=docker.io.
+    hub = '[auth]\njwt_secret="s"\n[[registries]]\nid="hub"\nurl="https://registry-1.docker.io"\n'
+    library = '[[repositories]]\nname="library/*"\nregistry_id="hub"\nupstream_name="library/*"\n'
+    mapper = Mapper(parse_config(hub + library))
+    assert mapper.resolve("library/alpine", ns="docker.io") == Resolved("library/alpine", "hub", "library/alpine")
+    assert mapper.resolve("someone/else", ns="docker.io") is None
     on_a_port = Mapper(parse_config(base.replace('example.com"', 'example.com:5443"', 1) + whole))
     for ns in ("registry.example.com:5443", "registry.example.com"):
         assert on_a_port.resolve("team/secret", ns=ns) == Resolved("team/secret", "p", "team/secret")
