@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from cargobay.cache import BlobKey, BlobStore, BlobWriter, Entry
 from cargobay.errors import RegistryError, blob_unknown
-from cargobay.links import RepositoryLinks
+from cargobay.links import RepositoryLinks, upstream_unavailable
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
@@ -1642,6 +1642,17 @@ class BlobService:
             fetch = self._fetches.get(key)
             if self.cache.lookup(key) is not None or (fetch is not None and fetch.name != upstream_name):
                 return self._confirm(request, upstream, upstream_name, digest, head)
+        return self._serve(request, upstream, upstream_name, digest, head)
+
+    def _serve(
+        self,
+        request: Request,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+        head: bool,
+    ) -> Deferred[None]:
+        key = BlobKey(upstream.registry.id, digest)
         opened = self.cache.open_entry(key)
         if opened is not None:
             self._mark(request, "hit")
@@ -1675,7 +1686,14 @@ class BlobService:
             self.links.add(upstream.registry.id, upstream_name, [digest])
             return self.serve(request, upstream, upstream_name, digest, head)
 
-        return d.addCallback(answered)
+        def unconfirmed(failure: Failure) -> Deferred[None]:
+            # Cached before links were kept, and the upstream cannot say:
+            # served as it was before, rather than not at all.
+            if upstream_unavailable(failure.value) and self.links.legacy(upstream.registry.id, digest):
+                return self._serve(request, upstream, upstream_name, digest, head)
+            return fail(failure)
+
+        return d.addCallback(answered).addErrback(unconfirmed)
 
     def _mark(self, request: Request, how: str) -> None:
         request.setHeader(b"X-Cache", b"HIT" if how == "hit" else b"MISS")

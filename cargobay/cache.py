@@ -416,6 +416,10 @@ class BlobCache:
 
     # -- reading -----------------------------------------------------------
 
+    def keys(self) -> list[BlobKey]:
+        """The keys of every cached blob."""
+        return list(self._entries)
+
     def lookup(self, key: BlobKey) -> Entry | None:
         return self._entries.get(key)
 

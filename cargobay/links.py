@@ -31,6 +31,15 @@ log = Logger()
 
 #: Digests whose known names are kept in memory (the rest are on disk).
 MEMORY_DIGESTS = 20_000
+#: The file that marks a digest cached before links were kept (no name
+#: holds a "." at its start).
+LEGACY = ".legacy"
+
+
+def upstream_unavailable(error: object) -> bool:
+    """An upstream answer that says nothing about a repository's content."""
+    status = getattr(error, "status", None)
+    return isinstance(status, int) and (status >= 500 or status == 429)
 
 
 class RepositoryLinks:
@@ -94,6 +103,26 @@ class RepositoryLinks:
                 if not self._write_error_logged:
                     self._write_error_logged = True
                     log.warn("cannot record repository links in the cache: {error}", error=e)
+
+    def mark_legacy(self, registry_id: str, digest: Digest) -> None:
+        """
+        C{digest} was in the cache before links were kept: while the upstream
+        is unavailable (and only then), it is served under any name of its
+        registry, as it was before, rather than not at all.
+        """
+        path = self._path(registry_id, digest, LEGACY)
+        if path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab"):
+                pass
+        except OSError:
+            pass
+
+    def legacy(self, registry_id: str, digest: Digest) -> bool:
+        path = self._path(registry_id, digest, LEGACY)
+        return path is not None and os.path.exists(path)
 
     def forget(self, registry_id: str, digest: Digest) -> None:
         """The digest left the cache: so do its links."""

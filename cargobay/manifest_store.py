@@ -122,6 +122,17 @@ class ManifestStore:
         self._tags[key] = resolution
         return resolution
 
+    def manifests_on_disk(self) -> Iterator[tuple[str, Digest]]:
+        """(registry id, digest) of every manifest kept on disk."""
+        root = os.path.join(self.directory, "manifests")
+        for registry_id in _listdir(root):
+            for algorithm in _listdir(os.path.join(root, registry_id)):
+                for encoded in _listdir(os.path.join(root, registry_id, algorithm)):
+                    try:
+                        yield registry_id, Digest.parse(f"{algorithm}:{encoded}")
+                    except InvalidDigest:
+                        continue
+
     def tags_on_disk(self) -> Iterator[tuple[str, str, str]]:
         """(registry id, upstream name, tag) of every tag resolution kept on disk."""
         root = os.path.join(self.directory, "tags")
@@ -206,3 +217,10 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

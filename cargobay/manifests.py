@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
-from cargobay.links import RepositoryLinks, referenced_digests
+from cargobay.links import RepositoryLinks, referenced_digests, upstream_unavailable
 from cargobay.manifest_store import Manifest, ManifestStore
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
@@ -104,6 +104,11 @@ class ManifestService:
         if len(self._linked) > LINKED_MEMORY:
             self._linked.popitem(last=False)
 
+    def mark_stored_legacy(self) -> None:
+        """Mark every manifest on disk as cached before links were kept."""
+        for registry_id, digest in self._store.manifests_on_disk():
+            self.links.mark_legacy(registry_id, digest)
+
     def link_stored_tags(self) -> int:
         """
         Link what the tags kept on disk resolve to (and what those manifests,
@@ -147,7 +152,13 @@ class ManifestService:
                 if not self.links.known(registry_id, upstream_name, cached.digest):
                     # Cached for another name: served under this one once the
                     # upstream confirms (a HEAD) that it has it here too.
-                    yield self.head(upstream, upstream_name, str(cached.digest), accept)
+                    try:
+                        yield self.head(upstream, upstream_name, str(cached.digest), accept)
+                    except RegistryError as error:
+                        if not (upstream_unavailable(error) and self.links.legacy(registry_id, cached.digest)):
+                            raise
+                        _log_stale(upstream, upstream_name, reference, error)
+                        return _answer(cached, head, "stale")
                 self._link(registry_id, upstream_name, cached)
                 return _answer(cached, head, "hit")
             answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)

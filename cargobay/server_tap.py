@@ -254,7 +254,11 @@ class Runtime:
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
         if upgrading:
             # A cache from before links were kept: what its tags resolve to
-            # stays servable by digest with the upstream down.
+            # is linked to their names, and the rest stays servable while the
+            # upstream cannot confirm it.
+            for key in cache.keys():
+                links.mark_legacy(key.registry_id, key.digest)
+            self.manifests.mark_stored_legacy()
             linked = self.manifests.link_stored_tags()
             log.info("linked the manifests of {count} cached tags to their repositories", count=linked)
             try:

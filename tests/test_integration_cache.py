@@ -524,15 +524,21 @@ def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a
                 assert status != 200
             finally:
                 restarted.process.stop()
-            # A cache from before links were kept: its tags are linked at start.
-            shutil.rmtree(proxy.cache / "links")
-            process = Twistd(args=proxy.process.args, log_path=tmp_path / "upgrade.log").start()
-            process.wait_listening(proxy.port)
-            try:
-                skopeo_pull(f"{proxy.host}/secret@{secret['manifest']}", tmp_path / "upgraded", creds=f"t:{ALL}")
-                assert sorted(os.listdir(tmp_path / "upgraded")) == sorted(os.listdir(tmp_path / "owner"))
-            finally:
-                process.stop()
+            # A cache from before links were kept: its tags are linked at start,
+            # and what no tag names (digest-pinned pulls) is still served while
+            # the upstream cannot confirm it, as before.
+            for kept_tags in (True, False):
+                shutil.rmtree(proxy.cache / "links")
+                if not kept_tags:
+                    shutil.rmtree(proxy.cache / "tags")
+                process = Twistd(args=proxy.process.args, log_path=tmp_path / f"upgrade-{kept_tags}.log").start()
+                process.wait_listening(proxy.port)
+                try:
+                    target = tmp_path / f"upgraded-{kept_tags}"
+                    skopeo_pull(f"{proxy.host}/secret@{secret['manifest']}", target, creds=f"t:{ALL}")
+                    assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / "owner"))
+                finally:
+                    process.stop()
         finally:
             upstream.start()
     finally:

@@ -44,3 +44,20 @@ def test_the_digests_a_manifest_names():
     assert referenced_digests(json.dumps(manifest).encode()) == [config, layer]
     assert referenced_digests(json.dumps(index).encode()) == [child]
     assert referenced_digests(b"not json") == [] and referenced_digests(b"[1]") == []
+
+
+def test_legacy_marks_go_with_their_digest_and_count_only_while_the_upstream_cannot_say(tmp_path):
+    from cargobay.errors import RegistryError
+    from cargobay.links import upstream_unavailable
+
+    old = digest_of("old")
+    links = RepositoryLinks(str(tmp_path / "links"))
+    links.mark_legacy("up", old)
+    assert links.legacy("up", old) and not links.legacy("other", old)
+    assert not links.known("up", "anyone", old)  # a mark is not a link
+    links.forget("up", old)
+    assert not links.legacy("up", old)
+    assert upstream_unavailable(RegistryError(502, "UNAVAILABLE", "down"))
+    assert upstream_unavailable(RegistryError(429, "TOOMANYREQUESTS", "slow down"))
+    assert not upstream_unavailable(RegistryError(404, "BLOB_UNKNOWN", "not there"))
+    assert not upstream_unavailable(RegistryError(403, "DENIED", "no"))
