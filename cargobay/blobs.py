@@ -928,9 +928,13 @@ class BlobPipe(Protocol):
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.failed(error)
+        self._go_on_uncached()
+
+    def _go_on_uncached(self) -> None:
+        """The file is given up: the primary client goes on without it."""
         if self._fetch is not None:
-            # Followers read the file, which is gone: they are cut and will
-            # retry; the primary goes on uncached.
+            # Followers read the file, which is (or will be) gone: they are
+            # cut and will retry.
             self._fetch.finished(None, ok=False)
             self._fetch = None
         self._window_paused = False
@@ -948,14 +952,7 @@ class BlobPipe(Protocol):
         assert writer is not None
         log.info("upstream {what} outgrew the cache; streaming it uncached", what=self._describe)
         self._store.stop_writing().addCallback(lambda _: writer.abort())
-        if self._fetch is not None:
-            self._fetch.finished(None, ok=False)  # followers are cut, and retry
-            self._fetch = None
-        self._window_paused = False
-        if self._request is None:
-            self._give_up("cannot be cached and has no client left")
-            return
-        self._update_flow()
+        self._go_on_uncached()
 
     def _reader_moved(self) -> None:
         if self._window_paused:
@@ -1635,13 +1632,15 @@ class BlobService:
         head: bool,
     ) -> Deferred[None]:
         key = BlobKey(upstream.registry.id, digest)
-        if not self.links.known(upstream.registry.id, upstream_name, digest):
-            # Another name brought it here (or is bringing it): the upstream
-            # is asked first.  A download under this very name answers for
-            # itself (a herd's followers must not each send a HEAD).
-            fetch = self._fetches.get(key)
-            if self.cache.lookup(key) is not None or (fetch is not None and fetch.name != upstream_name):
-                return self._confirm(request, upstream, upstream_name, digest, head)
+        # Another name brought it here (or is bringing it): the upstream is
+        # asked first.  A download under this very name answers for itself
+        # (a herd's followers must not each send a HEAD), and a miss asks the
+        # upstream anyway.
+        fetch = self._fetches.get(key)
+        if (
+            self.cache.lookup(key) is not None or (fetch is not None and fetch.name != upstream_name)
+        ) and not self.links.known(upstream.registry.id, upstream_name, digest):
+            return self._confirm(request, upstream, upstream_name, digest, head)
         return self._serve(request, upstream, upstream_name, digest, head)
 
     def _serve(

@@ -90,19 +90,12 @@ class RepositoryLinks:
             if upstream_name in names:
                 continue
             names.add(upstream_name)
-            path = self._path(registry_id, digest, upstream_name)
-            if path is None:
-                continue
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "ab"):
-                    pass
-            except OSError as e:
+            error = _touch(self._path(registry_id, digest, upstream_name))
+            if error is not None and not self._write_error_logged:
                 # Remembered in memory still; after a restart the upstream is
                 # asked again.
-                if not self._write_error_logged:
-                    self._write_error_logged = True
-                    log.warn("cannot record repository links in the cache: {error}", error=e)
+                self._write_error_logged = True
+                log.warn("cannot record repository links in the cache: {error}", error=error)
 
     def mark_legacy(self, registry_id: str, digest: Digest) -> None:
         """
@@ -110,15 +103,7 @@ class RepositoryLinks:
         is unavailable (and only then), it is served under any name of its
         registry, as it was before, rather than not at all.
         """
-        path = self._path(registry_id, digest, LEGACY)
-        if path is None:
-            return
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "ab"):
-                pass
-        except OSError:
-            pass
+        _touch(self._path(registry_id, digest, LEGACY))
 
     def legacy(self, registry_id: str, digest: Digest) -> bool:
         path = self._path(registry_id, digest, LEGACY)
@@ -131,6 +116,19 @@ class RepositoryLinks:
         path = self._path(registry_id, digest)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _touch(path: str | None) -> OSError | None:
+    """Create an empty file (and its directory); the error, if it could not."""
+    if path is None:
+        return None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        return e
+    return None
 
 
 def referenced_digests(content: bytes) -> list[Digest]:

@@ -240,11 +240,7 @@ class RegistryApp:
         if request.startedWriting:  # type: ignore[attr-defined]
             abort_request(request)
             return b""
-        request.setResponseCode(error.status)
-        for name, value in error.headers.items():
-            request.setHeader(name.encode(), value.encode("latin-1"))
-        request.setHeader(*API_VERSION)
-        return _json(request, error.body())
+        return _answer_error(request, error)
 
     @app.handle_errors(HTTPException)  # type: ignore[arg-type]
     def routing_error(self, request: Request, failure: Failure) -> Any:
@@ -266,10 +262,14 @@ class RegistryApp:
         body = RegistryError(500, "UNKNOWN", "internal error").body()
         return _json(request, body)
 
-    def render_metrics(self, request: Request) -> Any:
+    def render_metrics(self, request: Request) -> bytes:
+        """/metrics, here or on a listener of its own."""
         assert self.metrics is not None
         if self.metrics_config.require_auth:
-            self.authenticator.authenticate(request)
+            try:
+                self.authenticator.authenticate(request)
+            except RegistryError as error:
+                return _answer_error(request, error)
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics.render()
 
@@ -434,6 +434,14 @@ def _digest(text: str) -> Digest:
         return Digest.parse(text)
     except InvalidDigest as e:
         raise digest_invalid(str(e)) from None
+
+
+def _answer_error(request: Request, error: RegistryError) -> bytes:
+    request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name.encode(), value.encode("latin-1"))
+    request.setHeader(*API_VERSION)
+    return _json(request, error.body())
 
 
 def _json(request: Request, body: bytes) -> bytes:

@@ -22,7 +22,6 @@ from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService
 from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
-from cargobay.errors import RegistryError
 from cargobay.links import RepositoryLinks
 from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
@@ -205,19 +204,8 @@ class MetricsResource(resource.Resource):
                 return b"cache directory not writable\n"
             return b"ok\n"
         if request.path == self._app.metrics_config.path.encode() or request.path == b"/metrics":
-            assert self._app.metrics is not None
-            if self._app.metrics_config.require_auth:
-                # On this listener too: it may be as reachable as the main one.
-                try:
-                    self._app.authenticator.authenticate(request)
-                except RegistryError as e:
-                    request.setResponseCode(e.status)
-                    for name, value in e.headers.items():
-                        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
-                    request.setHeader(b"Content-Type", b"application/json")
-                    return e.body()
-            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self._app.metrics.render()
+            # As on the main listener, require_auth included.
+            return self._app.render_metrics(request)
         request.setResponseCode(404)
         return b"not found\n"
 
@@ -459,7 +447,7 @@ def _log_stream(options: Options) -> Any:
         return None
     from twisted.python.logfile import LogFile
 
-    return LogFile.fromFullPath(logfile, rotateLength=parent.get("rotate-length") or 1_000_000)
+    return LogFile.fromFullPath(logfile)  # twistd's own default rotation (1 MB)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:

@@ -390,11 +390,8 @@ def test_a_cached_manifest_is_served_by_digest_under_another_name_only_once_the_
     assert [s.method for s in asked] == ["HEAD", "HEAD"]  # the refused one, then one confirmation
 
 
-def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
-    # A registry takes a manifest only once what it references is in the
-    # repository: a pull of an image whose layers another name cached asks
-    # the upstream nothing more about them.
-    world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+def manifest_naming_the_blob():
+    """A manifest whose config is BLOB, and an upstream handler serving it."""
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
@@ -403,6 +400,16 @@ def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
     def get_manifest(request):
         request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
         return manifest
+
+    return manifest, get_manifest
+
+
+def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
+    # A registry takes a manifest only once what it references is in the
+    # repository: a pull of an image whose layers another name cached asks
+    # the upstream nothing more about them.
+    world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    manifest, get_manifest = manifest_naming_the_blob()
 
     world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
     assert world.get("/v2/mycompany/app/manifests/v1", ALL)[1] == manifest
@@ -788,14 +795,7 @@ def test_after_an_eviction_a_pull_by_tag_links_again_what_it_needs(world):
     # must link it again (a memo said it had), or the pull fails with the
     # upstream down though everything is cached.
     world.cache.on_evict = lambda entry: world.links.forget(entry.key.registry_id, entry.key.digest)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
-    }).encode()
-
-    def get_manifest(request):
-        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
-        return manifest
+    manifest, get_manifest = manifest_naming_the_blob()
 
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", get_manifest)
     world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
@@ -904,14 +904,7 @@ def test_a_client_that_joined_another_names_download_is_not_given_its_404(world)
     # its 404, though their own repository has the blob.
     from twisted.web.server import NOT_DONE_YET
 
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": [],
-    }).encode()
-
-    def get_manifest(request):
-        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
-        return manifest
+    manifest, get_manifest = manifest_naming_the_blob()
 
     world.upstream_registry.handlers.clear()
     world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)

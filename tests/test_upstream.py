@@ -424,7 +424,6 @@ def test_each_upstream_has_its_pool_and_a_reload_closes_the_replaced_ones(tmp_pa
     assert closed == ["b"]
 
 
-
 def test_head_redirected_with_302_stays_a_head():
     registry = FakeRegistry()
 
@@ -437,9 +436,9 @@ def test_head_redirected_with_302_stays_a_head():
     registry.on("GET", "/presigned", lambda r: b"x" * 100_000)
     registry.on("HEAD", "/presigned", lambda r: b"")
     upstream = make_upstream(registry, Clock())
-    results = []
-    upstream.request("HEAD", "/v2/a/blobs/sha256:" + "a" * 64, "repository:a:pull").addBoth(results.append)
-    assert [s.method for s in registry.seen] == ["HEAD", "HEAD"]
+    response = result_of(upstream.request("HEAD", "/v2/a/blobs/sha256:" + "a" * 64, SCOPE))
+    assert response.code == 200
+    assert [s.method for s in registry.seen] == ["HEAD", "HEAD"]  # not a GET of the whole blob
 
 
 class _Silent:
