@@ -1676,7 +1676,7 @@ class BlobService:
         Another name brought this blob into the cache: serve it under this
         one only once the upstream confirms (with a HEAD) that it has it here.
         """
-        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
+        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name), any_origin=True)
 
         def answered(response: IResponse) -> Deferred[None]:
             discard_body(response)
@@ -1741,7 +1741,7 @@ class BlobService:
     def _head_upstream(
         self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest
     ) -> Deferred[None]:
-        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name))
+        d = upstream.request("HEAD", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name), any_origin=True)
 
         def answered(response: IResponse) -> None:
             discard_body(response)
@@ -1883,7 +1883,9 @@ class BlobService:
                 served.errback(failure)
 
         headers = {"range": [f"bytes={have}-"]} if resume is not None else None
-        d = upstream.request("GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name), headers)
+        d = upstream.request(
+            "GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name), headers, any_origin=True
+        )
         d.addCallback(answered)
         d.addErrback(failed)
         d.addBoth(forget)

@@ -338,11 +338,18 @@ class Upstream:
         scope: str,
         headers: dict[str, list[str]] | None = None,
         follow_redirects: bool = True,
+        any_origin: bool = False,
     ) -> Deferred[Any]:
         """
         Send C{method} to C{path} (below the registry's URL), authenticating for
         C{scope} (C{repository:NAME:pull}).  Fires with the final
         L{IResponse}; its body has not been read.
+
+        Redirects are followed within the registry's origin, and to anywhere
+        with C{any_origin}: only for blobs, whose bytes are checked against
+        their digest.  A manifest, tag list or referrers index from wherever
+        the upstream points would let it have the proxy fetch any URL it can
+        reach (the cloud's metadata service, say) for a client.
 
         @raise UpstreamError: when the upstream cannot be reached or times out,
             or answers something unusable (a redirect or token realm that is
@@ -356,7 +363,7 @@ class Upstream:
                      method=method, path=path, error=failure.value)
             raise UpstreamError(self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}"))
 
-        return self._request(method, path, scope, headers, follow_redirects).addErrback(unusable)
+        return self._request(method, path, scope, headers, follow_redirects, any_origin).addErrback(unusable)
 
     @inlineCallbacks
     def _request(
@@ -366,6 +373,7 @@ class Upstream:
         scope: str,
         headers: dict[str, list[str]] | None,
         follow_redirects: bool,
+        any_origin: bool,
     ) -> Any:
         url = self.url_for(path)
         response = yield self._send(method, url, scope, headers)
@@ -380,9 +388,14 @@ class Upstream:
             location = response.headers.getRawHeaders("location", [None])[0]
             if not location or redirects >= MAX_REDIRECTS:
                 break
+            target = urljoin(url, location)
+            if not any_origin and origin(target) != origin(self.registry.url):
+                log.warn("upstream {registry} {method} {path}: not following a redirect to another host",
+                         registry=self.registry.id, method=method, path=path)
+                break
             discard_body(response)
             redirects += 1
-            url = urljoin(url, location)
+            url = target
             # Only a POST may turn into a GET on a 301/302/303; a HEAD stays one.
             if method in ("GET", "HEAD") or response.code in (307, 308):
                 next_method = method
@@ -594,7 +607,7 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
             headers["Retry-After"] = retry_after
         return upstream.error(429, "TOOMANYREQUESTS", "is rate limiting requests", headers)
     if code in REDIRECT_CODES:
-        return upstream.error(502, "UNAVAILABLE", f"redirected too often or without a location ({code})")
+        return upstream.error(502, "UNAVAILABLE", f"redirected too often, to another host or without a location ({code})")
     if code == 504:
         return upstream.error(504, "UNAVAILABLE", "timed out (answered 504)")
     return upstream.error(502, "UNAVAILABLE", f"answered {code}")

@@ -105,7 +105,9 @@ class World:
         self.digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
         self.key = BlobKey("up", self.digest)
 
-    def _request(self, method: str, path: str, scope: str, headers: Any = None, follow_redirects: bool = True) -> Deferred[Any]:
+    def _request(
+        self, method: str, path: str, scope: str, headers: Any = None, follow_redirects: bool = True, any_origin: bool = False
+    ) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.requests.append(SimpleNamespace(method=method, path=path, headers=headers, d=d))
         return d

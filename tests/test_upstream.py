@@ -152,7 +152,7 @@ def test_credentials_are_not_sent_to_a_redirect_target():
     )
     registry.on("GET", "/blob", lambda r: b"blob-bytes")
     upstream = make_upstream(registry, Clock(), auth=UpstreamAuth("u", "p"))
-    response = result_of(upstream.request("GET", "/v2/a/blobs/sha256:x", SCOPE))
+    response = result_of(upstream.request("GET", "/v2/a/blobs/sha256:x", SCOPE, any_origin=True))
     assert response.code == 200
     assert result_of(read_body(response)) == b"blob-bytes"
     [cdn] = [s for s in registry.seen if s.url.startswith("cdn.test")]
@@ -436,9 +436,35 @@ def test_head_redirected_with_302_stays_a_head():
     registry.on("GET", "/presigned", lambda r: b"x" * 100_000)
     registry.on("HEAD", "/presigned", lambda r: b"")
     upstream = make_upstream(registry, Clock())
-    response = result_of(upstream.request("HEAD", "/v2/a/blobs/sha256:" + "a" * 64, SCOPE))
+    response = result_of(upstream.request("HEAD", "/v2/a/blobs/sha256:" + "a" * 64, SCOPE, any_origin=True))
     assert response.code == 200
     assert [s.method for s in registry.seen] == ["HEAD", "HEAD"]  # not a GET of the whole blob
+
+
+def test_only_blob_requests_follow_a_redirect_to_another_host():
+    """
+    A manifest, tag list or referrers index is taken from the registry's
+    own origin only: else an upstream could have the proxy fetch any URL it
+    can reach (a metadata service) and hand the body to a client.
+    """
+    registry = FakeRegistry()
+
+    def redirect(request):
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"http://metadata.test/secret" if b"away" in request.path else b"/v2/moved")
+        return b""
+
+    registry.on("GET", "/v2/a/", redirect)
+    registry.on("GET", "/v2/moved", lambda r: b"here")
+    registry.on("GET", "/secret", lambda r: b"SECRET")
+    upstream = make_upstream(registry, Clock())
+    response = result_of(upstream.request("GET", "/v2/a/manifests/away", SCOPE))
+    assert response.code == 302
+    assert not [s for s in registry.seen if s.url.startswith("metadata.test")]
+    response = result_of(upstream.request("GET", "/v2/a/manifests/near", SCOPE))
+    assert response.code == 200 and result_of(read_body(response)) == b"here"
+    response = result_of(upstream.request("GET", "/v2/a/blobs/away", SCOPE, any_origin=True))
+    assert response.code == 200 and result_of(read_body(response)) == b"SECRET"
 
 
 class _Silent:
