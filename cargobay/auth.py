@@ -30,7 +30,6 @@ from cargobay.tokens import Grant, InvalidToken, TokenVerifier, load_public_key,
 #: Lifetime of the tokens the /token endpoint hands out.
 ISSUED_TOKEN_LIFETIME = 300
 #: Longest lifetime of a refresh token (OAuth2 password grant).
-REFRESH_TOKEN_LIFETIME = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -187,12 +186,15 @@ class Authenticator:
     def refresh_token(self, grant: Grant) -> str:
         """
         A token for the OAuth2 refresh grant: the same rights as the user's
-        own JWT, never outliving it, at most a day; never the JWT itself.
+        own JWT and the same expiry; never the JWT itself.  docker login
+        keeps it in place of the password, so it must work for as long as
+        the JWT does: a shorter one broke every pull after it ran out, the
+        JWT still good, until the user logged in again.
         """
         now = int(time.time())
-        lifetime = REFRESH_TOKEN_LIFETIME
+        lifetime = None
         if grant.expires_at is not None:
-            lifetime = max(1, min(lifetime, grant.expires_at - now))
+            lifetime = max(1, grant.expires_at - now)
         return mint_token(
             self._secret, grant.subject, grant.repositories, lifetime, now=now,
             issuer=self._issuer, audience=self._audience, token_id=secrets.token_hex(8),
