@@ -14,6 +14,8 @@ resolved once keep working while the upstream is down.  Layout::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import secrets
@@ -24,9 +26,47 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cargobay.reference import Digest, InvalidDigest
+from cargobay.reference import Digest, InvalidDigest, sha256_digest
 
 log = Logger()
+
+
+def signed_payload(content: bytes) -> bytes | None:
+    """
+    What the digest of a signed Docker schema 1 manifest covers: the JSON
+    without its signatures, as the first signature's protected header
+    describes it (C{formatLength} bytes, then C{formatTail}).  None for any
+    other manifest.
+    """
+    if b'"signatures"' not in content:
+        return None
+    try:
+        document = json.loads(content)
+        header = json.loads(_base64url(document["signatures"][0]["protected"]))
+        length, tail = header["formatLength"], _base64url(header["formatTail"])
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        return None
+    if document.get("schemaVersion") != 1 or type(length) is not int or not 0 < length <= len(content):
+        return None
+    return content[:length] + tail
+
+
+def _base64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def manifest_matches(digest: Digest, content: bytes) -> bool:
+    """Whether C{content} is the manifest C{digest} names (a signed schema 1 one too)."""
+    if digest.matches(content):
+        return True
+    payload = signed_payload(content)
+    return payload is not None and digest.matches(payload)
+
+
+def manifest_digest(content: bytes) -> Digest:
+    """The digest a registry gives C{content}."""
+    payload = signed_payload(content)
+    return sha256_digest(content if payload is None else payload)
 
 
 @dataclass(frozen=True)
@@ -83,7 +123,7 @@ class ManifestStore:
         except OSError:
             return None
         media_type, _, content = data.partition(b"\n")
-        if not digest.matches(content):
+        if not manifest_matches(digest, content):
             log.warn("cached manifest {digest} is damaged; dropping it", digest=str(digest))
             _unlink(path)
             return None

@@ -18,8 +18,8 @@ from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.links import RepositoryLinks, referenced_digests, upstream_unavailable
-from cargobay.manifest_store import Manifest, ManifestStore
-from cargobay.reference import Digest, InvalidDigest, sha256_digest
+from cargobay.manifest_store import Manifest, ManifestStore, manifest_digest, manifest_matches
+from cargobay.reference import Digest, InvalidDigest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
 
 log = Logger()
@@ -65,6 +65,27 @@ def acceptable(media_type: str, accept: list[str]) -> bool:
     """
     offered = {item.split(";")[0].strip() for header in accept for item in header.split(",")}
     return "*/*" in offered or media_type in offered
+
+
+#: Manifests that stand for several others (one per platform): a registry
+#: answers a client that does not accept them with one of those others.
+INDEX_MEDIA_TYPES = frozenset(
+    ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+)
+
+
+def accepts_every_type(accept: list[str]) -> bool:
+    """
+    Whether the upstream's answer to C{accept} is what a tag really points
+    at: a narrower Accept may have the upstream pick a platform's manifest
+    from an index, or answer 404.
+    """
+    return all(acceptable(media_type, accept) for media_type in MANIFEST_MEDIA_TYPES)
+
+
+def widened(accept: list[str]) -> list[str]:
+    """C{accept} and every current manifest type."""
+    return [*accept, ", ".join(MANIFEST_MEDIA_TYPES)]
 
 
 #: Manifests remembered as having their references linked.
@@ -175,8 +196,9 @@ class ManifestService:
                 return _answer(cached, head, "hit")
             try:
                 # Revalidate with a HEAD: it does not count against Docker
-                # Hub's pull limit, and usually the tag has not moved.
-                current = yield self.head(upstream, upstream_name, reference, accept)
+                # Hub's pull limit, and usually the tag has not moved.  It
+                # accepts every type, as the answer stored was asked with.
+                current = yield self.head(upstream, upstream_name, reference, widened(accept))
             except RegistryError as error:
                 if not _worth_serving_stale(error):
                     store.drop_tag(registry_id, upstream_name, reference)
@@ -186,11 +208,13 @@ class ManifestService:
             if current[1] == str(cached.digest):
                 store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
                 return _answer(cached, head, "revalidated")
+        every_type = accepts_every_type(accept)
         try:
             answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
         except RegistryError as error:
             if not _worth_serving_stale(error):
-                store.drop_tag(registry_id, upstream_name, reference)
+                if every_type:  # (else the 404 may be the narrow Accept's)
+                    store.drop_tag(registry_id, upstream_name, reference)
                 raise
             if cached is None:
                 raise
@@ -198,10 +222,29 @@ class ManifestService:
             return _answer(cached, head, "stale")
         # Docker resolves a tag with a HEAD and then GETs the digest: remember
         # the resolution from either, so that the tag keeps working when the
-        # upstream is down (the manifest itself is stored by digest).
-        if answer.media_type:
+        # upstream is down (the manifest itself is stored by digest).  Only
+        # what the tag really points at: one client's narrow Accept must not
+        # decide what every other client gets for it.
+        if answer.media_type and (
+            every_type
+            or answer.media_type in INDEX_MEDIA_TYPES
+            or (yield self._points_at(upstream, upstream_name, reference, answer.digest))
+        ):
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer
+
+    @inlineCallbacks
+    def _points_at(self, upstream: Upstream, upstream_name: str, tag: str, digest: Digest) -> Any:
+        """
+        Whether the upstream says (to a HEAD accepting every type) that
+        C{tag} points at C{digest}, rather than at an index of which a
+        narrow Accept got one manifest.
+        """
+        try:
+            _, current, _ = yield self.head(upstream, upstream_name, tag, widened([]))
+        except RegistryError:
+            return False
+        return current == str(digest)
 
     @inlineCallbacks
     def _from_upstream(
@@ -210,9 +253,12 @@ class ManifestService:
         if head:
             media_type, digest, length = yield self.head(upstream, upstream_name, reference, accept)
             try:
+                if not media_type:
+                    raise InvalidDigest("no manifest type")
                 parsed = Digest.parse(digest or "")
             except InvalidDigest:
-                # Without a digest from a HEAD we cannot answer one: GET it.
+                # Without a digest (or a manifest's type) from a HEAD we
+                # cannot answer one: GET it.
                 manifest = yield self.fetch(upstream, upstream_name, reference, accept)
                 self._link(upstream.registry.id, upstream_name, manifest)
                 return _answer(manifest, True, "miss")
@@ -258,11 +304,14 @@ class ManifestService:
             except InvalidDigest:
                 raise _bad_upstream(upstream, "announced an invalid manifest digest") from None
         else:
-            expected = sha256_digest(content)
-        if not expected.matches(content):
+            expected = manifest_digest(content)
+        if not manifest_matches(expected, content):
             raise _bad_upstream(upstream, f"sent a manifest that does not match {expected}")
-        if not media_type:
-            media_type = _media_type_of(content)
+        document = _manifest_document(content)
+        if document is None:
+            raise _bad_upstream(upstream, "sent something that is not a manifest")
+        if media_type is None or not manifest_media_type(media_type):
+            media_type = _media_type_of(document)
         return Manifest(content, media_type, expected)
 
     @inlineCallbacks
@@ -288,6 +337,8 @@ class ManifestService:
         if response.code != 200:
             raise map_status(upstream, response, manifest_unknown(reference))
         media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0]) or ""
+        if not manifest_media_type(media_type):
+            media_type = ""
         digest = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
             digest = reference
@@ -376,9 +427,12 @@ class ManifestService:
             body = yield upstream.read_body(response)
         except Exception as e:
             raise _bad_upstream(upstream, f"failed while sending referrers ({type(e).__name__})") from None
+        if _manifest_document(body) is None:
+            raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
-        content_type = content_type or "application/vnd.oci.image.index.v1+json"
+        if content_type is None or not manifest_media_type(content_type):
+            content_type = "application/vnd.oci.image.index.v1+json"
         return body, content_type, filters
 
 
@@ -459,12 +513,38 @@ def header_text(value: str | None) -> str | None:
     return None
 
 
-def _media_type_of(content: bytes) -> str:
+def manifest_media_type(value: str | None) -> bool:
+    """
+    Whether C{value} may be a manifest's Content-Type: a JSON type.  Not
+    whatever an upstream says (C{text/html} from the proxy's origin would
+    run in a browser).
+    """
+    if not value:
+        return False
+    essence = value.split(";")[0].strip().lower()
+    return essence == "application/json" or essence.endswith(("+json", "+prettyjws"))
+
+
+def _manifest_document(content: bytes) -> dict[str, Any] | None:
+    """C{content} parsed, if it is a manifest or index (of schema 1 or 2)."""
     try:
         document = json.loads(content)
-        media_type = valid_media_type(document.get("mediaType"))
-        if media_type:
-            return media_type
-    except (ValueError, AttributeError):
-        pass
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or document.get("schemaVersion") not in (1, 2):
+        return None
+    return document
+
+
+def _media_type_of(document: dict[str, Any]) -> str:
+    media_type = valid_media_type(document.get("mediaType"))
+    if manifest_media_type(media_type):
+        assert media_type is not None
+        return media_type
+    if document.get("schemaVersion") == 1:
+        if "signatures" in document:
+            return "application/vnd.docker.distribution.manifest.v1+prettyjws"
+        return "application/vnd.docker.distribution.manifest.v1+json"
+    if "manifests" in document:
+        return "application/vnd.oci.image.index.v1+json"
     return "application/vnd.oci.image.manifest.v1+json"

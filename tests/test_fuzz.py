@@ -62,7 +62,9 @@ def test_no_request_causes_a_500_or_touches_files_outside_the_cache(
     tmp_path, method, name, kind, reference, query, token, range_header, accept
 ):
     world = World(tmp_path)
-    world.upstream_registry.on("GET", "/v2/", lambda r: b"{}")
+    # Something every kind of request takes: a manifest, an index of
+    # referrers, a tag list.
+    world.upstream_registry.on("GET", "/v2/", lambda r: b'{"schemaVersion": 2, "manifests": [], "tags": []}')
     cache_root = os.path.realpath(world.cache.directory)
     opened: list[str] = []
     real_open = builtins.open

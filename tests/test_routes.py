@@ -577,7 +577,78 @@ def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
     world.get(path, ALL, headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
-    assert len(world.upstream_registry.seen) == 2
+    assert [s.method for s in world.upstream_registry.seen][:2] == ["GET", "GET"]
+
+
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+CHILD = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2, "layers": []}).encode()
+CHILD_DIGEST = "sha256:" + hashlib.sha256(CHILD).hexdigest()
+LIST = json.dumps(
+    {"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [{"mediaType": DOCKER_V2, "digest": CHILD_DIGEST, "size": len(CHILD)}]}
+).encode()
+LIST_DIGEST = "sha256:" + hashlib.sha256(LIST).hexdigest()
+
+
+def _negotiating(request):
+    """An upstream tag on a manifest list, answered as registries do: with the
+    amd64 manifest to a client that does not accept lists."""
+    accept = b",".join(request.requestHeaders.getRawHeaders(b"accept") or [])
+    body, media_type = (LIST, DOCKER_LIST) if DOCKER_LIST.encode() in accept else (CHILD, DOCKER_V2)
+    request.setHeader(b"Content-Type", media_type.encode())
+    request.setHeader(b"Docker-Content-Digest", ("sha256:" + hashlib.sha256(body).hexdigest()).encode())
+    return b"" if request.method == b"HEAD" else body
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_narrow_accept_does_not_decide_what_a_tag_resolves_to_for_everyone(world, method):
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _negotiating)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _negotiating)
+    path = "/v2/alpine/manifests/latest"
+    response, _ = world.get(path, ALL, method=method, headers={"Accept": DOCKER_V2})
+    assert response.headers.getRawHeaders("docker-content-digest") == [CHILD_DIGEST]
+    response, body = world.get(path, ALL, headers={"Accept": f"{DOCKER_LIST}, {DOCKER_V2}, */*"})
+    assert response.headers.getRawHeaders("docker-content-digest") == [LIST_DIGEST]
+    assert body == LIST
+    # What is stored is the list: served from the cache, the upstream down too.
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    response, body = world.get(path, ALL)
+    assert body == LIST
+    world.clock.advance(3600)
+    response, body = world.get(path, ALL)
+    assert body == LIST and response.headers.getRawHeaders("warning")
+
+
+def test_a_narrow_accept_answered_404_leaves_the_tag_cached(world):
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _negotiating)
+    path = "/v2/alpine/manifests/latest"
+    assert world.get(path, ALL)[1] == LIST
+    world.clock.advance(61)
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(404))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(404))
+    response, _ = world.get(path, ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.code == 404
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    response, body = world.get(path, ALL)
+    assert response.code == 200 and body == LIST
+
+
+def test_a_narrow_client_s_single_manifest_is_remembered_when_the_tag_points_at_it(world):
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _manifest_head)
+    path = "/v2/alpine/manifests/latest"
+    response, body = world.get(path, ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert body == MANIFEST
+    assert [s.method for s in world.upstream_registry.seen] == ["GET", "HEAD"]
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    world.clock.advance(3600)
+    response, body = world.get(path, ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.code == 200 and body == MANIFEST
 
 
 def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
@@ -675,6 +746,19 @@ def test_token_endpoint_offline_token_gives_a_refresh_token(world):
     assert TokenVerifier([SECRET]).verify(answer["refresh_token"]).repositories == ("alpine",)
     response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("ci", ALPINE_ONLY)})
     assert "refresh_token" not in json.loads(body)
+
+
+@pytest.mark.parametrize("lifetime", [None, 30 * 86400])
+def test_a_refresh_token_lasts_as_long_as_the_jwt_it_was_traded_for(world, lifetime):
+    # docker login keeps it instead of the password: capped at a day, every
+    # pull failed after that, the user's JWT still good.
+    token = mint_token(SECRET, "ci", ["alpine"], lifetime)
+    response, body = world.get(
+        "/token?service=cargobay&offline_token=true&client_id=docker", headers={"Authorization": _basic("ci", token)}
+    )
+    refresh = jwt.decode(json.loads(body)["refresh_token"], SECRET, algorithms=["HS256"])
+    original = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert refresh.get("exp") == original.get("exp")
 
 
 @pytest.mark.parametrize("kind", ["float", "numeric string"])
@@ -962,3 +1046,33 @@ def test_a_reload_leaves_metrics_where_they_were_until_a_restart(world):
     world.app.reconfigure(moved, world.app.authenticator, world.app.upstreams)
     response, body = world.get("/metrics")
     assert response.code == 200 and b"cargobay_http_requests_total" in body
+
+
+def test_an_upstream_answer_that_is_not_a_manifest_is_neither_served_nor_cached(world):
+    metadata = b'{"AccessKeyId": "INTERNAL-ONLY", "Secret": "x"}'
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: metadata)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 502 and b"INTERNAL-ONLY" not in body
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 502 and b"INTERNAL-ONLY" not in body
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda r: metadata)
+    response, body = world.get(f"/v2/alpine/referrers/{MANIFEST_DIGEST}", ALL)
+    assert response.code == 502 and b"INTERNAL-ONLY" not in body
+
+
+def test_a_manifest_is_never_served_as_html(world):
+    def html(request):
+        request.setHeader(b"Content-Type", b"text/html")
+        return MANIFEST
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", html)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", html)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert body == MANIFEST
+    assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
+    response, _ = world.get("/v2/alpine/manifests/other", ALL, method="HEAD")
+    assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
