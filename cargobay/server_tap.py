@@ -4,6 +4,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -22,12 +23,13 @@ from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService
 from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
+from cargobay.errors import RegistryError, denied
 from cargobay.links import RepositoryLinks
 from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.metrics import Metrics
-from cargobay.routes import RegistryApp
+from cargobay.routes import WRITE_METHODS, RegistryApp
 from cargobay.tokens import mint_token
 from cargobay.upstream import Upstream
 
@@ -154,6 +156,67 @@ class RegistryChannel(http.HTTPChannel):
         self._request_started = None
         super().allHeadersReceived()
 
+    def _send100Continue(self) -> None:
+        if self.requests and getattr(self.requests[-1], "body_refused", False):
+            return  # answered already
+        super()._send100Continue()  # type: ignore[misc]
+
+
+#: The most of a request's body kept: every write is refused anyway, and a
+#: token request's form is small.
+MAX_REQUEST_BODY = 64 * 1024
+
+
+class ProxyRequest(server.Request):
+    """
+    A request whose body is kept in memory, and no more than
+    L{MAX_REQUEST_BODY} of it.  Twisted's own spools a larger or chunked
+    body to a temporary file before anything looks at the request: anyone,
+    with no token, could fill the disk with a PUT that is refused anyway.
+    """
+
+    body_refused = False
+    _body_size = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        cast(io.BytesIO, self.content).write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.body_refused:
+            return  # answered already, and the connection is closing
+        # Nothing cargobay answers is for a browser to guess the type of.
+        self.responseHeaders.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
+        super().requestReceived(command, path, version)
+
+    def _refuse_body(self) -> None:
+        """Answer now, before the body, and close the connection."""
+        self.body_refused = True
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        channel = cast(Any, self.channel)
+        token = getattr(channel, "_path", b"").split(b"?")[0] == b"/token"
+        if getattr(channel, "_command", None) in WRITE_METHODS and not token:
+            error = denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
+        else:
+            error = RegistryError(413, "SIZE_INVALID", f"request body over {MAX_REQUEST_BODY} bytes")
+        body = error.body()
+        head = (
+            f"HTTP/1.1 {error.status} {http.RESPONSES[error.status].decode('ascii')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        channel.transport.write(head.encode("ascii") + body)
+        channel.loseConnection()
+
 
 class ProxySite(server.Site):
     # Tracebacks never reach clients.
@@ -164,6 +227,7 @@ class ProxySite(server.Site):
     header_timeout = 30.0
     # Plain HTTP/1.1 channels (no HTTP/2 negotiation wrapper).
     protocol = RegistryChannel  # type: ignore[assignment]
+    requestFactory = ProxyRequest
 
     def log(self, request: http.Request) -> None:
         """
