@@ -39,7 +39,9 @@ def accept_headers(request: Request) -> list[str]:
     values = request.requestHeaders.getRawHeaders(b"accept") or []
     accepted = [v.decode("latin-1") for v in values if v.strip()]
     if not accepted or all(v.strip() in ("*/*", "") for v in accepted):
-        return [", ".join(MANIFEST_MEDIA_TYPES)]
+        # Anything will do: what is cached (a schema 1 manifest too), or
+        # from the upstream the current types first.
+        return [", ".join((*MANIFEST_MEDIA_TYPES, "*/*"))]
     return accepted
 
 
