@@ -144,6 +144,9 @@ class Fetch:
         #: error) while its primary client may stream on uncached: requests
         #: that come next must not join it.
         self.on_failed: Callable[[], None] | None = None
+        #: Set when the blob could not be cached (too big for the cache, or
+        #: the disk refused): its followers were turned away.
+        self.uncacheable = False
 
     def when_started(self) -> Deferred[Fetch]:
         """
@@ -1667,7 +1670,24 @@ class BlobService:
                 request, fetch, digest, upstream_name, lambda: self.serve(request, upstream, upstream_name, digest, head)
             )
         self._mark(request, "miss")
+        if _header(request, b"range") is not None:
+            return self._serve_range_of_miss(request, key, upstream, upstream_name, digest)
         return self._start_fetch(request, key, upstream, upstream_name, digest)
+
+    def _serve_range_of_miss(
+        self, request: Request, key: BlobKey, upstream: Upstream, upstream_name: str, digest: Digest
+    ) -> Deferred[None]:
+        """
+        A client resuming a blob not cached yet (C{Range}): the whole blob
+        comes into the cache, and the client gets its part as it arrives,
+        like a client that joined the download.  A blob that cannot be
+        cached is sent whole (200), as a server may answer any Range.
+        """
+        fetch = Fetch(key, upstream_name)
+        self._start_fetch(None, key, upstream, upstream_name, digest, fetch=fetch).addErrback(lambda _: None)
+        return self._follow(
+            request, fetch, digest, upstream_name, lambda: self._start_fetch(request, key, upstream, upstream_name, digest)
+        )
 
     def _confirm(
         self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest, head: bool
@@ -1766,13 +1786,16 @@ class BlobService:
         upstream_name: str,
         digest: Digest,
         resume: BlobWriter | None = None,
+        fetch: Fetch | None = None,
     ) -> Deferred[None]:
         """
         Download a blob for C{request} (None: into the cache only).  With
         C{resume}, a cache file that already holds the start of the blob,
-        only the rest is asked for (C{Range}).
+        only the rest is asked for (C{Range}).  C{fetch}: the download's
+        L{Fetch}, if the caller made it.
         """
-        fetch = Fetch(key, upstream_name)
+        if fetch is None:
+            fetch = Fetch(key, upstream_name)
         self._fetches[key] = fetch
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
         primary: list[Request | None] = [request]
@@ -1834,6 +1857,7 @@ class BlobService:
                 # Not cacheable now: this request streams alone.  Requests that
                 # joined meanwhile are told to retry.
                 forget(None)
+                fetch.uncacheable = True
                 fetch.refused(_retry_error())
                 if client is None:
                     discard_body(response)
@@ -1846,6 +1870,8 @@ class BlobService:
                 _blob_headers(client, digest)
                 if length is not None:
                     client.setHeader(b"Content-Length", str(length).encode())
+                    client.setHeader(b"ETag", f'"{digest}"'.encode())
+                    client.setHeader(b"Accept-Ranges", b"bytes")
             pipe = BlobPipe(
                 digest,
                 length,
@@ -1980,12 +2006,16 @@ class BlobService:
         """
         Serve C{request} from C{fetch}'s file as it grows.  A download that
         the upstream refused (404, 403) for the name that started it is asked
-        C{again} for this request's own name (which may have the blob).
+        C{again} for this request's own name (which may have the blob); so
+        is one that cannot be cached (too big, or the disk refused): it has
+        no file to follow, and the request gets a download of its own.
         """
 
         def refused(failure: Failure) -> Deferred[None]:
             error = failure.value
-            if isinstance(error, RegistryError) and error.status in (401, 403, 404) and fetch.name != upstream_name:
+            if fetch.uncacheable or (
+                isinstance(error, RegistryError) and error.status in (401, 403, 404) and fetch.name != upstream_name
+            ):
                 return again()
             return fail(failure)
 

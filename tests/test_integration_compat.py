@@ -15,6 +15,7 @@ cargobay`:
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -105,6 +106,21 @@ def test_a_legacy_image_stored_as_signed_schema_1_is_pulled_through(world, tmp_p
     # Cached: by its digest too.
     status, _, again = proxy.request(f"/v2/legacy/manifests/{direct['docker-content-digest']}")
     assert status == 200 and again == body
+
+
+def test_a_client_resuming_a_blob_not_cached_yet_gets_its_range(world):
+    proxy, upstream = world["proxy"], world["upstream"]
+    layer = world["single"]["layers"][0]
+    wanted = {"Range": "bytes=3000000-"}
+    status, direct, direct_body = _upstream_get(upstream, f"/v2/library/alpine/blobs/{layer}", wanted)
+    assert status == 206
+    status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers=wanted)
+    assert (status, headers["content-range"], body) == (206, direct["content-range"], direct_body)
+    # The whole blob came into the cache on the way.
+    proxy.cached_blob(layer)
+    status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}")
+    assert status == 200 and headers["x-cache"] == "HIT"
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == layer
 
 
 def _spooled_bytes(pid: int) -> int:

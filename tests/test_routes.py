@@ -230,6 +230,32 @@ def test_blob_miss_then_hit(world):
     assert response.code == 200 and body == BLOB
     assert response.headers.getRawHeaders("x-cache") == ["HIT"]
     assert len(world.upstream_registry.requests("/blobs/")) == 1
+
+
+def test_a_range_of_a_blob_not_cached_yet_is_answered_206_and_the_blob_cached(world):
+    path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
+    response, body = world.get(path, ALL, headers={"Range": "bytes=100000-"})
+    assert response.code == 206 and body == BLOB[100_000:]
+    assert response.headers.getRawHeaders("content-range") == [f"bytes 100000-{len(BLOB) - 1}/{len(BLOB)}"]
+    assert response.headers.getRawHeaders("etag") == [f'"{BLOB_DIGEST}"']
+    response, body = world.get(path, ALL, headers={"Range": "bytes=0-9"})
+    assert response.code == 206 and body == BLOB[:10]
+    assert response.headers.getRawHeaders("x-cache") == ["HIT"]
+    assert len(world.upstream_registry.requests("/blobs/")) == 1
+
+
+def test_a_range_of_a_blob_too_big_for_the_cache_gets_the_whole_blob(world):
+    world.cache.max_size_bytes = len(BLOB) - 1
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL, headers={"Range": "bytes=100000-"})
+    assert response.code == 200 and body == BLOB
+    assert len(world.cache) == 0 and world.blobs.in_flight() == 0
+
+
+def test_a_blob_streamed_from_upstream_says_it_takes_ranges(world):
+    response, _ = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.headers.getRawHeaders("x-cache") == ["MISS"]
+    assert response.headers.getRawHeaders("etag") == [f'"{BLOB_DIGEST}"']
+    assert response.headers.getRawHeaders("accept-ranges") == ["bytes"]
     assert len(world.cache) == 1
 
 
