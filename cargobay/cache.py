@@ -332,6 +332,8 @@ class BlobCache:
         self.stats = CacheStats()
         self._write_error_logged = False
         self._evicting: Deferred[None] | None = None
+        #: Set when an eviction was asked for while one ran: it runs again.
+        self._evict_again = False
         #: Called with each evicted entry (metrics).
         self.on_evict: Callable[[Entry], None] | None = None
         # One step of background work (an eviction batch, a scrub chunk) per
@@ -596,7 +598,10 @@ class BlobCache:
         cache never blocks the reactor for long.  Only one eviction runs at once.
         """
         if self._evicting is not None:
+            # What was added since it chose is for another round.
+            self._evict_again = True
             return self._evicting
+        self._evict_again = False
         chosen = self.candidates()
 
         def remove_all() -> Iterator[None]:
@@ -613,6 +618,8 @@ class BlobCache:
             self._evicting = None
             if chosen:
                 log.info("evicted {count} blobs; cache now {size} bytes", count=len(chosen), size=self.total_size)
+            if self._evict_again:
+                self.evict()
             return result
 
         d: Deferred[None] = self._cooperator.cooperate(remove_all()).whenDone()  # type: ignore[assignment]

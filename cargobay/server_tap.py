@@ -414,6 +414,10 @@ class Runtime:
                 log.warn("reload: {what} changed; it takes effect at the next restart", what=label)
         self.cache.max_size_bytes = config.cache.max_size_bytes
         self.cache.max_age_seconds = config.cache.max_age_seconds
+        if (config.cache.max_size_bytes, config.cache.max_age_seconds) != (
+            old.cache.max_size_bytes, old.cache.max_age_seconds
+        ):
+            self.cache.evict()  # now, not at the next timer run
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds

@@ -113,6 +113,16 @@ def test_size_limit_evicts_least_recently_used_first(tmp_path):
     assert cache.lookup(first) is not None and cache.lookup(third) is not None
 
 
+def test_entries_added_while_an_eviction_runs_are_evicted_too(tmp_path):
+    # Several downloads that end in one reactor turn: the eviction the first
+    # one started chose before the others were in.
+    cache, clock = make(tmp_path, max_size=100)
+    for letter in b"abc":
+        store(cache, bytes([letter]) * 80)
+    run(clock)
+    assert cache.total_size <= 100
+
+
 def test_age_limit_expires_unused_entries_on_the_timer(tmp_path):
     cache, clock = make(tmp_path, max_age=100)
     old = store(cache, b"old" * 100)

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tls import TestCA
 
-from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, skopeo, skopeo_push
+from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, skopeo, skopeo_push, wait_until
 from proxy import ALL, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
@@ -161,6 +161,12 @@ def test_sighup_reloads_mappings_and_keeps_the_old_config_when_broken(upstream_a
         assert "reload refused" in proxy.process.log_text()
         assert proxy.request("/v2/renamed/tags/list")[0] == 200
         assert proxy.process.returncode is None
+        # A lower size limit evicts at once, not at the next timer run (60 s).
+        proxy.cached_blob(image["layers"][0])
+        config.write_text(config.read_text().replace("\n[[repositories]]\nname = 'x'\n", "")
+                          .replace("max_size_bytes = 20000000000", "max_size_bytes = 1"))
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: not proxy.cached_blob_files(), timeout=10)
     finally:
         proxy.process.stop()
 
