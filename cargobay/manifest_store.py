@@ -197,6 +197,16 @@ class ManifestStore:
         document = {"digest": str(digest), "media_type": media_type, "confirmed_at": resolution.confirmed_at}
         self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
 
+    def unconfirm_tag(self, registry_id: str, upstream_name: str, tag: str) -> None:
+        """Keep what C{tag} resolves to, but due for revalidation at its next use."""
+        resolution = self.tag(registry_id, upstream_name, tag)
+        if resolution is None or resolution.confirmed_at == 0:
+            return
+        key = (registry_id, upstream_name, tag)
+        self._tags[key] = TagResolution(resolution.digest, resolution.media_type, 0.0)
+        document = {"digest": str(resolution.digest), "media_type": resolution.media_type, "confirmed_at": 0.0}
+        self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
+
     def drop_tag(self, registry_id: str, upstream_name: str, tag: str) -> None:
         key = (registry_id, upstream_name, tag)
         self._tags.pop(key, None)

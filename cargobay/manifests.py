@@ -227,11 +227,24 @@ class ManifestService:
         # upstream is down (the manifest itself is stored by digest).  Only
         # what the tag really points at: one client's narrow Accept must not
         # decide what every other client gets for it.
-        if answer.media_type and (
+        if not answer.media_type or not (
             every_type
             or answer.media_type in INDEX_MEDIA_TYPES
             or (yield self._points_at(upstream, upstream_name, reference, answer.digest))
         ):
+            return answer
+        if (
+            answer.content is None
+            and resolution is not None
+            and resolution.digest != answer.digest
+            and store.get(registry_id, answer.digest) is None
+            and store.get(registry_id, resolution.digest) is not None
+        ):
+            # A HEAD showed that the tag moved, to a manifest not here yet:
+            # what is here stays the tag's fallback while the upstream is
+            # down, until a GET brings the new one.
+            store.unconfirm_tag(registry_id, upstream_name, reference)
+        else:
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer
 

@@ -599,6 +599,37 @@ def test_tag_moved_upstream_is_fetched_again(world):
     assert response.headers.getRawHeaders("docker-content-digest") == [moved_digest]
 
 
+def test_a_head_that_finds_the_tag_moved_keeps_the_cached_manifest_as_the_fallback(world):
+    # Docker's pull begins with a HEAD of the tag: the tag pointed at a
+    # manifest never fetched, and the pull that had worked failed once the
+    # upstream went down.
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    moved = MANIFEST.replace(b"2", b"2 ")
+    moved_digest = "sha256:" + hashlib.sha256(moved).hexdigest()
+
+    def head(request):
+        request.setHeader(b"Docker-Content-Digest", moved_digest.encode())
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        return b""
+
+    world.upstream_registry.on("HEAD", "/v2/", head)
+    world.clock.advance(61)
+    response, _ = world.get(path, ALL, method="HEAD")
+    assert response.headers.getRawHeaders("docker-content-digest") == [moved_digest]
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    response, body = world.get(path, ALL)
+    assert response.code == 200 and body == MANIFEST and response.headers.getRawHeaders("warning")
+    # Back up: the moved tag is fetched (not the fallback served as fresh).
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("HEAD", "/v2/", head)
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: moved)
+    response, body = world.get(path, ALL)
+    assert body == moved
+
+
 def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type(world):
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
