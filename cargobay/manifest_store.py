@@ -83,11 +83,27 @@ class TagResolution:
     confirmed_at: float
 
 
+#: Tag resolutions kept in memory (the rest are read from disk when used).
+TAG_MEMORY = 50_000
+#: Files whose last use is remembered, so as to mark it on disk at most
+#: once per L{ManifestStore.touch_every}.
+TOUCH_MEMORY = 50_000
+
+
 class ManifestStore:
+    """
+    A file's modification time is its last use (marked at most once per
+    C{touch_every}): L{cargobay.sweep} removes what goes unused for longer
+    than the cache's age limit.
+    """
+
     def __init__(self, directory: str, clock: Any, memory_bytes: int = 16 * 1024 * 1024) -> None:
         self.directory = os.path.abspath(directory)
         self._clock = clock
-        self._tags: dict[tuple[str, str, str], TagResolution] = {}
+        self._tags: OrderedDict[tuple[str, str, str], TagResolution] = OrderedDict()
+        #: How often a file in use has its modification time moved on.
+        self.touch_every = 3600.0
+        self._touched: OrderedDict[str, float] = OrderedDict()
         self._write_error_logged = False
         # Hot manifests stay in memory (verified when they were loaded), so a
         # busy tag costs neither a disk read nor a hash per request.
@@ -106,22 +122,65 @@ class ManifestStore:
             _, evicted = self._memory.popitem(last=False)
             self._memory_bytes -= len(evicted.content)
 
+    def _used(self, path: str) -> None:
+        """Mark C{path} as just used (on disk, at most once per C{touch_every})."""
+        now = self._clock.seconds()
+        last = self._touched.get(path)
+        if last is not None and now - last < self.touch_every:
+            self._touched.move_to_end(path)
+            return
+        self._touched[path] = now
+        self._touched.move_to_end(path)
+        if len(self._touched) > TOUCH_MEMORY:
+            self._touched.popitem(last=False)
+        if last is not None or now - _mtime(path) >= self.touch_every:
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+
+    def forget_file(self, path: str) -> None:
+        """
+        A file of this store was removed (by the sweep): forget what memory
+        holds of it.
+        """
+        self._touched.pop(path, None)
+        relative = os.path.relpath(path, self.directory).split(os.sep)
+        if relative[0] == "manifests" and len(relative) == 4:
+            try:
+                self._memory_drop((relative[1], Digest.parse(f"{relative[2]}:{relative[3]}")))
+            except InvalidDigest:
+                pass
+        elif relative[0] == "tags" and len(relative) >= 4 and relative[-1].endswith(".json"):
+            self._tags.pop((relative[1], "/".join(relative[2:-1]), relative[-1][: -len(".json")]), None)
+
+    def _memory_drop(self, key: tuple[str, Digest]) -> None:
+        manifest = self._memory.pop(key, None)
+        if manifest is not None:
+            self._memory_bytes -= len(manifest.content)
+
     # -- manifests ---------------------------------------------------------
+
+    def has(self, registry_id: str, digest: Digest) -> bool:
+        """Whether the manifest is kept (unchecked: for the sweep)."""
+        return (registry_id, digest) in self._memory or os.path.exists(self._manifest_path(registry_id, digest))
 
     def _manifest_path(self, registry_id: str, digest: Digest) -> str:
         return os.path.join(self.directory, "manifests", registry_id, digest.algorithm, digest.encoded)
 
     def get(self, registry_id: str, digest: Digest) -> Manifest | None:
+        path = self._manifest_path(registry_id, digest)
         remembered = self._memory.get((registry_id, digest))
         if remembered is not None:
             self._memory.move_to_end((registry_id, digest))
+            self._used(path)
             return remembered
-        path = self._manifest_path(registry_id, digest)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             return None
+        self._used(path)
         media_type, _, content = data.partition(b"\n")
         if not manifest_matches(digest, content):
             log.warn("cached manifest {digest} is damaged; dropping it", digest=str(digest))
@@ -135,6 +194,7 @@ class ManifestStore:
         self._remember(registry_id, manifest)
         path = self._manifest_path(registry_id, manifest.digest)
         if os.path.exists(path):
+            self._used(path)
             return
         header = manifest.media_type.replace("\n", "").encode("utf-8") + b"\n"
         self._write_atomically(path, header + manifest.content)
@@ -146,11 +206,14 @@ class ManifestStore:
 
     def tag(self, registry_id: str, upstream_name: str, tag: str) -> TagResolution | None:
         key = (registry_id, upstream_name, tag)
+        path = self._tag_path(*key)
         resolution = self._tags.get(key)
         if resolution is not None:
+            self._tags.move_to_end(key)
+            self._used(path)
             return resolution
         try:
-            with open(self._tag_path(*key), "rb") as f:
+            with open(path, "rb") as f:
                 document = json.loads(f.read())
             resolution = TagResolution(
                 Digest.parse(document["digest"]),
@@ -159,8 +222,15 @@ class ManifestStore:
             )
         except (OSError, ValueError, KeyError, TypeError, InvalidDigest):
             return None
-        self._tags[key] = resolution
+        self._remember_tag(key, resolution)
+        self._used(path)
         return resolution
+
+    def _remember_tag(self, key: tuple[str, str, str], resolution: TagResolution) -> None:
+        self._tags[key] = resolution
+        self._tags.move_to_end(key)
+        if len(self._tags) > TAG_MEMORY:
+            self._tags.popitem(last=False)
 
     def manifests_on_disk(self) -> Iterator[tuple[str, Digest]]:
         """(registry id, digest) of every manifest kept on disk."""
@@ -189,10 +259,11 @@ class ManifestStore:
         key = (registry_id, upstream_name, tag)
         previous = self._tags.get(key)
         resolution = TagResolution(digest, media_type, self._clock.seconds())
-        self._tags[key] = resolution
+        self._remember_tag(key, resolution)
         if previous is not None and previous.digest == digest and previous.media_type == media_type:
             # Only the confirmation time moved: not worth a disk write per pull.
             # After a restart the older time just makes the tag look stale sooner.
+            self._used(self._tag_path(*key))
             return
         document = {"digest": str(digest), "media_type": media_type, "confirmed_at": resolution.confirmed_at}
         self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
@@ -203,7 +274,7 @@ class ManifestStore:
         if resolution is None or resolution.confirmed_at == 0:
             return
         key = (registry_id, upstream_name, tag)
-        self._tags[key] = TagResolution(resolution.digest, resolution.media_type, 0.0)
+        self._remember_tag(key, TagResolution(resolution.digest, resolution.media_type, 0.0))
         document = {"digest": str(resolution.digest), "media_type": resolution.media_type, "confirmed_at": 0.0}
         self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
 
@@ -220,11 +291,13 @@ class ManifestStore:
         return os.path.join(self.directory, "taglists", registry_id, upstream_name, "@list.json")
 
     def tag_list(self, registry_id: str, upstream_name: str) -> list[str] | None:
+        path = self._tag_list_path(registry_id, upstream_name)
         try:
-            with open(self._tag_list_path(registry_id, upstream_name), "rb") as f:
+            with open(path, "rb") as f:
                 tags = json.loads(f.read())
         except (OSError, ValueError):
             return None
+        self._used(path)
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             return None
         return tags
@@ -235,6 +308,7 @@ class ManifestStore:
         try:
             with open(path, "rb") as f:
                 if f.read() == data:
+                    self._used(path)
                     return
         except OSError:
             pass
@@ -267,6 +341,13 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _listdir(path: str) -> list[str]:

@@ -92,6 +92,9 @@ def widened(accept: list[str]) -> list[str]:
 
 #: Manifests remembered as having their references linked.
 LINKED_MEMORY = 20_000
+#: The most references of one manifest linked to its name (an image has at
+#: most a few hundred layers; each link is a file).
+MAX_LINKED_REFERENCES = 1000
 
 
 def _worth_serving_stale(error: RegistryError) -> bool:
@@ -122,7 +125,10 @@ class ManifestService:
         if key in self._linked:  # a hit's hot path: no JSON parsing
             self._linked.move_to_end(key)
             return
-        self.links.add(registry_id, upstream_name, [manifest.digest, *referenced_digests(manifest.content)])
+        # (A manifest naming more than any image has is linked in part: the
+        # rest is confirmed with the upstream when it is asked for.)
+        references = referenced_digests(manifest.content)[:MAX_LINKED_REFERENCES]
+        self.links.add(registry_id, upstream_name, [manifest.digest, *references])
         self._linked[key] = None
         if len(self._linked) > LINKED_MEMORY:
             self._linked.popitem(last=False)

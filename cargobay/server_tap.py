@@ -30,6 +30,7 @@ from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.metrics import Metrics
 from cargobay.routes import WRITE_METHODS, RegistryApp
+from cargobay.sweep import MetadataSweeper
 from cargobay.tokens import mint_token
 from cargobay.upstream import Upstream
 
@@ -302,8 +303,10 @@ class Runtime:
             links.forget(entry.key.registry_id, entry.key.digest)
 
         cache.on_evict = evicted
-        store = ManifestStore(config.cache.directory, reactor)
+        self.store = store = ManifestStore(config.cache.directory, reactor)
+        store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
+        self.sweeper = MetadataSweeper(cache, store, links, links_directory, reactor)
         if upgrading:
             # A cache from before links were kept: what its tags resolve to
             # is linked to their names, and the rest stays servable while the
@@ -418,6 +421,7 @@ class Runtime:
             old.cache.max_size_bytes, old.cache.max_age_seconds
         ):
             self.cache.evict()  # now, not at the next timer run
+        self.store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
@@ -452,10 +456,18 @@ def _announce_development(config: Config) -> None:
     )
 
 
-def _maintain(cache: BlobCache, scrub_bytes: int) -> None:
+def _touch_every(max_age: float) -> float:
+    """How often a manifest or tag in use has that marked on disk: well within the age limit."""
+    return min(3600.0, max_age / 8) if max_age > 0 else 3600.0
+
+
+def _maintain(cache: BlobCache, scrub_bytes: int, sweeper: MetadataSweeper) -> None:
     # Periodic work logs its own failures: one exception would stop the timer for good.
     try:
         cache.evict().addErrback(lambda f: log.failure("eviction failed", f))
+        swept = sweeper.maybe_run()
+        if swept is not None:
+            swept.addErrback(lambda f: log.failure("sweeping unused manifests and links failed", f))
         if scrub_bytes > 0:
             cache.scrub(scrub_bytes).addErrback(lambda f: log.failure("scrubbing failed", f))
     except Exception:
@@ -545,7 +557,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if config.metrics.enabled and config.metrics.listen:
         Listener("metrics.listen", config.metrics.listen, ProxySite(MetricsResource(app)), reactor).setServiceParent(top)
     internet.TimerService(
-        config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval
+        config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval, runtime.sweeper
     ).setServiceParent(top)
     log.info(
         "cargobay listening on {endpoint} with {count} repositories from {source}",

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -205,6 +206,35 @@ def test_small_max_size_keeps_the_cache_under_the_limit(upstream, tmp_path):
         assert digests[-1].split(":")[1] in linked and digests[0].split(":")[1] not in linked
     finally:
         process.stop()
+
+
+def test_manifests_tags_and_links_go_once_unused_for_the_age_limit(upstream, image, tmp_path):
+    """
+    The age limit bounds more than blobs: a mirror meets new tags every
+    day, and kept every manifest, tag and link it ever saw.  What is in use
+    stays.
+    """
+    proxy = proxy_for(tmp_path, upstream, "eviction_interval_seconds = 1")
+    cache = tmp_path / "cache"
+
+    def files(kind: str) -> list[Path]:
+        return [p for p in (cache / kind).rglob("*") if p.is_file()]
+
+    try:
+        skopeo_pull(f"{proxy.host}/alpine:latest", tmp_path / "pulled", creds=f"t:{ALL}")
+        proxy.cached_blob(image["layers"][0])
+        assert files("manifests") and files("tags") and files("links")
+        config = tmp_path / "config.toml"
+        config.write_text(config.read_text().replace("max_age_seconds = 86400", "max_age_seconds = 3"))
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: not (files("manifests") or files("tags") or files("links") or files("blobs")), timeout=30), (
+            files("manifests"), files("tags"), files("links"), files("blobs"))
+        # And nothing is the worse for it: the next pull fetches them again.
+        skopeo_pull(f"{proxy.host}/alpine:latest", tmp_path / "again", creds=f"t:{ALL}")
+        assert files("manifests") and files("tags")
+        assert "Traceback" not in proxy.process.log_text()
+    finally:
+        proxy.process.stop()
 
 
 def test_kill_9_during_downloads_then_restart_is_clean(upstream, tmp_path):
