@@ -4,7 +4,8 @@ Which upstream repository a local name means.
 Three kinds of mapping, tried in this order:
 
 1. exact names from ``[[repositories]]`` (the earlier implementation's kind):
-   ``mycompany/app`` -> private registry ``team/application``;
+   ``mycompany/app`` -> private registry ``team/application`` (with ``?ns=``,
+   only if it names that registry);
 2. a mirror request's ``?ns=<registry host>`` (containerd's ``hosts.toml``
    mirrors add it) picks the configured registry with that host, and the
    name is the upstream name: any name where the registry lists its hosts
@@ -59,18 +60,23 @@ class Mapper:
 
     def resolve(self, name: str, ns: str | None = None) -> Resolved | None:
         exact = self._exact.get(name)
-        if exact is not None:
-            return exact
         if ns:
             registry = self._by_host.get(ns.lower())
             if registry is None:
                 return None
+            # An exact mapping onto another registry is not what a mirror
+            # request for this one means: ghcr.io's "alpine" is not the
+            # "alpine" mapped onto Docker Hub.
+            if exact is not None and exact.registry_id == registry.id:
+                return exact
             if registry.hosts_open:
                 return Resolved(name, registry.id, self._upstream(registry, name))
             # Only what is mapped onto that registry (a "library/*" pattern,
             # say): the name goes through the patterns below.
             mapped = self._by_prefix(name)
             return mapped if mapped is not None and mapped.registry_id == registry.id else None
+        if exact is not None:
+            return exact
         return self._by_prefix(name)
 
     def _by_prefix(self, name: str) -> Resolved | None:

@@ -47,7 +47,14 @@ def mapper():
 
 def test_exact_mappings_win(mapper):
     assert mapper.resolve("alpine") == Resolved("alpine", "private", "mirrored/alpine")
-    assert mapper.resolve("alpine", ns="docker.io") == Resolved("alpine", "private", "mirrored/alpine")
+    assert mapper.resolve("alpine", ns="registry.example.com") == Resolved("alpine", "private", "mirrored/alpine")
+
+
+def test_a_mirror_request_for_another_registry_is_not_an_exact_mapping_s_name(mapper):
+    # containerd mirroring ghcr.io asks for ghcr.io's "alpine": the private
+    # registry's mirrored/alpine (the exact mapping) is another image.
+    assert mapper.resolve("alpine", ns="ghcr.io") == Resolved("alpine", "ghcr", "alpine")
+    assert mapper.resolve("alpine", ns="docker.io") == Resolved("alpine", "hub", "library/alpine")
 
 
 def test_prefix_patterns_longest_first(mapper):
