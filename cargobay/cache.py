@@ -369,6 +369,18 @@ class BlobCache:
             count=len(self._entries),
             size=self.total_size,
         )
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError:
+            return
+        if stat.f_blocks * stat.f_frsize < self.max_size_bytes:
+            log.warn(
+                "cache.max_size_bytes ({limit}) is more than the size of the filesystem under {directory} "
+                "({size}): the cache keeps a tenth of it free instead",
+                limit=self.max_size_bytes,
+                directory=self.directory,
+                size=stat.f_blocks * stat.f_frsize,
+            )
 
     def _scan(self) -> Iterator[Entry]:
         root = os.path.join(self.directory, "blobs")
@@ -408,13 +420,39 @@ class BlobCache:
         Whether a file can be created in the cache directory right now.
         """
         probe = os.path.join(self.directory, "tmp", f"probe-{secrets.token_hex(4)}")
+        for attempt in range(2):
+            try:
+                with open(probe, "xb"):
+                    pass
+                os.unlink(probe)
+                return True
+            except FileNotFoundError:
+                if attempt or not self._recreate():
+                    return False
+            except OSError:
+                return False
+        return False
+
+    def _recreate(self) -> bool:
+        """
+        The cache's directories are gone (someone removed them): make them
+        again, and forget the entries whose files went with them.  Returns
+        whether it could.
+        """
         try:
-            with open(probe, "xb"):
-                pass
-            os.unlink(probe)
-            return True
+            os.makedirs(os.path.join(self.directory, "tmp"), exist_ok=True)
+            os.makedirs(os.path.join(self.directory, "blobs"), exist_ok=True)
         except OSError:
             return False
+        gone = [entry for entry in self._entries.values() if not os.path.exists(entry.path)]
+        for entry in gone:
+            self._forget(entry)
+        log.warn(
+            "the cache directory {directory} was removed; made it again ({count} cached blobs went with it)",
+            directory=self.directory,
+            count=len(gone),
+        )
+        return True
 
     # -- reading -----------------------------------------------------------
 
@@ -470,7 +508,12 @@ class BlobCache:
         """
         path = os.path.join(self.directory, "tmp", secrets.token_hex(12))
         try:
-            fileobj = open(path, "xb", buffering=0)
+            try:
+                fileobj = open(path, "xb", buffering=0)
+            except FileNotFoundError:
+                if not self._recreate():
+                    raise
+                fileobj = open(path, "xb", buffering=0)
         except OSError as e:
             self.note_write_error(e)
             return None
@@ -489,9 +532,25 @@ class BlobCache:
         self._entries[key] = entry
         self.total_size += size
         self._write_error_logged = False
-        if self.total_size > self.max_size_bytes:
+        if self.total_size > self.size_limit():
             self.evict()
         return entry
+
+    def size_limit(self) -> int:
+        """
+        What the cache may hold now: C{max_size_bytes}, or less when its
+        filesystem is short of room (a disk smaller than the limit, or
+        filled by others), so that a tenth of it (up to 1 GiB) stays free
+        for the downloads under way.  Else a full disk, with nothing ever
+        over the limit, stopped caching new blobs for good.
+        """
+        limit = self.max_size_bytes
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError:
+            return limit
+        reserve = min(stat.f_blocks * stat.f_frsize // 10, 1 << 30)
+        return max(0, min(limit, self.total_size + stat.f_bavail * stat.f_frsize - reserve))
 
     def note_write_error(self, error: OSError) -> None:
         """
@@ -499,6 +558,8 @@ class BlobCache:
         write succeeds again.
         """
         self.stats.write_errors += 1
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.evict()  # room for the next download
         if not self._write_error_logged:
             self._write_error_logged = True
             reason = errno.errorcode.get(error.errno or 0, "") or type(error).__name__
@@ -578,6 +639,7 @@ class BlobCache:
         takes to get under the size limit.  Entries being read are skipped.
         """
         now = self._clock.seconds()
+        limit = self.size_limit()
         ordered = sorted(self._entries.values(), key=lambda e: e.last_used)
         chosen: list[Entry] = []
         remaining = self.total_size
@@ -585,7 +647,7 @@ class BlobCache:
             if entry.readers > 0:
                 continue
             too_old = self.max_age_seconds > 0 and now - entry.last_used > self.max_age_seconds
-            if too_old or remaining > self.max_size_bytes:
+            if too_old or remaining > limit:
                 chosen.append(entry)
                 remaining -= entry.size
             else:

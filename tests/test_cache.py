@@ -389,3 +389,34 @@ def test_direct_writes_through_the_inline_store_end_with_the_whole_blob(tmp_path
     store.drained()
     assert stored[-1] == len(data) == writer.size and in_file(writer) == data
     writer.abort()
+
+
+def test_a_removed_cache_directory_is_made_again_and_its_entries_forgotten(tmp_path):
+    import shutil
+
+    cache, clock = make(tmp_path)
+    gone = store(cache, b"gone with the directory")
+    shutil.rmtree(tmp_path / "cache")
+    assert cache.writable()  # (readiness: caching works again)
+    assert cache.lookup(gone) is None and cache.total_size == 0
+    shutil.rmtree(tmp_path / "cache")
+    kept = store(cache, b"cached after it came back")  # begin() makes it again too
+    assert cache.lookup(kept) is not None and cache.total_size == len(b"cached after it came back")
+
+
+def test_a_filesystem_short_of_room_lowers_the_limit(tmp_path, monkeypatch):
+    # A disk smaller than max_size_bytes (or filled by others): nothing was
+    # ever over the limit, so nothing made room, and no new blob was cached.
+    from types import SimpleNamespace
+
+    cache, clock = make(tmp_path, max_size=10**9)
+    old = store(cache, b"o" * 3000)
+    clock.advance(1)
+    recent = store(cache, b"r" * 3000)
+    free = {"bytes": 2000}
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_blocks=10_000, f_frsize=1, f_bavail=free["bytes"]))
+    assert cache.size_limit() == 6000 + 2000 - 1000
+    free["bytes"] = 0  # full: a tenth of the filesystem is to be kept free
+    cache.note_write_error(OSError(errno.ENOSPC, "No space left on device"))
+    run(clock)
+    assert cache.lookup(old) is None and cache.lookup(recent) is not None
