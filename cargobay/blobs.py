@@ -1616,6 +1616,9 @@ class BlobService:
         #: With it, blob bodies go from files to sockets on sending threads.
         self._send_in_thread = send_in_thread
         self._fetches: dict[BlobKey, Fetch] = {}
+        #: Upstream blob downloads under way, those not joinable (too big to
+        #: cache, or the disk left behind) too.
+        self._downloads = 0
 
     def _upstream_bytes_counter(self, registry_id: str) -> Callable[[int], None] | None:
         metrics = self._metrics
@@ -1624,7 +1627,8 @@ class BlobService:
         return lambda count: metrics.upstream_bytes.inc(count, registry_id)
 
     def in_flight(self) -> int:
-        return len(self._fetches)
+        """Blob downloads from upstream under way (cacheable or not)."""
+        return self._downloads
 
     def serve(
         self,
@@ -1797,6 +1801,15 @@ class BlobService:
         if fetch is None:
             fetch = Fetch(key, upstream_name)
         self._fetches[key] = fetch
+        self._downloads += 1
+        counted = [True]
+
+        def settled(result: object) -> object:
+            if counted[0]:
+                counted[0] = False
+                self._downloads -= 1
+            return result
+
         describe = f"{upstream.registry.id} {upstream_name}@{digest}"
         primary: list[Request | None] = [request]
         if request is not None:
@@ -1862,6 +1875,7 @@ class BlobService:
                 if client is None:
                     discard_body(response)
                     _fire(served)
+                    settled(None)
                     return None
             else:
                 fetch.started(writer, None if length is None else offset + length)
@@ -1897,9 +1911,11 @@ class BlobService:
                 # Klein's handler is done when the response is, whoever ends
                 # it (this pipe, or a FileSender after a demotion).
                 client.notifyFinish().addBoth(lambda _: _fire(served))
+            pipe.done.addBoth(settled)
             return pipe.done.addCallback(refill)
 
         def failed(failure: Failure) -> None:
+            settled(None)
             if resume is not None:
                 resume.abort()  # the upstream never answered: nothing to go on with
             error = _as_registry_error(failure, upstream)

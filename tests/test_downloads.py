@@ -116,9 +116,12 @@ def test_clients_that_joined_a_download_too_big_to_cache_each_get_the_blob(tmp_p
     assert len(world.requests) == 3
     bodies.append(Body(length=len(data)))
     world.requests[2].d.callback(bodies[2])
+    # None is in the table of downloads to join; all three are under way.
+    assert world.service.in_flight() == 3
     for body, (request, _) in zip(bodies, [(first, []), *others], strict=True):
         body.send(data)
         body.end()
         world.clock.advance(0)
         assert request.body == data and request.code == 200
     assert len(world.cache) == 0
+    assert world.service.in_flight() == 0
