@@ -91,7 +91,9 @@ class RepositoryLinks:
                 continue
             names.add(upstream_name)
             error = _touch(self._path(registry_id, digest, upstream_name))
-            if error is not None and not self._write_error_logged:
+            if error is None:
+                self._write_error_logged = False  # (the next problem is logged again)
+            elif not self._write_error_logged:
                 # Remembered in memory still; after a restart the upstream is
                 # asked again.
                 self._write_error_logged = True

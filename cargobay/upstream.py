@@ -598,7 +598,9 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
         return not_found
     if code in (401, 403):
         return upstream.error(
-            403, "DENIED", f"refused access (answered {code}); check its credentials in the config"
+            403, "DENIED",
+            f"refused access (answered {code}): the repository may not exist there, or the credentials "
+            "in the config may not reach it"
         )
     if code == 429:
         headers = {}
