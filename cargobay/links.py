@@ -142,7 +142,7 @@ def referenced_digests(content: bytes) -> list[Digest]:
     """
     try:
         document = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested too deep for Python)
         return []
     if not isinstance(document, dict):
         return []

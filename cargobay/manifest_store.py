@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,6 +30,61 @@ from twisted.logger import Logger
 from cargobay.reference import Digest, InvalidDigest, sha256_digest
 
 log = Logger()
+
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]*/[A-Za-z0-9][\w!#$&^.+-]*(?:\s*;[ -~]*)?", re.ASCII)
+
+#: Fields that only manifests and indexes have.
+_MANIFEST_KEYS = frozenset(("schemaVersion", "mediaType", "config", "layers", "manifests", "blobs", "fsLayers"))
+
+
+def valid_media_type(value: object) -> str | None:
+    """C{value} if it is a media type we can pass on in a header, else L{None}."""
+    if isinstance(value, str) and len(value) <= 255 and _MEDIA_TYPE.fullmatch(value):
+        return value
+    return None
+
+
+def manifest_media_type(value: str | None) -> bool:
+    """
+    Whether C{value} may be a manifest's Content-Type: a JSON type.  Not
+    whatever an upstream says (C{text/html} from the proxy's origin would
+    run in a browser).
+    """
+    if not value:
+        return False
+    essence = value.split(";")[0].strip().lower()
+    return essence == "application/json" or essence.endswith(("+json", "+prettyjws"))
+
+
+def manifest_document(content: bytes) -> dict[str, Any] | None:
+    """
+    C{content} parsed, if it is a manifest or index: a JSON object with a
+    manifest's fields (C{schemaVersion} but for the artifact manifests of
+    OCI 1.1's drafts).  Not any JSON document from wherever the upstream
+    pointed.
+    """
+    try:
+        document = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or not _MANIFEST_KEYS.intersection(document):
+        return None
+    return document
+
+
+def media_type_of(document: dict[str, Any]) -> str:
+    media_type = valid_media_type(document.get("mediaType"))
+    if manifest_media_type(media_type):
+        assert media_type is not None
+        return media_type
+    if document.get("schemaVersion") == 1:
+        if "signatures" in document:
+            return "application/vnd.docker.distribution.manifest.v1+prettyjws"
+        return "application/vnd.docker.distribution.manifest.v1+json"
+    if "manifests" in document:
+        return "application/vnd.oci.image.index.v1+json"
+    return "application/vnd.oci.image.manifest.v1+json"
 
 
 def signed_payload(content: bytes) -> bytes | None:
@@ -44,7 +100,7 @@ def signed_payload(content: bytes) -> bytes | None:
         document = json.loads(content)
         header = json.loads(_base64url(document["signatures"][0]["protected"]))
         length, tail = header["formatLength"], _base64url(header["formatTail"])
-    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error, RecursionError):
         return None
     if document.get("schemaVersion") != 1 or type(length) is not int or not 0 < length <= len(content):
         return None
@@ -181,12 +237,16 @@ class ManifestStore:
         except OSError:
             return None
         self._used(path)
-        media_type, _, content = data.partition(b"\n")
-        if not manifest_matches(digest, content):
+        media_type_line, _, content = data.partition(b"\n")
+        document = manifest_document(content)
+        if not manifest_matches(digest, content) or document is None:
             log.warn("cached manifest {digest} is damaged; dropping it", digest=str(digest))
             _unlink(path)
             return None
-        manifest = Manifest(content, media_type.decode("utf-8", "replace"), digest)
+        media_type = media_type_line.decode("utf-8", "replace")
+        if not manifest_media_type(media_type):  # (cached before types were checked)
+            media_type = media_type_of(document)
+        manifest = Manifest(content, media_type, digest)
         self._remember(registry_id, manifest)
         return manifest
 

@@ -6,7 +6,6 @@ the upstream byte for byte, with their digests checked.
 from __future__ import annotations
 
 import json
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,16 @@ from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.links import RepositoryLinks, referenced_digests, upstream_unavailable
-from cargobay.manifest_store import Manifest, ManifestStore, manifest_digest, manifest_matches
+from cargobay.manifest_store import (
+    Manifest,
+    ManifestStore,
+    manifest_digest,
+    manifest_document,
+    manifest_matches,
+    manifest_media_type,
+    media_type_of,
+    valid_media_type,
+)
 from cargobay.reference import Digest, InvalidDigest
 from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
 
@@ -82,7 +90,10 @@ def accepts_every_type(accept: list[str]) -> bool:
     at: a narrower Accept may have the upstream pick a platform's manifest
     from an index, or answer 404.
     """
-    return all(acceptable(media_type, accept) for media_type in MANIFEST_MEDIA_TYPES)
+    # Named, each: a registry does not take */* for an index (distribution
+    # looks for the list's own type), so "v2, */*" gets one platform's.
+    offered = {item.split(";")[0].strip() for header in accept for item in header.split(",")}
+    return all(media_type in offered for media_type in MANIFEST_MEDIA_TYPES)
 
 
 def widened(accept: list[str]) -> list[str]:
@@ -328,11 +339,11 @@ class ManifestService:
             expected = manifest_digest(content)
         if not manifest_matches(expected, content):
             raise _bad_upstream(upstream, f"sent a manifest that does not match {expected}")
-        document = _manifest_document(content)
+        document = manifest_document(content)
         if document is None:
             raise _bad_upstream(upstream, "sent something that is not a manifest")
         if media_type is None or not manifest_media_type(media_type):
-            media_type = _media_type_of(document)
+            media_type = media_type_of(document)
         return Manifest(content, media_type, expected)
 
     @inlineCallbacks
@@ -414,7 +425,7 @@ class ManifestService:
             tags = document.get("tags") or []
             if not isinstance(tags, list):
                 raise ValueError
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
         tags = [t for t in tags if isinstance(t, str)]
         link = rewrite_link(header_text((response.headers.getRawHeaders("link") or [None])[0]), upstream_name, local_name)
@@ -448,7 +459,7 @@ class ManifestService:
             body = yield upstream.read_body(response)
         except Exception as e:
             raise _bad_upstream(upstream, f"failed while sending referrers ({type(e).__name__})") from None
-        if _manifest_document(body) is None:
+        if manifest_document(body) is None:
             raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
@@ -517,14 +528,8 @@ def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str |
 
 #: A media type as a header carries it: type/subtype, then any parameters,
 #: in printable ASCII (anything else cannot go into a response header).
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]*/[A-Za-z0-9][\w!#$&^.+-]*(?:\s*;[ -~]*)?", re.ASCII)
 
 
-def valid_media_type(value: object) -> str | None:
-    """C{value} if it is a media type we can pass on in a header, else L{None}."""
-    if isinstance(value, str) and len(value) <= 255 and _MEDIA_TYPE.fullmatch(value):
-        return value
-    return None
 
 
 def header_text(value: str | None) -> str | None:
@@ -534,38 +539,3 @@ def header_text(value: str | None) -> str | None:
     return None
 
 
-def manifest_media_type(value: str | None) -> bool:
-    """
-    Whether C{value} may be a manifest's Content-Type: a JSON type.  Not
-    whatever an upstream says (C{text/html} from the proxy's origin would
-    run in a browser).
-    """
-    if not value:
-        return False
-    essence = value.split(";")[0].strip().lower()
-    return essence == "application/json" or essence.endswith(("+json", "+prettyjws"))
-
-
-def _manifest_document(content: bytes) -> dict[str, Any] | None:
-    """C{content} parsed, if it is a manifest or index (of schema 1 or 2)."""
-    try:
-        document = json.loads(content)
-    except ValueError:
-        return None
-    if not isinstance(document, dict) or document.get("schemaVersion") not in (1, 2):
-        return None
-    return document
-
-
-def _media_type_of(document: dict[str, Any]) -> str:
-    media_type = valid_media_type(document.get("mediaType"))
-    if manifest_media_type(media_type):
-        assert media_type is not None
-        return media_type
-    if document.get("schemaVersion") == 1:
-        if "signatures" in document:
-            return "application/vnd.docker.distribution.manifest.v1+prettyjws"
-        return "application/vnd.docker.distribution.manifest.v1+json"
-    if "manifests" in document:
-        return "application/vnd.oci.image.index.v1+json"
-    return "application/vnd.oci.image.manifest.v1+json"

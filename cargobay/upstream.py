@@ -345,11 +345,14 @@ class Upstream:
         C{scope} (C{repository:NAME:pull}).  Fires with the final
         L{IResponse}; its body has not been read.
 
-        Redirects are followed within the registry's origin, and to anywhere
-        with C{any_origin}: only for blobs, whose bytes are checked against
-        their digest.  A manifest, tag list or referrers index from wherever
-        the upstream points would let it have the proxy fetch any URL it can
-        reach (the cloud's metadata service, say) for a client.
+        Redirects are followed within the registry's origin, to any HTTPS
+        URL, and to anywhere with C{any_origin}: only for blobs, whose bytes
+        are checked against their digest.  A manifest, tag list or referrers
+        index from any plain-HTTP URL the upstream points at would let it
+        have the proxy fetch what it can reach inside (the cloud's metadata
+        service, say) for a client; over HTTPS the target must prove to be
+        the host named.  (registry.k8s.io redirects manifests to another
+        host, over HTTPS.)
 
         @raise UpstreamError: when the upstream cannot be reached or times out,
             or answers something unusable (a redirect or token realm that is
@@ -389,8 +392,8 @@ class Upstream:
             if not location or redirects >= MAX_REDIRECTS:
                 break
             target = urljoin(url, location)
-            if not any_origin and origin(target) != origin(self.registry.url):
-                log.warn("upstream {registry} {method} {path}: not following a redirect to another host",
+            if not any_origin and origin(target) != origin(self.registry.url) and origin(target)[0] != "https":
+                log.warn("upstream {registry} {method} {path}: not following a redirect to another host over plain HTTP",
                          registry=self.registry.id, method=method, path=path)
                 break
             discard_body(response)
@@ -503,7 +506,7 @@ class Upstream:
             lifetime = document.get("expires_in", DEFAULT_TOKEN_LIFETIME)
             if not isinstance(lifetime, (int, float)) or lifetime <= 0:
                 lifetime = DEFAULT_TOKEN_LIFETIME
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise UpstreamError(
                 self.error(502, "UNAVAILABLE", "token service answered something that is not a token")
             ) from None

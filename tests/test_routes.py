@@ -657,12 +657,14 @@ def _negotiating(request):
     return b"" if request.method == b"HEAD" else body
 
 
+@pytest.mark.parametrize("narrow", [DOCKER_V2, f"{DOCKER_V2}, */*"])
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-def test_a_narrow_accept_does_not_decide_what_a_tag_resolves_to_for_everyone(world, method):
+def test_a_narrow_accept_does_not_decide_what_a_tag_resolves_to_for_everyone(world, method, narrow):
+    # (A registry does not take */* for a list: it looks for the list's type.)
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _negotiating)
     world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _negotiating)
     path = "/v2/alpine/manifests/latest"
-    response, _ = world.get(path, ALL, method=method, headers={"Accept": DOCKER_V2})
+    response, _ = world.get(path, ALL, method=method, headers={"Accept": narrow})
     assert response.headers.getRawHeaders("docker-content-digest") == [CHILD_DIGEST]
     response, body = world.get(path, ALL, headers={"Accept": f"{DOCKER_LIST}, {DOCKER_V2}, */*"})
     assert response.headers.getRawHeaders("docker-content-digest") == [LIST_DIGEST]
@@ -1133,3 +1135,36 @@ def test_a_manifest_is_never_served_as_html(world):
     response, _ = world.get("/v2/alpine/manifests/other", ALL, method="HEAD")
     assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
     assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+
+
+def test_what_was_cached_before_types_were_checked_is_served_as_a_manifest_or_not_at_all(world, tmp_path):
+    # Stored by an earlier version: one with the upstream's text/html, one
+    # that is not a manifest at all (a metadata document it was sent to).
+    from cargobay.manifest_store import ManifestStore
+
+    directory = os.path.join(world.store.directory, "manifests", "up", "sha256")
+    os.makedirs(directory, exist_ok=True)
+    metadata = b'{"AccessKeyId": "INTERNAL-ONLY"}'
+    for media_type, content in ((b"text/html", MANIFEST), (b"application/json", metadata)):
+        with open(os.path.join(directory, hashlib.sha256(content).hexdigest()), "wb") as f:
+            f.write(media_type + b"\n" + content)
+    store = ManifestStore(world.store.directory, world.clock)
+    served = store.get("up", Digest.parse(MANIFEST_DIGEST))
+    assert served is not None and served.media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert store.get("up", Digest.parse("sha256:" + hashlib.sha256(metadata).hexdigest())) is None
+
+
+def test_json_nested_too_deep_from_the_upstream_is_a_502_not_a_500(world):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    world.upstream_registry.on("GET", "/v2/library/alpine/", lambda r: deep)
+    for path in ("/v2/alpine/manifests/latest", "/v2/alpine/tags/list", f"/v2/alpine/referrers/{MANIFEST_DIGEST}"):
+        response, _ = world.get(path, ALL)
+        assert response.code == 502, path
+
+
+def test_an_artifact_manifest_of_the_oci_drafts_has_no_schema_version_and_is_served(world):
+    artifact = json.dumps({"mediaType": "application/vnd.oci.artifact.manifest.v1+json", "artifactType": "x", "blobs": []}).encode()
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: artifact)
+    response, body = world.get("/v2/alpine/manifests/sig", ALL)
+    assert response.code == 200 and body == artifact
+    assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.artifact.manifest.v1+json"]

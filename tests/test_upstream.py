@@ -441,20 +441,22 @@ def test_head_redirected_with_302_stays_a_head():
     assert [s.method for s in registry.seen] == ["HEAD", "HEAD"]  # not a GET of the whole blob
 
 
-def test_only_blob_requests_follow_a_redirect_to_another_host():
+def test_only_blob_requests_follow_a_redirect_to_another_host_over_plain_http():
     """
     A manifest, tag list or referrers index is taken from the registry's
-    own origin only: else an upstream could have the proxy fetch any URL it
-    can reach (a metadata service) and hand the body to a client.
+    own origin or over HTTPS only: else an upstream could have the proxy
+    fetch any URL it can reach inside (a metadata service) and hand the body
+    to a client.  registry.k8s.io sends manifests to another host over HTTPS.
     """
     registry = FakeRegistry()
+    targets = {b"away": b"http://metadata.test/secret", b"k8s": b"https://artifacts.test/v2/a/manifests/k8s"}
 
     def redirect(request):
         request.setResponseCode(302)
-        request.setHeader(b"Location", b"http://metadata.test/secret" if b"away" in request.path else b"/v2/moved")
+        request.setHeader(b"Location", targets.get(request.path.split(b"/")[-1], b"/v2/moved"))
         return b""
 
-    registry.on("GET", "/v2/a/", redirect)
+    registry.on("GET", "/v2/a/", lambda r: b"artifact" if r.getHeader(b"host") == b"artifacts.test" else redirect(r))
     registry.on("GET", "/v2/moved", lambda r: b"here")
     registry.on("GET", "/secret", lambda r: b"SECRET")
     upstream = make_upstream(registry, Clock())
@@ -463,6 +465,8 @@ def test_only_blob_requests_follow_a_redirect_to_another_host():
     assert not [s for s in registry.seen if s.url.startswith("metadata.test")]
     response = result_of(upstream.request("GET", "/v2/a/manifests/near", SCOPE))
     assert response.code == 200 and result_of(read_body(response)) == b"here"
+    response = result_of(upstream.request("GET", "/v2/a/manifests/k8s", SCOPE))
+    assert response.code == 200 and result_of(read_body(response)) == b"artifact"
     response = result_of(upstream.request("GET", "/v2/a/blobs/away", SCOPE, any_origin=True))
     assert response.code == 200 and result_of(read_body(response)) == b"SECRET"
 
