@@ -1626,6 +1626,10 @@ class BlobService:
             return None
         return lambda count: metrics.upstream_bytes.inc(count, registry_id)
 
+    def downloading(self, key: BlobKey) -> bool:
+        """Whether a download of the blob into the cache is under way."""
+        return key in self._fetches
+
     def in_flight(self) -> int:
         """Blob downloads from upstream under way (cacheable or not)."""
         return self._downloads

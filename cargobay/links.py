@@ -111,10 +111,15 @@ class RepositoryLinks:
         path = self._path(registry_id, digest, LEGACY)
         return path is not None and os.path.exists(path)
 
-    def forget(self, registry_id: str, digest: Digest) -> None:
-        """The digest left the cache: so do its links."""
+    def forget(self, registry_id: str, digest: Digest, cached: bool = True) -> None:
+        """
+        The digest left the cache: so do its links.  C{cached=False}: it
+        never was in it (links of layers nobody pulled): what was worked out
+        from links need not be again, since a blob that comes links itself.
+        """
         self._names.pop((registry_id, digest), None)
-        self.generation += 1
+        if cached:
+            self.generation += 1
         path = self._path(registry_id, digest)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)

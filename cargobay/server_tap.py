@@ -348,6 +348,7 @@ class Runtime:
             send_in_thread if SEND_THREADS else None,
             links,
         )
+        self.sweeper.downloading = blobs.downloading
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
         metrics.gauge("cargobay_cache_entries", "Blobs in the cache.", lambda: len(cache))
         metrics.gauge(

@@ -17,7 +17,7 @@ minutes, from the cache's maintenance timer.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import task
@@ -49,6 +49,8 @@ class MetadataSweeper:
         self._links = links
         self._links_directory = links_directory
         self._clock = clock
+        #: Whether a blob is being downloaded (its links stay).
+        self.downloading: Callable[[BlobKey], bool] = lambda key: False
         self._running: Deferred[None] | None = None
         self._last: float | None = None
         #: What the last sweep removed (for tests and the log).
@@ -89,10 +91,13 @@ class MetadataSweeper:
         store_root = self._store.directory
         looked = 0
         for kind in ("manifests", "tags", "taglists"):
-            for path, mtime in _files(os.path.join(store_root, kind), prune=kind != "manifests"):
+            for found in _files(os.path.join(store_root, kind), prune=kind != "manifests"):
                 looked += 1
                 if looked % BATCH == 0:
                     yield None
+                if found is None:
+                    continue
+                path, mtime = found
                 if path.endswith(".tmp"):
                     if now - mtime > STRAY_AFTER:
                         self._remove(path)
@@ -107,9 +112,10 @@ class MetadataSweeper:
                 yield None
             if now - _mtime(directory) <= grace:
                 continue
-            if self._cache.lookup(BlobKey(registry_id, digest)) is not None or self._store.has(registry_id, digest):
+            key = BlobKey(registry_id, digest)
+            if self._cache.lookup(key) is not None or self._store.has(registry_id, digest) or self.downloading(key):
                 continue
-            self._links.forget(registry_id, digest)
+            self._links.forget(registry_id, digest, cached=False)
             self.removed += 1
 
     def _remove(self, path: str) -> None:
@@ -131,10 +137,13 @@ class MetadataSweeper:
             self._links.forget(registry_id, digest)
 
 
-def _files(root: str, prune: bool) -> Iterator[tuple[str, float]]:
+def _files(root: str, prune: bool) -> Iterator[tuple[str, float] | None]:
     """
-    (path, modification time) of every file below C{root}; with C{prune},
-    directories found empty are removed (but C{root}).
+    (path, modification time) of every file below C{root}, and L{None} for
+    each directory looked at (so that the caller may pause in a directory of
+    no files); with C{prune}, directories found empty are removed (but
+    C{root}).  Directories are read lazily: a large one is not read whole
+    in one reactor turn.
     """
     stack = [root]
     visited: list[str] = []
@@ -143,23 +152,24 @@ def _files(root: str, prune: bool) -> Iterator[tuple[str, float]]:
         visited.append(directory)
         try:
             with os.scandir(directory) as entries:
-                found = list(entries)
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            yield entry.path, entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
+                        continue
         except OSError:
             continue
-        for entry in found:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    yield entry.path, entry.stat(follow_symlinks=False).st_mtime
-            except OSError:
-                continue
+        yield None
     if prune:
         for directory in reversed(visited[1:]):
             try:
                 os.rmdir(directory)
             except OSError:
                 pass
+            yield None
 
 
 def _link_directories(root: str) -> Iterator[tuple[str, Digest, str]]:

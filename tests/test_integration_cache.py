@@ -211,8 +211,8 @@ def test_small_max_size_keeps_the_cache_under_the_limit(upstream, tmp_path):
 def test_manifests_tags_and_links_go_once_unused_for_the_age_limit(upstream, image, tmp_path):
     """
     The age limit bounds more than blobs: a mirror meets new tags every
-    day, and kept every manifest, tag and link it ever saw.  What is in use
-    stays.
+    day, and kept every manifest, tag and link it ever saw.  (That what is
+    in use stays is test_sweep.py's.)
     """
     proxy = proxy_for(tmp_path, upstream, "eviction_interval_seconds = 1")
     cache = tmp_path / "cache"

@@ -116,15 +116,22 @@ def test_links_of_digests_not_cached_go_after_a_grace(tmp_path):
     manifest = world.manifest("kept")
     never_pulled = digest_of(b"a layer nobody pulled")
     just_named = digest_of(b"a layer named a moment ago")
-    world.links.add("up", "team/app", [cached.digest, manifest.digest, never_pulled])
-    for digest in (cached.digest, manifest.digest, never_pulled):
+    coming = digest_of(b"a layer being downloaded for an hour")
+    world.sweeper.downloading = lambda key: key.digest == coming
+    world.links.add("up", "team/app", [cached.digest, manifest.digest, never_pulled, coming])
+    for digest in (cached.digest, manifest.digest, never_pulled, coming):
         world.age(os.path.join(world.links_dir, "up", "sha256", digest.encoded[:2], digest.encoded), 2 * 3600)
     world.links.add("up", "team/app", [just_named])
+    generation = world.links.generation
     world.sweep()
     links = RepositoryLinks(world.links_dir)  # from disk, not memory
     assert links.known("up", "team/app", cached.digest) and links.known("up", "team/app", manifest.digest)
-    assert links.known("up", "team/app", just_named)
+    assert links.known("up", "team/app", just_named) and links.known("up", "team/app", coming)
     assert not links.known("up", "team/app", never_pulled)
+    assert not world.links.known("up", "team/app", never_pulled)
+    # Nothing cached went: what manifests linked need not be worked out
+    # again (which every hot manifest would, every sweep).
+    assert world.links.generation == generation
 
 
 def test_leftovers_of_interrupted_writes_go_and_empty_directories_too(tmp_path):
