@@ -1675,7 +1675,12 @@ class BlobService:
         if fetch is not None:
             self._mark(request, "join")
             return self._follow(
-                request, fetch, digest, upstream_name, lambda: self.serve(request, upstream, upstream_name, digest, head)
+                request,
+                fetch,
+                digest,
+                upstream_name,
+                lambda: self.serve(request, upstream, upstream_name, digest, head),
+                lambda: self._start_fetch(request, key, upstream, upstream_name, digest),
             )
         self._mark(request, "miss")
         if _header(request, b"range") is not None:
@@ -1693,9 +1698,8 @@ class BlobService:
         """
         fetch = Fetch(key, upstream_name)
         self._start_fetch(None, key, upstream, upstream_name, digest, fetch=fetch).addErrback(lambda _: None)
-        return self._follow(
-            request, fetch, digest, upstream_name, lambda: self._start_fetch(request, key, upstream, upstream_name, digest)
-        )
+        whole = lambda: self._start_fetch(request, key, upstream, upstream_name, digest)  # noqa: E731
+        return self._follow(request, fetch, digest, upstream_name, whole, whole)
 
     def _confirm(
         self, request: Request, upstream: Upstream, upstream_name: str, digest: Digest, head: bool
@@ -1882,7 +1886,8 @@ class BlobService:
                     settled(None)
                     return None
             else:
-                fetch.started(writer, None if length is None else offset + length)
+                writer.expected = None if length is None else offset + length
+                fetch.started(writer, writer.expected)
                 fetch.progressed(offset)
             if client is not None:
                 _blob_headers(client, digest)
@@ -2022,20 +2027,22 @@ class BlobService:
         digest: Digest,
         upstream_name: str,
         again: Callable[[], Deferred[None]],
+        alone: Callable[[], Deferred[None]],
     ) -> Deferred[None]:
         """
         Serve C{request} from C{fetch}'s file as it grows.  A download that
         the upstream refused (404, 403) for the name that started it is asked
-        C{again} for this request's own name (which may have the blob); so
-        is one that cannot be cached (too big, or the disk refused): it has
-        no file to follow, and the request gets a download of its own.
+        C{again} for this request's own name (which may have the blob).  One
+        that cannot be cached (too big, or the disk refused) has no file to
+        follow: the request gets a download of its own, C{alone} (joining
+        another would have a herd's clients start one after the other).
         """
 
         def refused(failure: Failure) -> Deferred[None]:
             error = failure.value
-            if fetch.uncacheable or (
-                isinstance(error, RegistryError) and error.status in (401, 403, 404) and fetch.name != upstream_name
-            ):
+            if fetch.uncacheable:
+                return alone()
+            if isinstance(error, RegistryError) and error.status in (401, 403, 404) and fetch.name != upstream_name:
                 return again()
             return fail(failure)
 

@@ -115,6 +115,8 @@ class BlobWriter:
         self._file: IO[bytes] | None = fileobj
         self._fd = fileobj.fileno()
         self.size = 0
+        #: The blob's size, when the upstream said.
+        self.expected: int | None = None
         #: Where the next bytes go in the file.
         self._end = 0
         #: The O_DIRECT descriptor, and its buffer: C{_held} bytes at its start
@@ -272,7 +274,7 @@ class BlobWriter:
 
     def failed(self, error: OSError) -> None:
         self.abort()
-        self._cache.note_write_error(error)
+        self._cache.note_write_error(error, self.expected or self.size)
 
     def commit(self, synced: bool = False) -> Entry | None:
         """
@@ -334,6 +336,9 @@ class BlobCache:
         self._evicting: Deferred[None] | None = None
         #: Set when an eviction was asked for while one ran: it runs again.
         self._evict_again = False
+        #: Bytes a download that met a full disk wanted: the next eviction
+        #: makes that much room.
+        self._room_wanted = 0
         #: Called with each evicted entry (metrics).
         self.on_evict: Callable[[Entry], None] | None = None
         # One step of background work (an eviction batch, a scrub chunk) per
@@ -552,14 +557,16 @@ class BlobCache:
         reserve = min(stat.f_blocks * stat.f_frsize // 10, 1 << 30)
         return max(0, min(limit, self.total_size + stat.f_bavail * stat.f_frsize - reserve))
 
-    def note_write_error(self, error: OSError) -> None:
+    def note_write_error(self, error: OSError, wanted: int = 0) -> None:
         """
         Log a disk problem once (not once per chunk or per request) until a
-        write succeeds again.
+        write succeeds again.  A full disk has the least recently used
+        entries make room for C{wanted} bytes (a download that did not fit).
         """
         self.stats.write_errors += 1
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.evict()  # room for the next download
+            self._room_wanted = max(self._room_wanted, wanted)
+            self.evict()
         if not self._write_error_logged:
             self._write_error_logged = True
             reason = errno.errorcode.get(error.errno or 0, "") or type(error).__name__
@@ -640,6 +647,8 @@ class BlobCache:
         """
         now = self._clock.seconds()
         limit = self.size_limit()
+        if self._room_wanted:
+            limit, self._room_wanted = min(limit, self.total_size - self._room_wanted), 0
         ordered = sorted(self._entries.values(), key=lambda e: e.last_used)
         chosen: list[Entry] = []
         remaining = self.total_size
@@ -681,7 +690,7 @@ class BlobCache:
             if chosen:
                 log.info("evicted {count} blobs; cache now {size} bytes", count=len(chosen), size=self.total_size)
             if self._evict_again:
-                self.evict()
+                self.evict().addErrback(lambda f: log.failure("eviction failed", f))
             return result
 
         d: Deferred[None] = self._cooperator.cooperate(remove_all()).whenDone()  # type: ignore[assignment]

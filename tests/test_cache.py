@@ -420,3 +420,22 @@ def test_a_filesystem_short_of_room_lowers_the_limit(tmp_path, monkeypatch):
     cache.note_write_error(OSError(errno.ENOSPC, "No space left on device"))
     run(clock)
     assert cache.lookup(old) is None and cache.lookup(recent) is not None
+
+
+def test_a_download_that_met_a_full_disk_gets_room_for_it(tmp_path, monkeypatch):
+    # Its file is gone by the time the cache hears: what is free then is
+    # not what that download needed.
+    from types import SimpleNamespace
+
+    cache, clock = make(tmp_path, max_size=10**9)
+    keys = []
+    for letter in b"abc":
+        keys.append(store(cache, bytes([letter]) * 3000))
+        clock.advance(1)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_blocks=10_000, f_frsize=1, f_bavail=1000))
+    assert cache.size_limit() == cache.total_size
+    writer = cache.begin(key_for(b"big"))
+    writer.expected = 5000
+    writer.failed(OSError(errno.ENOSPC, "No space left on device"))
+    run(clock)
+    assert [cache.lookup(key) is not None for key in keys] == [False, False, True]

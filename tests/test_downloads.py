@@ -99,24 +99,19 @@ def test_readers_of_a_body_that_outgrows_the_cache_still_get_all_of_it(tmp_path)
 
 def test_clients_that_joined_a_download_too_big_to_cache_each_get_the_blob(tmp_path):
     # They were told to retry (a 503) although nothing failed: with no file
-    # to follow, each starts a download of its own.
+    # to follow, each starts a download of its own, at once (not one after
+    # the other, each joining the next and bounced in turn).
     data = os.urandom(2 * MiB)
     world = World(tmp_path, data, max_size=MiB)
     first, _ = world.get()
     others = [world.get() for _ in range(2)]
     assert len(world.requests) == 1
-    bodies = [Body(length=len(data))]
+    bodies = [Body(length=len(data)) for _ in range(3)]
     world.requests[0].d.callback(bodies[0])
     assert [outcome for _, outcome in others] == [[], []]
-    # The first of the others started one, which the second joined; that is
-    # too big as well, and the second starts its own.
-    assert len(world.requests) == 2
-    bodies.append(Body(length=len(data)))
-    world.requests[1].d.callback(bodies[1])
     assert len(world.requests) == 3
-    bodies.append(Body(length=len(data)))
+    world.requests[1].d.callback(bodies[1])
     world.requests[2].d.callback(bodies[2])
-    # None is in the table of downloads to join; all three are under way.
     assert world.service.in_flight() == 3
     for body, (request, _) in zip(bodies, [(first, []), *others], strict=True):
         body.send(data)
