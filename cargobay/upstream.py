@@ -467,6 +467,15 @@ class Upstream:
         assert realm is not None
         if urlsplit(realm).scheme not in ("http", "https"):
             raise UpstreamError(self.error(502, "UNAVAILABLE", f"gave an unusable token realm {realm!r}"))
+        if (
+            self.registry.auth is not None
+            and urlsplit(realm).scheme == "http"
+            and urlsplit(self.registry.url).scheme == "https"
+        ):
+            # Its credentials, asked for over HTTPS, would go out in clear.
+            raise UpstreamError(
+                self.error(502, "UNAVAILABLE", "names a plain-HTTP token realm; the credentials in the config are not sent there")
+            )
         query = []
         if challenge.service:
             query.append(("service", challenge.service))

@@ -210,6 +210,17 @@ def test_token_service_refusing_credentials_is_denied_naming_the_registry():
     assert "'up'" in caught.value.error.message
 
 
+def test_the_credentials_of_an_https_registry_never_go_to_a_plain_http_token_realm():
+    registry = FakeRegistry()
+    registry.on("GET", "/token", token_handler("T", user="u", password="secret"))
+    registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T", lambda r: b"ok"))
+    upstream = make_upstream(registry, Clock(), url="https://upstream.test", auth=UpstreamAuth("u", "secret"))
+    with pytest.raises(UpstreamError) as caught:
+        result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
+    assert caught.value.error.status == 502 and "plain-HTTP token realm" in caught.value.error.message
+    assert not registry.requests("/token")
+
+
 @pytest.mark.parametrize("body", [b"not json", b'{"token": 5}', b"{}"])
 def test_garbage_from_token_service_is_a_clean_error(body):
     registry = FakeRegistry()
