@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
@@ -126,6 +127,8 @@ class ManifestService:
         #: Manifests whose references are linked under a name (this process).
         self._linked: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
         self._linked_generation = self.links.generation
+        #: Tag lists being fetched, and who waits for each.
+        self._tag_lists: dict[tuple[str, str, str], list[Deferred[Any]]] = {}
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -401,14 +404,7 @@ class ManifestService:
             path += "?" + urlencode(query)
         registry_id = upstream.registry.id
         try:
-            response = yield upstream.request("GET", path, pull_scope(upstream_name))
-            if response.code != 200:
-                discard_body(response)
-                raise map_status(upstream, response, name_unknown(local_name))
-            try:
-                body = yield upstream.read_body(response)
-            except Exception as e:
-                raise _bad_upstream(upstream, f"failed while sending a tag list ({type(e).__name__})") from None
+            tags, raw_link = yield self._tag_list(upstream, upstream_name, path, local_name)
         except RegistryError as error:
             if not _worth_serving_stale(error):
                 self._store.drop_tag_list(registry_id, upstream_name)
@@ -420,6 +416,48 @@ class ManifestService:
             _log_stale(upstream, upstream_name, "tags/list", error)
             tags, link = paginate(remembered, n, last, local_name)
             return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
+        link = rewrite_link(raw_link, upstream_name, local_name)
+        if link is None and n is None and last is None:
+            self._store.set_tag_list(registry_id, upstream_name, tags)
+        if link is None and (n is not None or last is not None):
+            tags, link = paginate(tags, n, last, local_name)
+        rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
+        return rewritten, link, False
+
+    def _tag_list(self, upstream: Upstream, upstream_name: str, path: str, local_name: str) -> Deferred[Any]:
+        """
+        The upstream's tags at C{path} and its C{Link} header: one request
+        for all who ask at once (a big repository's list parsed once, not
+        once per client).
+        """
+        key = (upstream.registry.id, path, local_name)
+        d: Deferred[Any] = Deferred()
+        waiting = self._tag_lists.get(key)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._tag_lists[key] = [d]
+
+        def share(result: object) -> None:
+            for each in self._tag_lists.pop(key, []):
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
+
+        self._fetch_tag_list(upstream, upstream_name, path, local_name).addBoth(share)
+        return d
+
+    @inlineCallbacks
+    def _fetch_tag_list(self, upstream: Upstream, upstream_name: str, path: str, local_name: str) -> Any:
+        response = yield upstream.request("GET", path, pull_scope(upstream_name))
+        if response.code != 200:
+            discard_body(response)
+            raise map_status(upstream, response, name_unknown(local_name))
+        try:
+            body = yield upstream.read_body(response)
+        except Exception as e:
+            raise _bad_upstream(upstream, f"failed while sending a tag list ({type(e).__name__})") from None
         try:
             document = json.loads(body)
             tags = document.get("tags") or []
@@ -427,14 +465,7 @@ class ManifestService:
                 raise ValueError
         except (ValueError, AttributeError, RecursionError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
-        tags = [t for t in tags if isinstance(t, str)]
-        link = rewrite_link(header_text((response.headers.getRawHeaders("link") or [None])[0]), upstream_name, local_name)
-        if link is None and n is None and last is None:
-            self._store.set_tag_list(registry_id, upstream_name, tags)
-        if link is None and (n is not None or last is not None):
-            tags, link = paginate(tags, n, last, local_name)
-        rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
-        return rewritten, link, False
+        return [t for t in tags if isinstance(t, str)], header_text((response.headers.getRawHeaders("link") or [None])[0])
 
     @inlineCallbacks
     def referrers(

@@ -1168,3 +1168,37 @@ def test_an_artifact_manifest_of_the_oci_drafts_has_no_schema_version_and_is_ser
     response, body = world.get("/v2/alpine/manifests/sig", ALL)
     assert response.code == 200 and body == artifact
     assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.artifact.manifest.v1+json"]
+
+
+def test_clients_asking_for_a_tag_list_at_once_share_one_upstream_request(world, monkeypatch):
+    # A big repository's list was fetched and parsed once per client: 30 at
+    # once held 130 MB.
+    from twisted.internet.defer import Deferred
+    from twisted.web.http_headers import Headers
+
+    from cargobay.manifests import ManifestService
+
+    asked = []
+
+    def request(method, path, scope, headers=None, **kwargs):
+        d = Deferred()
+        asked.append(d)
+        return d
+
+    monkeypatch.setattr(world.upstream, "request", request)
+    service = ManifestService(world.store, world.clock, links=world.links)
+    answers = []
+    for _ in range(3):
+        service.tags(world.upstream, "alpine", "library/alpine", None, None).addBoth(answers.append)
+    assert len(asked) == 1 and answers == []
+
+    class Response:
+        code = 200
+        headers = Headers({})
+
+    monkeypatch.setattr(world.upstream, "read_body", lambda response: succeed(b'{"tags": ["b", "a"]}'))
+    asked[0].callback(Response())
+    assert [json.loads(body)["tags"] for body, _, _ in answers] == [["b", "a"]] * 3
+    # The next client asks again.
+    service.tags(world.upstream, "alpine", "library/alpine", None, None)
+    assert len(asked) == 2
