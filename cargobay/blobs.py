@@ -1698,7 +1698,10 @@ class BlobService:
         """
         fetch = Fetch(key, upstream_name)
         self._start_fetch(None, key, upstream, upstream_name, digest, fetch=fetch).addErrback(lambda _: None)
-        whole = lambda: self._start_fetch(request, key, upstream, upstream_name, digest)  # noqa: E731
+
+        def whole() -> Deferred[None]:
+            return self._start_fetch(request, key, upstream, upstream_name, digest)
+
         return self._follow(request, fetch, digest, upstream_name, whole, whole)
 
     def _confirm(

@@ -189,7 +189,7 @@ class ManifestStore:
         self._touched.move_to_end(path)
         if len(self._touched) > TOUCH_MEMORY:
             self._touched.popitem(last=False)
-        if last is not None or now - _mtime(path) >= self.touch_every:
+        if last is not None or now - file_mtime(path) >= self.touch_every:
             try:
                 os.utime(path)
             except OSError:
@@ -295,9 +295,9 @@ class ManifestStore:
     def manifests_on_disk(self) -> Iterator[tuple[str, Digest]]:
         """(registry id, digest) of every manifest kept on disk."""
         root = os.path.join(self.directory, "manifests")
-        for registry_id in _listdir(root):
-            for algorithm in _listdir(os.path.join(root, registry_id)):
-                for encoded in _listdir(os.path.join(root, registry_id, algorithm)):
+        for registry_id in list_directory(root):
+            for algorithm in list_directory(os.path.join(root, registry_id)):
+                for encoded in list_directory(os.path.join(root, registry_id, algorithm)):
                     try:
                         yield registry_id, Digest.parse(f"{algorithm}:{encoded}")
                     except InvalidDigest:
@@ -403,14 +403,16 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _mtime(path: str) -> float:
+def file_mtime(path: str) -> float:
+    """A file's modification time; 0 when it cannot be read."""
     try:
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
 
 
-def _listdir(path: str) -> list[str]:
+def list_directory(path: str) -> list[str]:
+    """A directory's names; none when it cannot be read."""
     try:
         return os.listdir(path)
     except OSError:

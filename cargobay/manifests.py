@@ -13,7 +13,6 @@ from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
@@ -29,7 +28,7 @@ from cargobay.manifest_store import (
     valid_media_type,
 )
 from cargobay.reference import Digest, InvalidDigest
-from cargobay.upstream import Upstream, discard_body, map_status, pull_scope
+from cargobay.upstream import Upstream, discard_body, map_status, pull_scope, shared
 
 log = Logger()
 
@@ -56,6 +55,27 @@ def accept_headers(request: Request) -> list[str]:
 
 def _bad_upstream(upstream: Upstream, message: str) -> RegistryError:
     return upstream.error(502, "UNAVAILABLE", message)
+
+
+@inlineCallbacks
+def _get_body(
+    upstream: Upstream,
+    path: str,
+    upstream_name: str,
+    not_found: RegistryError,
+    what: str,
+    headers: dict[str, list[str]] | None = None,
+) -> Any:
+    """GET a small document (C{what}) from the upstream.  Fires with (response, body)."""
+    response = yield upstream.request("GET", path, pull_scope(upstream_name), headers=headers)
+    if response.code != 200:
+        discard_body(response)
+        raise map_status(upstream, response, not_found)
+    try:
+        body = yield upstream.read_body(response)
+    except Exception as e:
+        raise _bad_upstream(upstream, f"failed while sending {what} ({type(e).__name__})") from None
+    return response, body
 
 
 @dataclass(frozen=True)
@@ -128,7 +148,7 @@ class ManifestService:
         self._linked: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
         self._linked_generation = self.links.generation
         #: Tag lists being fetched, and who waits for each.
-        self._tag_lists: dict[tuple[str, str, str], list[Deferred[Any]]] = {}
+        self._tag_lists: dict[Any, list[Deferred[Any]]] = {}
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -316,19 +336,10 @@ class ManifestService:
         GET a manifest from upstream, verified against the digest asked for (or
         the one the upstream announces).  Fires with a L{Manifest}.
         """
-        response = yield upstream.request(
-            "GET",
-            f"/v2/{upstream_name}/manifests/{reference}",
-            pull_scope(upstream_name),
-            headers={"Accept": accept},
+        response, content = yield _get_body(
+            upstream, f"/v2/{upstream_name}/manifests/{reference}", upstream_name,
+            manifest_unknown(reference), "a manifest", {"Accept": accept},
         )
-        if response.code != 200:
-            discard_body(response)
-            raise map_status(upstream, response, manifest_unknown(reference))
-        try:
-            content = yield upstream.read_body(response)
-        except Exception as e:
-            raise _bad_upstream(upstream, f"failed while sending a manifest ({type(e).__name__})") from None
         media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         announced = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
@@ -430,34 +441,15 @@ class ManifestService:
         for all who ask at once (a big repository's list parsed once, not
         once per client).
         """
-        key = (upstream.registry.id, path, local_name)
-        d: Deferred[Any] = Deferred()
-        waiting = self._tag_lists.get(key)
-        if waiting is not None:
-            waiting.append(d)
-            return d
-        self._tag_lists[key] = [d]
-
-        def share(result: object) -> None:
-            for each in self._tag_lists.pop(key, []):
-                if isinstance(result, Failure):
-                    each.errback(result)
-                else:
-                    each.callback(result)
-
-        self._fetch_tag_list(upstream, upstream_name, path, local_name).addBoth(share)
-        return d
+        return shared(
+            self._tag_lists,
+            (upstream.registry.id, path, local_name),
+            lambda: self._fetch_tag_list(upstream, upstream_name, path, local_name),
+        )
 
     @inlineCallbacks
     def _fetch_tag_list(self, upstream: Upstream, upstream_name: str, path: str, local_name: str) -> Any:
-        response = yield upstream.request("GET", path, pull_scope(upstream_name))
-        if response.code != 200:
-            discard_body(response)
-            raise map_status(upstream, response, name_unknown(local_name))
-        try:
-            body = yield upstream.read_body(response)
-        except Exception as e:
-            raise _bad_upstream(upstream, f"failed while sending a tag list ({type(e).__name__})") from None
+        response, body = yield _get_body(upstream, path, upstream_name, name_unknown(local_name), "a tag list")
         try:
             document = json.loads(body)
             tags = document.get("tags") or []
@@ -482,14 +474,7 @@ class ManifestService:
         path = f"/v2/{upstream_name}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode([("artifactType", artifact_type)])
-        response = yield upstream.request("GET", path, pull_scope(upstream_name))
-        if response.code != 200:
-            discard_body(response)
-            raise map_status(upstream, response, manifest_unknown(str(digest)))
-        try:
-            body = yield upstream.read_body(response)
-        except Exception as e:
-            raise _bad_upstream(upstream, f"failed while sending referrers ({type(e).__name__})") from None
+        response, body = yield _get_body(upstream, path, upstream_name, manifest_unknown(str(digest)), "referrers")
         if manifest_document(body) is None:
             raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from cargobay.cache import BlobCache, BlobKey
 from cargobay.links import RepositoryLinks
-from cargobay.manifest_store import ManifestStore
+from cargobay.manifest_store import ManifestStore, file_mtime, list_directory
 from cargobay.reference import Digest, InvalidDigest
 
 log = Logger()
@@ -101,7 +101,7 @@ class MetadataSweeper:
                 if path.endswith(".tmp"):
                     if now - mtime > STRAY_AFTER:
                         self._remove(path)
-                elif self.max_age > 0 and now - mtime > self.max_age and _mtime(path) == mtime:
+                elif self.max_age > 0 and now - mtime > self.max_age and file_mtime(path) == mtime:
                     self._remove(path)
                     if kind == "manifests":
                         self._forget_links_of(path)
@@ -110,7 +110,7 @@ class MetadataSweeper:
             looked += 1
             if looked % BATCH == 0:
                 yield None
-            if now - _mtime(directory) <= grace:
+            if now - file_mtime(directory) <= grace:
                 continue
             key = BlobKey(registry_id, digest)
             if self._cache.lookup(key) is not None or self._store.has(registry_id, digest) or self.downloading(key):
@@ -174,26 +174,12 @@ def _files(root: str, prune: bool) -> Iterator[tuple[str, float] | None]:
 
 def _link_directories(root: str) -> Iterator[tuple[str, Digest, str]]:
     """(registry id, digest, directory) of every digest that has links."""
-    for registry_id in _listdir(root):
-        for algorithm in _listdir(os.path.join(root, registry_id)):
-            for fan in _listdir(os.path.join(root, registry_id, algorithm)):
-                for encoded in _listdir(os.path.join(root, registry_id, algorithm, fan)):
+    for registry_id in list_directory(root):
+        for algorithm in list_directory(os.path.join(root, registry_id)):
+            for fan in list_directory(os.path.join(root, registry_id, algorithm)):
+                for encoded in list_directory(os.path.join(root, registry_id, algorithm, fan)):
                     try:
                         digest = Digest.parse(f"{algorithm}:{encoded}")
                     except InvalidDigest:
                         continue
                     yield registry_id, digest, os.path.join(root, registry_id, algorithm, fan, encoded)
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return 0.0
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []

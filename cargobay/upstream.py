@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -311,7 +312,7 @@ class Upstream:
             agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         self._http = HTTPClient(agent)
         self._tokens: dict[str, _CachedToken] = {}
-        self._pending_tokens: dict[str, list[Deferred[str]]] = {}
+        self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
         # Set once the registry answered with a Basic challenge: send the
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
@@ -444,22 +445,7 @@ class Upstream:
         return False
 
     def _token(self, scope: str, challenge: Challenge) -> Deferred[str]:
-        waiting: Deferred[str] = Deferred()
-        pending = self._pending_tokens.get(scope)
-        if pending is not None:
-            pending.append(waiting)
-            return waiting
-        self._pending_tokens[scope] = [waiting]
-
-        def settle(result: Any) -> None:
-            for d in self._pending_tokens.pop(scope, []):
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(result)
-
-        self._fetch_token(scope, challenge).addBoth(settle)
-        return waiting
+        return shared(self._pending_tokens, scope, lambda: self._fetch_token(scope, challenge))
 
     @inlineCallbacks
     def _fetch_token(self, scope: str, challenge: Challenge) -> Any:
@@ -599,6 +585,29 @@ def _is_tls_failure(failure: Failure) -> bool:
     if reasons:
         return any(isinstance(reason, Failure) and reason.check(*_TLS_ERRORS) for reason in reasons)
     return False
+
+
+def shared(pending: dict[Any, list[Deferred[Any]]], key: Any, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+    """
+    The result of C{start()}, one call for all who ask for C{key} while it
+    runs (C{pending} holds who waits for what).
+    """
+    d: Deferred[Any] = Deferred()
+    waiting = pending.get(key)
+    if waiting is not None:
+        waiting.append(d)
+        return d
+    pending[key] = [d]
+
+    def settle(result: object) -> None:
+        for each in pending.pop(key, []):
+            if isinstance(result, Failure):
+                each.errback(result)
+            else:
+                each.callback(result)
+
+    start().addBoth(settle)
+    return d
 
 
 def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError) -> RegistryError:

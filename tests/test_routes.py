@@ -581,17 +581,21 @@ def test_tag_deleted_upstream_is_not_served_from_cache(world):
     assert response.code == 502
 
 
+MOVED = MANIFEST.replace(b"2", b"2 ")
+MOVED_DIGEST = "sha256:" + hashlib.sha256(MOVED).hexdigest()
+
+
+def _head_of_moved_tag(request):
+    request.setHeader(b"Docker-Content-Digest", MOVED_DIGEST.encode())
+    request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+    return b""
+
+
 def test_tag_moved_upstream_is_fetched_again(world):
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    moved = MANIFEST.replace(b"2", b"2 ")
-    moved_digest = "sha256:" + hashlib.sha256(moved).hexdigest()
-
-    def head(request):
-        request.setHeader(b"Docker-Content-Digest", moved_digest.encode())
-        return b""
-
-    world.upstream_registry.on("HEAD", "/v2/", head)
+    moved, moved_digest = MOVED, MOVED_DIGEST
+    world.upstream_registry.on("HEAD", "/v2/", _head_of_moved_tag)
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: moved)
     world.clock.advance(61)
     response, body = world.get(path, ALL)
@@ -605,14 +609,7 @@ def test_a_head_that_finds_the_tag_moved_keeps_the_cached_manifest_as_the_fallba
     # upstream went down.
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    moved = MANIFEST.replace(b"2", b"2 ")
-    moved_digest = "sha256:" + hashlib.sha256(moved).hexdigest()
-
-    def head(request):
-        request.setHeader(b"Docker-Content-Digest", moved_digest.encode())
-        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
-        return b""
-
+    moved, moved_digest, head = MOVED, MOVED_DIGEST, _head_of_moved_tag
     world.upstream_registry.on("HEAD", "/v2/", head)
     world.clock.advance(61)
     response, _ = world.get(path, ALL, method="HEAD")
