@@ -5,7 +5,8 @@ Three kinds of mapping, tried in this order:
 
 1. exact names from ``[[repositories]]`` (the earlier implementation's kind):
    ``mycompany/app`` -> private registry ``team/application`` (with ``?ns=``,
-   only if it names that registry);
+   only a mapping onto that registry that keeps the name: a mirror request
+   names the upstream repository);
 2. a mirror request's ``?ns=<registry host>`` (containerd's ``hosts.toml``
    mirrors add it) picks the configured registry with that host, and the
    name is the upstream name: any name where the registry lists its hosts
@@ -64,10 +65,16 @@ class Mapper:
             registry = self._by_host.get(ns.lower())
             if registry is None:
                 return None
-            # An exact mapping onto another registry is not what a mirror
-            # request for this one means: ghcr.io's "alpine" is not the
-            # "alpine" mapped onto Docker Hub.
-            if exact is not None and exact.registry_id == registry.id:
+            # A mirror request names the upstream repository itself.  An
+            # exact mapping onto another registry is not what it means
+            # (ghcr.io's "alpine" is not the "alpine" mapped onto Docker
+            # Hub), nor is one that renames: registry.example.com's "myapp"
+            # is not the "team/application" that "myapp" is mapped onto.
+            if (
+                exact is not None
+                and exact.registry_id == registry.id
+                and exact.upstream_name == self._upstream(registry, name)
+            ):
                 return exact
             if registry.hosts_open:
                 return Resolved(name, registry.id, self._upstream(registry, name))

@@ -119,6 +119,26 @@ def test_containerd_hosts_toml_mirror_with_ns(hub, mirror, tmp_path):
         daemon.stop()
 
 
+def test_a_mirror_request_is_not_answered_by_a_mapping_that_renames(hub, tmp_path):
+    """
+    ?ns= names the upstream repository itself: with the local name
+    "busybox" mapped onto the hub's library/alpine, a mirror request for
+    the hub's "busybox" is not that alpine image; a plain pull of the local
+    name still is.
+    """
+    proxy = start_proxy(tmp_path, [{"id": "hub", "url": hub.url}], [("busybox", "hub", "library/alpine")])
+    try:
+        token = mint_token(SECRET, "renamed", ["busybox"])
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        status, _, body = proxy.request("/v2/busybox/manifests/latest", token, headers=accept)
+        assert status == 200 and json.loads(body)["config"]["digest"] == hub.images["alpine"]["configs"][0]
+        status, _, body = proxy.request(f"/v2/busybox/manifests/latest?ns={hub.host}", token, headers=accept)
+        assert status == 404, body
+        assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+    finally:
+        proxy.process.stop()
+
+
 def test_podman_registries_conf_mirror(hub, mirror, tmp_path):
     token = mint_token(SECRET, "podman-mirror", ["library"])
     conf = tmp_path / "registries.conf"

@@ -47,7 +47,28 @@ def mapper():
 
 def test_exact_mappings_win(mapper):
     assert mapper.resolve("alpine") == Resolved("alpine", "private", "mirrored/alpine")
-    assert mapper.resolve("alpine", ns="registry.example.com") == Resolved("alpine", "private", "mirrored/alpine")
+
+
+def test_a_mirror_request_names_the_upstream_repository_not_a_renaming_mapping():
+    # containerd mirroring registry.example.com asks for its "myapp": the
+    # "team/application" that the local name "myapp" is mapped onto is
+    # another image.  A mapping that keeps the name still answers.
+    base = '[auth]\njwt_secret="s"\n[[registries]]\nid="p"\nurl="https://registry.example.com"\n'
+    renames = '[[repositories]]\nname="myapp"\nregistry_id="p"\nupstream_name="team/application"\n'
+    keeps = '[[repositories]]\nname="team/tool"\nregistry_id="p"\nupstream_name="team/tool"\n'
+    mapper = Mapper(parse_config(base + renames + keeps))
+    assert mapper.resolve("myapp") == Resolved("myapp", "p", "team/application")
+    assert mapper.resolve("myapp", ns="registry.example.com") is None
+    assert mapper.resolve("team/tool", ns="registry.example.com") == Resolved("team/tool", "p", "team/tool")
+    whole = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
+    assert Mapper(parse_config(base + renames + whole)).resolve("myapp", ns="registry.example.com") == Resolved(
+        "myapp", "p", "myapp"
+    )
+    hub = '[auth]\njwt_secret="s"\n[[registries]]\nid="hub"\nurl="https://registry-1.docker.io"\n'
+    alpine = '[[repositories]]\nname="alpine"\nregistry_id="hub"\nupstream_name="library/alpine"\n'
+    assert Mapper(parse_config(hub + alpine)).resolve("alpine", ns="docker.io") == Resolved(
+        "alpine", "hub", "library/alpine"
+    )
 
 
 def test_a_mirror_request_for_another_registry_is_not_an_exact_mapping_s_name(mapper):
@@ -92,7 +113,9 @@ def test_ns_reaches_only_registries_opened_whole_or_listing_their_hosts():
         for name in ("team/secret", "other/thing"):
             # A pattern ("team/*") opens its names with or without ?ns=.
             assert (mapper.resolve(name, ns="registry.example.com") is not None) == (name in reached), (mappings, name)
-        assert mapper.resolve("myapp", ns="registry.example.com") == Resolved("myapp", "p", "team/application")
+        assert mapper.resolve("myapp", ns="registry.example.com") == (
+            Resolved("myapp", "p", "myapp") if "other/thing" in reached else None
+        )
     # containerd's mirror of a part of Docker Hub: "library/*" with ?ns=docker.io.
     hub = '[auth]\njwt_secret="s"\n[[registries]]\nid="hub"\nurl="https://registry-1.docker.io"\n'
     library = '[[repositories]]\nname="library/*"\nregistry_id="hub"\nupstream_name="library/*"\n'

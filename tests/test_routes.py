@@ -49,6 +49,10 @@ upstream_name = "library/alpine"
 name = "mycompany/app"
 registry_id = "up"
 upstream_name = "team/application"
+[[repositories]]
+name = "library/busybox"
+registry_id = "up"
+upstream_name = "library/busybox"
 """
 BLOB = os.urandom(300_000)
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -718,8 +722,14 @@ def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
     assert json.loads(body)["tags"] == ["c", "d"]
     assert response.headers.getRawHeaders("link") is None
     # A mirror request's next page names the same registry.
-    response, body = world.get("/v2/alpine/tags/list?n=2&ns=upstream.test", ALL)
-    assert response.headers.getRawHeaders("link") == ['</v2/alpine/tags/list?last=b&n=2&ns=upstream.test>; rel="next"']
+    world.upstream_registry.on(
+        "GET", "/v2/library/busybox/tags/list", lambda r: json.dumps({"name": "library/busybox", "tags": ["c", "a", "d", "b"]}).encode()
+    )
+    response, body = world.get("/v2/library/busybox/tags/list?n=2&ns=upstream.test", ALL)
+    assert json.loads(body)["tags"] == ["a", "b"]
+    assert response.headers.getRawHeaders("link") == [
+        '</v2/library/busybox/tags/list?last=b&n=2&ns=upstream.test>; rel="next"'
+    ]
 
 
 def test_realm_honours_forwarded_headers_only_from_trusted_proxies(tmp_path):
