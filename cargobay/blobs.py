@@ -2090,6 +2090,19 @@ class BlobService:
         return fetch.when_started().addCallback(go).addErrback(refused)
 
 
+def none_match(request: Request, etag: str) -> bool:
+    """
+    Whether the request's If-None-Match names C{etag}: its answer is then a
+    304.  RFC 9110 13.1.2: "*" matches any current representation, and the
+    comparison is weak (W/"x" matches "x").
+    """
+    if_none_match = request.getHeader(b"if-none-match")
+    if if_none_match is None:
+        return False
+    offered = [t.strip().removeprefix("W/") for t in if_none_match.decode("latin-1").split(",")]
+    return "*" in offered or etag in offered
+
+
 def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) -> tuple[int, int] | None:
     """
     Set the headers of a blob response whose size is known, and answer it
@@ -2100,11 +2113,7 @@ def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) 
     _blob_headers(request, digest)
     request.setHeader(b"ETag", etag.encode())
     request.setHeader(b"Accept-Ranges", b"bytes")
-    if_none_match = request.getHeader(b"if-none-match")
-    # RFC 9110 13.1.2: "*" matches any current representation, and the
-    # comparison is weak (W/"x" matches "x").
-    offered = [t.strip().removeprefix("W/") for t in (if_none_match or b"").decode("latin-1").split(",")]
-    if if_none_match is not None and ("*" in offered or etag in offered):
+    if none_match(request, etag):
         request.setResponseCode(304)
         request.finish()
         return None

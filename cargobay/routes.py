@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from cargobay.auth import Authenticator
-from cargobay.blobs import BlobService, abort_request, when_counted
+from cargobay.blobs import BlobService, abort_request, none_match, when_counted
 from cargobay.config import Config
 from cargobay.errors import (
     RegistryError,
@@ -318,7 +318,12 @@ class RegistryApp:
         if media_type:
             request.setHeader(b"Content-Type", media_type.encode("ascii"))
         request.setHeader(b"Docker-Content-Digest", str(answer.digest).encode())
-        request.setHeader(b"ETag", f'"{answer.digest}"'.encode())
+        etag = f'"{answer.digest}"'
+        request.setHeader(b"ETag", etag.encode())
+        if none_match(request, etag):
+            request.setResponseCode(304)
+            request.finish()
+            return None
         if answer.length is not None:
             request.setHeader(b"Content-Length", str(answer.length).encode())
         if head or answer.content is None:

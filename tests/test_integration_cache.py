@@ -90,7 +90,7 @@ def test_second_pull_is_served_without_upstream_even_when_it_is_down(upstream, i
         proxy.process.stop()
 
 
-def test_range_if_none_match_and_head_on_cached_blobs(upstream, image, tmp_path):
+def test_range_if_none_match_and_head_on_cached_blobs_and_manifests(upstream, image, tmp_path):
     proxy = proxy_for(tmp_path, upstream)
     try:
         layer = image["layers"][0]
@@ -104,6 +104,9 @@ def test_range_if_none_match_and_head_on_cached_blobs(upstream, image, tmp_path)
         assert status == 416 and headers["content-range"] == f"bytes */{len(whole)}"
         status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"If-None-Match": f'"{layer}"'})
         assert status == 304 and body == b""
+        held = {"If-None-Match": f'"{image["manifest"]}"', "Accept": image["media_type"]}
+        status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=held)
+        assert status == 304 and body == b"" and headers["docker-content-digest"] == image["manifest"]
         status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", method="HEAD")
         assert status == 200 and body == b""
         assert int(headers["content-length"]) == len(whole)

@@ -189,6 +189,18 @@ def test_manifest_is_passed_through_byte_for_byte(world):
     assert "v1+prettyjws" not in accept
 
 
+def test_a_manifest_the_client_holds_is_answered_304(world):
+    for reference in ("latest", MANIFEST_DIGEST):
+        path = f"/v2/alpine/manifests/{reference}"
+        for held in (f'"{MANIFEST_DIGEST}"', f'"other", W/"{MANIFEST_DIGEST}"', "*"):
+            response, body = world.get(path, ALL, headers={"If-None-Match": held})
+            assert response.code == 304 and body == b"", (reference, held)
+            assert response.headers.getRawHeaders("etag") == [f'"{MANIFEST_DIGEST}"']
+            assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+        response, body = world.get(path, ALL, headers={"If-None-Match": '"sha256:other"'})
+        assert response.code == 200 and body == MANIFEST
+
+
 def test_manifest_that_does_not_match_its_digest_is_refused(world):
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: MANIFEST + b" ")
     response, body = world.get(f"/v2/alpine/manifests/{MANIFEST_DIGEST}", ALL)
