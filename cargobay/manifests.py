@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -399,17 +400,21 @@ class ManifestService:
         upstream_name: str,
         n: int | None,
         last: str | None,
+        cursor: Sequence[tuple[str, str]] = (),
     ) -> Any:
         """
-        The upstream's tag list with the names rewritten to the local name;
-        the whole list as last seen when the upstream fails.  Fires with
-        (JSON bytes, Link header or None, stale).
+        The upstream's tag list with the names rewritten to the local name,
+        in lexical order; the whole list as last seen when the upstream
+        fails.  C{cursor} is the other query parameters of a page the
+        upstream's own C{Link} named.  Fires with (JSON bytes, Link header
+        or None, stale).
         """
         query = []
         if n is not None:
             query.append(("n", str(n)))
         if last is not None:
             query.append(("last", last))
+        query.extend(cursor)
         path = f"/v2/{upstream_name}/tags/list"
         if query:
             path += "?" + urlencode(query)
@@ -428,10 +433,12 @@ class ManifestService:
             tags, link = paginate(remembered, n, last, local_name)
             return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
         link = rewrite_link(raw_link, upstream_name, local_name)
-        if link is None and n is None and last is None:
+        if link is None and not query:
             self._store.set_tag_list(registry_id, upstream_name, tags)
-        if link is None and (n is not None or last is not None):
+        if link is None and _pagination_ignored(tags, n, last):
             tags, link = paginate(tags, n, last, local_name)
+        else:
+            tags = sorted(tags)
         rewritten = json.dumps({"name": local_name, "tags": tags}).encode()
         return rewritten, link, False
 
@@ -502,6 +509,16 @@ def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: Re
         reference=reference,
         reason=error.message,
     )
+
+
+def _pagination_ignored(tags: list[str], n: int | None, last: str | None) -> bool:
+    """
+    Whether an upstream's last page (no C{Link}) is in truth its whole list,
+    C{n} and C{last} ignored: more than C{n} tags, or C{last} among them.
+    A page of an upstream that orders tags otherwise (case-insensitively,
+    say) is passed on whole: filtering it by C{last} here would drop tags.
+    """
+    return (n is not None and len(tags) > n) or (last is not None and last in tags)
 
 
 def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) -> tuple[list[str], str | None]:

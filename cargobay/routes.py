@@ -340,13 +340,27 @@ class RegistryApp:
             if not _COUNT.fullmatch(text):
                 raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
             n = int(text)
-        last_values = _args(request).get(b"last")
+        # "last" is a tag for most registries and an opaque cursor for some
+        # (ECR); others (Quay) page with parameters of their own, which their
+        # Link hands out: all of them go back to the upstream as they came.
         last = None
-        if last_values:
-            last = last_values[0].decode("latin-1")
-            if not is_valid_tag(last):
-                raise RegistryError(400, "TAG_INVALID", "invalid tag in 'last'", last[:150])
-        body, link, stale = yield self.manifests.tags(upstream, mapping.local_name, mapping.upstream_name, n, last)
+        cursor = []
+        for key, values in _args(request).items():
+            if key in (b"n", b"ns"):
+                continue
+            for value in values:
+                text = value.decode("latin-1")
+                if len(key) > 64 or len(text) > 1024 or not all(" " <= c <= "~" for c in text):
+                    raise _bad_page(f"unusable query parameter {key[:64].decode('latin-1')!r}")
+                if key == b"last":
+                    last = text if last is None else last
+                else:
+                    cursor.append((key.decode("latin-1"), text))
+        if len(cursor) > 8:
+            raise _bad_page("too many query parameters")
+        body, link, stale = yield self.manifests.tags(
+            upstream, mapping.local_name, mapping.upstream_name, n, last, cursor
+        )
         if stale:
             request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
         if link:
@@ -428,6 +442,10 @@ class _PathGuard(resource.Resource):
             request.setHeader(*API_VERSION)
             return _json(request, name_invalid(request.path[:100].decode("latin-1")).body())
         return self._inner.render(request)
+
+
+def _bad_page(reason: str) -> RegistryError:
+    return RegistryError(400, "PAGINATION_NUMBER_INVALID", "invalid pagination parameter", reason)
 
 
 def _args(request: Request) -> dict[bytes, list[bytes]]:

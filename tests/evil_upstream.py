@@ -16,11 +16,16 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
   later (so that other requests join the download);
 - ``longer``: Content-Length of the whole blob, then more bytes than that;
 - ``status<code>``: that HTTP status, with ``Retry-After: 7``.
+
+Tag lists page as some registries do: ``cursor`` with a parameter of its
+own in the ``Link`` (Quay's ``next_page``) and an opaque ``last`` (ECR's),
+its pages in case-insensitive order (``B`` after ``a``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 
 BLOB = bytes(range(256)) * 4096
@@ -39,6 +44,8 @@ def main(port: int) -> None:
             if path in ("/v2/", "/v2"):
                 return b"{}"
             parts = path.split("/")
+            if path.endswith("/tags/list") and "cursor" in parts:
+                return self.tag_page(request)
             if "blobs" not in parts:
                 request.setResponseCode(404)
                 return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'
@@ -81,6 +88,18 @@ def main(port: int) -> None:
                 return server.NOT_DONE_YET
             request.setResponseCode(404)
             return b""
+
+        def tag_page(self, request):  # type: ignore[no-untyped-def]
+            name = request.path.decode()[len("/v2/"):-len("/tags/list")]
+            cursor = (request.args.get(b"next_page") or request.args.get(b"last") or [b""])[0]
+            tags, link = {
+                b"": (["B", "a"], "next_page=gAAA%3D%3D"),
+                b"gAAA==": (["c", "D"], "last=opaque%3D%3D"),
+                b"opaque==": (["e"], None),
+            }[cursor]
+            if link:
+                request.setHeader(b"Link", f'</v2/{name}/tags/list?n=2&{link}>; rel="next"'.encode())
+            return json.dumps({"name": name, "tags": tags}).encode()
 
     reactor.listenTCP(port, server.Site(Evil()), interface="127.0.0.1")
     reactor.run()

@@ -30,6 +30,7 @@ from peers import (
     build_oci_layout,
     free_port,
     push_blob,
+    skopeo,
     skopeo_pull,
     skopeo_push,
     wait_until,
@@ -337,6 +338,17 @@ def get_blob(proxy: Proxy, name: str) -> tuple[int, bytes | None, str | None]:
         return response.status, None, type(e).__name__
     finally:
         conn.close()
+
+
+def test_tag_lists_of_an_upstream_that_pages_with_cursors_of_its_own(evil, tmp_path):
+    # skopeo follows each Link to the end: with the upstream's cursor lost,
+    # it looped on the first page for ever.
+    proxy = start_proxy(tmp_path, [{"id": "paging", "url": evil}], [("paged", "paging", "evil/cursor")])
+    try:
+        result = skopeo("list-tags", "--tls-verify=false", f"--creds=tester:{ALL}", f"docker://{proxy.host}/paged", timeout=60)
+        assert json.loads(result.stdout)["Tags"] == ["B", "a", "D", "c", "e"]
+    finally:
+        proxy.process.stop()
 
 
 def test_good_evil_upstream_blob_is_cached(evil_proxy):
