@@ -37,6 +37,9 @@ from cargobay.upstream import Upstream
 log = Logger()
 access = Logger(namespace="cargobay.access")
 
+#: The most a request line, or all of a request's headers, may take.
+MAX_HEADERS_SIZE = 64 * 1024
+
 
 def fail(message: str) -> None:
     """
@@ -111,6 +114,10 @@ class RegistryChannel(http.HTTPChannel):
     _first_bytes = True
     #: When the request whose headers are arriving started, if one is.
     _request_started: float | None = None
+    #: Room for a JWT that names a few hundred repositories, sent as Basic
+    #: credentials (a third longer); Twisted's default is 16 KiB for both.
+    MAX_LENGTH = MAX_HEADERS_SIZE
+    totalHeadersSize = MAX_HEADERS_SIZE
 
     def connectionMade(self) -> None:
         site = cast(ProxySite, self.factory)
@@ -157,6 +164,30 @@ class RegistryChannel(http.HTTPChannel):
         self._request_started = None
         super().allHeadersReceived()
 
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:  # type: ignore[attr-defined]
+            self._too_large()
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large()
+
+    def _too_large(self) -> None:
+        """Say why, where Twisted would answer a bare 400 or just close."""
+        if getattr(self, "_HTTPChannel__first_line", False):
+            status, reason, what = 414, "URI Too Long", "request line"
+        else:
+            status, reason, what = 431, "Request Header Fields Too Large", "request headers"
+        body = RegistryError(status, "UNSUPPORTED", f"{what} over {self.totalHeadersSize} bytes").body()
+        if self.transport is not None:
+            self.transport.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
+                + body
+            )
+        self.loseConnection()
+
     def _send100Continue(self) -> None:
         if self.requests and getattr(self.requests[-1], "body_refused", False):
             return  # answered already
@@ -166,6 +197,8 @@ class RegistryChannel(http.HTTPChannel):
 #: The most of a request's body kept: every write is refused anyway, and a
 #: token request's form is small.
 MAX_REQUEST_BODY = 64 * 1024
+#: Reason phrases that Twisted's table lacks ("Unknown Status" otherwise).
+REASONS = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
 
 class ProxyRequest(server.Request):
@@ -192,6 +225,9 @@ class ProxyRequest(server.Request):
             self._refuse_body()
             return
         cast(io.BytesIO, self.content).write(data)
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        super().setResponseCode(code, message if message is not None else REASONS.get(code))
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.body_refused:

@@ -22,6 +22,11 @@ import jwt
 #: How long a verified token is remembered (never past its own expiry).
 VERIFIED_TOKEN_CACHE_SECONDS = 60.0
 VERIFIED_TOKEN_CACHE_SIZE = 10_000
+#: Longer tokens (rare: several hundred repositories) are checked anew each
+#: time, so that the remembered ones stay within a few tens of megabytes.
+VERIFIED_TOKEN_CACHE_LENGTH = 8192
+#: The longest token taken: 64 KiB of request headers, as Basic credentials.
+MAX_TOKEN_LENGTH = 48 * 1024
 
 #: Pinned: a token is never accepted with another algorithm (no "none", no
 #: HS/RS confusion).
@@ -129,6 +134,8 @@ class TokenVerifier:
                 return grant
             del self._verified[token]
         grant = self._verify(token)
+        if len(token) > VERIFIED_TOKEN_CACHE_LENGTH:
+            return grant
         good_until = now + VERIFIED_TOKEN_CACHE_SECONDS
         if grant.expires_at is not None:
             good_until = min(good_until, grant.expires_at + self._leeway)
@@ -138,7 +145,7 @@ class TokenVerifier:
         return grant
 
     def _verify(self, token: str) -> Grant:
-        if len(token) > 16384:
+        if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("token too long")
         try:
             header = jwt.get_unverified_header(token)

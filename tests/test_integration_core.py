@@ -362,3 +362,26 @@ def test_a_client_that_stops_reading_stops_the_upstream_read(streaming_proxy, bi
     assert upstream_anon.count_requests("GET", f"/blobs/{digest}") == 1
     # Nothing is left behind, once the earlier download (if any) is in too.
     assert wait_until(lambda: streaming_proxy.temp_files() == [], timeout=120), streaming_proxy.temp_files()
+
+
+def test_a_token_naming_hundreds_of_repositories_logs_in_and_pulls(proxy, images, tmp_path):
+    # A CI runner's token: 800 repositories make a 25 KB JWT, a 33 KB Basic
+    # header, over Twisted's 16 KiB default (the connection was dropped).
+    token = mint_token(SECRET, "ci-runner", ["alpine"] + [f"team-{i:03d}/service-{i:03d}" for i in range(800)])
+    assert 20_000 < len(token) < 48 * 1024
+    raw = skopeo_inspect_raw(f"{proxy.host}/alpine:latest", creds=f"ci:{token}")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == images["single"]["manifest"]
+    skopeo_pull(f"{proxy.host}/alpine:latest", tmp_path / "pulled", creds=f"ci:{token}")
+    # Beyond the limit: an answer that says why, not a dropped connection.
+    for headers, status in (({"X-Padding": "x" * 70_000}, 431), ({"X-A": "a" * 40_000, "X-B": "b" * 40_000}, 431)):
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("GET", "/v2/", headers=headers)
+        response = conn.getresponse()
+        assert response.status == status and response.reason == "Request Header Fields Too Large"
+        assert json.loads(response.read())["errors"][0]["code"] == "UNSUPPORTED"
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.request("GET", "/v2/alpine/tags/list?last=" + "x" * 70_000)
+    response = conn.getresponse()
+    assert response.status == 414 and json.loads(response.read())["errors"][0]["code"] == "UNSUPPORTED"
+    conn.close()
