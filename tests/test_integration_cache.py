@@ -399,6 +399,10 @@ def test_upstream_error_statuses_are_mapped(evil_proxy, mode, status, code):
     assert json.loads(body)["errors"][0]["code"] == code
     if got == 429:
         assert headers["retry-after"] == "7"
+        conn = http.client.HTTPConnection("127.0.0.1", evil_proxy.port, timeout=30)
+        conn.request("GET", f"/v2/{mode}/blobs/{DIGEST}", headers={"Authorization": f"Bearer {ALL}"})
+        assert conn.getresponse().reason == "Too Many Requests"
+        conn.close()
 
 
 # -- a full disk ----------------------------------------------------------------
