@@ -130,11 +130,13 @@ class RegistryApp:
         if method in WRITE_METHODS:
             raise denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
         if method not in READ_METHODS:
-            raise RegistryError(405, "UNSUPPORTED", "method not allowed")
+            raise _not_allowed(READ_METHODS)
         raw_path = request.path
         if len(raw_path) > MAX_PATH:
             raise name_invalid(raw_path[:100].decode("latin-1"))
-        path = raw_path.decode("latin-1")
+        # As distribution does: "sha256%3A..." is "sha256:...".  (No name or
+        # reference holds a "%", and _PathGuard let only UTF-8 through.)
+        path = unquote_to_bytes(raw_path).decode("latin-1")
         target = parse_target(path) if path not in ("/v2", "/v2/") else None
         scope = f"repository:{target.name}:pull" if target is not None and is_valid_name(target.name) else None
         grant = self.authenticator.authenticate(request, scope)
@@ -232,6 +234,9 @@ class RegistryApp:
         ):
             return self.render_metrics(request)
         request.setHeader(*API_VERSION)
+        allowed = _ALLOWED.get(request.path)
+        if allowed is not None:
+            raise _not_allowed(allowed)
         raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint")
 
     @app.handle_errors(RegistryError)  # type: ignore[arg-type]
@@ -247,6 +252,8 @@ class RegistryApp:
         # Werkzeug's own answers (no route matched, method not allowed) as
         # OCI errors.
         code = getattr(failure.value, "code", 404) or 404
+        if code == 405:
+            return _answer_error(request, _not_allowed(_ALLOWED.get(request.path, READ_METHODS)))
         request.setResponseCode(code)
         request.setHeader(*API_VERSION)
         return _json(request, RegistryError(code, "UNSUPPORTED", "not a registry endpoint").body())
@@ -265,6 +272,8 @@ class RegistryApp:
     def render_metrics(self, request: Request) -> bytes:
         """/metrics, here or on a listener of its own."""
         assert self.metrics is not None
+        if request.method not in READ_METHODS:
+            return _answer_error(request, _not_allowed(READ_METHODS))
         if self.metrics_config.require_auth:
             try:
                 self.authenticator.authenticate(request)
@@ -428,6 +437,11 @@ class _PathGuard(resource.Resource):
         self._inner = inner
 
     def render(self, request: Request) -> Any:
+        if not request.getHeader(b"host") and request.clientproto == b"HTTP/1.1":
+            # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400.
+            request.setResponseCode(400)
+            request.setHeader(*API_VERSION)
+            return _json(request, RegistryError(400, "UNSUPPORTED", "no Host header").body())
         if not request.getHeader(b"host") and not hasattr(request.getHost(), "host"):
             # HTTP/1.0 without Host on a UNIX socket: Klein would ask the
             # listening address for a host name it does not have.
@@ -442,6 +456,15 @@ class _PathGuard(resource.Resource):
             request.setHeader(*API_VERSION)
             return _json(request, name_invalid(request.path[:100].decode("latin-1")).body())
         return self._inner.render(request)
+
+
+#: The other routes, by the methods they answer (any other gets a 405).
+_ALLOWED = {b"/token": (b"GET", b"POST"), b"/healthz": READ_METHODS, b"/readyz": READ_METHODS}
+
+
+def _not_allowed(methods: tuple[bytes, ...]) -> RegistryError:
+    allow = ", ".join(m.decode("ascii") for m in methods)
+    return RegistryError(405, "UNSUPPORTED", "method not allowed", headers={"Allow": allow})
 
 
 def _bad_page(reason: str) -> RegistryError:

@@ -385,3 +385,40 @@ def test_a_token_naming_hundreds_of_repositories_logs_in_and_pulls(proxy, images
     response = conn.getresponse()
     assert response.status == 414 and json.loads(response.read())["errors"][0]["code"] == "UNSUPPORTED"
     conn.close()
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request as written, on its own connection: status, headers, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+def test_http_requests_in_the_forms_rfc_9112_allows(proxy, images):
+    digest = images["single"]["manifest"]
+    auth = f"Authorization: Bearer {ALL}\r\n".encode()
+    accept = b"Accept: application/vnd.oci.image.manifest.v1+json\r\n"
+    # The absolute form, as a client talking to a proxy sends it.
+    status, headers, _ = _raw_exchange(
+        proxy.port, f"GET http://{proxy.host}/v2/alpine/manifests/latest HTTP/1.1\r\nHost: elsewhere\r\n".encode()
+        + auth + accept + b"Connection: close\r\n\r\n"
+    )
+    assert status == 200 and headers["docker-content-digest"] == digest
+    # A percent-encoded ":" in a digest, as distribution takes it.
+    status, headers, _ = _raw_exchange(
+        proxy.port, f"GET /v2/alpine/manifests/{digest.replace(':', '%3A')} HTTP/1.1\r\nHost: x\r\n".encode()
+        + auth + accept + b"Connection: close\r\n\r\n"
+    )
+    assert status == 200 and headers["docker-content-digest"] == digest
+    # HTTP/1.1 without Host is a 400.
+    status, _, body = _raw_exchange(proxy.port, b"GET /v2/ HTTP/1.1\r\n" + auth + b"Connection: close\r\n\r\n")
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    # A 405 names what is allowed.
+    for path, allowed in (("/v2/alpine/manifests/latest", "GET, HEAD"), ("/token", "GET, POST"), ("/healthz", "GET, HEAD")):
+        status, headers, body = _raw_exchange(
+            proxy.port, f"OPTIONS {path} HTTP/1.1\r\nHost: x\r\n".encode() + auth + b"Connection: close\r\n\r\n"
+        )
+        assert (status, headers.get("allow")) == (405, allowed), (path, body)
+        assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"

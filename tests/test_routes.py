@@ -1157,6 +1157,19 @@ def test_a_reload_leaves_metrics_where_they_were_until_a_restart(world):
     assert response.code == 200 and b"cargobay_http_requests_total" in body
 
 
+def test_metrics_answer_reads_only(world):
+    from cargobay.metrics import Metrics
+
+    world.app.metrics = Metrics()
+    world.app.metrics_config = parse_config(CONFIG).metrics
+    for method in ("POST", "OPTIONS", "TRACE"):
+        response, body = world.get("/metrics", method=method)
+        assert response.code == 405 and response.headers.getRawHeaders("allow") == ["GET, HEAD"], method
+        assert b"cargobay_" not in body
+    response, body = world.get("/metrics")
+    assert response.code == 200 and b"cargobay_http_requests_total" in body
+
+
 def test_an_upstream_answer_that_is_not_a_manifest_is_neither_served_nor_cached(world):
     metadata = b'{"AccessKeyId": "INTERNAL-ONLY", "Secret": "x"}'
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: metadata)
