@@ -140,7 +140,8 @@ def test_tag_lists_equal_upstream_with_pagination(proxy, upstream_anon):
     listed = json.loads(body)
     assert listed["name"] == "alpine"
     direct = json.loads(urllib.request.urlopen(f"{upstream_anon.url}/v2/library/alpine/tags/list").read())
-    assert listed["tags"] == direct["tags"]
+    # In lexical order, as the distribution spec asks (distribution 2.8 does not sort).
+    assert listed["tags"] == sorted(direct["tags"])
     status, headers, body = proxy.request("/v2/alpine/tags/list?n=2")
     # distribution 2.8 ignores n; cargobay paginates in lexical order itself.
     assert json.loads(body)["tags"] == sorted(direct["tags"])[:2]
@@ -150,7 +151,7 @@ def test_tag_lists_equal_upstream_with_pagination(proxy, upstream_anon):
     status, _, body = proxy.request(next_path)
     assert json.loads(body)["tags"] == sorted(direct["tags"])[2:4]
     result = skopeo("list-tags", "--tls-verify=false", f"--creds=tester:{ALL}", f"docker://{proxy.host}/alpine")
-    assert json.loads(result.stdout)["Tags"] == direct["tags"]
+    assert json.loads(result.stdout)["Tags"] == sorted(direct["tags"])
 
 
 def test_blob_head_and_get_through_proxy(proxy, images, upstream_anon):
