@@ -1668,7 +1668,9 @@ class BlobService:
             self._mark(request, "hit")
             entry, fileobj = opened
             return self._serve_hit(request, entry, fileobj, digest, head)
-        if head:
+        if head or none_match(request, f'"{digest}"'):
+            # A client that holds the blob (If-None-Match) needs to hear only
+            # that the upstream still has it here: a HEAD, then a 304.
             self._mark(request, "miss")
             return self._head_upstream(request, upstream, upstream_name, digest)
         fetch = self._fetches.get(key)
@@ -1683,7 +1685,7 @@ class BlobService:
                 lambda: self._start_fetch(request, key, upstream, upstream_name, digest),
             )
         self._mark(request, "miss")
-        if _header(request, b"range") is not None:
+        if _range(request, digest) is not None:
             return self._serve_range_of_miss(request, key, upstream, upstream_name, digest)
         return self._start_fetch(request, key, upstream, upstream_name, digest)
 
@@ -1784,6 +1786,13 @@ class BlobService:
                 raise map_status(upstream, response, blob_unknown(str(digest)))
             self.links.add(upstream.registry.id, upstream_name, [digest])
             _blob_headers(request, digest)
+            etag = f'"{digest}"'
+            request.setHeader(b"ETag", etag.encode())
+            request.setHeader(b"Accept-Ranges", b"bytes")
+            if none_match(request, etag):
+                request.setResponseCode(304)
+                request.finish()
+                return
             # Not _content_length: Twisted's client gives every HEAD response
             # a length of 0, whatever its Content-Length says.
             length = _header_length(response)
@@ -2117,7 +2126,7 @@ def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) 
         request.setResponseCode(304)
         request.finish()
         return None
-    wanted = parse_range(_header(request, b"range"), size)
+    wanted = parse_range(_range(request, digest), size)
     if wanted == "unsatisfiable":
         request.setResponseCode(416)
         request.setHeader(b"Content-Range", f"bytes */{size}".encode())
@@ -2154,6 +2163,20 @@ def _as_registry_error(failure: Failure, upstream: Upstream) -> RegistryError:
         return failure.value  # type: ignore[return-value]
     return upstream.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}")
 
+
+
+def _range(request: Request, digest: Digest) -> str | None:
+    """
+    The request's C{Range}, unless an C{If-Range} names another
+    representation: the whole blob is then sent (RFC 9110 13.1.5; the
+    comparison is strong, and a date never matches, as no Last-Modified is
+    given).
+    """
+    wanted = _header(request, b"range")
+    if_range = _header(request, b"if-range")
+    if wanted is not None and if_range is not None and if_range.strip() != f'"{digest}"':
+        return None
+    return wanted
 
 
 def _header(request: Request, name: bytes) -> str | None:

@@ -94,13 +94,20 @@ def test_second_pull_is_served_without_upstream_even_when_it_is_down(upstream, i
 def test_range_if_none_match_and_head_on_cached_blobs_and_manifests(upstream, image, tmp_path):
     proxy = proxy_for(tmp_path, upstream)
     try:
-        layer = image["layers"][0]
+        layer, other = image["layers"][0], image["layers"][1]
+        # A client holding a blob not cached here: a HEAD upstream, a 304, no download.
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{other}", headers={"If-None-Match": f'"{other}"'})
+        assert status == 304 and body == b"" and headers["etag"] == f'"{other}"'
+        assert upstream.count_requests("GET", other) == 0
         status, _, whole = proxy.request(f"/v2/alpine/blobs/{layer}")
         assert status == 200
         before = upstream.count_requests("GET", layer) + upstream.count_requests("HEAD", layer)
         status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"Range": "bytes=100-199"})
         assert status == 206 and body == whole[100:200]
         assert headers["content-range"] == f"bytes 100-199/{len(whole)}"
+        moved = {"Range": "bytes=100-199", "If-Range": '"sha256:' + "0" * 64 + '"'}
+        status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers=moved)
+        assert status == 200 and body == whole
         status, headers, _ = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"Range": f"bytes={len(whole)}-"})
         assert status == 416 and headers["content-range"] == f"bytes */{len(whole)}"
         status, headers, body = proxy.request(f"/v2/alpine/blobs/{layer}", headers={"If-None-Match": f'"{layer}"'})

@@ -461,6 +461,22 @@ def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
     assert world.upstream_registry.requests("/v2/team/application/blobs/") == []
 
 
+def test_conditional_requests_for_blobs_not_cached(world):
+    path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/blobs/", lambda r: BLOB)
+    response, body = world.get(path, ALL, method="HEAD")
+    assert response.code == 200 and response.headers.getRawHeaders("etag") == [f'"{BLOB_DIGEST}"']
+    assert response.headers.getRawHeaders("accept-ranges") == ["bytes"]
+    # A client that holds the blob: the upstream is asked whether it still
+    # has it, and nothing is downloaded.
+    response, body = world.get(path, ALL, headers={"If-None-Match": f'"{BLOB_DIGEST}"'})
+    assert response.code == 304 and body == b""
+    assert [s.method for s in world.upstream_registry.requests("/blobs/")] == ["HEAD", "HEAD"]
+    # A Range whose If-Range names another representation: the whole blob.
+    response, body = world.get(path, ALL, headers={"Range": "bytes=10-19", "If-Range": '"sha256:other"'})
+    assert response.code == 200 and body == BLOB
+
+
 def test_ranges_and_conditional_requests_on_hits(world):
     path = f"/v2/alpine/blobs/{BLOB_DIGEST}"
     world.get(path, ALL)
@@ -478,6 +494,13 @@ def test_ranges_and_conditional_requests_on_hits(world):
         assert response.code == 304 and body == b"", weak_or_any
     response, body = world.get(path, ALL, headers={"If-None-Match": '"sha256:other"'})
     assert response.code == 200 and body == BLOB
+    # If-Range: the part only of the representation named, else all of it.
+    for if_range, code, expected in (
+        (f'"{BLOB_DIGEST}"', 206, BLOB[10:20]), ('"sha256:other"', 200, BLOB), (f'W/"{BLOB_DIGEST}"', 200, BLOB),
+        ("Fri, 27 Nov 2026 21:00:00 GMT", 200, BLOB),
+    ):
+        response, body = world.get(path, ALL, headers={"Range": "bytes=10-19", "If-Range": if_range})
+        assert (response.code, body) == (code, expected), if_range
     response, body = world.get(path, ALL, method="HEAD")
     assert response.code == 200
     assert response.headers.getRawHeaders("content-length") == [str(len(BLOB))]
