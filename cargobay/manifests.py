@@ -47,7 +47,7 @@ MANIFEST_MEDIA_TYPES = (
 def accept_headers(request: Request) -> list[str]:
     values = request.requestHeaders.getRawHeaders(b"accept") or []
     accepted = [v.decode("latin-1") for v in values if v.strip()]
-    if not accepted or all(v.strip() in ("*/*", "") for v in accepted):
+    if not accepted or _offered(accepted) <= {"*/*", ""}:
         # Anything will do: what is cached (a schema 1 manifest too), or
         # from the upstream the current types first.
         return [", ".join((*MANIFEST_MEDIA_TYPES, "*/*"))]
@@ -93,10 +93,17 @@ class ManifestAnswer:
 
 def acceptable(media_type: str, accept: list[str]) -> bool:
     """
-    Whether a client's Accept headers admit C{media_type}.
+    Whether a client's Accept headers admit C{media_type}.  As for a
+    registry, an index must be named: "v2, */*" gets one platform's
+    manifest (a bare "*/*" names them all, L{accept_headers}).
     """
-    offered = {item.split(";")[0].strip() for header in accept for item in header.split(",")}
-    return "*/*" in offered or media_type in offered
+    offered = _offered(accept)
+    return media_type in offered or ("*/*" in offered and media_type not in INDEX_MEDIA_TYPES)
+
+
+def _offered(accept: list[str]) -> set[str]:
+    """The media types in Accept headers, without their parameters (q=...)."""
+    return {item.split(";")[0].strip() for header in accept for item in header.split(",")}
 
 
 #: Manifests that stand for several others (one per platform): a registry
@@ -114,7 +121,7 @@ def accepts_every_type(accept: list[str]) -> bool:
     """
     # Named, each: a registry does not take */* for an index (distribution
     # looks for the list's own type), so "v2, */*" gets one platform's.
-    offered = {item.split(";")[0].strip() for header in accept for item in header.split(",")}
+    offered = _offered(accept)
     return all(media_type in offered for media_type in MANIFEST_MEDIA_TYPES)
 
 
@@ -217,7 +224,7 @@ class ManifestService:
                     # Cached for another name: served under this one once the
                     # upstream confirms (a HEAD) that it has it here too.
                     try:
-                        yield self.head(upstream, upstream_name, str(cached.digest), accept)
+                        yield self.head(upstream, upstream_name, str(cached.digest), widened(accept))
                     except RegistryError as error:
                         if not (upstream_unavailable(error) and self.links.legacy(registry_id, cached.digest)):
                             raise
@@ -225,7 +232,9 @@ class ManifestService:
                         return _answer(cached, head, "stale")
                 self._link(registry_id, upstream_name, cached)
                 return _answer(cached, head, "hit")
-            answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
+            # A digest names its content: whatever the Accept, it is what the
+            # cache would serve (distribution answers a narrow one 404).
+            answer = yield self._from_upstream(upstream, upstream_name, reference, widened(accept), head)
             return answer
         resolution = store.tag(registry_id, upstream_name, reference)
         cached = None

@@ -46,19 +46,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     proxy = None
     try:
         build_oci_layout(work / "index", "latest", platforms=[("linux", "amd64"), ("linux", "arm64")])
-        for tag in ("get", "head"):
+        for tag in ("get", "head", "cold"):
             skopeo_push(work / "index", "latest", f"{upstream.host}/library/multi:{tag}", all_platforms=True, docker_v2s2=True)
         single = build_oci_layout(work / "single", "latest", layer_sizes=[4_000_000])
         skopeo_push(work / "single", "latest", f"{upstream.host}/library/alpine:latest")
+        small = build_oci_layout(work / "small", "latest")
+        skopeo_push(work / "small", "latest", f"{upstream.host}/library/small:latest")
+        skopeo_push(work / "small", "latest", f"{upstream.host}/library/small:v2s2", docker_v2s2=True)
         build_oci_layout(work / "old", "old")
         skopeo("copy", "--dest-tls-verify=false", "--format", "v2s1", f"oci:{work / 'old'}:old",
                f"docker://{upstream.host}/library/legacy:old")
         proxy = start_proxy(
             work / "proxy",
             [{"id": "up", "url": upstream.url}],
-            [("multi", "up", "library/multi"), ("alpine", "up", "library/alpine"), ("legacy", "up", "library/legacy")],
+            [("multi", "up", "library/multi"), ("alpine", "up", "library/alpine"), ("legacy", "up", "library/legacy"),
+             ("small", "up", "library/small")],
         )
-        yield {"upstream": upstream, "proxy": proxy, "single": single}
+        yield {"upstream": upstream, "proxy": proxy, "single": single, "small": small}
     finally:
         if proxy is not None:
             proxy.process.stop()
@@ -88,6 +92,28 @@ def test_a_client_that_accepts_no_lists_does_not_change_what_a_tag_means_for_oth
     assert (through["content-type"], through["docker-content-digest"]) == (LIST, direct["docker-content-digest"])
     raw = skopeo("inspect", "--raw", "--tls-verify=false", f"--creds=u:{ALL}", f"docker://{proxy.host}/multi:{tag}").stdout
     assert json.loads(raw)["mediaType"] == LIST
+
+
+def test_the_same_request_gets_the_same_manifest_cached_or_not(world):
+    proxy = world["proxy"]
+    for path, accept in (
+        # An index must be named: "v2, */*" gets one platform's, as from the registry.
+        ("/v2/multi/manifests/cold", f"{V2}, */*"),
+        # "*/*" with a q-value is "*/*": the current type, not schema 1.
+        ("/v2/small/manifests/v2s2", "*/*;q=0.8"),
+    ):
+        status, cold, _ = proxy.request(path, headers={"Accept": accept})
+        assert status == 200 and cold["content-type"] == V2, (path, cold)
+        proxy.request(path, headers={"Accept": CLIENT_ACCEPT})  # a wide client caches the tag
+        status, warm, _ = proxy.request(path, headers={"Accept": accept})
+        assert status == 200 and warm["docker-content-digest"] == cold["docker-content-digest"], path
+    # A digest names its content: an OCI manifest by digest, asked with a
+    # narrow Accept, is served before it is cached as after (the registry
+    # itself answers that Accept 404).
+    digest = world["small"]["manifest"]
+    for _ in range(2):
+        status, headers, body = proxy.request(f"/v2/small/manifests/{digest}", headers={"Accept": V2})
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
 
 
 def test_a_legacy_image_stored_as_signed_schema_1_is_pulled_through(world, tmp_path):
