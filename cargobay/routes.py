@@ -442,6 +442,14 @@ class _PathGuard(resource.Resource):
             request.setResponseCode(400)
             request.setHeader(*API_VERSION)
             return _json(request, RegistryError(400, "UNSUPPORTED", "no Host header").body())
+        if not request.path.startswith(b"/"):
+            # The absolute form is for forward proxies: served as a path
+            # here, http://other-registry/v2/library/alpine/... would get
+            # this proxy's library/alpine, quietly another image.
+            request.setResponseCode(400)
+            request.setHeader(*API_VERSION)
+            message = "cargobay is a registry, not a forward proxy: the request target must be a path"
+            return _json(request, RegistryError(400, "UNSUPPORTED", message).body())
         if not request.getHeader(b"host") and not hasattr(request.getHost(), "host"):
             # HTTP/1.0 without Host on a UNIX socket: Klein would ask the
             # listening address for a host name it does not have.

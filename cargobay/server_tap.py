@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import signal
 import sys
 from typing import Any, cast
@@ -198,7 +197,6 @@ class RegistryChannel(http.HTTPChannel):
 #: The most of a request's body kept: every write is refused anyway, and a
 #: token request's form is small.
 MAX_REQUEST_BODY = 64 * 1024
-_ABSOLUTE_FORM = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#]*)(.*)", re.DOTALL)
 #: Reason phrases that Twisted's table lacks ("Unknown Status" otherwise).
 REASONS = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
@@ -236,12 +234,6 @@ class ProxyRequest(server.Request):
             return  # answered already, and the connection is closing
         # Nothing cargobay answers is for a browser to guess the type of.
         self.responseHeaders.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
-        absolute = _ABSOLUTE_FORM.fullmatch(path)
-        if absolute is not None:
-            # The absolute form (RFC 9112 3.2.2), which a server must take:
-            # its authority is the Host.
-            self.requestHeaders.setRawHeaders(b"host", [absolute[1]])
-            path = absolute[2] if absolute[2].startswith(b"/") else b"/" + absolute[2]
         super().requestReceived(command, path, version)
 
     def _refuse_body(self) -> None:

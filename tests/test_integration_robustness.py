@@ -610,7 +610,7 @@ def _request(path: str, headers: list[tuple[str, str]]) -> bytes:
 
 HUGE = {
     "header-value-1MiB": lambda: _request("/v2/alpine/manifests/latest", [("X-Big", "a" * MiB)]),
-    "headers-total-24KiB": lambda: _request("/v2/alpine/manifests/latest", [(f"X-H{i}", "b" * 1000) for i in range(24)]),
+    "headers-total-80KiB": lambda: _request("/v2/alpine/manifests/latest", [(f"X-H{i}", "b" * 1000) for i in range(80)]),
     "headers-1000": lambda: _request("/v2/alpine/manifests/latest", [(f"X-N{i}", "1") for i in range(1000)]),
     "bearer-token-15KiB": lambda: _request("/v2/", [("X-Pad", "")]).replace(ALL.encode(), b"x" * 15000),
     "path-100KiB": lambda: _request("/v2/" + "a/" * 51200 + "manifests/latest", []),
