@@ -377,6 +377,56 @@ class ManifestStore:
     def drop_tag_list(self, registry_id: str, upstream_name: str) -> None:
         _unlink(self._tag_list_path(registry_id, upstream_name))
 
+    # -- referrers ---------------------------------------------------------
+
+    def _referrers_path(self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None) -> str:
+        name = f"@{digest.algorithm}-{digest.encoded}"
+        if artifact_type is not None:
+            name += "-" + sha256_digest(artifact_type.encode()).encoded[:32]
+        return os.path.join(self.directory, "referrers", registry_id, upstream_name, name + ".json")
+
+    def referrers(
+        self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, str, str | None] | None:
+        """The upstream's last referrers answer: (body, content type, filters applied)."""
+        path = self._referrers_path(registry_id, upstream_name, digest, artifact_type)
+        try:
+            with open(path, "rb") as f:
+                stored = json.loads(f.read())
+            body = base64.b64decode(stored["body"], validate=True)
+            content_type, filters = stored["content_type"], stored.get("filters")
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            return None
+        if not isinstance(content_type, str) or not (filters is None or isinstance(filters, str)):
+            return None
+        self._used(path)
+        return body, content_type, filters
+
+    def set_referrers(
+        self,
+        registry_id: str,
+        upstream_name: str,
+        digest: Digest,
+        artifact_type: str | None,
+        answer: tuple[bytes, str, str | None],
+    ) -> None:
+        body, content_type, filters = answer
+        data = json.dumps(
+            {"body": base64.b64encode(body).decode("ascii"), "content_type": content_type, "filters": filters}
+        ).encode()
+        path = self._referrers_path(registry_id, upstream_name, digest, artifact_type)
+        try:
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    self._used(path)
+                    return
+        except OSError:
+            pass
+        self._write_atomically(path, data)
+
+    def drop_referrers(self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None) -> None:
+        _unlink(self._referrers_path(registry_id, upstream_name, digest, artifact_type))
+
     # -- files -------------------------------------------------------------
 
     def _write_atomically(self, path: str, data: bytes) -> None:

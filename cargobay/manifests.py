@@ -484,20 +484,35 @@ class ManifestService:
         artifact_type: str | None,
     ) -> Any:
         """
-        The upstream's referrers index, passed through.  Fires with (body,
-        content type, OCI-Filters-Applied or None).
+        The upstream's referrers index, passed through; its last answer when
+        it fails, and a 404 when it fails with none remembered (a client then
+        looks for the referrers' fallback tag, served from the cache too).
+        Fires with (body, content type, OCI-Filters-Applied or None, stale).
         """
+        store, registry_id = self._store, upstream.registry.id
         path = f"/v2/{upstream_name}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode([("artifactType", artifact_type)])
-        response, body = yield _get_body(upstream, path, upstream_name, manifest_unknown(str(digest)), "referrers")
+        not_found = manifest_unknown(str(digest))
+        try:
+            response, body = yield _get_body(upstream, path, upstream_name, not_found, "referrers")
+        except RegistryError as error:
+            if not _worth_serving_stale(error):
+                store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
+                raise
+            remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
+            _log_stale(upstream, upstream_name, f"referrers/{digest}", error)
+            if remembered is None:
+                raise not_found from None
+            return (*remembered, True)
         if manifest_document(body) is None:
             raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         if content_type is None or not manifest_media_type(content_type):
             content_type = "application/vnd.oci.image.index.v1+json"
-        return body, content_type, filters
+        store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
+        return body, content_type, filters, False
 
 
 def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:

@@ -45,6 +45,7 @@ audit = Logger(namespace="cargobay.audit")
 
 _ROUTE_LABELS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 WRITE_METHODS = (b"POST", b"PUT", b"PATCH", b"DELETE")
+STALE_WARNING = b'110 cargobay "Response is stale: upstream unavailable"'
 READ_METHODS = (b"GET", b"HEAD")
 #: Methods the request counter names; any other counts as "other", so that
 #: made-up methods cannot grow the metrics without end.
@@ -322,7 +323,7 @@ class RegistryApp:
         if self.metrics is not None:
             self.metrics.cache_lookups.inc(1, "manifest", "miss" if answer.source == "miss" else "hit")
         if answer.source == "stale":
-            request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
+            request.setHeader(b"Warning", STALE_WARNING)
         media_type = valid_media_type(answer.media_type)
         if media_type:
             request.setHeader(b"Content-Type", media_type.encode("ascii"))
@@ -371,7 +372,7 @@ class RegistryApp:
             upstream, mapping.local_name, mapping.upstream_name, n, last, cursor
         )
         if stale:
-            request.setHeader(b"Warning", b'110 cargobay "Response is stale: upstream unavailable"')
+            request.setHeader(b"Warning", STALE_WARNING)
         if link:
             if ns:
                 # The next page must reach the same registry as this one.
@@ -389,9 +390,11 @@ class RegistryApp:
         artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
         if artifact_type is not None and (len(artifact_type) > 255 or not artifact_type.isprintable()):
             raise RegistryError(400, "UNSUPPORTED", "invalid artifactType")
-        body, content_type, filters = yield self.manifests.referrers(
+        body, content_type, filters, stale = yield self.manifests.referrers(
             upstream, mapping.upstream_name, digest, artifact_type
         )
+        if stale:
+            request.setHeader(b"Warning", STALE_WARNING)
         request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         if filters:
             request.setHeader(b"OCI-Filters-Applied", filters.encode("latin-1"))

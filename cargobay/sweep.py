@@ -90,7 +90,7 @@ class MetadataSweeper:
     def _work(self, now: float) -> Iterator[None]:
         store_root = self._store.directory
         looked = 0
-        for kind in ("manifests", "tags", "taglists"):
+        for kind in ("manifests", "tags", "taglists", "referrers"):
             for found in _files(os.path.join(store_root, kind), prune=kind != "manifests"):
                 looked += 1
                 if looked % BATCH == 0:

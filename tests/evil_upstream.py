@@ -19,7 +19,8 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 
 Tag lists page as some registries do: ``cursor`` with a parameter of its
 own in the ``Link`` (Quay's ``next_page``) and an opaque ``last`` (ECR's),
-its pages in case-insensitive order (``B`` after ``a``).
+its pages in case-insensitive order (``B`` after ``a``).  Referrers are
+the same empty index for every subject.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import json
 import sys
 
 BLOB = bytes(range(256)) * 4096
+#: Every subject's referrers.
+REFERRERS = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}'
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 
 
@@ -46,6 +49,9 @@ def main(port: int) -> None:
             parts = path.split("/")
             if path.endswith("/tags/list") and "cursor" in parts:
                 return self.tag_page(request)
+            if "referrers" in parts:
+                request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+                return REFERRERS
             if "blobs" not in parts:
                 request.setResponseCode(404)
                 return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cargobay.tokens import mint_token
-from evil_upstream import BLOB, DIGEST
+from evil_upstream import BLOB, DIGEST, REFERRERS
 from peers import (
     OCI_MANIFEST,
     Registry,
@@ -358,6 +358,27 @@ def test_tag_lists_of_an_upstream_that_pages_with_cursors_of_its_own(evil, tmp_p
         assert json.loads(result.stdout)["Tags"] == ["B", "a", "D", "c", "e"]
     finally:
         proxy.process.stop()
+
+
+def test_referrers_are_served_while_the_upstream_is_down(tmp_path):
+    # OCI clients look for a fallback tag only on a 404: a 502 for the
+    # referrers API broke signature discovery offline.
+    port = free_port()
+    upstream = Twistd(args=[sys.executable, str(HERE / "evil_upstream.py"), str(port)], log_path=tmp_path / "up.log")
+    upstream.start().wait_listening(port)
+    proxy = start_proxy(tmp_path, [{"id": "refs", "url": f"http://127.0.0.1:{port}"}], [("signed", "refs", "evil/signed")])
+    try:
+        subject, never = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+        status, headers, body = proxy.request(f"/v2/signed/referrers/{subject}")
+        assert (status, body) == (200, REFERRERS) and "warning" not in headers
+        upstream.stop()
+        status, headers, body = proxy.request(f"/v2/signed/referrers/{subject}")
+        assert (status, body) == (200, REFERRERS) and "warning" in headers
+        status, _, body = proxy.request(f"/v2/signed/referrers/{never}")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    finally:
+        proxy.process.stop()
+        upstream.stop()
 
 
 def test_good_evil_upstream_blob_is_cached(evil_proxy):

@@ -986,6 +986,40 @@ def test_upstream_header_text_that_cannot_be_passed_on_is_dropped(world):
     assert response.headers.getRawHeaders("oci-filters-applied") is None
 
 
+def test_referrers_are_served_as_last_seen_while_the_upstream_fails(world):
+    index = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}'
+
+    def referrers(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+        if request.args.get(b"artifactType"):
+            request.setHeader(b"OCI-Filters-Applied", b"artifactType")
+        return index
+
+    seen = f"/v2/alpine/referrers/{MANIFEST_DIGEST}"
+    never = f"/v2/alpine/referrers/{BLOB_DIGEST}"
+    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", referrers)
+    for path in (seen, seen + "?artifactType=application%2Fexample"):
+        response, body = world.get(path, ALL)
+        assert (response.code, body) == (200, index)
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get(seen, ALL)
+    assert (response.code, body) == (200, index) and response.headers.getRawHeaders("warning")
+    assert response.headers.getRawHeaders("oci-filters-applied") is None
+    response, body = world.get(seen + "?artifactType=application%2Fexample", ALL)
+    assert response.headers.getRawHeaders("oci-filters-applied") == ["artifactType"]
+    # None remembered: a 404, on which clients look for the fallback tag.
+    response, body = world.get(never, ALL)
+    assert response.code == 404 and error_code(body) == "MANIFEST_UNKNOWN"
+    # The upstream says none: that is remembered too (nothing stale is served).
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(404))
+    assert world.get(seen, ALL)[0].code == 404
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    assert world.get(seen, ALL)[0].code == 404
+
+
 def test_a_cached_blob_that_cannot_be_read_cuts_its_response_and_pins_nothing(world, monkeypatch):
     # A read error (EIO from a failing disk) on a hit was a 500 with a stack
     # trace, and the entry stayed marked as being read: never evicted.

@@ -548,7 +548,7 @@ class _CutShort(Protocol):
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_stale_list(tmp_path):
+def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_stale_answer(tmp_path):
     # It was a 500 (not a RegistryError), and the remembered list was not used.
     from cargobay.links import RepositoryLinks
     from cargobay.manifest_store import ManifestStore
@@ -559,16 +559,21 @@ def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_sta
     upstream = Upstream(RegistryConfig(id="raw", url=f"http://127.0.0.1:{port.getHost().port}"), global_reactor)
     service = ManifestService(ManifestStore(str(tmp_path), global_reactor), global_reactor, 60, RepositoryLinks(None))
     try:
-        for call in (
-            lambda: service.tags(upstream, "alpine", "library/alpine", None, None),
-            lambda: service.referrers(upstream, "library/alpine", Digest("sha256", "a" * 64), None),
-        ):
-            with pytest.raises(RegistryError) as caught:
-                yield call()
-            assert caught.value.status == 502
+        with pytest.raises(RegistryError) as caught:
+            yield service.tags(upstream, "alpine", "library/alpine", None, None)
+        assert caught.value.status == 502
+        # Referrers with none remembered: a 404, as if the upstream had no
+        # referrers API (clients then look for the fallback tag).
+        subject = Digest("sha256", "a" * 64)
+        with pytest.raises(RegistryError) as caught:
+            yield service.referrers(upstream, "library/alpine", subject, None)
+        assert caught.value.status == 404
         service._store.set_tag_list("raw", "library/alpine", ["a", "b"])
         body, _, stale = yield service.tags(upstream, "alpine", "library/alpine", None, None)
         assert stale and json.loads(body)["tags"] == ["a", "b"]
+        service._store.set_referrers("raw", "library/alpine", subject, None, (b"{}", "application/x", None))
+        body, _, _, stale = yield service.referrers(upstream, "library/alpine", subject, None)
+        assert stale and body == b"{}"
     finally:
         yield upstream.close()
         yield port.stopListening()
