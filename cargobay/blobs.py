@@ -2126,7 +2126,8 @@ def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) 
         request.setResponseCode(304)
         request.finish()
         return None
-    wanted = parse_range(_range(request, digest), size)
+    # RFC 9110 14.2: Range is for GET only.
+    wanted = None if head else parse_range(_range(request, digest), size)
     if wanted == "unsatisfiable":
         request.setResponseCode(416)
         request.setHeader(b"Content-Range", f"bytes */{size}".encode())

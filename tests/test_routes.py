@@ -494,6 +494,8 @@ def test_ranges_and_conditional_requests_on_hits(world):
         assert response.code == 304 and body == b"", weak_or_any
     response, body = world.get(path, ALL, headers={"If-None-Match": '"sha256:other"'})
     assert response.code == 200 and body == BLOB
+    response, body = world.get(path, ALL, method="HEAD", headers={"Range": "bytes=10-19"})
+    assert response.code == 200 and response.headers.getRawHeaders("content-length") == [str(len(BLOB))]
     # If-Range: the part only of the representation named, else all of it.
     for if_range, code, expected in (
         (f'"{BLOB_DIGEST}"', 206, BLOB[10:20]), ('"sha256:other"', 200, BLOB), (f'W/"{BLOB_DIGEST}"', 200, BLOB),
