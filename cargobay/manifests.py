@@ -246,6 +246,8 @@ class ManifestService:
             age = self._clock.seconds() - resolution.confirmed_at
             if age < self.tag_ttl:
                 return _answer(cached, head, "hit")
+            if upstream.unreachable:
+                return _answer(cached, head, "stale")
             try:
                 # Revalidate with a HEAD: it does not count against Docker
                 # Hub's pull limit, and usually the tag has not moved.  It
@@ -428,6 +430,15 @@ class ManifestService:
         if query:
             path += "?" + urlencode(query)
         registry_id = upstream.registry.id
+
+        def stale(remembered: list[str]) -> tuple[bytes, str | None, bool]:
+            # The whole list as last seen, paginated here.
+            tags, link = paginate(remembered, n, last, local_name)
+            return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
+
+        remembered = self._store.tag_list(registry_id, upstream_name) if upstream.unreachable else None
+        if remembered is not None:
+            return stale(remembered)
         try:
             tags, raw_link = yield self._tag_list(upstream, upstream_name, path, local_name)
         except RegistryError as error:
@@ -437,10 +448,8 @@ class ManifestService:
             remembered = self._store.tag_list(registry_id, upstream_name)
             if remembered is None:
                 raise
-            # The whole list as last seen, paginated here.
             _log_stale(upstream, upstream_name, "tags/list", error)
-            tags, link = paginate(remembered, n, last, local_name)
-            return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
+            return stale(remembered)
         link = rewrite_link(raw_link, upstream_name, local_name)
         if link is None and not query:
             self._store.set_tag_list(registry_id, upstream_name, tags)
@@ -494,6 +503,10 @@ class ManifestService:
         if artifact_type:
             path += "?" + urlencode([("artifactType", artifact_type)])
         not_found = manifest_unknown(str(digest))
+        if upstream.unreachable:
+            remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
+            if remembered is not None:
+                return (*remembered, True)
         try:
             response, body = yield _get_body(upstream, path, upstream_name, not_found, "referrers")
         except RegistryError as error:

@@ -146,7 +146,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "cargobay_upstream_errors_total",
-            "Upstream failures by registry and kind (network, timeout, status).",
+            "Upstream requests that got no answer (network, timeout) or a 5xx or 429 (status), by registry.",
             ("registry", "kind"),
         )
         self.token_fetches = Counter(

@@ -112,8 +112,8 @@ class RegistryChannel(http.HTTPChannel):
     """
 
     _first_bytes = True
-    #: When the request whose headers are arriving started, if one is.
-    _request_started: float | None = None
+    #: When the headers arriving must be in by, if some are.
+    _header_deadline: Any = None
     #: Room for a JWT that names a few hundred repositories, sent as Basic
     #: credentials (a third longer); Twisted's default is 16 KiB for both.
     MAX_LENGTH = MAX_HEADERS_SIZE
@@ -135,6 +135,7 @@ class RegistryChannel(http.HTTPChannel):
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._end_header_deadline()
         if getattr(self, "_counted", False):
             self._counted = False
             cast(ProxySite, self.factory).open_connections -= 1
@@ -149,19 +150,27 @@ class RegistryChannel(http.HTTPChannel):
                 )
                 self.transport.loseConnection()
                 return
-        if not self._handlingRequest:
+        if not self._handlingRequest and self._header_deadline is None:
             # A client trickling a request's headers a byte at a time resets
-            # the idle timeout forever: give the whole header block a deadline.
-            now = cast(ProxySite, self.factory).reactor.seconds()
-            if self._request_started is None:
-                self._request_started = now
-            elif now - self._request_started > cast(ProxySite, self.factory).header_timeout:
-                cast(Any, self.transport).abortConnection()
-                return
+            # the idle timeout forever, and one that stops halfway holds the
+            # connection as long: the whole header block has a deadline.
+            site = cast(ProxySite, self.factory)
+            self._header_deadline = site.reactor.callLater(site.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
 
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+    def _end_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
     def allHeadersReceived(self) -> None:
-        self._request_started = None
+        self._end_header_deadline()
         super().allHeadersReceived()
 
     def lineReceived(self, line: bytes) -> None:
@@ -493,6 +502,35 @@ def _announce_development(config: Config) -> None:
     )
 
 
+def _open_files_for(max_connections: int) -> None:
+    """
+    Raise the soft limit of open files (often 1024) towards the hard one, so
+    that C{server.max_connections} clients fit: each holds a socket, and
+    while it pulls, a cache file or an upstream connection too.  Beyond
+    the limit, connections would be dropped without the 503 that
+    C{max_connections} promises.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2 * max_connections + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            if raised > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < max_connections + 256:
+        log.warn(
+            "server.max_connections is {wanted} but this process may open only {limit} files: "
+            "clients beyond about {fit} are dropped without an answer (raise the hard limit: "
+            "ulimit -Hn, or LimitNOFILE= for systemd)",
+            wanted=max_connections, limit=soft, fit=max(soft - 256, 0),
+        )
+
+
 def _touch_every(max_age: float) -> float:
     """How often a manifest or tag in use has that marked on disk: well within the age limit."""
     return min(3600.0, max_age / 8) if max_age > 0 else 3600.0
@@ -585,6 +623,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
     site.max_connections = config.server.max_connections
     site.header_timeout = config.server.header_timeout
+    _open_files_for(config.server.max_connections)
     runtime.metrics.gauge("cargobay_open_connections", "Client connections open.", lambda: site.open_connections)
     runtime.metrics.gauge(
         "cargobay_refused_connections", "Connections refused over server.max_connections.",

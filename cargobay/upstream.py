@@ -63,6 +63,12 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 #: A token is refreshed this long before the upstream says it expires.
 TOKEN_EXPIRY_MARGIN = 10.0
 DEFAULT_TOKEN_LIFETIME = 60.0
+#: Upstream tokens kept (one per repository scope).
+MAX_CACHED_TOKENS = 10_000
+#: After the upstream could not be reached (no connection, no answer in
+#: time), how long what the cache holds is served without asking it first:
+#: a black-holed upstream would otherwise hold every pull for its timeout.
+UNREACHABLE_FOR = 30.0
 
 
 class UpstreamError(RegistryError):
@@ -316,6 +322,7 @@ class Upstream:
         # Set once the registry answered with a Basic challenge: send the
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
+        self._unreachable_until = 0.0
 
     # -- public API --------------------------------------------------------
 
@@ -327,6 +334,30 @@ class Upstream:
 
     def url_for(self, path: str) -> str:
         return self.registry.url + path
+
+    @property
+    def unreachable(self) -> bool:
+        """
+        Whether the upstream could not be reached lately (L{UNREACHABLE_FOR}):
+        what the cache holds is then served without asking it.  Requests
+        the cache cannot answer still go to it, and the first that gets an
+        answer ends this.
+        """
+        return self._clock.seconds() < self._unreachable_until
+
+    def _unreachable(self, error: RegistryError) -> None:
+        if not self.unreachable:
+            log.warn(
+                "upstream {registry} {message}: for {seconds:.0f} s what the cache holds is served without asking it",
+                registry=self.registry.id, message=error.message.split(" ", 3)[-1], seconds=UNREACHABLE_FOR,
+            )
+        self._unreachable_until = self._clock.seconds() + UNREACHABLE_FOR
+
+    def _reached(self) -> None:
+        if self._unreachable_until:
+            if self.unreachable:
+                log.info("upstream {registry} answers again", registry=self.registry.id)
+            self._unreachable_until = 0.0
 
     def read_body(self, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> Deferred[bytes]:
         """L{read_body}, giving up when the body stops for the read timeout."""
@@ -505,7 +536,15 @@ class Upstream:
             raise UpstreamError(
                 self.error(502, "UNAVAILABLE", "token service answered something that is not a token")
             ) from None
-        expires_at = self._clock.seconds() + max(lifetime - TOKEN_EXPIRY_MARGIN, lifetime / 2)
+        now = self._clock.seconds()
+        expires_at = now + max(lifetime - TOKEN_EXPIRY_MARGIN, lifetime / 2)
+        if len(self._tokens) >= MAX_CACHED_TOKENS:
+            # One per repository name: a mirror of Docker Hub sees many.
+            # The expired go first; if none has, the oldest.
+            for stale in [s for s, t in self._tokens.items() if t.expires_at <= now]:
+                del self._tokens[stale]
+            while len(self._tokens) >= MAX_CACHED_TOKENS:
+                del self._tokens[next(iter(self._tokens))]
         self._tokens[scope] = _CachedToken(token, expires_at)
         log.debug("fetched a token for {registry} {scope}", registry=self.registry.id, scope=scope)
         return token
@@ -536,11 +575,18 @@ class Upstream:
                 timeout=self.registry.read_timeout,
             )
         except Exception as e:
-            error = self._network_error(Failure(e), url)
+            failure = Failure(e)
+            error = self._network_error(failure, url)
             if self._metrics is not None:
                 kind = "timeout" if error.status == 504 else "network"
                 self._metrics.upstream_errors.inc(1, self.registry.id, kind)
+            # (A registry failing TLS answers, only not as it should; a CDN
+            # it redirects to is not the registry.)
+            if not _is_tls_failure(failure) and origin(url) == origin(self.registry.url):
+                self._unreachable(error)
             raise UpstreamError(error) from None
+        if origin(url) == origin(self.registry.url):
+            self._reached()
         if self._metrics is not None:
             self._metrics.upstream_latency.observe(self._clock.seconds() - started, self.registry.id)
             if response.code >= 500 or response.code == 429:
@@ -559,7 +605,7 @@ class Upstream:
 
     def _network_error(self, failure: Failure, what: str) -> RegistryError:
         host = urlsplit(what).netloc if "://" in what else what
-        if failure.check(defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
+        if _failed_with(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
         if failure.check(netError.DNSLookupError):
             return self.error(502, "UNAVAILABLE", f"host not found ({host})")
@@ -579,11 +625,16 @@ def _is_tls_failure(failure: Failure) -> bool:
     # An untrusted certificate surfaces as OpenSSL's error, a certificate for
     # another host name as service_identity's, often wrapped in the reasons
     # of a ResponseNeverReceived.
-    if failure.check(*_TLS_ERRORS):
+    return _failed_with(failure, *_TLS_ERRORS)
+
+
+def _failed_with(failure: Failure, *kinds: type[BaseException]) -> bool:
+    """C{failure} is one of C{kinds}, or wraps one in its reasons (treq's timeout, say)."""
+    if failure.check(*kinds):
         return True
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
-        return any(isinstance(reason, Failure) and reason.check(*_TLS_ERRORS) for reason in reasons)
+        return any(isinstance(reason, Failure) and reason.check(*kinds) for reason in reasons)
     return False
 
 

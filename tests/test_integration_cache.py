@@ -622,3 +622,86 @@ def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a
             upstream.start()
     finally:
         proxy.process.stop()
+
+
+class _BlackHole:
+    """A registry's port that takes connections and requests and never answers."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.requests = 0
+        self._server = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self._server.settimeout(0.2)
+        self._held: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(self._server, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.1):
+                if key.fileobj is self._server:
+                    conn, _ = self._server.accept()
+                    self._held.append(conn)
+                    selector.register(conn, selectors.EVENT_READ)
+                else:
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        selector.unregister(key.fileobj)
+                    self.requests += data.count(b" HTTP/1.1\r\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for conn in self._held:
+            conn.close()
+        self._server.close()
+
+
+def test_a_black_holed_upstream_holds_one_request_and_the_cache_answers_the_rest(tmp_path):
+    # Every pull by tag waited the whole read timeout (60 s by default) for
+    # a registry that took connections and never answered.
+    registry = Registry(tmp_path / "up").start()
+    hole = None
+    try:
+        work = tmp_path / "img"
+        built = build_oci_layout(work, "latest", layer_sizes=[1000])
+        skopeo_push(work, "latest", f"{registry.host}/library/alpine:latest")
+        proxy = start_proxy(
+            tmp_path / "p", [{"id": "up", "url": registry.url, "read_timeout_seconds": 2}],
+            [("alpine", "up", "library/alpine")], "tag_ttl_seconds = 1",
+        )
+        try:
+            accept = {"Accept": built["media_type"]}
+            status, headers, _ = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+            assert status == 200 and headers["docker-content-digest"] == built["manifest"]
+            assert proxy.request("/v2/alpine/tags/list")[0] == 200
+            registry.stop()
+            hole = _BlackHole(registry.port)
+            time.sleep(1.5)  # the tag is due for revalidation
+            for _ in range(4):
+                status, headers, _ = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+                assert status == 200 and headers["docker-content-digest"] == built["manifest"]
+                assert "warning" in headers
+            status, headers, body = proxy.request("/v2/alpine/tags/list")
+            assert status == 200 and json.loads(body)["tags"] == ["latest"] and "warning" in headers
+            # The first revalidation met the silence; the rest were answered
+            # from the cache without asking.
+            assert hole.requests == 1
+            log = proxy.process.log_text()
+            assert log.count("what the cache holds is served without asking it") == 1
+            assert "timed out" in log
+        finally:
+            proxy.process.stop()
+    finally:
+        if hole is not None:
+            hole.close()
+        registry.stop()

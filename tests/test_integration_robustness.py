@@ -846,6 +846,27 @@ def test_unknown_repository_is_no_existence_oracle(proxy, kind):
         assert statuses == [(403, "DENIED"), (403, "DENIED")]
 
 
+@pytest.mark.parametrize("hard, soft_after, warned", [(1000, 1000, True), (8192, 2056, False)])
+def test_the_open_files_limit_is_raised_for_max_connections(upstream_anon, tmp_path, hard, soft_after, warned):
+    # With a soft limit of 1024 (a common default) and max_connections at
+    # 10000, connections past the limit were dropped without the 503.
+    from peers import cargobay_command, free_port
+    from proxy import write_config
+
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("alpine", "up", "library/alpine")])
+    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {port}\nmax_connections = 900\n", 1))
+    process = Twistd(["prlimit", f"--nofile=300:{hard}", *cargobay_command(config)], log_path=tmp_path / "l.log").start()
+    try:
+        process.wait_listening(port)
+        limits = Path(f"/proc/{process.process.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(soft_after), str(hard)], line
+        assert ("may open only 1000 files" in process.log_text()) == warned
+    finally:
+        process.stop()
+
+
 def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_anon, tmp_path):
     """
     A client that sends a request's headers a byte at a time cannot keep a
@@ -859,7 +880,9 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
 
     port = free_port()
     config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [("alpine", "up", "library/alpine")])
-    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {port}\nmax_connections = 5\nheader_timeout_seconds = 4\n", 1))
+    config.write_text(config.read_text().replace(
+        f"port = {port}\n", f"port = {port}\nmax_connections = 5\nheader_timeout_seconds = 4\nidle_timeout_seconds = 120\n", 1
+    ))
     process = Twistd(config_path=config, log_path=tmp_path / "cap.log").start()
     process.wait_listening(port)
     held = []
@@ -913,6 +936,16 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         assert cut, f"still open after {time.monotonic() - started:.0f} s of trickled headers"
         # It was the header deadline, not an early refusal.
         assert time.monotonic() - started >= 3
+        # Half a header block and then silence meets the same deadline (it
+        # held the connection until the idle timeout, here 120 s).
+        sock = _socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        sock.settimeout(60)
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        sock.close()
     finally:
         for sock in held:
             sock.close()

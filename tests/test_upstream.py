@@ -95,6 +95,64 @@ def test_token_expires_and_is_fetched_again():
     assert len(registry.requests("/token")) == 2
 
 
+def test_tokens_kept_are_bounded_and_the_expired_go_first(monkeypatch):
+    # One token per repository scope: a Docker Hub mirror kept every one it
+    # ever fetched.
+    import cargobay.upstream
+
+    monkeypatch.setattr(cargobay.upstream, "MAX_CACHED_TOKENS", 5)
+    registry = FakeRegistry()
+    registry.on("GET", "/token", token_handler("T1", expires_in=60))
+    registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T1", lambda r: b"ok"))
+    clock = Clock()
+    upstream = make_upstream(registry, clock)
+    for i in range(4):
+        result_of(upstream.request("GET", f"/v2/old{i}/manifests/x", f"repository:old{i}:pull"))
+    clock.advance(120)
+    result_of(upstream.request("GET", "/v2/a/manifests/x", "repository:a:pull"))
+    result_of(upstream.request("GET", "/v2/b/manifests/x", "repository:b:pull"))
+    assert sorted(upstream._tokens) == ["repository:a:pull", "repository:b:pull"]
+    for i in range(10):
+        result_of(upstream.request("GET", f"/v2/n{i}/manifests/x", f"repository:n{i}:pull"))
+    assert len(upstream._tokens) == 5 and "repository:n9:pull" in upstream._tokens
+
+
+class _NoAnswer(Protocol):
+    """Takes a request and says nothing (a black-holed registry)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class _Answer(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_upstream_that_does_not_answer_in_time_is_a_504_and_unreachable_until_it_answers():
+    # treq's timeout came wrapped in a ResponseNeverReceived: reported as a
+    # 502 "failed: ResponseNeverReceived", counted as a network error.
+    port = global_reactor.listenTCP(0, Factory.forProtocol(_NoAnswer), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    upstream = Upstream(RegistryConfig(id="quiet", url=url, read_timeout=0.2), global_reactor)
+    try:
+        assert not upstream.unreachable
+        with pytest.raises(UpstreamError) as caught:
+            yield upstream.request("GET", "/v2/", SCOPE)
+        assert caught.value.error.status == 504 and "timed out" in caught.value.error.message
+        assert upstream.unreachable
+        port.factory.protocol = _Answer
+        yield upstream.close()
+        response = yield upstream.request("GET", "/v2/", SCOPE)
+        assert response.code == 200
+        yield read_body(response)
+        assert not upstream.unreachable
+    finally:
+        yield upstream.close()
+        yield port.stopListening()
+
+
 def test_concurrent_requests_share_one_token_fetch():
     registry = FakeRegistry()
     registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T1", lambda r: b"ok"))
