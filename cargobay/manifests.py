@@ -518,13 +518,19 @@ class ManifestService:
             if remembered is None:
                 raise not_found from None
             return (*remembered, True)
-        if manifest_document(body) is None:
+        document = manifest_document(body)
+        if document is None:
             raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         if content_type is None or not manifest_media_type(content_type):
             content_type = "application/vnd.oci.image.index.v1+json"
-        store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
+        if document.get("manifests"):
+            # (None is remembered as none: a 404 tells a client as much, and
+            # any digest and artifactType may be asked about.)
+            store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
+        else:
+            store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
         return body, content_type, filters, False
 
 

@@ -79,9 +79,12 @@ class Mapper:
             if registry.hosts_open:
                 return Resolved(name, registry.id, self._upstream(registry, name))
             # Only what is mapped onto that registry (a "library/*" pattern,
-            # say): the name goes through the patterns below.
+            # say), by a pattern that keeps the name ("corp/*" -> "team/*"
+            # would answer registry.example.com's corp/app with team/app).
             mapped = self._by_prefix(name)
-            return mapped if mapped is not None and mapped.registry_id == registry.id else None
+            if mapped is None or mapped.registry_id != registry.id:
+                return None
+            return mapped if mapped.upstream_name == self._upstream(registry, name) else None
         if exact is not None:
             return exact
         return self._by_prefix(name)

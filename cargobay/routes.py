@@ -130,8 +130,6 @@ class RegistryApp:
         method = request.method
         if method in WRITE_METHODS:
             raise denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
-        if method not in READ_METHODS:
-            raise _not_allowed(READ_METHODS)
         raw_path = request.path
         if len(raw_path) > MAX_PATH:
             raise name_invalid(raw_path[:100].decode("latin-1"))
@@ -139,6 +137,9 @@ class RegistryApp:
         # reference holds a "%", and _PathGuard let only UTF-8 through.)
         path = unquote_to_bytes(raw_path).decode("latin-1")
         target = parse_target(path) if path not in ("/v2", "/v2/") else None
+        allowed = (b"GET",) if target is not None and target.kind in ("tags", "referrers") else READ_METHODS
+        if method not in allowed:
+            raise _not_allowed(allowed)
         scope = f"repository:{target.name}:pull" if target is not None and is_valid_name(target.name) else None
         grant = self.authenticator.authenticate(request, scope)
         request.grant = grant  # type: ignore[attr-defined]
@@ -165,8 +166,6 @@ class RegistryApp:
             digest = _digest(target.argument)
             self._audit_when_done(request, grant, mapping, str(digest))
             return self.blobs.serve(request, upstream, mapping.upstream_name, digest, head)
-        if head:
-            raise RegistryError(405, "UNSUPPORTED", "method not allowed")
         if target.kind == "tags":
             return self._tags(request, mapping, upstream, ns)
         return self._referrers(request, mapping, upstream, _digest(target.argument))
@@ -440,11 +439,13 @@ class _PathGuard(resource.Resource):
         self._inner = inner
 
     def render(self, request: Request) -> Any:
-        if not request.getHeader(b"host") and request.clientproto == b"HTTP/1.1":
-            # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400.
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1 or (not hosts and request.clientproto == b"HTTP/1.1"):
+            # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400, and any
+            # with more than one (the token realm is built from it).
             request.setResponseCode(400)
             request.setHeader(*API_VERSION)
-            return _json(request, RegistryError(400, "UNSUPPORTED", "no Host header").body())
+            return _json(request, RegistryError(400, "UNSUPPORTED", "not exactly one Host header").body())
         if not request.path.startswith(b"/"):
             # The absolute form is for forward proxies: served as a path
             # here, http://other-registry/v2/library/alpine/... would get

@@ -20,7 +20,7 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 Tag lists page as some registries do: ``cursor`` with a parameter of its
 own in the ``Link`` (Quay's ``next_page``) and an opaque ``last`` (ECR's),
 its pages in case-insensitive order (``B`` after ``a``).  Referrers are
-the same empty index for every subject.
+the same one-manifest index for every subject.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ import json
 import sys
 
 BLOB = bytes(range(256)) * 4096
-#: Every subject's referrers.
-REFERRERS = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}'
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+#: Every subject's referrers.
+REFERRERS = (
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"mediaType":'
+    b' "application/vnd.oci.image.manifest.v1+json", "digest": "' + DIGEST.encode() + b'", "size": 1048576}]}'
+)
 
 
 def main(port: int) -> None:

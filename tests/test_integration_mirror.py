@@ -126,15 +126,18 @@ def test_a_mirror_request_is_not_answered_by_a_mapping_that_renames(hub, tmp_pat
     the hub's "busybox" is not that alpine image; a plain pull of the local
     name still is.
     """
-    proxy = start_proxy(tmp_path, [{"id": "hub", "url": hub.url}], [("busybox", "hub", "library/alpine")])
+    proxy = start_proxy(
+        tmp_path, [{"id": "hub", "url": hub.url}], [("busybox", "hub", "library/alpine"), ("corp/*", "hub", "library/*")]
+    )
     try:
-        token = mint_token(SECRET, "renamed", ["busybox"])
+        token = mint_token(SECRET, "renamed", ["busybox", "corp/alpine"])
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-        status, _, body = proxy.request("/v2/busybox/manifests/latest", token, headers=accept)
-        assert status == 200 and json.loads(body)["config"]["digest"] == hub.images["alpine"]["configs"][0]
-        status, _, body = proxy.request(f"/v2/busybox/manifests/latest?ns={hub.host}", token, headers=accept)
-        assert status == 404, body
-        assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+        for name in ("busybox", "corp/alpine"):
+            status, _, body = proxy.request(f"/v2/{name}/manifests/latest", token, headers=accept)
+            assert status == 200 and json.loads(body)["config"]["digest"] == hub.images["alpine"]["configs"][0]
+            status, _, body = proxy.request(f"/v2/{name}/manifests/latest?ns={hub.host}", token, headers=accept)
+            assert status == 404, (name, body)
+            assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
     finally:
         proxy.process.stop()
 

@@ -69,6 +69,16 @@ def test_a_mirror_request_names_the_upstream_repository_not_a_renaming_mapping()
     assert Mapper(parse_config(hub + alpine)).resolve("alpine", ns="docker.io") == Resolved(
         "alpine", "hub", "library/alpine"
     )
+    # Patterns too: "corp/*" -> "team/*" does not answer a mirror request
+    # for the registry's own corp/app; "team/*" -> "team/*" does.
+    patterns = (
+        '[[repositories]]\nname="corp/*"\nregistry_id="p"\nupstream_name="team/*"\n'
+        '[[repositories]]\nname="team/*"\nregistry_id="p"\nupstream_name="team/*"\n'
+    )
+    mapper = Mapper(parse_config(base + patterns))
+    assert mapper.resolve("corp/app") == Resolved("corp/app", "p", "team/app")
+    assert mapper.resolve("corp/app", ns="registry.example.com") is None
+    assert mapper.resolve("team/app", ns="registry.example.com") == Resolved("team/app", "p", "team/app")
 
 
 def test_a_mirror_request_for_another_registry_is_not_an_exact_mapping_s_name(mapper):

@@ -989,7 +989,10 @@ def test_upstream_header_text_that_cannot_be_passed_on_is_dropped(world):
 
 
 def test_referrers_are_served_as_last_seen_while_the_upstream_fails(world):
-    index = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}'
+    signature = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": BLOB_DIGEST, "size": 10,
+                 "artifactType": "application/example"}
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [signature]}).encode()
 
     def referrers(request):
         request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
@@ -1013,13 +1016,26 @@ def test_referrers_are_served_as_last_seen_while_the_upstream_fails(world):
     # None remembered: a 404, on which clients look for the fallback tag.
     response, body = world.get(never, ALL)
     assert response.code == 404 and error_code(body) == "MANIFEST_UNKNOWN"
-    # The upstream says none: that is remembered too (nothing stale is served).
-    world.upstream_registry.handlers.clear()
-    world.upstream_registry.on("GET", "/v2/", _failing(404))
-    assert world.get(seen, ALL)[0].code == 404
-    world.upstream_registry.handlers.clear()
-    world.upstream_registry.on("GET", "/v2/", _failing(503))
-    assert world.get(seen, ALL)[0].code == 404
+    # The upstream says none (a 404, or an empty index): nothing stale is
+    # served after that, and nothing is kept for an empty one.
+    for none in (_failing(404), lambda r: b'{"schemaVersion": 2, "manifests": []}'):
+        world.upstream_registry.handlers.clear()
+        world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", referrers)
+        world.get(seen, ALL)
+        world.upstream_registry.handlers.clear()
+        world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", none)
+        world.get(seen, ALL)
+        world.upstream_registry.handlers.clear()
+        world.upstream_registry.on("GET", "/v2/", _failing(503))
+        assert world.get(seen, ALL)[0].code == 404
+    for empty in range(5):
+        world.upstream_registry.handlers.clear()
+        world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda r: b'{"schemaVersion": 2, "manifests": []}')
+        world.get(f"/v2/alpine/referrers/sha256:{empty:064x}", ALL)
+    from pathlib import Path
+
+    kept = list((Path(world.store.directory) / "referrers").rglob("*.json"))
+    assert len(kept) == 1  # the artifactType answer
 
 
 def test_a_cached_blob_that_cannot_be_read_cuts_its_response_and_pins_nothing(world, monkeypatch):
