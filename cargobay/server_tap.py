@@ -29,6 +29,7 @@ from cargobay.logs import make_observer
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.metrics import Metrics
+from cargobay.outbound import ProxySettings
 from cargobay.routes import WRITE_METHODS, RegistryApp
 from cargobay.sweep import MetadataSweeper
 from cargobay.tokens import mint_token
@@ -330,6 +331,11 @@ class Runtime:
         self.config = config
         self._config_path = config_path
         self._reactor = reactor
+        try:
+            #: Read once: the environment does not change under a process.
+            self.proxies = ProxySettings.from_environment()
+        except ValueError as e:
+            fail(f"outbound proxy: {e}")
         self.metrics = metrics = Metrics()
         self.cache = cache = BlobCache(
             config.cache.directory,
@@ -420,7 +426,7 @@ class Runtime:
                 # Unchanged: keep its cached tokens.
                 upstreams[registry.id] = existing
             else:
-                upstreams[registry.id] = Upstream(registry, self._reactor, metrics=self.metrics)
+                upstreams[registry.id] = Upstream(registry, self._reactor, metrics=self.metrics, proxies=self.proxies)
         return upstreams
 
     def reload(self) -> bool:

@@ -50,6 +50,7 @@ from cargobay.challenge import Challenge, find_challenge
 from cargobay.config import RegistryConfig
 from cargobay.errors import RegistryError
 from cargobay.metrics import Metrics
+from cargobay.outbound import OutboundAgent, ProxyError, ProxySettings, TunnelEndpoint
 
 log = Logger()
 # One "Starting factory" line per upstream connection is noise.
@@ -257,16 +258,24 @@ class UpstreamEndpoints:
     C{https}) but for L{GatheringTLSProtocol}.
     """
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, proxies: ProxySettings | None = None
+    ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._connect_timeout = connect_timeout
+        self._proxies = proxies if proxies is not None else ProxySettings({}, None)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout)
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
         if uri.scheme == b"http":
             return endpoint
         if uri.scheme == b"https":
+            proxy = self._proxies.for_uri("https", host)
+            if proxy is not None:
+                # TLS end to end, through the proxy's tunnel.
+                endpoint = TunnelEndpoint(self._reactor, proxy, host, uri.port, self._connect_timeout)
             return _TLSEndpoint(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
@@ -299,6 +308,7 @@ class Upstream:
         agent: IAgent | None = None,
         pool: webclient.HTTPConnectionPool | None = None,
         metrics: Metrics | None = None,
+        proxies: ProxySettings | None = None,
     ) -> None:
         self.registry = registry
         self._metrics = metrics
@@ -312,10 +322,13 @@ class Upstream:
                 pool = self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = 32
                 pool.cachedConnectionTimeout = 120
+            settings = proxies if proxies is not None else ProxySettings({}, None)
             endpoints = UpstreamEndpoints(
-                reactor, RegistryTLSPolicy(registry.hostname, registry.ca_file), registry.connect_timeout
+                reactor, RegistryTLSPolicy(registry.hostname, registry.ca_file), registry.connect_timeout, settings
             )
             agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+            if settings.any:
+                agent = OutboundAgent(reactor, agent, settings, pool, registry.connect_timeout)
         self._http = HTTPClient(agent)
         self._tokens: dict[str, _CachedToken] = {}
         self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
@@ -607,6 +620,10 @@ class Upstream:
         host = urlsplit(what).netloc if "://" in what else what
         if _failed_with(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
+        if _failed_with(failure, ProxyError):
+            reason = next((str(r.value) for r in [failure, *getattr(failure.value, "reasons", [])]
+                           if isinstance(r, Failure) and r.check(ProxyError)), "outbound proxy failed")
+            return self.error(502, "UNAVAILABLE", f"could not be reached: {reason} ({host})")
         if failure.check(netError.DNSLookupError):
             return self.error(502, "UNAVAILABLE", f"host not found ({host})")
         if failure.check(netError.ConnectionRefusedError):

@@ -3,7 +3,7 @@
 # packages), only when some are missing.  Needs root (or sudo) and apt.
 set -e
 missing=""
-for program in docker-registry skopeo umoci htpasswd wrk hyperfine nginx redis-server dockerd containerd podman; do
+for program in docker-registry skopeo umoci htpasswd wrk hyperfine nginx redis-server dockerd containerd podman tinyproxy; do
     command -v "$program" >/dev/null 2>&1 || missing="$missing $program"
 done
 packages=""
@@ -17,4 +17,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
     docker-registry skopeo umoci apache2-utils wrk hyperfine nginx redis-server \
-    docker.io containerd podman $packages >/dev/null
+    docker.io containerd podman tinyproxy $packages >/dev/null

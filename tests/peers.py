@@ -1277,3 +1277,41 @@ __all__ = [
     "skopeo_push",
     "wait_http",
 ]
+
+
+class OutboundProxyServer:
+    """
+    tinyproxy, the real forward proxy of a network whose registries are
+    reached through one: CONNECT (to any port) and absolute-form GETs, with
+    Basic proxy credentials when ``user`` is given.  ``requests()`` is what
+    it was asked, one request line each.
+    """
+
+    def __init__(self, workdir: Path, user: str | None = None, password: str | None = None) -> None:
+        need("tinyproxy")
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = self.workdir / "tinyproxy.log"
+        lines = [
+            f"Port {self.port}", "Listen 127.0.0.1", "Timeout 60", f'LogFile "{self._log}"', "LogLevel Connect",
+            f'PidFile "{self.workdir / "tinyproxy.pid"}"', "MaxClients 50", "Allow 127.0.0.1", "DisableViaHeader Yes",
+        ]
+        if user is not None:
+            lines.append(f"BasicAuth {user} {password}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tinyproxy.conf").write_text("\n".join(lines) + "\n")
+        self._process = Twistd(
+            ["tinyproxy", "-d", "-c", str(self.workdir / "tinyproxy.conf")], log_path=self.workdir / "stdout.log"
+        )
+
+    def start(self) -> Self:
+        self._process.start().wait_listening(self.port)
+        return self
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def requests(self) -> list[str]:
+        text = self._log.read_text(errors="replace") if self._log.exists() else ""
+        return [line.split("): ", 1)[1] for line in text.splitlines() if "Request (file descriptor" in line]

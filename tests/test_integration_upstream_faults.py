@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -40,10 +41,12 @@ from peers import (
     DOCKER_MANIFEST_V2S2,
     OCI_INDEX,
     OCI_MANIFEST,
+    OutboundProxyServer,
     Registry,
     TokenServer,
     Twistd,
     build_oci_layout,
+    cargobay_command,
     free_port,
     need,
     sha256_digest,
@@ -643,3 +646,82 @@ def test_unmapped_names_reach_no_other_registry(upstream_anon, bystander, tmp_pa
         assert "Traceback" not in proxy.process.log_text()
     finally:
         proxy.process.stop()
+
+
+# ---------------------------------------------------------------------------
+# Registries reached through an outbound proxy (tinyproxy)
+# ---------------------------------------------------------------------------
+
+
+def test_registries_behind_an_outbound_proxy(ca, tls_upstreams, upstream_anon, tmp_path):
+    """
+    HTTPS_PROXY / HTTP_PROXY, as the earlier implementation's HTTP client
+    honoured them: an HTTPS registry through a CONNECT tunnel (TLS verified
+    end to end, so a wrong certificate still fails), a plain-HTTP one with
+    absolute request targets, proxy credentials from the URL; loopback is
+    not proxied unless NO_PROXY says otherwise.
+    """
+    image, layout = tls_upstreams["image"], tls_upstreams["layout"]
+    skopeo_push(layout, "latest", f"{upstream_anon.host}/library/behindproxy:latest")
+    outbound = OutboundProxyServer(tmp_path / "tinyproxy", user="puller", password="s3cret").start()
+    registries = [
+        {"id": "tls", "url": tls_upstreams["good"].url, "ca_file": ca.cert_path},
+        {"id": "wrongname", "url": tls_upstreams["mismatch"].url, "ca_file": ca.cert_path},
+        {"id": "plain", "url": upstream_anon.url},
+    ]
+    mappings = [("secure", "tls", "library/secure"), ("mismatch", "wrongname", "library/secure"),
+                ("plain", "plain", "library/behindproxy")]
+
+    def proxied(tmp: Path, password: str, no_proxy: str | None = "example.invalid") -> Proxy:
+        via = f"http://puller:{password}@127.0.0.1:{outbound.port}"
+        env = {"HTTPS_PROXY": via, "http_proxy": via}
+        if no_proxy is not None:
+            env["NO_PROXY"] = no_proxy
+        return start_proxy(tmp, registries, mappings, env=env)
+
+    try:
+        proxy = proxied(tmp_path / "p", "s3cret")
+        try:
+            for name in ("secure", "plain"):
+                got = pull_http(proxy, name, "latest")
+                assert set(got) == {image["manifest"], *image["configs"], *image["layers"]}, name
+                for digest, data in got.items():
+                    assert data == layout_blob(layout, digest)
+            asked = outbound.requests()
+            assert any(r.startswith(f"CONNECT 127.0.0.1:{tls_upstreams['good'].port} ") for r in asked), asked
+            assert any(r.startswith(f"GET {upstream_anon.url}/v2/library/behindproxy/blobs/") for r in asked), asked
+            # The tunnel carries TLS end to end: a certificate for another
+            # name fails as it would without the proxy.
+            status, _, body = proxy.request("/v2/mismatch/manifests/latest", headers={"Accept": ACCEPT_ALL})
+            assert status == 502 and "TLS" in oci_error(body)["message"]
+        finally:
+            proxy.process.stop()
+        # Wrong proxy credentials: a 502 that names the proxy's answer
+        # (tinyproxy's is a 401; others send 407).
+        proxy = proxied(tmp_path / "q", "wrong")
+        try:
+            status, _, body = proxy.request("/v2/secure/manifests/latest", headers={"Accept": ACCEPT_ALL})
+            message = oci_error(body)["message"]
+            assert status == 502 and "outbound proxy answered CONNECT with 'HTTP/1.0 401" in message, body
+        finally:
+            proxy.process.stop()
+        # Without NO_PROXY, loopback registries are reached directly.
+        before = len(outbound.requests())
+        proxy = proxied(tmp_path / "r", "s3cret", no_proxy=None)
+        try:
+            assert set(pull_http(proxy, "plain", "latest")) == {image["manifest"], *image["configs"], *image["layers"]}
+            assert len(outbound.requests()) == before
+        finally:
+            proxy.process.stop()
+    finally:
+        outbound.stop()
+
+
+def test_a_bad_proxy_variable_stops_start_up_with_one_line(tmp_path):
+    config = write_proxy_config(tmp_path / "c.toml", free_port(), tmp_path / "cache", [{"id": "a", "url": "https://registry.example.com"}], [("x", "a", "x")])
+    result = subprocess.run(
+        cargobay_command(config), env={**os.environ, "HTTPS_PROXY": "socks5://127.0.0.1:1080"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["cargobay: outbound proxy: HTTPS_PROXY: only http:// proxies are supported, not socks5://"]

@@ -1,0 +1,293 @@
+"""
+Reaching upstream registries through an outbound HTTP proxy, as set in the
+environment (C{HTTPS_PROXY}, C{HTTP_PROXY}, C{ALL_PROXY}, C{NO_PROXY}, in
+either case), which the earlier implementation's HTTP client honoured too.
+
+An C{https} registry is reached through a C{CONNECT} tunnel, with TLS (and
+its verification against the registry's name) end to end: the proxy sees
+neither credentials nor content.  A plain-C{http} one is asked through the
+proxy with absolute request targets, as proxies expect for HTTP (many allow
+C{CONNECT} to port 443 only).
+
+Loopback addresses are not proxied unless C{NO_PROXY} is set: a C{NO_PROXY}
+you set replaces that default.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import error as netError
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from zope.interface import implementer
+
+#: The most of a proxy's answer to CONNECT that is read.
+MAX_CONNECT_ANSWER = 16 * 1024
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+class ProxyError(netError.ConnectError):
+    """The outbound proxy did not open the tunnel (its status line says why)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "outbound proxy failed"
+
+
+@dataclass(frozen=True)
+class OutboundProxy:
+    host: str
+    port: int
+    #: C{Proxy-Authorization}, from the URL's user and password.
+    authorization: bytes | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> OutboundProxy:
+        """
+        C{http://[user:password@]host[:port]} (a bare C{host:port} too).
+
+        @raise ValueError: naming what is wrong (never echoing a password).
+        """
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"only http:// proxies are supported, not {parts.scheme}://")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError("its port is not a number") from None
+        if not parts.hostname:
+            raise ValueError("it names no host")
+        authorization = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = b"Basic " + base64.b64encode(pair.encode("utf-8"))
+        return cls(parts.hostname, port, authorization)
+
+
+class ProxySettings:
+    """Which proxy, if any, a URL of an upstream is reached through."""
+
+    def __init__(self, proxies: Mapping[str, OutboundProxy], no_proxy: str | None) -> None:
+        self._proxies = dict(proxies)
+        self._no_proxy = no_proxy
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ProxySettings:
+        """
+        @raise ValueError: for a proxy variable that is not a usable URL.
+        """
+        environ = os.environ if environ is None else environ
+
+        def variable(name: str) -> str | None:
+            value = environ.get(name.lower())
+            if value is None:
+                value = environ.get(name.upper())
+            return value.strip() if value is not None and value.strip() else None
+
+        proxies = {}
+        every = variable("all_proxy")
+        for scheme in ("http", "https"):
+            value = variable(f"{scheme}_proxy") or every
+            if value is not None:
+                try:
+                    proxies[scheme] = OutboundProxy.parse(value)
+                except ValueError as e:
+                    raise ValueError(f"{scheme.upper()}_PROXY: {e}") from None
+        no_proxy = environ.get("no_proxy", environ.get("NO_PROXY"))
+        return cls(proxies, no_proxy)
+
+    @property
+    def any(self) -> bool:
+        return bool(self._proxies)
+
+    def for_uri(self, scheme: str, host: str) -> OutboundProxy | None:
+        proxy = self._proxies.get(scheme)
+        if proxy is None or self._bypassed(host.lower().strip("[]")):
+            return None
+        return proxy
+
+    def _bypassed(self, host: str) -> bool:
+        if self._no_proxy is None:
+            return _is_loopback(host)
+        for entry in self._no_proxy.replace(" ", ",").split(","):
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            if entry == "*":
+                return True
+            if "/" in entry:
+                try:
+                    if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                        return True
+                except ValueError:
+                    pass
+                continue
+            if entry.count(":") == 1:
+                entry = entry.split(":")[0]  # a port: any port of that host
+            entry = entry.lstrip(".")
+            if host == entry or host.endswith("." + entry):
+                return True
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Tunnel(Protocol):
+    """
+    Asks the proxy for a C{CONNECT} tunnel, then carries the protocol of the
+    connection through it (the TLS of the upstream's, under C{https}).
+    """
+
+    def __init__(self, target: bytes, authorization: bytes | None, factory: IProtocolFactory,
+                 opened: Deferred[Any]) -> None:
+        self._target = target
+        self._authorization = authorization
+        self._factory = factory
+        self._opened: Deferred[Any] | None = opened
+        self._answer = b""
+        self._inner: Any = None
+
+    @property
+    def _transport(self) -> Any:
+        return self.transport
+
+    def connectionMade(self) -> None:
+        lines = [b"CONNECT " + self._target + b" HTTP/1.1", b"Host: " + self._target]
+        if self._authorization is not None:
+            lines.append(b"Proxy-Authorization: " + self._authorization)
+        self._transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        self._answer += data
+        end = self._answer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._answer) > MAX_CONNECT_ANSWER:
+                self._refused("sent an endless answer to CONNECT")
+            return
+        head, rest = self._answer[:end], self._answer[end + 4 :]
+        self._answer = b""
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
+            self._refused(f"answered CONNECT with {status_line[:100]!r}")
+            return
+        inner = self._factory.buildProtocol(self._transport.getPeer())
+        if inner is None:
+            self._refused("had its tunnel refused by the connection's own factory")
+            return
+        self._inner = inner
+        inner.makeConnection(self._transport)
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.callback(inner)
+        if rest and self._inner is not None:
+            self._inner.dataReceived(rest)
+
+    def _refused(self, why: str) -> None:
+        opened, self._opened = self._opened, None
+        self._transport.abortConnection()
+        if opened is not None:
+            opened.errback(Failure(ProxyError(string=f"outbound proxy {why}")))
+
+    def connectionLost(self, reason: Failure = netError.ConnectionDone()) -> None:  # type: ignore[assignment]
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+            return
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.errback(Failure(ProxyError(string="outbound proxy closed the connection before the tunnel opened")))
+
+
+@implementer(IStreamClientEndpoint)
+class TunnelEndpoint:
+    """An endpoint to C{host:port} through a C{CONNECT} tunnel of C{proxy}."""
+
+    def __init__(self, reactor: Any, proxy: OutboundProxy, host: str, port: int, timeout: float) -> None:
+        self._proxy_endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout=timeout)
+        self._authorization = proxy.authorization
+        self._target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        connecting: Deferred[Any] | None = None
+        tunnel: list[_Tunnel] = []
+
+        def cancel(d: Deferred[Any]) -> None:
+            if tunnel and tunnel[0].transport is not None:
+                tunnel[0]._transport.abortConnection()
+            elif connecting is not None:
+                connecting.cancel()
+
+        opened: Deferred[Any] = Deferred(cancel)
+
+        def build() -> _Tunnel:
+            protocol = _Tunnel(self._target.encode("ascii"), self._authorization, factory, opened)
+            tunnel.append(protocol)
+            return protocol
+
+        def failed(failure: Failure) -> None:
+            if not opened.called:
+                opened.errback(failure)
+
+        connecting = self._proxy_endpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
+        connecting.addErrback(failed)
+        return opened
+
+
+@implementer(IAgent)
+class OutboundAgent:
+    """
+    The agent of an upstream: C{direct} for what is not proxied (and for
+    C{https} through a proxy, whose tunnel the endpoints make), plain
+    C{http} through a proxy with absolute request targets.
+    """
+
+    def __init__(self, reactor: Any, direct: IAgent, settings: ProxySettings,
+                 pool: webclient.HTTPConnectionPool | None, timeout: float) -> None:
+        self._reactor = reactor
+        self._direct = direct
+        self._settings = settings
+        self._pool = pool
+        self._timeout = timeout
+        self._forwarding: dict[OutboundProxy, webclient.ProxyAgent] = {}
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[Any]:
+        parsed = URI.fromBytes(uri)
+        proxy = None
+        if parsed.scheme == b"http":
+            proxy = self._settings.for_uri("http", parsed.host.decode("ascii", "replace"))
+        if proxy is None:
+            return self._direct.request(method, uri, headers, bodyProducer)
+        agent = self._forwarding.get(proxy)
+        if agent is None:
+            endpoint = HostnameEndpoint(self._reactor, proxy.host, proxy.port, timeout=self._timeout)
+            agent = self._forwarding[proxy] = webclient.ProxyAgent(endpoint, self._reactor, self._pool)
+        headers = headers.copy() if headers is not None else Headers()
+        if proxy.authorization is not None:
+            headers.setRawHeaders(b"proxy-authorization", [proxy.authorization])
+        return agent.request(method, uri, headers, bodyProducer)
