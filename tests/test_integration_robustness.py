@@ -755,14 +755,16 @@ OTHER_REPOSITORY = {"scoped-other-repo", "scoped-prefix-alp", "scoped-sibling-al
 def expected_status(route: str, method: str, kind: str) -> int:
     if method in WRITES:
         return 403  # read-only: refused before anything else
+    if method == "HEAD" and route in ("tags", "referrers"):
+        # The tag list and the referrers API are GET only, whoever asks (the
+        # upstream answers HEAD tags/list 405 too).
+        return 405
     if kind in UNAUTHENTICATED:
         return 401
     if route == "base":
         return 200  # any valid token
     if kind in OTHER_REPOSITORY:
         return 403
-    if method == "HEAD" and route in ("tags", "referrers"):
-        return 405  # the tag list and the referrers API are GET only (the upstream answers HEAD tags/list 405 too)
     if route == "referrers":
         # distribution 2.8 has no referrers API (it answers 404): passed on,
         # so that clients fall back to the referrers tag schema.
