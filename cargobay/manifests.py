@@ -453,7 +453,11 @@ class ManifestService:
         link = rewrite_link(raw_link, upstream_name, local_name)
         if link is None and not query:
             self._store.set_tag_list(registry_id, upstream_name, tags)
-        if link is None and _pagination_ignored(tags, n, last):
+        if raw_link is not None:
+            upstream.pages_tags = True
+        elif n is not None and len(tags) > n:
+            upstream.pages_tags = False  # (distribution 2.x): paginated here from now on
+        if link is None and (upstream.pages_tags is False or _pagination_ignored(tags, n, last)):
             tags, link = paginate(tags, n, last, local_name)
         else:
             tags = sorted(tags)

@@ -336,6 +336,9 @@ class Upstream:
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
         self._unreachable_until = 0.0
+        #: Whether the registry pages tag lists itself (n, last): None until
+        #: one of its answers shows it.
+        self.pages_tags: bool | None = None
 
     # -- public API --------------------------------------------------------
 

@@ -759,6 +759,10 @@ def test_tag_list_paginated_locally_when_upstream_ignores_n(world):
     response, body = world.get("/v2/alpine/tags/list?n=2&last=b", ALL)
     assert json.loads(body)["tags"] == ["c", "d"]
     assert response.headers.getRawHeaders("link") is None
+    # Once it showed that it ignores n, the upstream's list is paginated
+    # here even for a "last" that is no tag of it (deleted between pages).
+    response, body = world.get("/v2/alpine/tags/list?n=100&last=bb", ALL)
+    assert json.loads(body)["tags"] == ["c", "d"]
     # A mirror request's next page names the same registry.
     world.upstream_registry.on(
         "GET", "/v2/library/busybox/tags/list", lambda r: json.dumps({"name": "library/busybox", "tags": ["c", "a", "d", "b"]}).encode()
