@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import error as netError
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -208,6 +208,11 @@ class _Tunnel(Protocol):
         if rest and self._inner is not None:
             self._inner.dataReceived(rest)
 
+    def give_up(self) -> None:
+        """The connection's user gave up waiting (it fails the wait itself)."""
+        self._opened = None
+        self._transport.abortConnection()
+
     def _refused(self, why: str) -> None:
         opened, self._opened = self._opened, None
         self._transport.abortConnection()
@@ -229,6 +234,7 @@ class TunnelEndpoint:
 
     def __init__(self, reactor: Any, proxy: OutboundProxy, host: str, port: int, timeout: float) -> None:
         self._proxy_endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout=timeout)
+        self._proxy_name = f"{proxy.host}:{proxy.port}"
         self._authorization = proxy.authorization
         self._target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -238,7 +244,7 @@ class TunnelEndpoint:
 
         def cancel(d: Deferred[Any]) -> None:
             if tunnel and tunnel[0].transport is not None:
-                tunnel[0]._transport.abortConnection()
+                tunnel[0].give_up()
             elif connecting is not None:
                 connecting.cancel()
 
@@ -251,9 +257,11 @@ class TunnelEndpoint:
 
         def failed(failure: Failure) -> None:
             if not opened.called:
-                opened.errback(failure)
+                opened.errback(_blame_the_proxy(failure, self._proxy_name))
 
-        connecting = self._proxy_endpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
+        tunnels = Factory.forProtocol(build)  # type: ignore[arg-type]
+        tunnels.noisy = False
+        connecting = self._proxy_endpoint.connect(tunnels)
         connecting.addErrback(failed)
         return opened
 
@@ -290,4 +298,26 @@ class OutboundAgent:
         headers = headers.copy() if headers is not None else Headers()
         if proxy.authorization is not None:
             headers.setRawHeaders(b"proxy-authorization", [proxy.authorization])
-        return agent.request(method, uri, headers, bodyProducer)
+        name = f"{proxy.host}:{proxy.port}"
+        return agent.request(method, uri, headers, bodyProducer).addErrback(_blame_the_proxy, name)
+
+
+def _blame_the_proxy(failure: Failure, name: str) -> Failure:
+    """A connection that failed on the way to the proxy is the proxy's failure, not the registry's."""
+    if failure.check(ProxyError, CancelledError) or not _connection_failure(failure):
+        return failure
+    reason = failure.value.__class__.__name__
+    if failure.check(netError.ConnectionRefusedError):
+        reason = "refused the connection"
+    elif failure.check(netError.DNSLookupError):
+        reason = "was not found"
+    elif failure.check(netError.TimeoutError):
+        reason = "did not answer in time"
+    return Failure(ProxyError(string=f"outbound proxy {name} {reason}"))
+
+
+def _connection_failure(failure: Failure) -> bool:
+    if failure.check(netError.ConnectError, netError.DNSLookupError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(netError.ConnectError, netError.DNSLookupError) for r in reasons)

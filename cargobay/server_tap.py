@@ -115,6 +115,8 @@ class RegistryChannel(http.HTTPChannel):
     _first_bytes = True
     #: When the headers arriving must be in by, if some are.
     _header_deadline: Any = None
+    #: Between a request's headers and the end of its body.
+    _in_body = False
     #: Room for a JWT that names a few hundred repositories, sent as Basic
     #: credentials (a third longer); Twisted's default is 16 KiB for both.
     MAX_LENGTH = MAX_HEADERS_SIZE
@@ -151,7 +153,7 @@ class RegistryChannel(http.HTTPChannel):
                 )
                 self.transport.loseConnection()
                 return
-        if not self._handlingRequest and self._header_deadline is None:
+        if not self._handlingRequest and not self._in_body and self._header_deadline is None:
             # A client trickling a request's headers a byte at a time resets
             # the idle timeout forever, and one that stops halfway holds the
             # connection as long: the whole header block has a deadline.
@@ -172,7 +174,12 @@ class RegistryChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._end_header_deadline()
+        self._in_body = True  # what comes next is the request's body, if any
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._in_body = False
+        super().allContentReceived()
 
     def lineReceived(self, line: bytes) -> None:
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:  # type: ignore[attr-defined]

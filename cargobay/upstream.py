@@ -70,6 +70,8 @@ MAX_CACHED_TOKENS = 10_000
 #: time), how long what the cache holds is served without asking it first:
 #: a black-holed upstream would otherwise hold every pull for its timeout.
 UNREACHABLE_FOR = 30.0
+#: How long the check of a registry that just failed a request waits.
+PROBE_TIMEOUT = 5.0
 
 
 class UpstreamError(RegistryError):
@@ -336,6 +338,7 @@ class Upstream:
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
         self._unreachable_until = 0.0
+        self._probing = False
         #: Whether the registry pages tag lists itself (n, last): None until
         #: one of its answers shows it.
         self.pages_tags: bool | None = None
@@ -368,6 +371,23 @@ class Upstream:
                 registry=self.registry.id, message=error.message.split(" ", 3)[-1], seconds=UNREACHABLE_FOR,
             )
         self._unreachable_until = self._clock.seconds() + UNREACHABLE_FOR
+        if not self._probing:
+            # One slow repository is not a registry that is down: if the
+            # registry answers its base endpoint at once, it is reachable.
+            self._probing = True
+            probe = self._http.request(
+                "GET", self.registry.url + "/v2/", allow_redirects=False, unbuffered=True,
+                timeout=min(PROBE_TIMEOUT, self.registry.read_timeout),
+            )
+
+            def answered(response: IResponse) -> None:
+                discard_body(response)
+                self._reached()
+
+            def done(_: object) -> None:
+                self._probing = False
+
+            probe.addCallbacks(answered, lambda _: None).addBoth(done)
 
     def _reached(self) -> None:
         if self._unreachable_until:
@@ -592,6 +612,13 @@ class Upstream:
             )
         except Exception as e:
             failure = Failure(e)
+            if (
+                _failed_with(failure, defer.CancelledError)
+                and self._clock.seconds() - started < self.registry.read_timeout * 0.99
+            ):
+                # Not our timeout: the caller gave up (its client left).  That
+                # says nothing of the upstream.
+                raise defer.CancelledError() from None
             error = self._network_error(failure, url)
             if self._metrics is not None:
                 kind = "timeout" if error.status == 504 else "network"

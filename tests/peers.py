@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -1315,3 +1316,48 @@ class OutboundProxyServer:
     def requests(self) -> list[str]:
         text = self._log.read_text(errors="replace") if self._log.exists() else ""
         return [line.split("): ", 1)[1] for line in text.splitlines() if "Request (file descriptor" in line]
+
+
+class BlackHole:
+    """
+    A port that takes connections and requests and never answers: a
+    black-holed registry, or proxy.  ``requests`` holds the request lines
+    it was sent.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.requests: list[str] = []
+        self._server = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self._server.settimeout(0.2)
+        self._held: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._server, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.1):
+                if key.fileobj is self._server:
+                    conn, _ = self._server.accept()
+                    self._held.append(conn)
+                    selector.register(conn, selectors.EVENT_READ)
+                else:
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        selector.unregister(key.fileobj)
+                    self.requests += [
+                        line.decode("latin-1") for line in data.split(b"\r\n") if line.endswith(b" HTTP/1.1")
+                    ]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for conn in self._held:
+            conn.close()
+        self._server.close()

@@ -938,6 +938,27 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         assert cut, f"still open after {time.monotonic() - started:.0f} s of trickled headers"
         # It was the header deadline, not an early refusal.
         assert time.monotonic() - started >= 3
+        # A request whose body comes in a segment of its own, then an idle
+        # keep-alive connection past the header deadline: the next request
+        # is served (the body's bytes armed the deadline, which then cut the
+        # idle connection).
+        sock = _socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(30)
+        form = b"grant_type=password&username=u&password=nope"
+        sock.sendall(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(form))
+        time.sleep(0.3)
+        sock.sendall(form)
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        first.read()
+        assert first.status == 401
+        time.sleep(5)  # past header_timeout_seconds = 4, within the idle timeout
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 200 and second.read() == b"ok\n"
+        sock.close()
         # Half a header block and then silence meets the same deadline (it
         # held the connection until the idle timeout, here 120 s).
         sock = _socket.create_connection(("127.0.0.1", port))

@@ -41,6 +41,7 @@ from peers import (
     DOCKER_MANIFEST_V2S2,
     OCI_INDEX,
     OCI_MANIFEST,
+    BlackHole,
     OutboundProxyServer,
     Registry,
     TokenServer,
@@ -705,6 +706,27 @@ def test_registries_behind_an_outbound_proxy(ca, tls_upstreams, upstream_anon, t
             assert status == 502 and "outbound proxy answered CONNECT with 'HTTP/1.0 401" in message, body
         finally:
             proxy.process.stop()
+        # A proxy that is gone, or that never answers CONNECT: the 502 or
+        # 504 is the proxy's, and nothing is left half-done in the log.
+        gone, hole = free_port(), BlackHole(free_port())
+        try:
+            for where, status, says in ((gone, 502, f"outbound proxy 127.0.0.1:{gone} refused the connection"),
+                                        (hole.port, 504, "timed out")):
+                registries[0]["read_timeout_seconds"] = 2
+                env = {"HTTPS_PROXY": f"http://127.0.0.1:{where}", "NO_PROXY": "example.invalid"}
+                proxy = start_proxy(tmp_path / f"gone{where}", registries, mappings, env=env)
+                try:
+                    got, _, body = proxy.request("/v2/secure/manifests/latest", headers={"Accept": ACCEPT_ALL})
+                    assert got == status and says in oci_error(body)["message"], body
+                    time.sleep(0.5)  # the tunnel's connection is closed after the answer
+                    log = proxy.process.log_text()
+                    assert "AlreadyCalledError" not in log and "critical" not in log and "Traceback" not in log
+                finally:
+                    proxy.process.stop()
+            assert any(r.startswith("CONNECT 127.0.0.1:") for r in hole.requests), hole.requests
+        finally:
+            hole.close()
+            del registries[0]["read_timeout_seconds"]
         # Without NO_PROXY, loopback registries are reached directly.
         before = len(outbound.requests())
         proxy = proxied(tmp_path / "r", "s3cret", no_proxy=None)

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -147,6 +147,40 @@ def test_an_upstream_that_does_not_answer_in_time_is_a_504_and_unreachable_until
         response = yield upstream.request("GET", "/v2/", SCOPE)
         assert response.code == 200
         yield read_body(response)
+        assert not upstream.unreachable
+    finally:
+        yield upstream.close()
+        yield port.stopListening()
+
+
+class _SlowRepository(Protocol):
+    """Answers the base endpoint at once and nothing else (one slow repository)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"GET /v2/ "):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_unreachable():
+    port = global_reactor.listenTCP(0, Factory.forProtocol(_SlowRepository), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    upstream = Upstream(RegistryConfig(id="slow", url=url, read_timeout=0.3), global_reactor)
+    try:
+        # A request its caller gives up on (its client left): not a timeout.
+        asked = upstream.request("GET", "/v2/slow/manifests/x", SCOPE)
+        global_reactor.callLater(0.05, asked.cancel)
+        with pytest.raises(defer.CancelledError):
+            yield asked
+        assert not upstream.unreachable
+        # A real timeout marks it, until the base endpoint answers the check.
+        with pytest.raises(UpstreamError) as caught:
+            yield upstream.request("GET", "/v2/slow/manifests/x", SCOPE)
+        assert caught.value.error.status == 504
+        for _ in range(100):
+            if not upstream.unreachable:
+                break
+            yield deferLater(global_reactor, 0.02)
         assert not upstream.unreachable
     finally:
         yield upstream.close()
