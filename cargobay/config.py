@@ -382,6 +382,9 @@ def _check_url(where: str, url: str) -> None:
         raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: {url!r} must not have a query or fragment")
+    if ":" in parts.hostname and where.startswith("registries"):
+        # treq's URL handling refuses IPv6 literals: every request would fail.
+        raise ConfigError(f"{where}: {url!r}: IPv6 addresses are not supported here; use a host name")
     try:
         _ = parts.port
     except ValueError:

@@ -137,6 +137,7 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
         (('name = "mycompany/app"', 'name = "alpine"'), "repositories[1].name", "duplicate"),
         (('url = "https://gcr.io"', 'url = "gcr.io"'), "registries[2].url", "not an http"),
         (('url = "https://gcr.io"', 'url = "ftp://gcr.io"'), "registries[2].url", "not an http"),
+        (('url = "https://gcr.io"', 'url = "https://[::1]:5000"'), "registries[2].url", "IPv6 addresses are not supported"),
         (('jwt_secret = "your-secret-key-change-this-in-production"', ''), "auth.jwt_secret", "missing"),
         (('jwt_secret = "your-secret-key-change-this-in-production"', 'jwt_secret = ""'), "auth.jwt_secret", "empty"),
         (('max_size_bytes = 10737418240', 'max_size_bytes = -1'), "cache.max_size_bytes", "at least 0"),
