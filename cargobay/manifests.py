@@ -21,6 +21,7 @@ from cargobay.links import RepositoryLinks, referenced_digests, upstream_unavail
 from cargobay.manifest_store import (
     Manifest,
     ManifestStore,
+    TagResolution,
     manifest_digest,
     manifest_document,
     manifest_matches,
@@ -263,6 +264,10 @@ class ManifestService:
                 store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
                 return _answer(cached, head, "revalidated")
         every_type = accepts_every_type(accept)
+        if cached is None and resolution is not None and upstream.unreachable:
+            picked = self._platform_pick(registry_id, resolution, accept)
+            if picked is not None:
+                return _answer(picked, head, "stale")
         try:
             answer = yield self._from_upstream(upstream, upstream_name, reference, accept, head)
         except RegistryError as error:
@@ -270,6 +275,8 @@ class ManifestService:
                 if every_type:  # (else the 404 may be the narrow Accept's)
                     store.drop_tag(registry_id, upstream_name, reference)
                 raise
+            if cached is None and resolution is not None:
+                cached = self._platform_pick(registry_id, resolution, accept)
             if cached is None:
                 raise
             _log_stale(upstream, upstream_name, reference, error)
@@ -299,6 +306,30 @@ class ManifestService:
         else:
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer
+
+    def _platform_pick(self, registry_id: str, resolution: TagResolution, accept: list[str]) -> Manifest | None:
+        """
+        For a client that takes no index, what a registry answers it for a
+        tag that points at one, from the cache: the index's linux/amd64
+        manifest (distribution's and Docker Hub's default platform), if the
+        client takes its type and it is cached.
+        """
+        if resolution.media_type not in INDEX_MEDIA_TYPES:
+            return None
+        index = self._store.get(registry_id, resolution.digest)
+        document = manifest_document(index.content) if index is not None else None
+        entries = document.get("manifests") if document is not None else None
+        for entry in entries if isinstance(entries, list) else []:
+            platform = entry.get("platform") if isinstance(entry, dict) else None
+            if not isinstance(platform, dict) or (platform.get("os"), platform.get("architecture")) != ("linux", "amd64"):
+                continue
+            try:
+                digest = Digest.parse(str(entry.get("digest")))
+            except InvalidDigest:
+                return None
+            picked = self._store.get(registry_id, digest)
+            return picked if picked is not None and acceptable(picked.media_type, accept) else None
+        return None
 
     @inlineCallbacks
     def _points_at(self, upstream: Upstream, upstream_name: str, tag: str, digest: Digest) -> Any:

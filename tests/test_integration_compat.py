@@ -116,6 +116,33 @@ def test_the_same_request_gets_the_same_manifest_cached_or_not(world):
         assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
 
 
+def test_a_client_that_accepts_no_lists_is_served_its_platform_from_the_cache_while_the_upstream_is_down(tmp_path):
+    # It got a 502, though the manifest the registry picks for it (the
+    # index's linux/amd64 one) was cached.
+    upstream = Registry(tmp_path / "up").start()
+    try:
+        build_oci_layout(tmp_path / "index", "latest", platforms=[("linux", "arm64"), ("linux", "amd64")])
+        skopeo_push(tmp_path / "index", "latest", f"{upstream.host}/library/multi:latest", all_platforms=True,
+                    docker_v2s2=True)
+        proxy = start_proxy(tmp_path / "p", [{"id": "up", "url": upstream.url}], [("multi", "up", "library/multi")])
+        try:
+            _, picked, _ = _upstream_get(upstream, "/v2/library/multi/manifests/latest", {"Accept": V2})
+            # A wide client resolves the tag and fetches the amd64 manifest, as docker does.
+            assert proxy.request("/v2/multi/manifests/latest", headers={"Accept": CLIENT_ACCEPT})[0] == 200
+            status, _, _ = proxy.request(f"/v2/multi/manifests/{picked['docker-content-digest']}",
+                                         headers={"Accept": CLIENT_ACCEPT})
+            assert status == 200
+            upstream.stop()
+            for _ in range(2):
+                status, headers, _ = proxy.request("/v2/multi/manifests/latest", headers={"Accept": V2})
+                assert status == 200 and headers["docker-content-digest"] == picked["docker-content-digest"]
+                assert headers["content-type"] == V2 and "warning" in headers
+        finally:
+            proxy.process.stop()
+    finally:
+        upstream.stop()
+
+
 def test_a_legacy_image_stored_as_signed_schema_1_is_pulled_through(world, tmp_path):
     proxy, upstream = world["proxy"], world["upstream"]
     skopeo("copy", "--src-tls-verify=false", f"docker://{upstream.host}/library/legacy:old", f"dir:{tmp_path / 'direct'}")
