@@ -391,8 +391,8 @@ class Upstream:
 
     def _reached(self) -> None:
         if self._unreachable_until:
-            if self.unreachable:
-                log.info("upstream {registry} answers again", registry=self.registry.id)
+            # (Also when its 30 s ran out before: the log says it came back.)
+            log.info("upstream {registry} answers again", registry=self.registry.id)
             self._unreachable_until = 0.0
 
     def read_body(self, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> Deferred[bytes]:

@@ -187,6 +187,28 @@ def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_
         yield port.stopListening()
 
 
+def test_the_log_says_when_an_unreachable_upstream_answers_again_even_after_its_30_s():
+    from twisted.logger import globalLogPublisher
+
+    registry = FakeRegistry()
+    registry.on("GET", "/v2/", lambda r: b"{}")
+    clock = Clock()
+    upstream = make_upstream(registry, clock)
+    upstream._probing = True  # (no check of /v2/ here)
+    upstream._unreachable(upstream.error(502, "UNAVAILABLE", "refused the connection (x)"))
+    assert upstream.unreachable
+    clock.advance(31)
+    assert not upstream.unreachable
+    said: list[str] = []
+    observer = lambda event: said.append(event.get("log_format", ""))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        result_of(upstream.request("GET", "/v2/", SCOPE))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert "upstream {registry} answers again" in said
+
+
 def test_concurrent_requests_share_one_token_fetch():
     registry = FakeRegistry()
     registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T1", lambda r: b"ok"))
