@@ -147,6 +147,12 @@ class Fetch:
         #: Set when the blob could not be cached (too big for the cache, or
         #: the disk refused): its followers were turned away.
         self.uncacheable = False
+        #: Set when the file was given up on the way (a write failed) while
+        #: the upstream body goes on: followers are then handed to C{rescue}
+        #: (request, open file, position, end, on_done), which asks the
+        #: upstream for the rest; it returns whether it took the request.
+        self.file_given_up = False
+        self.rescue: Callable[..., bool] | None = None
 
     def when_started(self) -> Deferred[Fetch]:
         """
@@ -936,8 +942,9 @@ class BlobPipe(Protocol):
     def _go_on_uncached(self) -> None:
         """The file is given up: the primary client goes on without it."""
         if self._fetch is not None:
-            # Followers read the file, which is (or will be) gone: they are
-            # cut and will retry.
+            # Followers read the file, which is (or will be) gone: each asks
+            # the upstream for the rest of the blob (Fetch.rescue).
+            self._fetch.file_given_up = True
             self._fetch.finished(None, ok=False)
             self._fetch = None
         self._window_paused = False
@@ -1241,7 +1248,8 @@ class FileSender:
             while not self._paused and self._file is not None:
                 limit = self._limit()
                 if limit is None:
-                    self._close(ok=False)
+                    if not self._hand_over():
+                        self._close(ok=False)
                     return
                 if self._end is not None and self.position >= self._end and limit >= self._end:
                     self._close(ok=True)
@@ -1266,6 +1274,33 @@ class FileSender:
                     self._fetch.reader_moved()
         finally:
             self._pumping = False
+
+    def _hand_over(self) -> bool:
+        """
+        The download's file was given up (a write failed) while its body
+        goes on: hand this response, and the file it read so far, to the
+        fetch's rescue, which gets the rest from the upstream.  Only a
+        response to the blob's end (its digest can be checked) is handed over.
+        """
+        fetch = self._fetch
+        if (
+            fetch is None or not fetch.file_given_up or fetch.rescue is None or self._sending
+            or self._file is None or self._end is None or self._end != fetch.total
+        ):
+            return False
+        self._disarm_stall()
+        fetch.remove_reader(self)
+        self._request.unregisterProducer()
+        fileobj, self._file = self._file, None
+        on_done, self._on_done = self._on_done, None
+        self._fetch = None
+        if fetch.rescue(self._request, fileobj, self.position, self._end, on_done):
+            return True
+        fileobj.close()
+        abort_request(self._request)
+        if on_done is not None:
+            on_done(False)
+        return True
 
     def _send_file(self, limit: int) -> bool:
         """
@@ -1484,6 +1519,114 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
         return sent, "more"
     finally:
         os.close(sock)
+
+
+def _hash_fd_prefix(hasher: Any, fd: int, length: int) -> None:
+    """Feed C{hasher} the first C{length} bytes of the open file C{fd}."""
+    position = 0
+    while position < length:
+        data = os.pread(fd, min(REPORT_EVERY, length - position), position)
+        if not data:
+            raise OSError(f"file ended at {position} of {length} bytes")
+        hasher.update(data)
+        position += len(data)
+
+
+class _RescuePipe(Protocol):
+    """
+    The rest of a blob from the upstream, to a follower whose download lost
+    its file: hashed after what it already had, the last piece held back
+    until the digest of the whole is right.  Nothing is cached.
+    """
+
+    def __init__(
+        self, request: Request, hasher: Any, position: int, end: int, digest: Digest,
+        on_done: Callable[[bool], None] | None, clock: Any, timeout: float,
+    ) -> None:
+        self._request = request
+        self._hasher = hasher
+        self._position = position
+        self._end = end
+        self._digest = digest
+        self._on_done = on_done
+        self._clock = clock
+        self._timeout = timeout
+        self._held = b""
+        self._timer: IDelayedCall | None = None
+        self._gone = False
+        #: Bytes of the body to pass over (a 200 for the whole blob).
+        self.skip = 0
+        request.notifyFinish().addErrback(self._client_left)
+
+    def connectionMade(self) -> None:
+        if self._gone:
+            cast(Any, self.transport).stopProducing()
+            return
+        self._request.registerProducer(self.transport, True)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(self._timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        cast(Any, self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        if self.skip:
+            passed, self.skip = min(self.skip, len(data)), max(0, self.skip - len(data))
+            data = data[passed:]
+        if not data or self._gone:
+            return
+        if self._position + len(data) > self._end:
+            cast(Any, self.transport).stopProducing()
+            return
+        self._position += len(data)
+        self._hasher.update(data)
+        held, self._held = self._held, data
+        if held:
+            self._request.write(held)
+
+    def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._gone:
+            return
+        ok = (
+            reason.check(webclient.ResponseDone) is not None
+            and self._position == self._end
+            and self._hasher.hexdigest() == self._digest.encoded
+        )
+        self._request.unregisterProducer()
+        if ok:
+            self._request.write(self._held)
+            self._request.finish()
+        else:
+            log.warn("the rest of {digest} for a follower did not come whole and right; cut", digest=str(self._digest))
+            abort_request(self._request)
+        self._done(ok)
+
+    def failed(self, failure: Failure) -> None:
+        if not self._gone:
+            log.warn("the rest of {digest} for a follower could not be had: {error}",
+                     digest=str(self._digest), error=failure.getErrorMessage())
+            abort_request(self._request)
+        self._done(False)
+
+    def _client_left(self, _: object) -> None:
+        self._gone = True
+        if self.transport is not None:
+            cast(Any, self.transport).stopProducing()
+        self._done(False)
+
+    def _done(self, ok: bool) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(ok)
 
 
 def when_counted(request: Request, then: Callable[[], object]) -> None:
@@ -1850,6 +1993,9 @@ class BlobService:
             forget(None)  # whoever comes next starts a download of their own
 
         fetch.on_failed = failed_on_the_way
+        fetch.rescue = lambda request, fileobj, position, end, on_done: self._rescue(
+            request, fileobj, position, end, on_done, upstream, upstream_name, digest
+        )
 
         def leave_disk_behind(kept: Deferred[BlobWriter]) -> None:
             nonlocal disk_left_behind
@@ -1994,6 +2140,52 @@ class BlobService:
         except OSError:
             return None
         return offset, length
+
+    def _rescue(
+        self,
+        request: Request,
+        fileobj: IO[bytes],
+        position: int,
+        end: int,
+        on_done: Callable[[bool], None] | None,
+        upstream: Upstream,
+        upstream_name: str,
+        digest: Digest,
+    ) -> bool:
+        """
+        Go on with a follower whose download's file was given up: the bytes
+        it has had are hashed from the file it still holds open, the rest
+        come from the upstream (a Range), and its last byte waits for the
+        digest of the whole, as every blob response's does.
+        """
+        log.info("download of {what} lost its file; a follower at {position} asks for the rest",
+                 what=f"{upstream.registry.id} {upstream_name}@{digest}", position=position)
+        hasher = digest.hasher()
+        pipe = _RescuePipe(request, hasher, position, end, digest, on_done, self._clock, upstream.registry.read_timeout)
+
+        def hashed(_: object) -> Deferred[Any]:
+            fileobj.close()
+            return upstream.request(
+                "GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name),
+                {"range": [f"bytes={position}-"]}, any_origin=True,
+            )
+
+        def answered(response: IResponse) -> None:
+            if response.code == 206:
+                span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
+                if span is None or span[0] != position:
+                    discard_body(response)
+                    raise _retry_error()
+            elif response.code == 200:
+                pipe.skip = position  # the whole blob: what was sent is passed over
+            else:
+                discard_body(response)
+                raise _retry_error()
+            response.deliverBody(pipe)
+
+        d = self._run_in_thread(_hash_fd_prefix, hasher, fileobj.fileno(), position)
+        d.addCallback(hashed).addCallback(answered).addErrback(pipe.failed)
+        return True
 
     def _refill(
         self,

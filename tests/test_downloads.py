@@ -47,6 +47,59 @@ def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_pa
     assert second.body == data
 
 
+def _followed_download_whose_disk_fills_up(tmp_path):
+    data = os.urandom(4 * MiB + 5)
+    world = World(tmp_path, data)
+    first, _ = world.get()
+    body = Body(length=len(data))
+    world.requests[0].d.callback(body)
+    body.send(data[:MiB])
+    world.clock.advance(0)
+    follower, _ = world.get()  # joins the download, reads the file
+    world.clock.advance(0)
+    assert len(world.requests) == 1 and len(follower.body) > 0
+
+    def full(chunk: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    body.protocol._writer.write_raw = full  # the disk fills up
+    body.send(data[MiB:2 * MiB])
+    world.clock.advance(0)
+    return world, data, body, first, follower
+
+
+def test_a_follower_of_a_download_whose_disk_fills_up_gets_the_rest_from_the_upstream(tmp_path):
+    # It was cut, and its retry streamed the whole blob again.
+    world, data, body, first, follower = _followed_download_whose_disk_fills_up(tmp_path)
+    had = len(follower.body)
+    assert len(world.requests) == 2
+    rest = world.requests[1]
+    assert rest.headers == {"range": [f"bytes={had}-"]}
+    answer = Body(code=206, length=len(data) - had)
+    answer.headers.setRawHeaders("content-range", [f"bytes {had}-{len(data) - 1}/{len(data)}"])
+    rest.d.callback(answer)
+    answer.send(data[had:])
+    answer.end()
+    body.send(data[2 * MiB:])
+    body.end()
+    world.clock.advance(0)
+    assert follower.body == data and follower.finished
+    assert first.body == data
+    assert world.cache.lookup(world.key) is None
+
+
+def test_a_rescued_follower_is_cut_if_the_rest_does_not_match_the_digest(tmp_path):
+    world, data, body, first, follower = _followed_download_whose_disk_fills_up(tmp_path)
+    had = len(follower.body)
+    answer = Body(code=200, length=len(data))  # the whole blob: what was sent is passed over
+    world.requests[1].d.callback(answer)
+    answer.send(data[:-1] + bytes([data[-1] ^ 1]))
+    answer.end()
+    world.clock.advance(0)
+    assert len(follower.body) < len(data) and not follower.finished
+    assert follower.body == data[: len(follower.body)] and len(follower.body) >= had
+
+
 def test_a_body_of_unknown_length_that_outgrows_the_cache_is_not_written_on(tmp_path):
     # Sent chunked, with no Content-Length: it was written whole (past
     # max_size_bytes on the disk), and its commit then evicted every entry,

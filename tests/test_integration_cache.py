@@ -471,6 +471,53 @@ def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
         subprocess.run(["umount", "-l", str(cache)])
 
 
+def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstream(upstream, tmp_path):
+    # They were cut when a write failed midway (ENOSPC), and retried.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    cache = tmp_path / "small"
+    cache.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(cache)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr!r}")
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
+    try:
+        digest = push_blob(upstream, "library/big", 40 * 1024**2)
+        port = free_port()
+        config = write_config(tmp_path / "c.toml", port, cache, [{"id": "up", "url": upstream.url}], [("big", "up", "library/big")])
+        process = Twistd(config_path=config, log_path=tmp_path / "fills.log").start()
+        process.wait_listening(port)
+        proxy = Proxy(process, port, cache)
+        try:
+            first = StalledClient(proxy, digest)
+            second = StalledClient(proxy, digest)  # joins the download, reads the file
+            # Both read nothing more: the download stops some way ahead of them.
+            def settled() -> bool:
+                sizes = [f.stat().st_size for f in proxy.temp_files()]
+                time.sleep(0.5)
+                return bool(sizes) and sizes == [f.stat().st_size for f in proxy.temp_files()]
+
+            wait_until(settled, timeout=60)
+            # The disk fills up under it.
+            with open(cache / "filler", "wb") as filler:
+                try:
+                    while True:
+                        filler.write(b"\0" * 1024**2)
+                        filler.flush()
+                except OSError:
+                    pass
+            second.read_the_rest()
+            first.read_the_rest()
+            log = process.log_text()
+            assert "a follower at" in log and "asks for the rest" in log, log[-3000:]
+            assert upstream.count_requests("GET", digest) >= 2
+        finally:
+            process.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(cache)])
+
+
 class StalledClient:
     """
     A client that starts a blob's download, reads its first megabyte, then
