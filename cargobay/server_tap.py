@@ -134,6 +134,7 @@ class RegistryChannel(http.HTTPChannel):
                     b"Content-Length: 0\r\n\r\n"
                 )
                 self.transport.loseConnection()
+                log_unparsed(self.transport, b"-", b"-", 503, "over server.max_connections")
             return
         super().connectionMade()
 
@@ -152,6 +153,7 @@ class RegistryChannel(http.HTTPChannel):
                     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
                 )
                 self.transport.loseConnection()
+                log_unparsed(self.transport, b"-", b"-", 400, "a TLS handshake on a plain-HTTP port")
                 return
         if not self._handlingRequest and not self._in_body and self._header_deadline is None:
             # A client trickling a request's headers a byte at a time resets
@@ -203,6 +205,7 @@ class RegistryChannel(http.HTTPChannel):
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
                 + body
             )
+            log_unparsed(self.transport, b"-", b"-", status, f"{what} too long")
         self.loseConnection()
 
     def _send100Continue(self) -> None:
@@ -269,7 +272,24 @@ class ProxyRequest(server.Request):
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         channel.transport.write(head.encode("ascii") + body)
+        log_unparsed(
+            channel.transport, getattr(channel, "_command", b"-"), getattr(channel, "_path", b"-"), error.status,
+            "request body refused before it was read",
+        )
         channel.loseConnection()
+
+
+def log_unparsed(transport: Any, method: bytes, path: bytes, status: int, why: str) -> None:
+    """The access line of an answer given before a request was whole (no Request logs it)."""
+    client = transport.getPeer() if transport is not None else None
+    access.info(
+        "{client} {method} {path} {status} 0 subject=- agent=- ({why})",
+        client=getattr(client, "host", "-"),
+        method=method.decode("latin-1")[:10],
+        path=path.decode("latin-1")[:300],
+        status=status,
+        why=why,
+    )
 
 
 class ProxySite(server.Site):

@@ -386,6 +386,9 @@ def test_a_token_naming_hundreds_of_repositories_logs_in_and_pulls(proxy, images
     response = conn.getresponse()
     assert response.status == 414 and json.loads(response.read())["errors"][0]["code"] == "UNSUPPORTED"
     conn.close()
+    # Each has its access line, though no request was ever whole.
+    wait_until(lambda: "414 0 subject=- agent=- (request line too long)" in proxy.process.log_text(), timeout=30)
+    assert proxy.process.log_text().count("431 0 subject=- agent=- (request headers too long)") >= 2
 
 
 def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
