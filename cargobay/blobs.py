@@ -262,15 +262,20 @@ def hash_prefix(hasher: Any, path: str, length: int) -> None:
     """
     try:
         with open(path, "rb", buffering=0) as f:
-            left = length
-            while left:
-                data = f.read(min(left, REPORT_EVERY))
-                if not data:
-                    raise OSError(f"{path} is shorter than {length} bytes")
-                hasher.update(data)
-                left -= len(data)
+            hash_fd_prefix(hasher, f.fileno(), length)
     except Exception:
         hasher.update(b"\0unreadable prefix")
+
+
+def hash_fd_prefix(hasher: Any, fd: int, length: int) -> None:
+    """Feed C{hasher} the first C{length} bytes of the open file C{fd}; a short file raises."""
+    position = 0
+    while position < length:
+        data = os.pread(fd, min(REPORT_EVERY, length - position), position)
+        if not data:
+            raise OSError(f"file ended at {position} of {length} bytes")
+        hasher.update(data)
+        position += len(data)
 
 
 def run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -1521,17 +1526,6 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
         os.close(sock)
 
 
-def _hash_fd_prefix(hasher: Any, fd: int, length: int) -> None:
-    """Feed C{hasher} the first C{length} bytes of the open file C{fd}."""
-    position = 0
-    while position < length:
-        data = os.pread(fd, min(REPORT_EVERY, length - position), position)
-        if not data:
-            raise OSError(f"file ended at {position} of {length} bytes")
-        hasher.update(data)
-        position += len(data)
-
-
 class _RescuePipe(Protocol):
     """
     The rest of a blob from the upstream, to a follower whose download lost
@@ -2183,7 +2177,7 @@ class BlobService:
                 raise _retry_error()
             response.deliverBody(pipe)
 
-        d = self._run_in_thread(_hash_fd_prefix, hasher, fileobj.fileno(), position)
+        d = self._run_in_thread(hash_fd_prefix, hasher, fileobj.fileno(), position)
         d.addCallback(hashed).addCallback(answered).addErrback(pipe.failed)
         return True
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.python.failure import Failure
+
 
 class RegistryError(Exception):
     def __init__(
@@ -72,3 +74,17 @@ def unsupported(message: str) -> RegistryError:
 
 def pagination_invalid(reason: str) -> RegistryError:
     return RegistryError(400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested", reason)
+
+
+def failure_within(failure: Failure, *kinds: type[BaseException]) -> Failure | None:
+    """
+    C{failure} if it is one of C{kinds}, else the first of its reasons that
+    is (treq and Twisted's HTTP client wrap what went wrong in
+    C{ResponseNeverReceived} and the like); L{None} if none is.
+    """
+    if failure.check(*kinds):
+        return failure
+    for reason in getattr(failure.value, "reasons", None) or []:
+        if isinstance(reason, Failure) and reason.check(*kinds):
+            return reason
+    return None

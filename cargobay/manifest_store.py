@@ -365,14 +365,7 @@ class ManifestStore:
     def set_tag_list(self, registry_id: str, upstream_name: str, tags: list[str]) -> None:
         data = json.dumps(tags).encode()
         path = self._tag_list_path(registry_id, upstream_name)
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    self._used(path)
-                    return
-        except OSError:
-            pass
-        self._write_atomically(path, data)
+        self._write_unless_same(path, data)
 
     def drop_tag_list(self, registry_id: str, upstream_name: str) -> None:
         _unlink(self._tag_list_path(registry_id, upstream_name))
@@ -415,6 +408,15 @@ class ManifestStore:
             {"body": base64.b64encode(body).decode("ascii"), "content_type": content_type, "filters": filters}
         ).encode()
         path = self._referrers_path(registry_id, upstream_name, digest, artifact_type)
+        self._write_unless_same(path, data)
+
+    def drop_referrers(self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None) -> None:
+        _unlink(self._referrers_path(registry_id, upstream_name, digest, artifact_type))
+
+    # -- files -------------------------------------------------------------
+
+    def _write_unless_same(self, path: str, data: bytes) -> None:
+        """Write C{data} at C{path}, or only mark it used when it holds that already."""
         try:
             with open(path, "rb") as f:
                 if f.read() == data:
@@ -423,11 +425,6 @@ class ManifestStore:
         except OSError:
             pass
         self._write_atomically(path, data)
-
-    def drop_referrers(self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None) -> None:
-        _unlink(self._referrers_path(registry_id, upstream_name, digest, artifact_type))
-
-    # -- files -------------------------------------------------------------
 
     def _write_atomically(self, path: str, data: bytes) -> None:
         temp = f"{path}.{secrets.token_hex(6)}.tmp"

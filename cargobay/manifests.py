@@ -486,9 +486,12 @@ class ManifestService:
             self._store.set_tag_list(registry_id, upstream_name, tags)
         if raw_link is not None:
             upstream.pages_tags = True
-        elif n is not None and len(tags) > n:
-            upstream.pages_tags = False  # (distribution 2.x): paginated here from now on
-        if link is None and (upstream.pages_tags is False or _pagination_ignored(tags, n, last)):
+        elif (n is not None and len(tags) > n) or (last is not None and last in tags):
+            # Its whole list, n and last ignored (distribution 2.x): paginated
+            # here from now on.  (A last page in an order of its own, with no
+            # Link, is passed on whole: filtering it by "last" would drop tags.)
+            upstream.pages_tags = False
+        if link is None and upstream.pages_tags is False:
             tags, link = paginate(tags, n, last, local_name)
         else:
             tags = sorted(tags)
@@ -587,16 +590,6 @@ def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: Re
         reference=reference,
         reason=error.message,
     )
-
-
-def _pagination_ignored(tags: list[str], n: int | None, last: str | None) -> bool:
-    """
-    Whether an upstream's last page (no C{Link}) is in truth its whole list,
-    C{n} and C{last} ignored: more than C{n} tags, or C{last} among them.
-    A page of an upstream that orders tags otherwise (case-insensitively,
-    say) is passed on whole: filtering it by C{last} here would drop tags.
-    """
-    return (n is not None and len(tags) > n) or (last is not None and last in tags)
 
 
 def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) -> tuple[list[str], str | None]:

@@ -65,26 +65,27 @@ class Mapper:
             registry = self._by_host.get(ns.lower())
             if registry is None:
                 return None
-            # A mirror request names the upstream repository itself.  An
-            # exact mapping onto another registry is not what it means
-            # (ghcr.io's "alpine" is not the "alpine" mapped onto Docker
-            # Hub), nor is one that renames: registry.example.com's "myapp"
-            # is not the "team/application" that "myapp" is mapped onto.
-            if (
-                exact is not None
-                and exact.registry_id == registry.id
-                and exact.upstream_name == self._upstream(registry, name)
-            ):
+
+            def mirrors(mapped: Resolved | None) -> bool:
+                # A mirror request names the upstream repository itself: a
+                # mapping onto another registry is not what it means
+                # (ghcr.io's "alpine" is not the "alpine" mapped onto Docker
+                # Hub), nor is one that renames (registry.example.com's
+                # "myapp" or "corp/app" is not the "team/application" or
+                # "team/app" that a mapping or a pattern makes of it).
+                return (
+                    mapped is not None
+                    and mapped.registry_id == registry.id
+                    and mapped.upstream_name == self._upstream(registry, name)
+                )
+
+            if mirrors(exact):
                 return exact
             if registry.hosts_open:
                 return Resolved(name, registry.id, self._upstream(registry, name))
-            # Only what is mapped onto that registry (a "library/*" pattern,
-            # say), by a pattern that keeps the name ("corp/*" -> "team/*"
-            # would answer registry.example.com's corp/app with team/app).
+            # Only what is mapped onto that registry (a "library/*" pattern, say).
             mapped = self._by_prefix(name)
-            if mapped is None or mapped.registry_id != registry.id:
-                return None
-            return mapped if mapped.upstream_name == self._upstream(registry, name) else None
+            return mapped if mirrors(mapped) else None
         if exact is not None:
             return exact
         return self._by_prefix(name)

@@ -35,6 +35,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
+from cargobay.errors import failure_within
+
 #: The most of a proxy's answer to CONNECT that is read.
 MAX_CONNECT_ANSWER = 16 * 1024
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
@@ -304,20 +306,16 @@ class OutboundAgent:
 
 def _blame_the_proxy(failure: Failure, name: str) -> Failure:
     """A connection that failed on the way to the proxy is the proxy's failure, not the registry's."""
-    if failure.check(ProxyError, CancelledError) or not _connection_failure(failure):
+    if failure.check(ProxyError, CancelledError):
         return failure
-    reason = failure.value.__class__.__name__
-    if failure.check(netError.ConnectionRefusedError):
+    found = failure_within(failure, netError.ConnectError, netError.DNSLookupError)
+    if found is None:
+        return failure
+    reason = found.value.__class__.__name__
+    if found.check(netError.ConnectionRefusedError):
         reason = "refused the connection"
-    elif failure.check(netError.DNSLookupError):
+    elif found.check(netError.DNSLookupError):
         reason = "was not found"
-    elif failure.check(netError.TimeoutError):
+    elif found.check(netError.TimeoutError):
         reason = "did not answer in time"
     return Failure(ProxyError(string=f"outbound proxy {name} {reason}"))
-
-
-def _connection_failure(failure: Failure) -> bool:
-    if failure.check(netError.ConnectError, netError.DNSLookupError):
-        return True
-    reasons = getattr(failure.value, "reasons", None) or []
-    return any(isinstance(r, Failure) and r.check(netError.ConnectError, netError.DNSLookupError) for r in reasons)

@@ -129,12 +129,8 @@ class RegistryChannel(http.HTTPChannel):
         if site.open_connections > site.max_connections:
             site.refused_connections += 1
             if self.transport is not None:
-                self.transport.write(
-                    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
-                    b"Content-Length: 0\r\n\r\n"
-                )
+                answer_unparsed(self.transport, 503, "over server.max_connections", headers="Retry-After: 1\r\n")
                 self.transport.loseConnection()
-                log_unparsed(self.transport, b"-", b"-", 503, "over server.max_connections")
             return
         super().connectionMade()
 
@@ -149,11 +145,8 @@ class RegistryChannel(http.HTTPChannel):
         if self._first_bytes:
             self._first_bytes = False
             if data[:1] == b"\x16" and self.transport is not None:  # a TLS record: handshake
-                self.transport.write(
-                    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-                )
+                answer_unparsed(self.transport, 400, "a TLS handshake on a plain-HTTP port")
                 self.transport.loseConnection()
-                log_unparsed(self.transport, b"-", b"-", 400, "a TLS handshake on a plain-HTTP port")
                 return
         if not self._handlingRequest and not self._in_body and self._header_deadline is None:
             # A client trickling a request's headers a byte at a time resets
@@ -195,17 +188,12 @@ class RegistryChannel(http.HTTPChannel):
     def _too_large(self) -> None:
         """Say why, where Twisted would answer a bare 400 or just close."""
         if getattr(self, "_HTTPChannel__first_line", False):
-            status, reason, what = 414, "URI Too Long", "request line"
+            status, what = 414, "request line"
         else:
-            status, reason, what = 431, "Request Header Fields Too Large", "request headers"
-        body = RegistryError(status, "UNSUPPORTED", f"{what} over {self.totalHeadersSize} bytes").body()
+            status, what = 431, "request headers"
         if self.transport is not None:
-            self.transport.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
-                + body
-            )
-            log_unparsed(self.transport, b"-", b"-", status, f"{what} too long")
+            error = RegistryError(status, "UNSUPPORTED", f"{what} over {self.totalHeadersSize} bytes")
+            answer_unparsed(self.transport, status, f"{what} too long", error)
         self.loseConnection()
 
     def _send100Continue(self) -> None:
@@ -266,22 +254,30 @@ class ProxyRequest(server.Request):
             error = denied("cargobay is a read-only pull-through cache: pushes and deletes are refused")
         else:
             error = RegistryError(413, "SIZE_INVALID", f"request body over {MAX_REQUEST_BODY} bytes")
-        body = error.body()
-        head = (
-            f"HTTP/1.1 {error.status} {http.RESPONSES[error.status].decode('ascii')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        channel.transport.write(head.encode("ascii") + body)
-        log_unparsed(
-            channel.transport, getattr(channel, "_command", b"-"), getattr(channel, "_path", b"-"), error.status,
-            "request body refused before it was read",
+        answer_unparsed(
+            channel.transport, error.status, "request body refused before it was read", error,
+            getattr(channel, "_command", b"-"), getattr(channel, "_path", b"-"),
         )
         channel.loseConnection()
 
 
-def log_unparsed(transport: Any, method: bytes, path: bytes, status: int, why: str) -> None:
-    """The access line of an answer given before a request was whole (no Request logs it)."""
-    client = transport.getPeer() if transport is not None else None
+def answer_unparsed(
+    transport: Any, status: int, why: str, error: RegistryError | None = None,
+    method: bytes = b"-", path: bytes = b"-", headers: str = "",
+) -> None:
+    """
+    Answer before a request is whole (its body, headers or line refused, or
+    the connection itself), with C{error}'s body if given, and write the
+    access line that no L{server.Request} will: the connection closes after.
+    """
+    body = error.body() if error is not None else b""
+    reason = (REASONS.get(status) or http.RESPONSES[status]).decode("ascii")
+    kind = "Content-Type: application/json\r\n" if body else ""
+    transport.write(
+        f"HTTP/1.1 {status} {reason}\r\n{kind}{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        .encode("ascii") + body
+    )
+    client = transport.getPeer()
     access.info(
         "{client} {method} {path} {status} 0 subject=- agent=- ({why})",
         client=getattr(client, "host", "-"),

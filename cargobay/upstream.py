@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from cargobay.challenge import Challenge, find_challenge
 from cargobay.config import RegistryConfig
-from cargobay.errors import RegistryError
+from cargobay.errors import RegistryError, failure_within
 from cargobay.metrics import Metrics
 from cargobay.outbound import OutboundAgent, ProxyError, ProxySettings, TunnelEndpoint
 
@@ -613,7 +613,7 @@ class Upstream:
         except Exception as e:
             failure = Failure(e)
             if (
-                _failed_with(failure, defer.CancelledError)
+                failure_within(failure, defer.CancelledError) is not None
                 and self._clock.seconds() - started < self.registry.read_timeout * 0.99
             ):
                 # Not our timeout: the caller gave up (its client left).  That
@@ -648,12 +648,11 @@ class Upstream:
 
     def _network_error(self, failure: Failure, what: str) -> RegistryError:
         host = urlsplit(what).netloc if "://" in what else what
-        if _failed_with(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
+        if failure_within(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
-        if _failed_with(failure, ProxyError):
-            reason = next((str(r.value) for r in [failure, *getattr(failure.value, "reasons", [])]
-                           if isinstance(r, Failure) and r.check(ProxyError)), "outbound proxy failed")
-            return self.error(502, "UNAVAILABLE", f"could not be reached: {reason} ({host})")
+        proxy = failure_within(failure, ProxyError)
+        if proxy is not None:
+            return self.error(502, "UNAVAILABLE", f"could not be reached: {proxy.value} ({host})")
         if failure.check(netError.DNSLookupError):
             return self.error(502, "UNAVAILABLE", f"host not found ({host})")
         if failure.check(netError.ConnectionRefusedError):
@@ -672,17 +671,7 @@ def _is_tls_failure(failure: Failure) -> bool:
     # An untrusted certificate surfaces as OpenSSL's error, a certificate for
     # another host name as service_identity's, often wrapped in the reasons
     # of a ResponseNeverReceived.
-    return _failed_with(failure, *_TLS_ERRORS)
-
-
-def _failed_with(failure: Failure, *kinds: type[BaseException]) -> bool:
-    """C{failure} is one of C{kinds}, or wraps one in its reasons (treq's timeout, say)."""
-    if failure.check(*kinds):
-        return True
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return any(isinstance(reason, Failure) and reason.check(*kinds) for reason in reasons)
-    return False
+    return failure_within(failure, *_TLS_ERRORS) is not None
 
 
 def shared(pending: dict[Any, list[Deferred[Any]]], key: Any, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:

@@ -18,17 +18,22 @@ from cargobay.reference import Digest
 MiB = 1024 * 1024
 
 
+def fill_up(body: Body) -> None:
+    """The disk under the download of C{body} fills up: every write fails."""
+
+    def full(chunk: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    body.protocol._writer.write_raw = full
+
+
 def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_path):
     data = os.urandom(4 * MiB + 5)
     world = World(tmp_path, data)
     first, _ = world.get()
     body = Body(length=len(data))
     world.requests[0].d.callback(body)
-
-    def full(chunk: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    body.protocol._writer.write_raw = full  # the disk fills up
+    fill_up(body)
     body.send(data[:MiB])
     world.clock.advance(0)
     # The first client streams on, uncached.  The next one does not join that
@@ -58,11 +63,7 @@ def _followed_download_whose_disk_fills_up(tmp_path):
     follower, _ = world.get()  # joins the download, reads the file
     world.clock.advance(0)
     assert len(world.requests) == 1 and len(follower.body) > 0
-
-    def full(chunk: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    body.protocol._writer.write_raw = full  # the disk fills up
+    fill_up(body)
     body.send(data[MiB:2 * MiB])
     world.clock.advance(0)
     return world, data, body, first, follower

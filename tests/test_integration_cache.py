@@ -7,6 +7,7 @@ counted in the CNCF registry's own access log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -439,83 +441,70 @@ def test_upstream_error_statuses_are_mapped(evil_proxy, mode, status, code):
 # -- a full disk ----------------------------------------------------------------
 
 
-def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
+@contextlib.contextmanager
+def proxy_on_a_tmpfs(upstream: Registry, tmp_path: Path, size: str) -> Iterator[Proxy]:
+    """The proxy, its cache on a tmpfs of C{size} (a disk that fills up)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    cache = tmp_path / "tiny"
+    cache = tmp_path / "tmpfs"
     cache.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(cache)], capture_output=True)
     if mounted.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot mount a tmpfs: {mounted.stderr!r}")
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
     try:
-        size = 8 * 1024**2
-        digest = push_blob(upstream, "library/big", size)
         port = free_port()
         config = write_config(tmp_path / "c.toml", port, cache, [{"id": "up", "url": upstream.url}], [("big", "up", "library/big")])
-        process = Twistd(config_path=config, log_path=tmp_path / "full.log").start()
-        process.wait_listening(port)
-        proxy = Proxy(process, port, cache)
+        process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log").start()
         try:
-            for _ in range(3):
-                status, _, body = proxy.request(f"/v2/big/blobs/{digest}")
-                assert status == 200
-                assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
-            assert proxy.temp_files() == []
-            log = process.log_text()
-            assert log.count("not writable") == 1, log[-3000:]
+            process.wait_listening(port)
+            yield Proxy(process, port, cache)
         finally:
             process.stop()
     finally:
         subprocess.run(["umount", "-l", str(cache)])
+
+
+def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
+    digest = push_blob(upstream, "library/big", 8 * 1024**2)
+    with proxy_on_a_tmpfs(upstream, tmp_path, "2m") as proxy:
+        for _ in range(3):
+            status, _, body = proxy.request(f"/v2/big/blobs/{digest}")
+            assert status == 200
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        assert proxy.temp_files() == []
+        log = proxy.process.log_text()
+        assert log.count("not writable") == 1, log[-3000:]
 
 
 def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstream(upstream, tmp_path):
     # They were cut when a write failed midway (ENOSPC), and retried.
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    cache = tmp_path / "small"
-    cache.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(cache)], capture_output=True)
-    if mounted.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr!r}")
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
-    try:
-        digest = push_blob(upstream, "library/big", 40 * 1024**2)
-        port = free_port()
-        config = write_config(tmp_path / "c.toml", port, cache, [{"id": "up", "url": upstream.url}], [("big", "up", "library/big")])
-        process = Twistd(config_path=config, log_path=tmp_path / "fills.log").start()
-        process.wait_listening(port)
-        proxy = Proxy(process, port, cache)
-        try:
-            first = StalledClient(proxy, digest)
-            second = StalledClient(proxy, digest)  # joins the download, reads the file
-            # Both read nothing more: the download stops some way ahead of them.
-            def settled() -> bool:
-                sizes = [f.stat().st_size for f in proxy.temp_files()]
-                time.sleep(0.5)
-                return bool(sizes) and sizes == [f.stat().st_size for f in proxy.temp_files()]
+    digest = push_blob(upstream, "library/big", 40 * 1024**2)
+    with proxy_on_a_tmpfs(upstream, tmp_path, "64m") as proxy:
+        first = StalledClient(proxy, digest)
+        second = StalledClient(proxy, digest)  # joins the download, reads the file
 
-            wait_until(settled, timeout=60)
-            # The disk fills up under it.
-            with open(cache / "filler", "wb") as filler:
-                try:
-                    while True:
-                        filler.write(b"\0" * 1024**2)
-                        filler.flush()
-                except OSError:
-                    pass
-            second.read_the_rest()
-            first.read_the_rest()
-            log = process.log_text()
-            assert "a follower at" in log and "asks for the rest" in log, log[-3000:]
-            assert upstream.count_requests("GET", digest) >= 2
-        finally:
-            process.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(cache)])
+        # Both read nothing more: the download stops some way ahead of them.
+        def settled() -> bool:
+            sizes = [f.stat().st_size for f in proxy.temp_files()]
+            time.sleep(0.5)
+            return bool(sizes) and sizes == [f.stat().st_size for f in proxy.temp_files()]
+
+        wait_until(settled, timeout=60)
+        # The disk fills up under it.
+        with open(proxy.cache / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 1024**2)
+                    filler.flush()
+            except OSError:
+                pass
+        second.read_the_rest()
+        first.read_the_rest()
+        log = proxy.process.log_text()
+        assert log.count("asks for the rest") == 2, log[-3000:]
+        assert upstream.count_requests("GET", digest) >= 3
 
 
 class StalledClient:

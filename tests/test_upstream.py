@@ -5,6 +5,7 @@ caching and sharing, redirects, and error mapping.
 
 import json
 import os
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -117,6 +118,19 @@ def test_tokens_kept_are_bounded_and_the_expired_go_first(monkeypatch):
     assert len(upstream._tokens) == 5 and "repository:n9:pull" in upstream._tokens
 
 
+def _raw_upstream(protocol: type[Protocol], read_timeout: float = 60.0) -> tuple[Any, Upstream]:
+    """A real TCP registry on 127.0.0.1 that speaks C{protocol}, and an L{Upstream} of it."""
+    port = global_reactor.listenTCP(0, Factory.forProtocol(protocol), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    return port, Upstream(RegistryConfig(id="raw", url=url, read_timeout=read_timeout), global_reactor)
+
+
+@defer.inlineCallbacks
+def _stop(port: Any, upstream: Upstream) -> Any:
+    yield upstream.close()
+    yield port.stopListening()
+
+
 class _NoAnswer(Protocol):
     """Takes a request and says nothing (a black-holed registry)."""
 
@@ -133,9 +147,7 @@ class _Answer(Protocol):
 def test_an_upstream_that_does_not_answer_in_time_is_a_504_and_unreachable_until_it_answers():
     # treq's timeout came wrapped in a ResponseNeverReceived: reported as a
     # 502 "failed: ResponseNeverReceived", counted as a network error.
-    port = global_reactor.listenTCP(0, Factory.forProtocol(_NoAnswer), interface="127.0.0.1")
-    url = f"http://127.0.0.1:{port.getHost().port}"
-    upstream = Upstream(RegistryConfig(id="quiet", url=url, read_timeout=0.2), global_reactor)
+    port, upstream = _raw_upstream(_NoAnswer, read_timeout=0.2)
     try:
         assert not upstream.unreachable
         with pytest.raises(UpstreamError) as caught:
@@ -149,8 +161,7 @@ def test_an_upstream_that_does_not_answer_in_time_is_a_504_and_unreachable_until
         yield read_body(response)
         assert not upstream.unreachable
     finally:
-        yield upstream.close()
-        yield port.stopListening()
+        yield _stop(port, upstream)
 
 
 class _SlowRepository(Protocol):
@@ -163,9 +174,7 @@ class _SlowRepository(Protocol):
 
 @pytest_twisted.inlineCallbacks
 def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_unreachable():
-    port = global_reactor.listenTCP(0, Factory.forProtocol(_SlowRepository), interface="127.0.0.1")
-    url = f"http://127.0.0.1:{port.getHost().port}"
-    upstream = Upstream(RegistryConfig(id="slow", url=url, read_timeout=0.3), global_reactor)
+    port, upstream = _raw_upstream(_SlowRepository, read_timeout=0.3)
     try:
         # A request its caller gives up on (its client left): not a timeout.
         asked = upstream.request("GET", "/v2/slow/manifests/x", SCOPE)
@@ -183,8 +192,7 @@ def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_
             yield deferLater(global_reactor, 0.02)
         assert not upstream.unreachable
     finally:
-        yield upstream.close()
-        yield port.stopListening()
+        yield _stop(port, upstream)
 
 
 def test_the_log_says_when_an_unreachable_upstream_answers_again_even_after_its_30_s():
@@ -669,8 +677,7 @@ def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_sta
     from cargobay.manifests import ManifestService
     from cargobay.reference import Digest
 
-    port = global_reactor.listenTCP(0, Factory.forProtocol(_CutShort), interface="127.0.0.1")
-    upstream = Upstream(RegistryConfig(id="raw", url=f"http://127.0.0.1:{port.getHost().port}"), global_reactor)
+    port, upstream = _raw_upstream(_CutShort)
     service = ManifestService(ManifestStore(str(tmp_path), global_reactor), global_reactor, 60, RepositoryLinks(None))
     try:
         with pytest.raises(RegistryError) as caught:
@@ -689,5 +696,4 @@ def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_sta
         body, _, _, stale = yield service.referrers(upstream, "library/alpine", subject, None)
         assert stale and body == b"{}"
     finally:
-        yield upstream.close()
-        yield port.stopListening()
+        yield _stop(port, upstream)
