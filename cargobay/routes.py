@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
-from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks
@@ -119,7 +120,7 @@ class RegistryApp:
         self.mapper = Mapper(config)
 
     def resource(self) -> Any:
-        return _PathGuard(self.app.resource())
+        return _PathGuard(self.app.resource(), lambda: self.config.server.public_url)
 
     # -- routes ------------------------------------------------------------
 
@@ -434,9 +435,10 @@ class _PathGuard(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: resource.Resource) -> None:
+    def __init__(self, inner: resource.Resource, public_url: Callable[[], str | None] = lambda: None) -> None:
         super().__init__()
         self._inner = inner
+        self._public_url = public_url
 
     def render(self, request: Request) -> Any:
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
@@ -446,7 +448,7 @@ class _PathGuard(resource.Resource):
             request.setResponseCode(400)
             request.setHeader(*API_VERSION)
             return _json(request, RegistryError(400, "UNSUPPORTED", "not exactly one Host header").body())
-        if not request.path.startswith(b"/"):
+        if not request.path.startswith(b"/") and not _absolute_to_us(request, self._public_url()):
             # The absolute form is for forward proxies: served as a path
             # here, http://other-registry/v2/library/alpine/... would get
             # this proxy's library/alpine, quietly another image.
@@ -468,6 +470,36 @@ class _PathGuard(resource.Resource):
             request.setHeader(*API_VERSION)
             return _json(request, name_invalid(request.path[:100].decode("latin-1")).body())
         return self._inner.render(request)
+
+
+def _absolute_to_us(request: Request, public_url: str | None) -> bool:
+    """
+    Whether an absolute-form request target names this server (its public
+    URL, or the address and port the client reached): RFC 9112 3.2.2 has a
+    server take those, with the target's authority in place of Host.  If
+    so, the request becomes the origin form of the same target.
+    """
+    target = urlsplit(request.uri.decode("latin-1"))
+    if target.scheme not in ("http", "https") or not target.hostname:
+        return False
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+    except ValueError:
+        return False
+    ours = {(str(getattr(request.getHost(), "host", "")), getattr(request.getHost(), "port", None))}
+    ours |= {(name, getattr(request.getHost(), "port", None)) for name in ("localhost", socket.gethostname().lower())}
+    if public_url:
+        public = urlsplit(public_url)
+        if public.hostname:
+            ours.add((public.hostname, public.port or (443 if public.scheme == "https" else 80)))
+    if (target.hostname, port) not in ours:
+        return False
+    path = (target.path or "/").encode("latin-1")
+    request.path = path
+    request.postpath = [unquote_to_bytes(part) for part in path[1:].split(b"/")]
+    request.uri = path + (b"?" + target.query.encode("latin-1") if target.query else b"")
+    request.requestHeaders.setRawHeaders(b"host", [target.netloc.encode("latin-1")])
+    return True
 
 
 #: The other routes, by the methods they answer (any other gets a 405).

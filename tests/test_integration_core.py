@@ -406,11 +406,20 @@ def test_http_request_forms(proxy, images):
     accept = b"Accept: application/vnd.oci.image.manifest.v1+json\r\n"
     # The absolute form is a forward proxy's: refused, saying why (served as
     # a path, it would give another registry's name this proxy's image).
-    status, _, body = _raw_exchange(
-        proxy.port, f"GET http://{proxy.host}/v2/alpine/manifests/latest HTTP/1.1\r\nHost: elsewhere\r\n".encode()
-        + auth + accept + b"Connection: close\r\n\r\n"
-    )
-    assert status == 400 and "forward proxy" in json.loads(body)["errors"][0]["message"]
+    for target in ("http://other-registry/v2/alpine/manifests/latest", f"http://other:{proxy.port}/v2/"):
+        status, _, body = _raw_exchange(
+            proxy.port, f"GET {target} HTTP/1.1\r\nHost: other\r\n".encode()
+            + auth + accept + b"Connection: close\r\n\r\n"
+        )
+        assert status == 400 and "forward proxy" in json.loads(body)["errors"][0]["message"]
+    # Naming this server, it is the same request in origin form (RFC 9112
+    # 3.2.2: a server must take it, and the target's authority is the host).
+    for authority in (f"127.0.0.1:{proxy.port}", f"localhost:{proxy.port}"):
+        status, headers, _ = _raw_exchange(
+            proxy.port, f"GET http://{authority}/v2/alpine/manifests/{digest}?x=1 HTTP/1.1\r\nHost: elsewhere\r\n".encode()
+            + auth + accept + b"Connection: close\r\n\r\n"
+        )
+        assert status == 200 and headers["docker-content-digest"] == digest
     # A percent-encoded ":" in a digest, as distribution takes it.
     status, headers, _ = _raw_exchange(
         proxy.port, f"GET /v2/alpine/manifests/{digest.replace(':', '%3A')} HTTP/1.1\r\nHost: x\r\n".encode()

@@ -1344,3 +1344,31 @@ def test_clients_asking_for_a_tag_list_at_once_share_one_upstream_request(world,
     # The next client asks again.
     service.tags(world.upstream, "alpine", "library/alpine", None, None)
     assert len(asked) == 2
+
+
+def test_an_absolute_target_is_taken_only_when_it_names_this_server():
+    from twisted.internet.address import IPv4Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from cargobay.routes import _absolute_to_us
+
+    def absolute(uri):
+        request = DummyRequest([b""])
+        request.uri = request.path = uri
+        request.getHost = lambda: IPv4Address("TCP", "10.0.0.5", 5000)
+        request.requestHeaders.setRawHeaders(b"host", [b"whatever"])
+        return request
+
+    public = "https://cache.example.com"
+    for uri in (b"http://10.0.0.5:5000/v2/a/tags/list?n=1", b"https://cache.example.com/v2/a/tags/list?n=1",
+                b"http://LOCALHOST:5000/v2/a/tags/list?n=1"):
+        request = absolute(uri)
+        assert _absolute_to_us(request, public)
+        assert (request.path, request.uri) == (b"/v2/a/tags/list", b"/v2/a/tags/list?n=1")
+        assert request.postpath == [b"v2", b"a", b"tags", b"list"]
+        assert request.getHeader(b"host") == uri.split(b"/")[2]
+    for uri in (b"http://10.0.0.5/v2/", b"http://cache.example.com/v2/", b"http://other:5000/v2/",
+                b"ftp://10.0.0.5:5000/v2/", b"http://10.0.0.5:99999/v2/", b"http:///v2/"):
+        request = absolute(uri)
+        assert not _absolute_to_us(request, public)
+        assert request.path == uri
