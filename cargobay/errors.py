@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.python.failure import Failure
 
 
@@ -88,3 +90,12 @@ def failure_within(failure: Failure, *kinds: type[BaseException]) -> Failure | N
         if isinstance(reason, Failure) and reason.check(*kinds):
             return reason
     return None
+
+
+def is_tls_failure(failure: Failure) -> bool:
+    """
+    Whether TLS failed: OpenSSL's error for an untrusted certificate,
+    service_identity's for one of another name, often wrapped in the reasons
+    of a C{ResponseNeverReceived}.
+    """
+    return failure_within(failure, SSL.Error, VerificationError) is not None

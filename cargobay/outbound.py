@@ -25,9 +25,10 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web.client import URI
@@ -35,7 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
-from cargobay.errors import failure_within
+from cargobay.errors import failure_within, is_tls_failure
 
 #: The most of a proxy's answer to CONNECT that is read.
 MAX_CONNECT_ANSWER = 16 * 1024
@@ -55,21 +56,25 @@ class OutboundProxy:
     port: int
     #: C{Proxy-Authorization}, from the URL's user and password.
     authorization: bytes | None = None
+    #: An C{https://} proxy: spoken to over TLS (verified against its name
+    #: with the system's trust store, which C{SSL_CERT_FILE} can replace).
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> OutboundProxy:
         """
-        C{http://[user:password@]host[:port]} (a bare C{host:port} too).
+        C{http://} or C{https://[user:password@]host[:port]} (a bare
+        C{host:port} too, as C{http}).
 
         @raise ValueError: naming what is wrong (never echoing a password).
         """
         if "://" not in url:
             url = "http://" + url
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise ValueError(f"only http:// proxies are supported, not {parts.scheme}://")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"only http:// and https:// proxies are supported, not {parts.scheme}://")
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise ValueError("its port is not a number") from None
         if not parts.hostname:
@@ -78,7 +83,14 @@ class OutboundProxy:
         if parts.username is not None:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             authorization = b"Basic " + base64.b64encode(pair.encode("utf-8"))
-        return cls(parts.hostname, port, authorization)
+        return cls(parts.hostname, port, authorization, parts.scheme == "https")
+
+    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+        """Where to connect to reach this proxy."""
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        if self.tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
 
 
 class ProxySettings:
@@ -141,7 +153,8 @@ class ProxySettings:
                 continue
             if entry.count(":") == 1:
                 entry = entry.split(":")[0]  # a port: any port of that host
-            entry = entry.lstrip(".")
+            # ".corp.example" and "*.corp.example" (Go's form) as "corp.example".
+            entry = entry.removeprefix("*").lstrip(".")
             if host == entry or host.endswith("." + entry):
                 return True
         return False
@@ -163,7 +176,8 @@ class _Tunnel(Protocol):
     """
 
     def __init__(self, target: bytes, authorization: bytes | None, factory: IProtocolFactory,
-                 opened: Deferred[Any]) -> None:
+                 opened: Deferred[Any], name: str = "") -> None:
+        self._name = name
         self._target = target
         self._authorization = authorization
         self._factory = factory
@@ -227,7 +241,10 @@ class _Tunnel(Protocol):
             return
         opened, self._opened = self._opened, None
         if opened is not None:
-            opened.errback(Failure(ProxyError(string="outbound proxy closed the connection before the tunnel opened")))
+            why = "closed the connection before the tunnel opened"
+            if is_tls_failure(reason):
+                why = f"{self._name} failed TLS verification"
+            opened.errback(Failure(ProxyError(string=f"outbound proxy {why}")))
 
 
 @implementer(IStreamClientEndpoint)
@@ -235,7 +252,7 @@ class TunnelEndpoint:
     """An endpoint to C{host:port} through a C{CONNECT} tunnel of C{proxy}."""
 
     def __init__(self, reactor: Any, proxy: OutboundProxy, host: str, port: int, timeout: float) -> None:
-        self._proxy_endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout=timeout)
+        self._proxy_endpoint = proxy.endpoint(reactor, timeout)
         self._proxy_name = f"{proxy.host}:{proxy.port}"
         self._authorization = proxy.authorization
         self._target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -253,7 +270,7 @@ class TunnelEndpoint:
         opened: Deferred[Any] = Deferred(cancel)
 
         def build() -> _Tunnel:
-            protocol = _Tunnel(self._target.encode("ascii"), self._authorization, factory, opened)
+            protocol = _Tunnel(self._target.encode("ascii"), self._authorization, factory, opened, self._proxy_name)
             tunnel.append(protocol)
             return protocol
 
@@ -295,7 +312,7 @@ class OutboundAgent:
             return self._direct.request(method, uri, headers, bodyProducer)
         agent = self._forwarding.get(proxy)
         if agent is None:
-            endpoint = HostnameEndpoint(self._reactor, proxy.host, proxy.port, timeout=self._timeout)
+            endpoint = proxy.endpoint(self._reactor, self._timeout)
             agent = self._forwarding[proxy] = webclient.ProxyAgent(endpoint, self._reactor, self._pool)
         headers = headers.copy() if headers is not None else Headers()
         if proxy.authorization is not None:
@@ -308,6 +325,9 @@ def _blame_the_proxy(failure: Failure, name: str) -> Failure:
     """A connection that failed on the way to the proxy is the proxy's failure, not the registry's."""
     if failure.check(ProxyError, CancelledError):
         return failure
+    if is_tls_failure(failure):
+        # (Only the proxy's TLS comes here: a registry's is inside a tunnel.)
+        return Failure(ProxyError(string=f"outbound proxy {name} failed TLS verification"))
     found = failure_within(failure, netError.ConnectError, netError.DNSLookupError)
     if found is None:
         return failure

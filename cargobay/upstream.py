@@ -20,7 +20,6 @@ from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from OpenSSL import SSL
-from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet import error as netError
@@ -48,7 +47,7 @@ from zope.interface import implementer
 
 from cargobay.challenge import Challenge, find_challenge
 from cargobay.config import RegistryConfig
-from cargobay.errors import RegistryError, failure_within
+from cargobay.errors import RegistryError, failure_within, is_tls_failure
 from cargobay.metrics import Metrics
 from cargobay.outbound import OutboundAgent, ProxyError, ProxySettings, TunnelEndpoint
 
@@ -625,7 +624,7 @@ class Upstream:
                 self._metrics.upstream_errors.inc(1, self.registry.id, kind)
             # (A registry failing TLS answers, only not as it should; a CDN
             # it redirects to is not the registry.)
-            if not _is_tls_failure(failure) and origin(url) == origin(self.registry.url):
+            if not is_tls_failure(failure) and origin(url) == origin(self.registry.url):
                 self._unreachable(error)
             raise UpstreamError(error) from None
         if origin(url) == origin(self.registry.url):
@@ -659,19 +658,11 @@ class Upstream:
             return self.error(502, "UNAVAILABLE", f"refused the connection ({host})")
         if failure.check(netError.ConnectError):
             return self.error(502, "UNAVAILABLE", f"is unreachable ({host})")
-        if _is_tls_failure(failure):
+        if is_tls_failure(failure):
             return self.error(502, "UNAVAILABLE", f"failed TLS verification ({host})")
         return self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
 
 
-_TLS_ERRORS = (SSL.Error, VerificationError)
-
-
-def _is_tls_failure(failure: Failure) -> bool:
-    # An untrusted certificate surfaces as OpenSSL's error, a certificate for
-    # another host name as service_identity's, often wrapped in the reasons
-    # of a ResponseNeverReceived.
-    return failure_within(failure, *_TLS_ERRORS) is not None
 
 
 def shared(pending: dict[Any, list[Deferred[Any]]], key: Any, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:

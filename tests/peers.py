@@ -23,6 +23,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -1316,6 +1317,76 @@ class OutboundProxyServer:
     def requests(self) -> list[str]:
         text = self._log.read_text(errors="replace") if self._log.exists() else ""
         return [line.split("): ", 1)[1] for line in text.splitlines() if "Request (file descriptor" in line]
+
+
+class TLSFront:
+    """
+    TLS in front of a local TCP port (an ``https://`` outbound proxy made
+    of tinyproxy): each connection's TLS is ended here with ``cert_path``
+    and ``key_path``, and its bytes relayed to ``target_port``.
+    ``handshakes`` counts the TLS handshakes that completed.
+    """
+
+    def __init__(self, target_port: int, cert_path: Path, key_path: Path) -> None:
+        self.port = free_port()
+        self.handshakes = 0
+        self._target = target_port
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(cert_path), str(key_path))
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            secure = self._context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        self.handshakes += 1
+        try:
+            inner = socket.create_connection(("127.0.0.1", self._target), timeout=30)
+        except OSError:
+            secure.close()
+            return
+        self._open += [secure, inner]
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(262144):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            for side in (source, sink):
+                try:
+                    side.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(inner, secure), daemon=True).start()
+        pump(secure, inner)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._server.close()
+        for side in self._open:
+            try:
+                side.close()
+            except OSError:
+                pass
 
 
 class BlackHole:

@@ -44,6 +44,7 @@ from peers import (
     BlackHole,
     OutboundProxyServer,
     Registry,
+    TLSFront,
     TokenServer,
     Twistd,
     build_oci_layout,
@@ -739,6 +740,57 @@ def test_registries_behind_an_outbound_proxy(ca, tls_upstreams, upstream_anon, t
         outbound.stop()
 
 
+def test_registries_behind_an_https_outbound_proxy(ca, tls_upstreams, upstream_anon, tmp_path):
+    """
+    An https:// proxy URL, as the earlier implementation's HTTP client took
+    it: TLS to the proxy (verified with the system's trust, here
+    SSL_CERT_FILE), an HTTPS registry's own TLS inside the tunnel, a plain
+    one's requests in absolute form; a proxy whose certificate does not
+    verify is a 502 that says so, and nothing is sent to it in the clear.
+    """
+    image, layout = tls_upstreams["image"], tls_upstreams["layout"]
+    skopeo_push(layout, "latest", f"{upstream_anon.host}/library/behindtls:latest")
+    outbound = OutboundProxyServer(tmp_path / "tinyproxy", user="puller", password="s3cret").start()
+    served = ca.issue("proxy", ["localhost"], ["127.0.0.1"])
+    front = TLSFront(outbound.port, served.cert_path, served.key_path)
+    registries = [{"id": "tls", "url": tls_upstreams["good"].url, "ca_file": ca.cert_path},
+                  {"id": "plain", "url": upstream_anon.url}]
+    mappings = [("secure", "tls", "library/secure"), ("plain", "plain", "library/behindtls")]
+    via = f"https://puller:s3cret@localhost:{front.port}"
+    env = {"HTTPS_PROXY": via, "HTTP_PROXY": via, "NO_PROXY": "example.invalid"}
+    try:
+        proxy = start_proxy(tmp_path / "p", registries, mappings, env={**env, "SSL_CERT_FILE": str(ca.cert_path)})
+        try:
+            for name in ("secure", "plain"):
+                got = pull_http(proxy, name, "latest")
+                assert set(got) == {image["manifest"], *image["configs"], *image["layers"]}, name
+                for digest, data in got.items():
+                    assert data == layout_blob(layout, digest)
+        finally:
+            proxy.process.stop()
+        asked = outbound.requests()
+        assert any(r.startswith(f"CONNECT 127.0.0.1:{tls_upstreams['good'].port} ") for r in asked), asked
+        assert any(r.startswith(f"GET {upstream_anon.url}/v2/library/behindtls/blobs/") for r in asked), asked
+        assert front.handshakes >= 2
+        # Without the CA that signed the proxy's certificate: refused, and
+        # the proxy never heard a request.
+        before = len(outbound.requests())
+        proxy = start_proxy(tmp_path / "q", registries, mappings, env=env)
+        try:
+            for path in ("/v2/secure/manifests/latest", "/v2/plain/manifests/latest"):
+                status, _, body = proxy.request(path, headers={"Accept": ACCEPT_ALL})
+                message = oci_error(body)["message"]
+                assert status == 502 and f"outbound proxy localhost:{front.port}" in message, body
+                assert "TLS" in message, body
+            assert len(outbound.requests()) == before
+            assert "Traceback" not in proxy.process.log_text()
+        finally:
+            proxy.process.stop()
+    finally:
+        front.close()
+        outbound.stop()
+
+
 def test_a_bad_proxy_variable_stops_start_up_with_one_line(tmp_path):
     config = write_proxy_config(tmp_path / "c.toml", free_port(), tmp_path / "cache", [{"id": "a", "url": "https://registry.example.com"}], [("x", "a", "x")])
     result = subprocess.run(
@@ -746,4 +798,4 @@ def test_a_bad_proxy_variable_stops_start_up_with_one_line(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["cargobay: outbound proxy: HTTPS_PROXY: only http:// proxies are supported, not socks5://"]
+    assert result.stderr.strip().splitlines() == ["cargobay: outbound proxy: HTTPS_PROXY: only http:// and https:// proxies are supported, not socks5://"]

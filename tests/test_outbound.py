@@ -26,6 +26,9 @@ def test_each_scheme_has_its_variable_and_all_proxy_is_the_fallback():
     # The lower-case variable wins, as curl and most HTTP clients have it.
     assert settings(https_proxy="http://lower:1", HTTPS_PROXY="http://upper:2").for_uri("https", "x.io").host == "lower"
     assert settings(HTTPS_PROXY="http://noport").for_uri("https", "x.io").port == 80
+    secure = settings(HTTPS_PROXY="https://tlsproxy").for_uri("https", "x.io")
+    assert (secure.port, secure.tls) == (443, True)
+    assert not settings(HTTPS_PROXY="proxy:3128").for_uri("https", "x.io").tls
 
 
 def test_credentials_in_the_url_become_proxy_authorization():
@@ -36,8 +39,7 @@ def test_credentials_in_the_url_become_proxy_authorization():
 @pytest.mark.parametrize(
     "value, message",
     [
-        ("socks5://proxy:1080", "only http:// proxies are supported, not socks5://"),
-        ("https://proxy:443", "only http:// proxies are supported, not https://"),
+        ("socks5://proxy:1080", "only http:// and https:// proxies are supported, not socks5://"),
         ("http://user:secret@proxy:port", "its port is not a number"),
         ("http://:3128", "it names no host"),
     ],
@@ -64,3 +66,6 @@ def test_no_proxy_names_domains_hosts_networks_or_everything():
     for host in ("notcorp.example", "ghcr.io", "11.0.0.1", "127.0.0.1"):
         assert chosen.for_uri("https", host) is not None, host
     assert settings(HTTPS_PROXY="http://p:1", NO_PROXY="*").for_uri("https", "ghcr.io") is None
+    starred = settings(HTTPS_PROXY="http://p:1", NO_PROXY="*.corp.example")
+    assert starred.for_uri("https", "harbor.corp.example") is None
+    assert starred.for_uri("https", "notcorp.example") is not None
