@@ -1284,13 +1284,14 @@ class FileSender:
         """
         The download's file was given up (a write failed) while its body
         goes on: hand this response, and the file it read so far, to the
-        fetch's rescue, which gets the rest from the upstream.  Only a
-        response to the blob's end (its digest can be checked) is handed over.
+        fetch's rescue, which gets the rest from the upstream (to the blob's
+        end, also for a Range that ends before it: the digest of the whole
+        is what tells the part is right).
         """
         fetch = self._fetch
         if (
             fetch is None or not fetch.file_given_up or fetch.rescue is None or self._sending
-            or self._file is None or self._end is None or self._end != fetch.total
+            or self._file is None or self._end is None or fetch.total is None
         ):
             return False
         self._disarm_stall()
@@ -1299,7 +1300,7 @@ class FileSender:
         fileobj, self._file = self._file, None
         on_done, self._on_done = self._on_done, None
         self._fetch = None
-        if fetch.rescue(self._request, fileobj, self.position, self._end, on_done):
+        if fetch.rescue(self._request, fileobj, self.position, self._end, fetch.total, on_done):
             return True
         fileobj.close()
         abort_request(self._request)
@@ -1529,18 +1530,20 @@ def _send_batch(sock: int, fd: int, position: int, limit: int) -> tuple[int, str
 class _RescuePipe(Protocol):
     """
     The rest of a blob from the upstream, to a follower whose download lost
-    its file: hashed after what it already had, the last piece held back
-    until the digest of the whole is right.  Nothing is cached.
+    its file: hashed after what it already had, passed on up to the end of
+    the follower's response (C{end}), its last piece held back until the
+    digest of the whole (to C{total}) is right.  Nothing is cached.
     """
 
     def __init__(
-        self, request: Request, hasher: Any, position: int, end: int, digest: Digest,
+        self, request: Request, hasher: Any, position: int, end: int, total: int, digest: Digest,
         on_done: Callable[[bool], None] | None, clock: Any, timeout: float,
     ) -> None:
         self._request = request
         self._hasher = hasher
         self._position = position
         self._end = end
+        self._total = total
         self._digest = digest
         self._on_done = on_done
         self._clock = clock
@@ -1575,14 +1578,16 @@ class _RescuePipe(Protocol):
             data = data[passed:]
         if not data or self._gone:
             return
-        if self._position + len(data) > self._end:
+        if self._position + len(data) > self._total:
             cast(Any, self.transport).stopProducing()
             return
+        wanted = data[: max(0, self._end - self._position)]
         self._position += len(data)
         self._hasher.update(data)
-        held, self._held = self._held, data
-        if held:
-            self._request.write(held)
+        if wanted:
+            held, self._held = self._held, wanted
+            if held:
+                self._request.write(held)
 
     def connectionLost(self, reason: Failure = webclient.ResponseDone) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
@@ -1592,7 +1597,7 @@ class _RescuePipe(Protocol):
             return
         ok = (
             reason.check(webclient.ResponseDone) is not None
-            and self._position == self._end
+            and self._position == self._total
             and self._hasher.hexdigest() == self._digest.encoded
         )
         self._request.unregisterProducer()
@@ -1987,8 +1992,8 @@ class BlobService:
             forget(None)  # whoever comes next starts a download of their own
 
         fetch.on_failed = failed_on_the_way
-        fetch.rescue = lambda request, fileobj, position, end, on_done: self._rescue(
-            request, fileobj, position, end, on_done, upstream, upstream_name, digest
+        fetch.rescue = lambda request, fileobj, position, end, total, on_done: self._rescue(
+            request, fileobj, position, end, total, on_done, upstream, upstream_name, digest
         )
 
         def leave_disk_behind(kept: Deferred[BlobWriter]) -> None:
@@ -2141,6 +2146,7 @@ class BlobService:
         fileobj: IO[bytes],
         position: int,
         end: int,
+        total: int,
         on_done: Callable[[bool], None] | None,
         upstream: Upstream,
         upstream_name: str,
@@ -2148,14 +2154,17 @@ class BlobService:
     ) -> bool:
         """
         Go on with a follower whose download's file was given up: the bytes
-        it has had are hashed from the file it still holds open, the rest
-        come from the upstream (a Range), and its last byte waits for the
-        digest of the whole, as every blob response's does.
+        it has had are hashed from the file it still holds open, the rest of
+        the blob comes from the upstream (a Range), and its last byte (at
+        C{end}) waits for the digest of the whole, as every blob response's
+        does.
         """
         log.info("download of {what} lost its file; a follower at {position} asks for the rest",
                  what=f"{upstream.registry.id} {upstream_name}@{digest}", position=position)
         hasher = digest.hasher()
-        pipe = _RescuePipe(request, hasher, position, end, digest, on_done, self._clock, upstream.registry.read_timeout)
+        pipe = _RescuePipe(
+            request, hasher, position, end, total, digest, on_done, self._clock, upstream.registry.read_timeout
+        )
 
         def hashed(_: object) -> Deferred[Any]:
             fileobj.close()

@@ -112,9 +112,11 @@ class World:
         self.requests.append(SimpleNamespace(method=method, path=path, headers=headers, d=d))
         return d
 
-    def get(self) -> tuple[Request, list[Any]]:
+    def get(self, range_: str | None = None) -> tuple[Request, list[Any]]:
         """A client's GET of the blob: its request, and what the service's Deferred gave."""
         request = Request()
+        if range_ is not None:
+            request.requestHeaders.setRawHeaders(b"range", [range_.encode()])
         outcome: list[Any] = []
         self.service.serve(request, self.upstream, "library/x", self.digest, head=False).addBoth(outcome.append)
         return request, outcome

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 
+import pytest
 from handfed import Body, World
 
 from cargobay.cache import BlobKey
@@ -52,7 +53,7 @@ def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_pa
     assert second.body == data
 
 
-def _followed_download_whose_disk_fills_up(tmp_path):
+def _followed_download_whose_disk_fills_up(tmp_path, range_=None):
     data = os.urandom(4 * MiB + 5)
     world = World(tmp_path, data)
     first, _ = world.get()
@@ -60,7 +61,7 @@ def _followed_download_whose_disk_fills_up(tmp_path):
     world.requests[0].d.callback(body)
     body.send(data[:MiB])
     world.clock.advance(0)
-    follower, _ = world.get()  # joins the download, reads the file
+    follower, _ = world.get(range_)  # joins the download, reads the file
     world.clock.advance(0)
     assert len(world.requests) == 1 and len(follower.body) > 0
     fill_up(body)
@@ -87,6 +88,29 @@ def test_a_follower_of_a_download_whose_disk_fills_up_gets_the_rest_from_the_ups
     assert follower.body == data and follower.finished
     assert first.body == data
     assert world.cache.lookup(world.key) is None
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_rescued_follower_of_a_range_gets_its_part_once_the_whole_blob_is_verified(tmp_path, wrong):
+    # Its Range ended before the blob's end: it was cut.  The rest comes to
+    # the blob's end, for the digest; the client gets its part only.
+    world, data, body, first, follower = _followed_download_whose_disk_fills_up(tmp_path, f"bytes=0-{3 * MiB - 1}")
+    had = len(follower.body)
+    assert follower.code == 206 and had < 3 * MiB
+    rest = world.requests[1]
+    assert rest.headers == {"range": [f"bytes={had}-"]}
+    answer = Body(code=206, length=len(data) - had)
+    answer.headers.setRawHeaders("content-range", [f"bytes {had}-{len(data) - 1}/{len(data)}"])
+    rest.d.callback(answer)
+    answer.send(data[had:4 * MiB])
+    assert len(follower.body) < 3 * MiB  # its last piece waits for the digest
+    answer.send(data[4 * MiB:] if not wrong else bytes(len(data) - 4 * MiB))
+    answer.end()
+    world.clock.advance(0)
+    if wrong:
+        assert len(follower.body) < 3 * MiB and not follower.finished
+    else:
+        assert follower.body == data[:3 * MiB] and follower.finished
 
 
 def test_a_rescued_follower_is_cut_if_the_rest_does_not_match_the_digest(tmp_path):
