@@ -606,9 +606,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         repositories.append(RepositoryMapping(name, registry_id, upstream_name))
 
     # ?ns= reaches a registry by any upstream name only where the operator
-    # opened it whole (a '*' upstream pattern) or listed its hosts; by its
-    # default hosts, it reaches only the names mapped to it (see Mapper).
-    served_whole = {m.registry_id for m in repositories if m.upstream_name == "*"}
+    # opened it whole ('*' onto '*', every name as itself) or listed its
+    # hosts; by its default hosts, it reaches only the names mapped to it,
+    # as they are named there (see Mapper).  A renaming pattern ("priv/*"
+    # onto '*') does not open it: a token for "library" would then reach
+    # that registry's "library/..." as well as the mirror's.
+    served_whole = {m.registry_id for m in repositories if m.name == "*" and m.upstream_name == "*"}
     registries = [
         replace(r, hosts=default_hosts[r.id], hosts_open=r.id in served_whole) if r.id in default_hosts else r
         for r in registries

@@ -60,7 +60,7 @@ def test_a_mirror_request_names_the_upstream_repository_not_a_renaming_mapping()
     assert mapper.resolve("myapp") == Resolved("myapp", "p", "team/application")
     assert mapper.resolve("myapp", ns="registry.example.com") is None
     assert mapper.resolve("team/tool", ns="registry.example.com") == Resolved("team/tool", "p", "team/tool")
-    whole = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
+    whole = '[[repositories]]\nname="*"\nregistry_id="p"\nupstream_name="*"\n'
     assert Mapper(parse_config(base + renames + whole)).resolve("myapp", ns="registry.example.com") == Resolved(
         "myapp", "p", "myapp"
     )
@@ -84,7 +84,8 @@ def test_a_mirror_request_names_the_upstream_repository_not_a_renaming_mapping()
 def test_a_mirror_request_for_another_registry_is_not_an_exact_mapping_s_name(mapper):
     # containerd mirroring ghcr.io asks for ghcr.io's "alpine": the private
     # registry's mirrored/alpine (the exact mapping) is another image.
-    assert mapper.resolve("alpine", ns="ghcr.io") == Resolved("alpine", "ghcr", "alpine")
+    # (And ghcr.io is served under "gh/" only: not by its own names.)
+    assert mapper.resolve("alpine", ns="ghcr.io") is None
     assert mapper.resolve("alpine", ns="docker.io") == Resolved("alpine", "hub", "library/alpine")
 
 
@@ -102,7 +103,9 @@ def test_docker_hub_implicit_library(mapper):
 
 
 def test_ns_selects_the_registry_by_host(mapper):
-    assert mapper.resolve("owner/tool", ns="ghcr.io") == Resolved("owner/tool", "ghcr", "owner/tool")
+    # ghcr.io is served under "gh/" only: its "owner/tool" is not the local
+    # "owner/tool" (Docker Hub's) that a token may name.
+    assert mapper.resolve("owner/tool", ns="ghcr.io") is None
     assert mapper.resolve("team/app", ns="registry.example.com") == Resolved("team/app", "private", "team/app")
     assert mapper.resolve("nginx", ns="docker.io").upstream_name == "library/nginx"
     # Not an open proxy: an unconfigured host maps to nothing.
@@ -115,9 +118,13 @@ def test_ns_reaches_only_registries_opened_whole_or_listing_their_hosts():
     base = '[auth]\njwt_secret="s"\n[[registries]]\nid="p"\nurl="https://registry.example.com"\n'
     exact = '[[repositories]]\nname="myapp"\nregistry_id="p"\nupstream_name="team/application"\n'
     part = '[[repositories]]\nname="team/*"\nregistry_id="p"\nupstream_name="team/*"\n'
-    whole = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
+    whole = '[[repositories]]\nname="*"\nregistry_id="p"\nupstream_name="*"\n'
+    # Under a prefix, the registry is not opened whole: "library/x" of this
+    # registry is not the local "library/x" that a token names.
+    prefixed = '[[repositories]]\nname="p/*"\nregistry_id="p"\nupstream_name="*"\n'
     for mappings, reached in [
         (exact, set()), (exact + part, {"team/secret"}), (exact + whole, {"team/secret", "other/thing"}),
+        (exact + prefixed, set()),
     ]:
         mapper = Mapper(parse_config(base + mappings))
         for name in ("team/secret", "other/thing"):
