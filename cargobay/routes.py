@@ -529,7 +529,8 @@ def _digest(text: str) -> Digest:
 def _answer_error(request: Request, error: RegistryError) -> bytes:
     request.setResponseCode(error.status)
     for name, value in error.headers.items():
-        request.setHeader(name.encode(), value.encode("latin-1"))
+        if value.isascii() and value.isprintable():  # (never a 500 for a header)
+            request.setHeader(name.encode(), value.encode("ascii"))
     request.setHeader(*API_VERSION)
     return _json(request, error.body())
 

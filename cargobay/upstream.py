@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -703,8 +705,8 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
         )
     if code == 429:
         headers = {}
-        retry_after = response.headers.getRawHeaders("retry-after", [None])[0]
-        if retry_after:
+        retry_after = _retry_after(response.headers.getRawHeaders("retry-after", [None])[0])
+        if retry_after is not None:
             headers["Retry-After"] = retry_after
         return upstream.error(429, "TOOMANYREQUESTS", "is rate limiting requests", headers)
     if code in REDIRECT_CODES:
@@ -712,3 +714,19 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
     if code == 504:
         return upstream.error(504, "UNAVAILABLE", "timed out (answered 504)")
     return upstream.error(502, "UNAVAILABLE", f"answered {code}")
+
+
+def _retry_after(value: str | None) -> str | None:
+    """An upstream's Retry-After, if it is one (seconds, or an HTTP date); else dropped."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,10}", value):
+        return value
+    if len(value) <= 64 and value.isascii() and value.isprintable():
+        try:
+            parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        return value
+    return None

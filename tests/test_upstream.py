@@ -321,6 +321,27 @@ def test_status_mapping(code, status, oci_code):
         assert "'up'" in error.message
 
 
+@pytest.mark.parametrize(
+    "sent, kept",
+    [(b"17", "17"), (b"Wed, 21 Oct 2026 07:28:00 GMT", "Wed, 21 Oct 2026 07:28:00 GMT"),
+     ("\N{SNOWMAN} later".encode(), None), (b"soon", None), (b"1" * 11, None), (b"", None)],
+)
+def test_a_rate_limit_passes_on_only_a_retry_after_that_is_one(sent, kept):
+    # A snowman in it was a 500 on every route (it cannot go out as latin-1).
+    registry = FakeRegistry()
+
+    def answer(request):
+        request.setResponseCode(429)
+        request.setHeader(b"Retry-After", sent)
+        return b""
+
+    registry.on("GET", "/v2/", answer)
+    upstream = make_upstream(registry, Clock())
+    response = result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
+    error = map_status(upstream, response, manifest_unknown("x"))
+    assert error.status == 429 and error.headers.get("Retry-After") == kept
+
+
 def test_token_service_refusing_credentials_is_denied_naming_the_registry():
     registry = FakeRegistry()
     registry.on("GET", "/token", token_handler("T", user="u", password="right"))
