@@ -18,11 +18,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -44,7 +46,7 @@ from twisted.web import client as webclient
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from cargobay.challenge import Challenge, find_challenge
@@ -283,6 +285,32 @@ class UpstreamEndpoints:
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
 
+@implementer(IAgent)
+class _AsSent:
+    """
+    The agent under treq's client: bodies come as the upstream sent them.
+    Registries send blobs and manifests unencoded, and a digest is of those
+    bytes; treq's client would ask for gzip and inflate what came without a
+    bound (a body of kilobytes can inflate to gigabytes).  A body that comes
+    encoded anyway is taken as it is, and fails its digest.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        if headers is not None:
+            headers = headers.copy()
+            headers.removeHeader(b"accept-encoding")
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(_undecoded)
+
+
+def _undecoded(response: IResponse) -> IResponse:
+    response.headers.removeHeader(b"content-encoding")
+    return response
+
+
 def pull_scope(upstream_name: str) -> str:
     return f"repository:{upstream_name}:pull"
 
@@ -332,7 +360,9 @@ class Upstream:
             agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
             if settings.any:
                 agent = OutboundAgent(reactor, agent, settings, pool, registry.connect_timeout)
-        self._http = HTTPClient(agent)
+        # treq's client asks every upstream for gzip, which it would inflate
+        # without a bound, and keeps and sends back cookies: neither here.
+        self._http = HTTPClient(_AsSent(agent), cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
         self._tokens: dict[str, _CachedToken] = {}
         self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
         # Set once the registry answered with a Basic challenge: send the

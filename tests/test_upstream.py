@@ -718,3 +718,25 @@ def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_sta
         assert stale and body == b"{}"
     finally:
         yield _stop(port, upstream)
+
+
+def test_upstream_answers_are_taken_as_sent_without_gzip_or_cookies():
+    # treq's client asked for gzip and inflated it without a bound (a 256 KiB
+    # body became 256 MiB in memory), and sent every cookie back.
+    import gzip
+
+    bomb = gzip.compress(bytes(4 * 1024 * 1024))
+    registry = FakeRegistry()
+
+    def answer(request):
+        request.setHeader(b"Content-Encoding", b"gzip")
+        request.setHeader(b"Set-Cookie", b"lb=" + b"x" * 3000 + b"; Path=/")
+        return bomb
+
+    registry.on("GET", "/v2/", answer)
+    upstream = make_upstream(registry, Clock())
+    for _ in range(2):
+        response = result_of(upstream.request("GET", "/v2/a/blobs/x", SCOPE))
+        assert result_of(read_body(response, len(bomb) + 1)) == bomb
+    for seen in registry.seen:
+        assert "accept-encoding" not in seen.headers and "cookie" not in seen.headers
