@@ -80,11 +80,17 @@ def media_type_of(document: dict[str, Any]) -> str:
         return media_type
     if document.get("schemaVersion") == 1:
         if "signatures" in document:
-            return "application/vnd.docker.distribution.manifest.v1+prettyjws"
-        return "application/vnd.docker.distribution.manifest.v1+json"
+            return SCHEMA1_SIGNED
+        return SCHEMA1
     if "manifests" in document:
         return "application/vnd.oci.image.index.v1+json"
     return "application/vnd.oci.image.manifest.v1+json"
+
+
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+_CLOSING = re.compile(rb"\s*\}\s*")
+_SIGNATURES_AT = re.compile(rb'\s*,\s*"signatures"\s*:')
 
 
 def signed_payload(content: bytes) -> bytes | None:
@@ -102,9 +108,25 @@ def signed_payload(content: bytes) -> bytes | None:
         length, tail = header["formatLength"], _base64url(header["formatTail"])
     except (ValueError, KeyError, IndexError, TypeError, binascii.Error, RecursionError):
         return None
-    if document.get("schemaVersion") != 1 or type(length) is not int or not 0 < length <= len(content):
+    if (
+        document.get("schemaVersion") != 1
+        or document.get("mediaType", SCHEMA1_SIGNED) not in (SCHEMA1_SIGNED, SCHEMA1)
+        or type(length) is not int
+        or not 0 < length <= len(content)
+        # The signatures were put in at formatLength, before the closing
+        # brace that formatTail holds (libtrust's pretty JWS): a tail that
+        # holds more would let any body claim any payload's digest.
+        or not _CLOSING.fullmatch(tail)
+        or not content.endswith(tail)
+        or not _SIGNATURES_AT.match(content, length)
+    ):
         return None
-    return content[:length] + tail
+    payload = content[:length] + tail
+    try:
+        same = json.loads(payload) == {k: v for k, v in document.items() if k != "signatures"}
+    except (ValueError, RecursionError):
+        return None
+    return payload if same else None
 
 
 def _base64url(text: str) -> bytes:
