@@ -54,6 +54,7 @@ from cargobay.config import RegistryConfig
 from cargobay.errors import RegistryError, failure_within, is_tls_failure
 from cargobay.metrics import Metrics
 from cargobay.outbound import OutboundAgent, ProxyError, ProxySettings, TunnelEndpoint
+from cargobay.reach import InternalAddressRefused, Reach
 
 log = Logger()
 # One "Starting factory" line per upstream connection is noise.
@@ -264,16 +265,31 @@ class UpstreamEndpoints:
     """
 
     def __init__(
-        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, proxies: ProxySettings | None = None
+        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, proxies: ProxySettings | None = None,
+        registry_url: str | None = None, registry_id: str = "",
     ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._connect_timeout = connect_timeout
         self._proxies = proxies if proxies is not None else ProxySettings({}, None)
+        #: Hosts other than the registry's own are connected to only at
+        #: addresses it allows (see L{cargobay.reach}).
+        self._registry = origin(registry_url) if registry_url is not None else None
+        self._registry_id = registry_id
+        self.reach = Reach()
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        endpoint: IStreamClientEndpoint
+        where = (uri.scheme.decode("ascii"), host.lower(), uri.port)
+        if self._registry is None:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        elif where == self._registry:
+            endpoint = self.reach.registry_endpoint(self._reactor, host, uri.port, self._connect_timeout)
+        else:
+            endpoint = self.reach.elsewhere_endpoint(
+                self._reactor, host, uri.port, self._connect_timeout, self._registry_id
+            )
         if uri.scheme == b"http":
             return endpoint
         if uri.scheme == b"https":
@@ -355,7 +371,8 @@ class Upstream:
                 pool.cachedConnectionTimeout = 120
             settings = proxies if proxies is not None else ProxySettings({}, None)
             endpoints = UpstreamEndpoints(
-                reactor, RegistryTLSPolicy(registry.hostname, registry.ca_file), registry.connect_timeout, settings
+                reactor, RegistryTLSPolicy(registry.hostname, registry.ca_file), registry.connect_timeout, settings,
+                registry.url, registry.id,
             )
             agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
             if settings.any:
@@ -681,6 +698,9 @@ class Upstream:
         host = urlsplit(what).netloc if "://" in what else what
         if failure_within(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
+        refused = failure_within(failure, InternalAddressRefused)
+        if refused is not None:
+            return self.error(502, "UNAVAILABLE", str(refused.value))
         proxy = failure_within(failure, ProxyError)
         if proxy is not None:
             return self.error(502, "UNAVAILABLE", f"could not be reached: {proxy.value} ({host})")

@@ -15,7 +15,12 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 - ``chunkedslow``: no Content-Length, half of the blob, the rest a second
   later (so that other requests join the download);
 - ``longer``: Content-Length of the whole blob, then more bytes than that;
-- ``status<code>``: that HTTP status, with ``Retry-After: 7``.
+- ``status<code>``: that HTTP status, with ``Retry-After: 7``;
+- ``tometadata``: a redirect to a cloud's metadata service (169.254.169.254);
+- ``tolocal``: a redirect to ``good`` of this upstream at 127.0.0.1.
+
+It listens on every address (``python tests/evil_upstream.py PORT``), so
+that it can be reached at one that is not loopback.
 
 Tag lists page as some registries do: ``cursor`` with a parameter of its
 own in the ``Link`` (Quay's ``next_page``) and an opaque ``last`` (ECR's),
@@ -63,6 +68,13 @@ def main(port: int) -> None:
                 request.setResponseCode(int(mode[len("status"):]))
                 request.setHeader(b"Retry-After", b"7")
                 return b'{"errors":[{"code":"X","message":"evil"}]}'
+            if mode in ("tometadata", "tolocal"):
+                request.setResponseCode(302)
+                request.setHeader(b"Location", {
+                    "tometadata": b"http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+                    "tolocal": f"http://127.0.0.1:{port}/v2/evil/good/blobs/{DIGEST}".encode(),
+                }[mode])
+                return b""
             half = BLOB[: len(BLOB) // 2]
             if mode == "good":
                 return BLOB
@@ -110,7 +122,7 @@ def main(port: int) -> None:
                 request.setHeader(b"Link", f'</v2/{name}/tags/list?n=2&{link}>; rel="next"'.encode())
             return json.dumps({"name": name, "tags": tags}).encode()
 
-    reactor.listenTCP(port, server.Site(Evil()), interface="127.0.0.1")
+    reactor.listenTCP(port, server.Site(Evil()), interface="0.0.0.0")
     reactor.run()
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -382,6 +383,49 @@ def test_referrers_are_served_while_the_upstream_is_down(tmp_path):
     finally:
         proxy.process.stop()
         upstream.stop()
+
+
+def _an_address_that_is_not_loopback() -> str | None:
+    """This machine's address on its network (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_a_registry_cannot_send_cargobay_to_an_address_more_internal_than_its_own(evil, tmp_path):
+    # A registry's blob redirect to 169.254.169.254 (or to this host) had
+    # cargobay fetch that service and stream all but the last piece of it
+    # to the client (the digest is checked at the end): an SSRF.
+    port = int(evil.rsplit(":", 1)[1])
+    registries = [{"id": "local", "url": evil}]
+    mappings = [("meta", "local", "evil/tometadata"), ("tolocal", "local", "evil/tolocal")]
+    outside = _an_address_that_is_not_loopback()
+    if outside is not None:
+        registries.append({"id": "network", "url": f"http://{outside}:{port}"})
+        mappings += [("net-meta", "network", "evil/tometadata"), ("net-local", "network", "evil/tolocal")]
+    proxy = start_proxy(tmp_path, registries, mappings)
+    try:
+        refused = ["meta"] + (["net-meta", "net-local"] if outside is not None else [])
+        for name in refused:
+            for method in ("GET", "HEAD"):
+                status, _, body = proxy.request(f"/v2/{name}/blobs/{DIGEST}", method=method)
+                assert status == 502, (name, method, status)
+                if method == "GET":
+                    message = json.loads(body)["errors"][0]["message"]
+                    assert "address" in message and "refused" in message, message
+        log = proxy.process.log_text()
+        assert "169.254.169.254" in log and "a link-local address" in log
+        # A registry on this host may send us elsewhere on this host (and a
+        # registry anywhere to the internet): development setups, and
+        # on-premise registries whose object store is on their network.
+        status, _, body = proxy.request(f"/v2/tolocal/blobs/{DIGEST}")
+        assert (status, body) == (200, BLOB)
+    finally:
+        proxy.process.stop()
 
 
 def test_good_evil_upstream_blob_is_cached(evil_proxy):
