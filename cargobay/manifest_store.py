@@ -159,6 +159,12 @@ class TagResolution:
     digest: Digest
     media_type: str
     confirmed_at: float
+    #: Where a HEAD showed the tag had moved (at C{moved_at}), to a manifest
+    #: not cached then: the tag's once that manifest is (a client that
+    #: resolves tags with HEAD then GETs the manifest by digest).
+    moved_to: Digest | None = None
+    moved_type: str = ""
+    moved_at: float = 0.0
 
 
 #: Tag resolutions kept in memory (the rest are read from disk when used).
@@ -292,21 +298,38 @@ class ManifestStore:
         resolution = self._tags.get(key)
         if resolution is not None:
             self._tags.move_to_end(key)
-            self._used(path)
-            return resolution
-        try:
-            with open(path, "rb") as f:
-                document = json.loads(f.read())
-            resolution = TagResolution(
-                Digest.parse(document["digest"]),
-                str(document["media_type"]),
-                float(document["confirmed_at"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError, InvalidDigest):
-            return None
-        self._remember_tag(key, resolution)
+        else:
+            try:
+                with open(path, "rb") as f:
+                    document = json.loads(f.read())
+                moved_to = document.get("moved_to")
+                resolution = TagResolution(
+                    Digest.parse(document["digest"]),
+                    str(document["media_type"]),
+                    float(document["confirmed_at"]),
+                    Digest.parse(moved_to) if moved_to else None,
+                    str(document.get("moved_type", "")),
+                    float(document.get("moved_at", 0.0)),
+                )
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, InvalidDigest):
+                return None
+            self._remember_tag(key, resolution)
         self._used(path)
+        if resolution.moved_to is not None and self.get(registry_id, resolution.moved_to) is not None:
+            resolution = TagResolution(resolution.moved_to, resolution.moved_type, resolution.moved_at)
+            self._remember_tag(key, resolution)
+            self._write_tag(key, resolution)
         return resolution
+
+    def _write_tag(self, key: tuple[str, str, str], resolution: TagResolution) -> None:
+        document: dict[str, object] = {
+            "digest": str(resolution.digest), "media_type": resolution.media_type,
+            "confirmed_at": resolution.confirmed_at,
+        }
+        if resolution.moved_to is not None:
+            document.update(moved_to=str(resolution.moved_to), moved_type=resolution.moved_type,
+                            moved_at=resolution.moved_at)
+        self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
 
     def _remember_tag(self, key: tuple[str, str, str], resolution: TagResolution) -> None:
         self._tags[key] = resolution
@@ -342,23 +365,31 @@ class ManifestStore:
         previous = self._tags.get(key)
         resolution = TagResolution(digest, media_type, self._clock.seconds())
         self._remember_tag(key, resolution)
-        if previous is not None and previous.digest == digest and previous.media_type == media_type:
+        if (
+            previous is not None and previous.digest == digest and previous.media_type == media_type
+            and previous.moved_to is None
+        ):
             # Only the confirmation time moved: not worth a disk write per pull.
             # After a restart the older time just makes the tag look stale sooner.
             self._used(self._tag_path(*key))
             return
-        document = {"digest": str(digest), "media_type": media_type, "confirmed_at": resolution.confirmed_at}
-        self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
+        self._write_tag(key, resolution)
 
-    def unconfirm_tag(self, registry_id: str, upstream_name: str, tag: str) -> None:
-        """Keep what C{tag} resolves to, but due for revalidation at its next use."""
+    def moved_tag(self, registry_id: str, upstream_name: str, tag: str, digest: Digest, media_type: str) -> None:
+        """
+        The upstream says C{tag} moved to C{digest}, a manifest not cached
+        yet: keep what it resolves to as its fallback, due for revalidation
+        at its next use, until that manifest is cached.
+        """
         resolution = self.tag(registry_id, upstream_name, tag)
-        if resolution is None or resolution.confirmed_at == 0:
+        if resolution is None:
             return
         key = (registry_id, upstream_name, tag)
-        self._remember_tag(key, TagResolution(resolution.digest, resolution.media_type, 0.0))
-        document = {"digest": str(resolution.digest), "media_type": resolution.media_type, "confirmed_at": 0.0}
-        self._write_atomically(self._tag_path(*key), json.dumps(document).encode())
+        moved = TagResolution(
+            resolution.digest, resolution.media_type, 0.0, digest, media_type, self._clock.seconds()
+        )
+        self._remember_tag(key, moved)
+        self._write_tag(key, moved)
 
     def drop_tag(self, registry_id: str, upstream_name: str, tag: str) -> None:
         key = (registry_id, upstream_name, tag)

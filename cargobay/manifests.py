@@ -301,8 +301,8 @@ class ManifestService:
         ):
             # A HEAD showed that the tag moved, to a manifest not here yet:
             # what is here stays the tag's fallback while the upstream is
-            # down, until a GET brings the new one.
-            store.unconfirm_tag(registry_id, upstream_name, reference)
+            # down, until a GET brings the new one (by tag, or by digest).
+            store.moved_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         else:
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer

@@ -64,6 +64,12 @@ class World:
     def __init__(self, tmp_path) -> None:
         self.clock = Clock()
         self.upstream_registry = FakeRegistry()
+        self._tmp_path = tmp_path
+        self.restart()
+
+    def restart(self) -> None:
+        """A new process on the same cache (and the same upstream)."""
+        tmp_path = self._tmp_path
         config = parse_config(CONFIG)
         self.cache = BlobCache(str(tmp_path / "cache"), 10**9, 3600, self.clock)
         self.cache.open()
@@ -667,6 +673,32 @@ def test_a_head_that_finds_the_tag_moved_keeps_the_cached_manifest_as_the_fallba
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: moved)
     response, body = world.get(path, ALL)
     assert body == moved
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_tag_moved_by_a_head_follows_once_the_new_manifest_comes_by_digest(world, restart):
+    # containerd and docker resolve with a HEAD, then GET the digest: the
+    # tag kept the old manifest, and an outage then served it (v1 after v2
+    # had been pulled).
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    world.upstream_registry.on("HEAD", "/v2/", _head_of_moved_tag)
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: MOVED)
+    world.clock.advance(61)
+    response, _ = world.get(path, ALL, method="HEAD")
+    assert response.headers.getRawHeaders("docker-content-digest") == [MOVED_DIGEST]
+    response, body = world.get(f"/v2/alpine/manifests/{MOVED_DIGEST}", ALL)
+    assert body == MOVED
+    if restart:
+        world.restart()
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    seen = len(world.upstream_registry.seen)
+    response, body = world.get(path, ALL)
+    assert response.code == 200 and body == MOVED
+    # (Within the tag's time to live from the HEAD that saw it move.)
+    assert len(world.upstream_registry.seen) == seen
 
 
 def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type(world):
