@@ -99,7 +99,13 @@ def acceptable(media_type: str, accept: list[str]) -> bool:
     manifest (a bare "*/*" names them all, L{accept_headers}).
     """
     offered = _offered(accept)
+    media_type = essence(media_type)
     return media_type in offered or ("*/*" in offered and media_type not in INDEX_MEDIA_TYPES)
+
+
+def essence(media_type: str) -> str:
+    """A media type without its parameters (quay.io adds "; charset=utf-8")."""
+    return media_type.split(";", 1)[0].strip()
 
 
 def _offered(accept: list[str]) -> set[str]:
@@ -288,7 +294,7 @@ class ManifestService:
         # decide what every other client gets for it.
         if not answer.media_type or not (
             every_type
-            or answer.media_type in INDEX_MEDIA_TYPES
+            or essence(answer.media_type) in INDEX_MEDIA_TYPES
             or (yield self._points_at(upstream, upstream_name, reference, answer.digest))
         ):
             return answer
@@ -314,7 +320,7 @@ class ManifestService:
         manifest (distribution's and Docker Hub's default platform), if the
         client takes its type and it is cached.
         """
-        if resolution.media_type not in INDEX_MEDIA_TYPES:
+        if essence(resolution.media_type) not in INDEX_MEDIA_TYPES:
             return None
         index = self._store.get(registry_id, resolution.digest)
         document = manifest_document(index.content) if index is not None else None
@@ -383,7 +389,7 @@ class ManifestService:
             upstream, f"/v2/{upstream_name}/manifests/{reference}", upstream_name,
             manifest_unknown(reference), "a manifest", {"Accept": accept},
         )
-        media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
+        media_type = valid_media_type(essence((response.headers.getRawHeaders("content-type") or [""])[0]))
         announced = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
             expected = Digest.parse(reference)
@@ -425,7 +431,7 @@ class ManifestService:
         discard_body(response)
         if response.code != 200:
             raise map_status(upstream, response, manifest_unknown(reference))
-        media_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0]) or ""
+        media_type = valid_media_type(essence((response.headers.getRawHeaders("content-type") or [""])[0])) or ""
         if not manifest_media_type(media_type):
             media_type = ""
         digest = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]

@@ -701,6 +701,33 @@ def test_a_tag_moved_by_a_head_follows_once_the_new_manifest_comes_by_digest(wor
     assert len(world.upstream_registry.seen) == seen
 
 
+def test_a_media_type_with_parameters_is_cached_as_its_type(world):
+    # quay.io sends "; charset=utf-8": the tag was stored with it, never
+    # matched a client's Accept, and went upstream on every pull (502 offline).
+    def manifest(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json; charset=utf-8")
+        request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+        return b"" if request.method == b"HEAD" else MANIFEST
+
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", manifest)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", manifest)
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"}
+    path = "/v2/alpine/manifests/latest"
+    asked = []
+    for method in ("HEAD", "GET", "GET", "HEAD"):
+        response, _ = world.get(path, ALL, method=method, headers=accept)
+        assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.image.manifest.v1+json"]
+        asked.append(len(world.upstream_registry.seen))
+    assert asked[1] == asked[2] == asked[3]  # once the manifest is here, from the cache
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    world.clock.advance(61)
+    response, body = world.get(path, ALL, headers=accept)
+    assert response.code == 200 and body == MANIFEST and response.headers.getRawHeaders("warning")
+
+
 def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type(world):
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
