@@ -111,15 +111,15 @@ class RepositoryLinks:
         path = self._path(registry_id, digest, LEGACY)
         return path is not None and os.path.exists(path)
 
-    def forget(self, registry_id: str, digest: Digest, cached: bool = True) -> None:
+    def forget(self, registry_id: str, digest: Digest) -> None:
         """
-        The digest left the cache: so do its links.  C{cached=False}: it
-        never was in it (links of layers nobody pulled): what was worked out
-        from links need not be again, since a blob that comes links itself.
+        The digest left the cache (or never came: links of a layer nobody
+        pulled): so do its links.  What was worked out from links is worked
+        out again: the blob may come under another name, which links it
+        only there, while a manifest cached here still references it.
         """
         self._names.pop((registry_id, digest), None)
-        if cached:
-            self.generation += 1
+        self.generation += 1
         path = self._path(registry_id, digest)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)

@@ -115,7 +115,7 @@ class MetadataSweeper:
             key = BlobKey(registry_id, digest)
             if self._cache.lookup(key) is not None or self._store.has(registry_id, digest) or self.downloading(key):
                 continue
-            self._links.forget(registry_id, digest, cached=False)
+            self._links.forget(registry_id, digest)
             self.removed += 1
 
     def _remove(self, path: str) -> None:

@@ -1121,6 +1121,35 @@ def test_a_cached_blob_that_cannot_be_read_cuts_its_response_and_pins_nothing(wo
     assert world.get(path, ALL)[1] == BLOB
 
 
+def test_a_layer_whose_link_was_swept_is_served_under_a_name_whose_manifest_names_it(world, tmp_path):
+    # A client skipped a layer it had; an hour later the sweep forgot the
+    # layer's link (nothing cached), and the layer then came under another
+    # name: the manifest's memo still said it was linked here, so with the
+    # upstream down the layer was a 502 under the first name.
+    from cargobay.sweep import MetadataSweeper
+
+    manifest, get_manifest = manifest_naming_the_blob()
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", get_manifest)
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/", get_manifest)
+    world.upstream_registry.on("GET", "/v2/team/application/blobs/", lambda r: BLOB)
+    assert world.get("/v2/alpine/manifests/v1", ALL)[1] == manifest
+    world.clock.advance(2 * 3600)
+    sweeper = MetadataSweeper(world.cache, world.store, world.links, world.links._directory, world.clock)
+    for root, directories, _ in os.walk(world.links._directory):
+        for directory in directories:
+            os.utime(os.path.join(root, directory), (0, 0))
+    for _ in sweeper._work(world.clock.seconds()):
+        pass
+    assert not world.links.known("up", "library/alpine", Digest.parse(BLOB_DIGEST))
+    assert world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    world.upstream_registry.on("HEAD", "/v2/", _failing(503))
+    assert world.get("/v2/alpine/manifests/v1", ALL)[1] == manifest
+    response, body = world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)
+    assert response.code == 200 and body == BLOB
+
+
 def test_after_an_eviction_a_pull_by_tag_links_again_what_it_needs(world):
     # Evicting a blob forgets its links; a later hit on a manifest naming it
     # must link it again (a memo said it had), or the pull fails with the
