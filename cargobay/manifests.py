@@ -164,6 +164,8 @@ class ManifestService:
         self._linked_generation = self.links.generation
         #: Tag lists being fetched, and who waits for each.
         self._tag_lists: dict[Any, list[Deferred[Any]]] = {}
+        #: Manifest GETs and HEADs under way, and who waits for each.
+        self._asking: dict[Any, list[Deferred[Any]]] = {}
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -373,18 +375,27 @@ class ManifestService:
         self._link(upstream.registry.id, upstream_name, manifest)
         return _answer(manifest, False, "miss")
 
-    @inlineCallbacks
-    def fetch(
-        self,
-        upstream: Upstream,
-        upstream_name: str,
-        reference: str,
-        accept: list[str],
-    ) -> Any:
+    def fetch(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Deferred[Any]:
         """
         GET a manifest from upstream, verified against the digest asked for (or
-        the one the upstream announces).  Fires with a L{Manifest}.
+        the one the upstream announces).  Fires with a L{Manifest}.  Clients
+        asking for the same at once share one request (on Docker Hub, each
+        GET counts against the pull limit).
         """
+        key = ("GET", upstream, upstream_name, reference, tuple(accept))
+        return shared(self._asking, key, lambda: self._fetch(upstream, upstream_name, reference, accept))
+
+    def head(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Deferred[Any]:
+        """
+        HEAD a manifest upstream (a HEAD, never a GET: it does not count
+        against Docker Hub's pull limit).  Fires with (media type, digest,
+        length).  Clients asking for the same at once share one request.
+        """
+        key = ("HEAD", upstream, upstream_name, reference, tuple(accept))
+        return shared(self._asking, key, lambda: self._head(upstream, upstream_name, reference, accept))
+
+    @inlineCallbacks
+    def _fetch(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Any:
         response, content = yield _get_body(
             upstream, f"/v2/{upstream_name}/manifests/{reference}", upstream_name,
             manifest_unknown(reference), "a manifest", {"Accept": accept},
@@ -410,18 +421,7 @@ class ManifestService:
         return Manifest(content, media_type, expected)
 
     @inlineCallbacks
-    def head(
-        self,
-        upstream: Upstream,
-        upstream_name: str,
-        reference: str,
-        accept: list[str],
-    ) -> Any:
-        """
-        HEAD a manifest upstream (a HEAD, never a GET: it does not count
-        against Docker Hub's pull limit).  Fires with (media type, digest,
-        length).
-        """
+    def _head(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Any:
         response = yield upstream.request(
             "HEAD",
             f"/v2/{upstream_name}/manifests/{reference}",

@@ -1400,6 +1400,41 @@ def test_an_artifact_manifest_of_the_oci_drafts_has_no_schema_version_and_is_ser
     assert response.headers.getRawHeaders("content-type") == ["application/vnd.oci.artifact.manifest.v1+json"]
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_clients_asking_for_a_manifest_at_once_share_one_upstream_request(world, method):
+    # 20 pulls of a cold tag made 20 upstream GETs (each one counts against
+    # Docker Hub's pull limit).
+    from twisted.web.server import NOT_DONE_YET
+
+    pending = []
+
+    def slow(request):
+        pending.append(request)
+        return NOT_DONE_YET
+
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on(method, "/v2/library/alpine/manifests/", slow)
+    client = world.client
+    asked = [client.request(method, "http://proxy.test/v2/alpine/manifests/latest",
+                            headers={"Authorization": f"Bearer {ALL}"}) for _ in range(5)]
+    client.flush()
+    assert len(pending) == 1
+    request = pending[0]
+    request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+    request.setHeader(b"Docker-Content-Digest", MANIFEST_DIGEST.encode())
+    request.setHeader(b"Content-Length", str(len(MANIFEST)).encode())
+    request.write(MANIFEST if method == "GET" else b"")
+    request.finish()
+    world.upstream._http._agent._agent.flush()
+    client.flush()
+    answers = []
+    for d in asked:
+        d.addCallback(client.content).addBoth(answers.append)
+    client.flush()
+    assert answers == [MANIFEST if method == "GET" else b""] * 5
+    assert len(world.upstream_registry.seen) == 1
+
+
 def test_clients_asking_for_a_tag_list_at_once_share_one_upstream_request(world, monkeypatch):
     # A big repository's list was fetched and parsed once per client: 30 at
     # once held 130 MB.
