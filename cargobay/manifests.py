@@ -253,7 +253,9 @@ class ManifestService:
             # The tag is this name's: what it resolves to is too.
             self._link(registry_id, upstream_name, cached)
             age = self._clock.seconds() - resolution.confirmed_at
-            if age < self.tag_ttl:
+            # (A confirmation "in the future" was made while the clock ran
+            # ahead: due now, not fresh until the clock catches up.)
+            if 0 <= age < self.tag_ttl:
                 return _answer(cached, head, "hit")
             if upstream.unreachable:
                 return _answer(cached, head, "stale")

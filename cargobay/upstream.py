@@ -410,7 +410,8 @@ class Upstream:
         the cache cannot answer still go to it, and the first that gets an
         answer ends this.
         """
-        return self._clock.seconds() < self._unreachable_until
+        # (Never for longer than that, should the clock be set back.)
+        return 0 < self._unreachable_until - self._clock.seconds() <= UNREACHABLE_FOR
 
     def _unreachable(self, error: RegistryError) -> None:
         if not self.unreachable:

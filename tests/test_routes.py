@@ -728,6 +728,18 @@ def test_a_media_type_with_parameters_is_cached_as_its_type(world):
     assert response.code == 200 and body == MANIFEST and response.headers.getRawHeaders("warning")
 
 
+def test_a_tag_confirmed_while_the_clock_ran_ahead_is_revalidated(world):
+    # Its age was negative, so fresh, until the clock caught up (days).
+    path = "/v2/alpine/manifests/latest"
+    world.clock.advance(40 * 86400)
+    world.get(path, ALL)
+    world.clock.advance(-30 * 86400)
+    world.upstream_registry.on("HEAD", "/v2/", _head_of_moved_tag)
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: MOVED)
+    response, body = world.get(path, ALL)
+    assert body == MOVED
+
+
 def test_cached_manifest_is_not_served_to_a_client_that_does_not_accept_its_type(world):
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
