@@ -493,10 +493,13 @@ class BlobCache:
         entry.readers += 1
         now = self._clock.seconds()
         entry.last_used = now
-        if now - entry.touched > TOUCH_INTERVAL:
+        # (Well within the age limit: a file's time is its last use after a
+        # restart.)
+        touch_every = min(TOUCH_INTERVAL, self.max_age_seconds / 8) if self.max_age_seconds > 0 else TOUCH_INTERVAL
+        if now - entry.touched > touch_every:
             entry.touched = now
             try:
-                os.utime(entry.path)
+                os.utime(entry.path, (now, now))
             except OSError:
                 pass
         return entry, fileobj

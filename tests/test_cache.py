@@ -439,3 +439,22 @@ def test_a_download_that_met_a_full_disk_gets_room_for_it(tmp_path, monkeypatch)
     writer.failed(OSError(errno.ENOSPC, "No space left on device"))
     run(clock)
     assert [cache.lookup(key) is not None for key in keys] == [False, False, True]
+
+
+def test_a_blob_in_use_has_its_use_marked_on_disk_well_within_a_short_age_limit(tmp_path):
+    # Marked at most once a minute whatever the limit: with max_age 30 s, a
+    # blob read every 10 s was evicted at once after a restart (its file's
+    # time is its last use then).
+    import time
+
+    clock = Clock()
+    clock.advance(time.time())
+    cache, _ = make(tmp_path, max_age=30, clock=clock)
+    key = store(cache, b"a layer in steady use")
+    began = clock.seconds()
+    for _ in range(3):
+        clock.advance(10)
+        entry, fileobj = cache.open_entry(key)
+        fileobj.close()
+        cache.release(entry)
+    assert os.stat(entry.path).st_mtime >= began + 20
