@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import sys
+import threading
 from typing import Any, cast
 
 from twisted.application import internet, service
@@ -65,6 +66,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        # A SIGHUP from here until the service starts (reading the config,
+        # the cache's scan: seconds) would end the process: kept for then.
+        self.early_reload = _hold_sighup()
         path = resolve_config_path(self["config"])
         try:
             self.config = load_config(path, allow_embedded_default=bool(self["dev"]))
@@ -585,16 +589,23 @@ class CargobayService(service.MultiService):
     a --logger of its own; reloads the config on SIGHUP.
     """
 
-    def __init__(self, observer: ILogObserver | None, runtime: Runtime, reactor: Any) -> None:
+    def __init__(
+        self, observer: ILogObserver | None, runtime: Runtime, reactor: Any, early_reload: list[int] | None = None
+    ) -> None:
         super().__init__()
         self._observer = observer
         self._runtime = runtime
         self._reactor = reactor
         self._previous_handler: Any = None
+        #: SIGHUPs that came while starting up (see L{_hold_sighup}).
+        self._early_reload = early_reload if early_reload is not None else []
 
     def startService(self) -> None:
         super().startService()
-        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        previous = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._previous_handler = previous if not getattr(previous, "holds_sighup", False) else signal.SIG_DFL
+        if self._early_reload:
+            self._reactor.callLater(0, self._runtime.reload)
 
     def stopService(self) -> Any:
         if self._previous_handler is not None:
@@ -614,6 +625,22 @@ class CargobayService(service.MultiService):
         ):
             parent.setComponent(ILogObserver, self._observer)
         super().setServiceParent(parent)
+
+
+def _hold_sighup() -> list[int]:
+    """
+    Until the service starts, a SIGHUP is only noted (in the list returned),
+    for a reload once it has.
+    """
+    asked: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        asked.append(signum)
+
+    note.holds_sighup = True  # type: ignore[attr-defined]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, note)
+    return asked
 
 
 def _log_stream(options: Options) -> Any:
@@ -641,6 +668,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     config: Config = options.config
     config_path = None if config.source == "<embedded default>" else config.source
+    early_reload = getattr(options, "early_reload", None)
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
     parent = getattr(options, "parent", None)
@@ -648,7 +676,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     observer = None if parent is not None and parent.get("syslog") else make_observer(
         config.logging.format, config.logging.level, _log_stream(options)
     )
-    top = CargobayService(observer, runtime, reactor)
+    top = CargobayService(observer, runtime, reactor, early_reload)
     site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
     site.max_connections = config.server.max_connections
     site.header_timeout = config.server.header_timeout

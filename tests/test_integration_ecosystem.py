@@ -171,6 +171,41 @@ def test_sighup_reloads_mappings_and_keeps_the_old_config_when_broken(upstream_a
         proxy.process.stop()
 
 
+def _catches_sighup(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_a_sighup_while_starting_up_is_a_reload_once_started(tmp_path):
+    # A config tool's reload just after a start (the cache's scan takes
+    # seconds with many entries) ended the process without a log line.
+    cache = tmp_path / "cache"
+    for i in range(20000):
+        data = b"%d" % i
+        digest = hashlib.sha256(data).hexdigest()
+        directory = cache / "blobs" / "up" / "sha256" / digest[:2]
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{digest}-{len(data)}").write_bytes(data)
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", port, cache, [{"id": "up", "url": "http://127.0.0.1:9"}],
+                          [("x", "up", "x")])
+    process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log").start()
+    try:
+        # As the cache's scan begins (its first step makes tmp/).
+        assert wait_until(lambda: (cache / "tmp").exists() or process.returncode is not None, timeout=60)
+        assert _catches_sighup(process.pid)
+        os.kill(process.pid, signal.SIGHUP)
+        process.wait_listening(port)
+        assert wait_until(lambda: "reloaded" in process.log_text(), timeout=30), process.log_text()[-2000:]
+        assert process.returncode is None
+    finally:
+        process.stop()
+
+
 def test_dockerfile_steps_build_a_working_install(tmp_path):
     """
     No Docker engine can build images here; run the Dockerfile's own RUN
