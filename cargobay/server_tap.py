@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http, resource, server
 
 from cargobay.auth import Authenticator
-from cargobay.blobs import SEND_THREADS, BlobService
+from cargobay.blobs import SEND_THREADS, BlobService, when_counted
 from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
 from cargobay.errors import RegistryError, denied
@@ -244,9 +244,21 @@ class ProxyRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.body_refused:
             return  # answered already, and the connection is closing
+        self.received = True
         # Nothing cargobay answers is for a browser to guess the type of.
         self.responseHeaders.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
         super().requestReceived(command, path, version)
+
+    received = False
+
+    def connectionLost(self, reason: Any) -> None:
+        # Twisted logs a request only as it finishes: one whose client left
+        # (or was cut) before that has its access line here.
+        cut = self.received and not self.finished
+        factory = getattr(self.channel, "factory", None) if self.channel is not None else None
+        super().connectionLost(reason)
+        if cut and isinstance(factory, ProxySite):
+            when_counted(self, lambda: factory.log(self, cut=True))
 
     def _refuse_body(self) -> None:
         """Answer now, before the body, and close the connection."""
@@ -303,15 +315,16 @@ class ProxySite(server.Site):
     protocol = RegistryChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
 
-    def log(self, request: http.Request) -> None:
+    def log(self, request: http.Request, cut: bool = False) -> None:
         """
         One access log line per request, naming the token's subject (never
-        the token itself).
+        the token itself); C{cut}: the connection was lost before it ended.
         """
         grant = getattr(request, "grant", None)
         client = request.getClientAddress()
         access.info(
-            "{client} {method} {path} {status} {bytes} subject={subject} agent={agent}",
+            "{client} {method} {path} {status} {bytes} subject={subject} agent={agent}"
+            + (" (cut: the connection was lost before the response ended)" if cut else ""),
             client=getattr(client, "host", "-"),
             method=request.method.decode("latin-1")[:10],
             path=request.uri.decode("latin-1")[:300],

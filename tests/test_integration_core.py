@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -327,6 +328,20 @@ def test_one_gib_blob_streams_with_flat_memory(streaming_proxy, big_blobs):
     assert "sha256:" + hasher.hexdigest() == digest
     peak = streaming_proxy.rss_peak_kib()
     assert peak < 100 * 1024, f"peak RSS {peak} KiB (baseline {baseline} KiB)"
+
+
+def test_a_client_that_leaves_mid_body_has_its_access_line(streaming_proxy, big_blobs):
+    # Twisted logs a request as it finishes: one whose client left had none.
+    digest = big_blobs["gib"]
+    conn = http.client.HTTPConnection("127.0.0.1", streaming_proxy.port, timeout=120)
+    conn.request("GET", f"/v2/big/blobs/{digest}?left=1", headers={"Authorization": f"Bearer {ALL}"})
+    response = conn.getresponse()
+    assert response.status == 200 and len(response.read(5 * 1024 * 1024)) == 5 * 1024 * 1024
+    conn.close()
+    line = re.compile(rf"GET /v2/big/blobs/{digest}\?left=1 200 (\d+) subject=tester .*\(cut: ")
+    assert wait_until(lambda: line.search(streaming_proxy.process.log_text()), timeout=60)
+    sent = int(line.search(streaming_proxy.process.log_text()).group(1))
+    assert 5 * 1024 * 1024 <= sent < 1024**3
 
 
 def test_a_client_that_stops_reading_stops_the_upstream_read(streaming_proxy, big_blobs, upstream_anon):
