@@ -1538,7 +1538,9 @@ class _RescuePipe(Protocol):
     def __init__(
         self, request: Request, hasher: Any, position: int, end: int, total: int, digest: Digest,
         on_done: Callable[[bool], None] | None, clock: Any, timeout: float,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_bytes = on_bytes
         self._request = request
         self._hasher = hasher
         self._position = position
@@ -1573,6 +1575,8 @@ class _RescuePipe(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._arm()
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
         if self.skip:
             passed, self.skip = min(self.skip, len(data)), max(0, self.skip - len(data))
             data = data[passed:]
@@ -2163,7 +2167,8 @@ class BlobService:
                  what=f"{upstream.registry.id} {upstream_name}@{digest}", position=position)
         hasher = digest.hasher()
         pipe = _RescuePipe(
-            request, hasher, position, end, total, digest, on_done, self._clock, upstream.registry.read_timeout
+            request, hasher, position, end, total, digest, on_done, self._clock, upstream.registry.read_timeout,
+            self._upstream_bytes_counter(upstream.registry.id),
         )
 
         def hashed(_: object) -> Deferred[Any]:

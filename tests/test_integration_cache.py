@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -549,6 +550,15 @@ def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstrea
         log = proxy.process.log_text()
         assert log.count("asks for the rest") == 2, log[-3000:]
         assert upstream.count_requests("GET", digest) >= 3
+        # The bytes of the rescues are counted too (and no more than the
+        # upstream sent: the download given up was cut with some in flight).
+        metrics = urllib.request.urlopen(f"{proxy.url}/metrics").read().decode()
+        counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("cargobay_upstream_received_bytes_total{"))
+        assert wait_until(lambda: upstream.count_requests("GET", digest, status=206) == 2, timeout=30)
+        sent = [(e.status, e.size) for e in upstream.access_log() if digest in e.uri and e.method == "GET"]
+        rescues = sum(size for status, size in sent if status == 206)
+        assert rescues < counted <= sum(size for _, size in sent), (counted, sent)
 
 
 class StalledClient:
