@@ -552,7 +552,8 @@ def _open_files_for(max_connections: int) -> None:
     """
     Raise the soft limit of open files (often 1024) towards the hard one, so
     that C{server.max_connections} clients fit: each holds a socket, and
-    while it pulls, a cache file or an upstream connection too.  Beyond
+    while it pulls a blob not cached yet, an upstream connection and a
+    cache file too (and a sending thread's copy of its socket).  Beyond
     the limit, connections would be dropped without the 503 that
     C{max_connections} promises.
     """
@@ -560,7 +561,7 @@ def _open_files_for(max_connections: int) -> None:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = 2 * max_connections + 256
+        wanted = 4 * max_connections + 256
         if soft != resource.RLIM_INFINITY and soft < wanted:
             raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
             if raised > soft:
@@ -568,12 +569,12 @@ def _open_files_for(max_connections: int) -> None:
                 soft = raised
     except (ImportError, OSError, ValueError):
         return
-    if soft != resource.RLIM_INFINITY and soft < max_connections + 256:
+    if soft != resource.RLIM_INFINITY and soft < 3 * max_connections + 256:
         log.warn(
             "server.max_connections is {wanted} but this process may open only {limit} files: "
             "clients beyond about {fit} are dropped without an answer (raise the hard limit: "
             "ulimit -Hn, or LimitNOFILE= for systemd)",
-            wanted=max_connections, limit=soft, fit=max(soft - 256, 0),
+            wanted=max_connections, limit=soft, fit=max(soft - 256, 0) // 3,
         )
 
 

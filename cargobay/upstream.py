@@ -13,6 +13,7 @@ or a presigned URL).
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import re
 from collections.abc import Callable
@@ -674,7 +675,11 @@ class Upstream:
                 self._metrics.upstream_errors.inc(1, self.registry.id, kind)
             # (A registry failing TLS answers, only not as it should; a CDN
             # it redirects to is not the registry.)
-            if not is_tls_failure(failure) and origin(url) == origin(self.registry.url):
+            if (
+                not is_tls_failure(failure)
+                and not _out_of_descriptors(failure)
+                and origin(url) == origin(self.registry.url)
+            ):
                 self._unreachable(error)
             raise UpstreamError(error) from None
         if origin(url) == origin(self.registry.url):
@@ -699,6 +704,11 @@ class Upstream:
         host = urlsplit(what).netloc if "://" in what else what
         if failure_within(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
+        if _out_of_descriptors(failure):
+            return self.error(
+                503, "UNAVAILABLE", "could not be asked: cargobay is out of open files (raise its limit)",
+                headers={"Retry-After": "1"},
+            )
         refused = failure_within(failure, InternalAddressRefused)
         if refused is not None:
             return self.error(502, "UNAVAILABLE", str(refused.value))
@@ -765,6 +775,12 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
     if code == 504:
         return upstream.error(504, "UNAVAILABLE", "timed out (answered 504)")
     return upstream.error(502, "UNAVAILABLE", f"answered {code}")
+
+
+def _out_of_descriptors(failure: Failure) -> bool:
+    """Whether a connection failed for want of file descriptors here (not the upstream's doing)."""
+    found = failure_within(failure, netError.ConnectError)
+    return found is not None and getattr(found.value, "osError", None) in (errno.EMFILE, errno.ENFILE)
 
 
 def _retry_after(value: str | None) -> str | None:

@@ -740,3 +740,22 @@ def test_upstream_answers_are_taken_as_sent_without_gzip_or_cookies():
         assert result_of(read_body(response, len(bomb) + 1)) == bomb
     for seen in registry.seen:
         assert "accept-encoding" not in seen.headers and "cookie" not in seen.headers
+
+
+def test_running_out_of_file_descriptors_is_not_the_upstream_being_unreachable():
+    # EMFILE on connect marked a healthy upstream unreachable for 30 s
+    # (cached tags then served without asking it) and was a 502.
+    from twisted.internet import error as netError
+    from twisted.web.iweb import IAgent
+    from zope.interface import implementer
+
+    @implementer(IAgent)
+    class Exhausted:
+        def request(self, method, uri, headers=None, bodyProducer=None):
+            return defer.fail(netError.ConnectError(24, "Too many open files"))
+
+    upstream = Upstream(RegistryConfig(id="up", url="http://upstream.test"), Clock(), agent=Exhausted())
+    with pytest.raises(UpstreamError) as caught:
+        result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
+    assert caught.value.error.status == 503 and "out of open files" in caught.value.error.message
+    assert not upstream.unreachable
