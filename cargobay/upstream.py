@@ -497,11 +497,17 @@ class Upstream:
         any_origin: bool,
     ) -> Any:
         url = self.url_for(path)
+        sent_with = self._authorization_for(url, scope)
         response = yield self._send(method, url, scope, headers)
         if response.code == 401:
             challenges = response.headers.getRawHeaders("www-authenticate", [])
             discard_body(response)
-            retry = yield self._answer_challenge(challenges, scope)
+            now_with = self._authorization_for(url, scope)
+            if now_with is not None and now_with != sent_with:
+                # Another request got a token (or found Basic) meanwhile.
+                retry = True
+            else:
+                retry = yield self._answer_challenge(challenges, scope)
             if retry:
                 response = yield self._send(method, url, scope, headers)
         redirects = 0

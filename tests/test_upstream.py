@@ -759,3 +759,33 @@ def test_running_out_of_file_descriptors_is_not_the_upstream_being_unreachable()
         result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
     assert caught.value.error.status == 503 and "out of open files" in caught.value.error.message
     assert not upstream.unreachable
+
+
+def test_a_401_to_a_request_sent_before_a_token_came_uses_that_token():
+    # Requests sent without a token, answered 401 after another request's
+    # token fetch had ended, each fetched a token of their own (4 for one
+    # scope among 30 requests at once).
+    from twisted.web.server import NOT_DONE_YET
+
+    registry = FakeRegistry()
+    held = []
+    protected = bearer_protected(registry, "http://upstream.test/token", "T", lambda r: b"ok")
+
+    def manifests(request):
+        if request.getHeader(b"x-hold") and request.getHeader(b"authorization") is None:
+            held.append(request)
+            return NOT_DONE_YET
+        return protected(request)
+
+    registry.on("GET", "/token", token_handler("T"))
+    registry.on("GET", "/v2/", manifests)
+    upstream = make_upstream(registry, Clock())
+    late = upstream.request("GET", "/v2/a/manifests/x", SCOPE, headers={"x-hold": ["1"]})
+    assert len(held) == 1
+    result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))  # fetches the token
+    request = held[0]
+    request.write(protected(request))
+    request.finish()
+    upstream._http._agent._agent.flush()
+    assert result_of(read_body(result_of(late))) == b"ok"
+    assert sum(1 for seen in registry.seen if "/token" in seen.url) == 1
