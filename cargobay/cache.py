@@ -677,11 +677,15 @@ class BlobCache:
             return self._evicting
         self._evict_again = False
         chosen = self.candidates()
+        removed = 0
 
         def remove_all() -> Iterator[None]:
+            nonlocal removed
             for index, entry in enumerate(chosen):
+                # (One that a client began to read meanwhile stays.)
                 if entry.readers == 0 and self._entries.get(entry.key) is entry:
                     self._remove(entry)
+                    removed += 1
                     self.stats.evictions += 1
                     if self.on_evict is not None:
                         self.on_evict(entry)
@@ -690,8 +694,8 @@ class BlobCache:
 
         def done(result: object) -> object:
             self._evicting = None
-            if chosen:
-                log.info("evicted {count} blobs; cache now {size} bytes", count=len(chosen), size=self.total_size)
+            if removed:
+                log.info("evicted {count} blobs; cache now {size} bytes", count=removed, size=self.total_size)
             if self._evict_again:
                 self.evict().addErrback(lambda f: log.failure("eviction failed", f))
             return result
