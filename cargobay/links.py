@@ -125,6 +125,15 @@ class RepositoryLinks:
             shutil.rmtree(path, ignore_errors=True)
 
 
+    def forget_registry(self, registry_id: str) -> None:
+        """Every link of a registry (its id now names another registry)."""
+        for key in [key for key in self._names if key[0] == registry_id]:
+            del self._names[key]
+        self.generation += 1
+        if self._directory is not None:
+            shutil.rmtree(os.path.join(self._directory, registry_id), ignore_errors=True)
+
+
 def _touch(path: str | None) -> OSError | None:
     """Create an empty file (and its directory); the error, if it could not."""
     if path is None:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -395,6 +396,17 @@ class ManifestStore:
         key = (registry_id, upstream_name, tag)
         self._tags.pop(key, None)
         _unlink(self._tag_path(*key))
+
+    def forget_names(self, registry_id: str) -> None:
+        """
+        What a registry showed under names (tags, tag lists, referrers): its
+        id now names another registry.  Manifests stay: a digest names its
+        content, and one is served under a name only once that is shown.
+        """
+        for key in [key for key in self._tags if key[0] == registry_id]:
+            del self._tags[key]
+        for kind in ("tags", "taglists", "referrers"):
+            shutil.rmtree(os.path.join(self.directory, kind, registry_id), ignore_errors=True)
 
     # -- tag lists ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sys
@@ -398,6 +399,7 @@ class Runtime:
         store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
         self.sweeper = MetadataSweeper(cache, store, links, links_directory, reactor)
+        self._notice_moved_registries(config)
         if upgrading:
             # A cache from before links were kept: what its tags resolve to
             # is linked to their names, and the rest stays servable while the
@@ -458,6 +460,45 @@ class Runtime:
             cache.writable,
         )
 
+    def _notice_moved_registries(self, config: Config) -> None:
+        """
+        A registry id whose URL changed (in the config, since the cache last
+        saw it) names another registry: what the old one showed under names
+        (tags, links, tag lists, referrers) is forgotten, so that nothing it
+        held is served under a name until the new registry shows it there.
+        The URLs seen are kept in the cache's C{registries.json}.
+        """
+        path = os.path.join(config.cache.directory, "registries.json")
+        try:
+            with open(path, "rb") as f:
+                seen = json.loads(f.read())
+            if not isinstance(seen, dict):
+                seen = {}
+        except (OSError, ValueError):
+            seen = {}
+        changed = False
+        for registry in config.registries:
+            before = seen.get(registry.id)
+            if before == registry.url:
+                continue
+            if isinstance(before, str):
+                log.warn(
+                    "registry {id} now points at {url} (was {before}): what the cache holds of it is served "
+                    "under a name again once the new registry shows it there",
+                    id=registry.id, url=registry.url, before=before,
+                )
+                self.links.forget_registry(registry.id)
+                self.store.forget_names(registry.id)
+            seen[registry.id] = registry.url
+            changed = True
+        if changed:
+            try:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(seen, f)
+                os.replace(path + ".tmp", path)
+            except OSError:
+                pass  # (an unwritable cache has said so already)
+
     def _upstreams(self, config: Config, previous: dict[str, Upstream]) -> dict[str, Upstream]:
         upstreams = {}
         for registry in config.registries:
@@ -515,6 +556,8 @@ class Runtime:
             self.cache.evict()  # now, not at the next timer run
         self.store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
+        if config.cache.directory == old.cache.directory:
+            self._notice_moved_registries(config)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
         self.cache.direct_writes = config.cache.direct_writes

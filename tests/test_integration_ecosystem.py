@@ -171,6 +171,41 @@ def test_sighup_reloads_mappings_and_keeps_the_old_config_when_broken(upstream_a
         proxy.process.stop()
 
 
+@pytest.mark.parametrize("how", ["sighup", "restart"])
+def test_a_registry_id_pointed_at_another_registry_serves_nothing_of_the_old_one_under_names(
+    upstream_anon, image, tmp_path, how
+):
+    # Re-pointing a registry id (SIGHUP or restart): the tag kept serving the
+    # old registry's manifest until its TTL, and its blobs and manifests
+    # stayed served under the name for good, which the new one never showed.
+    from peers import Registry
+
+    other = Registry(tmp_path / "other").start()
+    try:
+        proxy = start_proxy(tmp_path, [{"id": "up", "url": upstream_anon.url}], [("eco", "up", "library/ecosystem")])
+        layer = image["layers"][0]
+        try:
+            for path in ("/v2/eco/manifests/latest", f"/v2/eco/manifests/{image['manifest']}", f"/v2/eco/blobs/{layer}"):
+                assert proxy.request(path)[0] == 200, path
+            config = tmp_path / "config.toml"
+            config.write_text(config.read_text().replace(upstream_anon.url, other.url))
+            if how == "sighup":
+                os.kill(proxy.process.pid, signal.SIGHUP)
+                assert wait_until(lambda: "now points at" in proxy.process.log_text(), timeout=10)
+            else:
+                proxy.process.stop()
+                proxy.process = Twistd(config_path=config, log_path=tmp_path / "again.log").start()
+                proxy.process.wait_listening(proxy.port)
+            for path in ("/v2/eco/manifests/latest", f"/v2/eco/manifests/{image['manifest']}", f"/v2/eco/blobs/{layer}"):
+                status, _, _ = proxy.request(path)
+                assert status == 404, (path, status)
+            assert "now points at" in proxy.process.log_text()
+        finally:
+            proxy.process.stop()
+    finally:
+        other.stop()
+
+
 def _catches_sighup(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
