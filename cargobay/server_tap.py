@@ -66,6 +66,14 @@ class Options(usage.Options):
         ["dev", None, "Start on the embedded development config when no config file exists."],
     ]
 
+    def parseOptions(self, options: Any = None) -> None:
+        # A mistake is one line on stderr, as a bad config is (twistd would
+        # print the whole usage on stdout, then the error).
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            fail(f"{e} (see twistd cargobay --help)")
+
     def postOptions(self) -> None:
         # A SIGHUP from here until the service starts (reading the config,
         # the cache's scan: seconds) would end the process: kept for then.

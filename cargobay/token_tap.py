@@ -17,7 +17,7 @@ from cargobay.reference import is_valid_name
 from cargobay.tokens import mint_token
 
 
-class Options(usage.Options):
+class Arguments(usage.Options):
     synopsis = "[--config FILE | --secret SECRET] [--expires-in SECONDS] SUBJECT [REPO[,REPO...]]"
     longdesc = (
         "Print a token for SUBJECT granting pull access to the REPOs (comma separated; "
@@ -69,6 +69,18 @@ class Options(usage.Options):
         )
 
 
+class Options(Arguments):
+    """C{twistd cargobay-token}'s: a mistake is one line on stderr (not the usage on stdout, where the token goes)."""
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"cargobay-token: {e} (see twistd cargobay-token --help)\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+
 def makeService(options: Options) -> Any:
     # Not a service: print the token and exit before twistd starts logging,
     # so that stdout holds the token alone.
@@ -78,11 +90,11 @@ def makeService(options: Options) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = Options()
+    options = Arguments()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        sys.stderr.write(f"usage: cargobay-token {Options.synopsis}\ncargobay-token: {e}\n")
+        sys.stderr.write(f"usage: cargobay-token {Arguments.synopsis}\ncargobay-token: {e}\n")
         return 2
     sys.stdout.write(options.token() + "\n")
     return 0

@@ -276,8 +276,18 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
 
     grant = TokenVerifier([SECRET]).verify(token)
     assert grant.subject == "bob" and grant.repositories == ("alpine", "team/app")
-    bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET])
-    assert bad.returncode != 0
+    # A mistake is one line on stderr and exit 2, nothing on stdout (where a
+    # script takes the token from): twistd printed its usage there.
+    for plugin, args, says in [
+        ("cargobay-token", ["--secret", SECRET], "Wrong number of arguments"),
+        ("cargobay-token", ["--secret", SECRET, "--expires-in", "abc", "bob"], "invalid literal"),
+        ("cargobay-token", ["--secret", SECRET, "bob", "BAD NAME"], "'BAD NAME' is not a valid repository name"),
+        ("cargobay", ["--bogus"], "option --bogus not recognized"),
+    ]:
+        bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", plugin, *args])
+        assert (bad.returncode, bad.stdout) == (2, ""), (args, bad)
+        [line] = bad.stderr.strip().splitlines()
+        assert line.startswith(f"{plugin}: ") and says in line, line
     # With --config, the token carries the issuer and audience the proxy's
     # config requires (they were left out: the same proxy refused it).
     config = tmp_path / "config.toml"
