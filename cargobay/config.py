@@ -37,6 +37,13 @@ _REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Used by ``make run`` when there is no config file at all.  The secret is a
 #: development secret: the service announces it loudly when it starts on it.
 DEVELOPMENT_SECRET = "cargobay-development-secret-do-not-use-in-production"
+#: Secrets printed in example configs (this one's and the earlier
+#: implementation's): anyone can mint tokens with them.
+PUBLISHED_SECRETS = frozenset(
+    ("change-me-to-a-long-random-string", "your-secret-key-change-this-in-production", "a long random string")
+)
+#: Shorter HS256 secrets can be guessed (RFC 7518 3.2 asks for 32 bytes).
+MIN_SECRET_BYTES = 32
 
 EMBEDDED_DEFAULT_CONFIG = f"""
 [server]
@@ -248,6 +255,15 @@ class Config:
     @property
     def uses_development_secret(self) -> bool:
         return self.auth.jwt_secret == DEVELOPMENT_SECRET
+
+    def weak_secret(self) -> str | None:
+        """Why C{jwt_secret} lets others mint tokens, if it does (it is still taken)."""
+        secret = self.auth.jwt_secret
+        if secret in PUBLISHED_SECRETS:
+            return "is an example's, published with this program or the earlier one"
+        if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
+            return f"is {len(secret.encode('utf-8'))} bytes: HS256 wants at least {MIN_SECRET_BYTES} random ones"
+        return None
 
 
 # ---------------------------------------------------------------------------

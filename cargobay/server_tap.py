@@ -564,6 +564,8 @@ class Runtime:
             self.cache.evict()  # now, not at the next timer run
         self.store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
+        if config.auth.jwt_secret != old.auth.jwt_secret:
+            _warn_of_a_weak_secret(config)
         if config.cache.directory == old.cache.directory:
             self._notice_moved_registries(config)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
@@ -581,6 +583,16 @@ class Runtime:
             registries=len(config.registries),
         )
         return True
+
+
+def _warn_of_a_weak_secret(config: Config) -> None:
+    why = config.weak_secret()
+    if why is not None:
+        log.warn(
+            "[auth] jwt_secret {why}: anyone who has it can mint tokens for every repository; set a long "
+            "random one (openssl rand -hex 32), and keep the old one in previous_jwt_secrets while tokens move",
+            why=why,
+        )
 
 
 def _announce_development(config: Config) -> None:
@@ -765,5 +777,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     if config.uses_development_secret:
         _announce_development(config)
+    else:
+        _warn_of_a_weak_secret(config)
     return top
 

@@ -218,3 +218,15 @@ def test_every_config_key_is_documented_in_the_example(tmp_path):
     switched_on = re.sub(r'^listen = "ssl:.*$', "", switched_on, flags=re.M)
     config = parse_config(switched_on)
     assert config.metrics.listen is not None and config.logging.format == "text"
+
+
+def test_a_published_or_short_secret_is_taken_but_said_to_be_weak():
+    # The example configs' secrets (this one's, the earlier implementation's)
+    # and a one-byte one started without a word: anyone can mint tokens.
+    def config(secret):
+        return parse_config(f'[auth]\njwt_secret = "{secret}"\n')
+
+    assert "example" in config("change-me-to-a-long-random-string").weak_secret()
+    assert "example" in config("your-secret-key-change-this-in-production").weak_secret()
+    assert "1 bytes" in config("x").weak_secret()
+    assert config("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08").weak_secret() is None

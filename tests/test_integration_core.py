@@ -225,6 +225,21 @@ def test_bad_config_stops_startup_with_one_line(tmp_path):
     assert lines == ["cargobay: repositories[0].registry_id: unknown registry 'nope' (defined: none)"]
 
 
+def test_a_published_secret_starts_with_a_warning(tmp_path):
+    from peers import Twistd
+
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "up", "url": "http://127.0.0.1:9"}],
+                          [("a", "up", "a")])
+    config.write_text(config.read_text().replace(SECRET, "your-secret-key-change-this-in-production"))
+    process = Twistd(config_path=config, log_path=tmp_path / "log").start()
+    try:
+        process.wait_listening(port)
+        assert "jwt_secret is an example's" in process.log_text()
+    finally:
+        process.stop()
+
+
 def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
     # A taken port, an address that is not an address, a bad metrics
     # endpoint: each was a forty-line traceback (exit 1) after "listening".
