@@ -422,7 +422,8 @@ class BlobCache:
 
     def writable(self) -> bool:
         """
-        Whether a file can be created in the cache directory right now.
+        Whether a download can be cached right now: a file created in
+        C{tmp/}, and C{blobs/} a directory that it can be moved into.
         """
         probe = os.path.join(self.directory, "tmp", f"probe-{secrets.token_hex(4)}")
         for attempt in range(2):
@@ -430,7 +431,8 @@ class BlobCache:
                 with open(probe, "xb"):
                     pass
                 os.unlink(probe)
-                return True
+                blobs = os.path.join(self.directory, "blobs")
+                return os.path.isdir(blobs) and os.access(blobs, os.W_OK | os.X_OK)
             except FileNotFoundError:
                 if attempt or not self._recreate():
                     return False

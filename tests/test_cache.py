@@ -458,3 +458,13 @@ def test_a_blob_in_use_has_its_use_marked_on_disk_well_within_a_short_age_limit(
         fileobj.close()
         cache.release(entry)
     assert os.stat(entry.path).st_mtime >= began + 20
+
+
+def test_a_cache_whose_blobs_directory_is_a_file_is_not_writable(tmp_path):
+    # /readyz said ready while nothing could ever be cached.
+    cache, _ = make(tmp_path)
+    assert cache.writable()
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.rename(tmp_path / "cache" / "elsewhere")
+    blobs.write_bytes(b"not a directory")
+    assert not cache.writable()
