@@ -15,7 +15,7 @@ from typing import IO, Any, cast
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit
 
 from klein import Klein
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
@@ -161,15 +161,26 @@ class RegistryApp:
         upstream = self.upstreams[mapping.registry_id]
         head = method == b"HEAD"
         request.route_label = _ROUTE_LABELS[target.kind]  # type: ignore[attr-defined]
-        if target.kind == "manifests":
-            return self._manifest(request, grant, mapping, upstream, target.argument, head)
         if target.kind == "blobs":
             digest = _digest(target.argument)
             self._audit_when_done(request, grant, mapping, str(digest))
-            return self.blobs.serve(request, upstream, mapping.upstream_name, digest, head)
-        if target.kind == "tags":
-            return self._tags(request, mapping, upstream, ns)
-        return self._referrers(request, mapping, upstream, _digest(target.argument))
+        # While it runs, what it learns of names is this upstream's (a reload
+        # that points the registry's id elsewhere waits for it to forget).
+        upstream.use()
+        if target.kind == "manifests":
+            answered = maybeDeferred(self._manifest, request, grant, mapping, upstream, target.argument, head)
+        elif target.kind == "blobs":
+            answered = maybeDeferred(self.blobs.serve, request, upstream, mapping.upstream_name, digest, head)
+        elif target.kind == "tags":
+            answered = maybeDeferred(self._tags, request, mapping, upstream, ns)
+        else:
+            answered = maybeDeferred(self._referrers, request, mapping, upstream, _digest(target.argument))
+
+        def done(result: object) -> object:
+            upstream.release()
+            return result
+
+        return answered.addBoth(done)
 
     @app.route("/token", methods=["GET", "POST"])
     def token(self, request: Request) -> Any:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 from typing import Any, cast
 
 from twisted.application import internet, service
@@ -468,7 +469,7 @@ class Runtime:
             cache.writable,
         )
 
-    def _notice_moved_registries(self, config: Config) -> None:
+    def _notice_moved_registries(self, config: Config, running: dict[str, Upstream] | None = None) -> None:
         """
         A registry id whose URL changed (in the config, since the cache last
         saw it) names another registry: what the old one showed under names
@@ -495,8 +496,12 @@ class Runtime:
                     "under a name again once the new registry shows it there",
                     id=registry.id, url=registry.url, before=before,
                 )
-                self.links.forget_registry(registry.id)
-                self.store.forget_names(registry.id)
+                self._forget_names_of(registry.id)
+                old_upstream = (running or {}).get(registry.id)
+                if old_upstream is not None:
+                    # What requests under way on the old one write under
+                    # names goes too, once they end.
+                    old_upstream.retire(partial(self._forget_names_of, registry.id))
             seen[registry.id] = registry.url
             changed = True
         if changed:
@@ -506,6 +511,10 @@ class Runtime:
                 os.replace(path + ".tmp", path)
             except OSError:
                 pass  # (an unwritable cache has said so already)
+
+    def _forget_names_of(self, registry_id: str) -> None:
+        self.links.forget_registry(registry_id)
+        self.store.forget_names(registry_id)
 
     def _upstreams(self, config: Config, previous: dict[str, Upstream]) -> dict[str, Upstream]:
         upstreams = {}
@@ -567,7 +576,7 @@ class Runtime:
         if config.auth.jwt_secret != old.auth.jwt_secret:
             _warn_of_a_weak_secret(config)
         if config.cache.directory == old.cache.directory:
-            self._notice_moved_registries(config)
+            self._notice_moved_registries(config, previous)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
         self.cache.direct_writes = config.cache.direct_writes

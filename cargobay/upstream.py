@@ -388,6 +388,9 @@ class Upstream:
         self._basic = False
         self._unreachable_until = 0.0
         self._probing = False
+        #: Requests (to clients and to the registry) under way; see L{retire}.
+        self._uses = 0
+        self._when_unused: list[Callable[[], object]] = []
         #: Whether the registry pages tag lists itself (n, last): None until
         #: one of its answers shows it.
         self.pages_tags: bool | None = None
@@ -484,7 +487,40 @@ class Upstream:
                      method=method, path=path, error=failure.value)
             raise UpstreamError(self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__}"))
 
-        return self._request(method, path, scope, headers, follow_redirects, any_origin).addErrback(unusable)
+        self.use()
+
+        def used(result: object) -> object:
+            # (After the caller's own first steps with the answer: a blob's
+            # link is written as its response comes.)
+            self._clock.callLater(0, self.release)
+            return result
+
+        return (
+            self._request(method, path, scope, headers, follow_redirects, any_origin)
+            .addBoth(used).addErrback(unusable)
+        )
+
+    def use(self) -> None:
+        """Something that may write what this registry shows under names is under way."""
+        self._uses += 1
+
+    def release(self) -> None:
+        self._uses -= 1
+        if self._uses == 0 and self._when_unused:
+            waiting, self._when_unused = self._when_unused, []
+            for then in waiting:
+                then()
+
+    def retire(self, then: Callable[[], object]) -> None:
+        """
+        A reload pointed this registry's id at another URL: call C{then}
+        once nothing begun here is left to write under the id's names
+        (at once if nothing is).
+        """
+        if self._uses == 0:
+            then()
+        else:
+            self._when_unused.append(then)
 
     @inlineCallbacks
     def _request(

@@ -206,6 +206,68 @@ def test_a_registry_id_pointed_at_another_registry_serves_nothing_of_the_old_one
         other.stop()
 
 
+def _manifest_registry(salt: str, delay: float):
+    """A registry of one tag on one manifest of its own, answering after C{delay} seconds."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": "sha256:" + salt * 64, "size": 2}, "layers": []}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if "/manifests/" in self.path:
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                self.send_header("Docker-Content-Digest", "sha256:" + hashlib.sha256(manifest).hexdigest())
+                self.send_header("Content-Length", str(len(manifest)))
+                self.end_headers()
+                self.wfile.write(manifest)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def test_a_request_under_way_on_the_old_url_at_a_reload_leaves_nothing_under_names(tmp_path):
+    # Its tag resolution, written as it ended, outlived the forgetting: the
+    # old registry's manifest was a fresh hit until the tag's TTL.
+    import threading
+
+    old, old_digest = _manifest_registry("a", 3.0)
+    new, new_digest = _manifest_registry("b", 0.0)
+    try:
+        proxy = start_proxy(tmp_path, [{"id": "r", "url": f"http://127.0.0.1:{old.server_port}"}], [("a", "r", "lib/a")])
+        try:
+            first = {}
+            under_way = threading.Thread(target=lambda: first.update(answer=proxy.request("/v2/a/manifests/t1")))
+            under_way.start()
+            time.sleep(1)
+            config = tmp_path / "config.toml"
+            config.write_text(config.read_text().replace(f":{old.server_port}", f":{new.server_port}"))
+            os.kill(proxy.process.pid, signal.SIGHUP)
+            under_way.join(30)
+            assert first["answer"][1].get("docker-content-digest") == old_digest  # (it was asked before)
+            time.sleep(0.3)
+            status, headers, _ = proxy.request("/v2/a/manifests/t1")
+            assert (status, headers.get("docker-content-digest")) == (200, new_digest)
+        finally:
+            proxy.process.stop()
+    finally:
+        old.shutdown()
+        new.shutdown()
+
+
 def _catches_sighup(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
