@@ -86,8 +86,12 @@ class Reach:
         return kind == PUBLIC or kind in self.registry_kinds
 
     def registry_endpoint(self, reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        """To the registry itself: what it resolves to is noted."""
-        return HostnameEndpoint(_Resolving(reactor, self.seen, []), host, port, timeout=timeout)
+        """
+        To the registry itself: the address it was reached at is noted (not
+        every address its name resolves to: one name with an internal
+        address beside its public one would open the inside).
+        """
+        return _Noting(HostnameEndpoint(reactor, host, port, timeout=timeout), self)
 
     def elsewhere_endpoint(
         self, reactor: Any, host: str, port: int, timeout: float, registry: str
@@ -141,6 +145,24 @@ class _Filter:
                 resolutionReceiver.resolutionComplete()
 
         return self._resolver.resolveHostName(Receiver(), hostName, portNumber, addressTypes, transportSemantics)
+
+
+@implementer(IStreamClientEndpoint)
+class _Noting:
+    """Notes the kind of address each connection reached."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, reach: Reach) -> None:
+        self._endpoint = endpoint
+        self._reach = reach
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        def connected(protocol: Any) -> Any:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                self._reach.seen(transport.getPeer())
+            return protocol
+
+        return self._endpoint.connect(protocolFactory).addCallback(connected)
 
 
 @implementer(IStreamClientEndpoint)

@@ -31,3 +31,23 @@ def test_a_registry_sends_cargobay_only_as_far_in_as_it_was_reached_itself():
         (IPv6Address("TCP", "::1", 80), False, False),
     ]:
         assert (public.allows(address), on_prem.allows(address)) == (from_public, from_on_prem), address.host
+
+
+def test_the_registry_is_known_by_the_address_it_was_reached_at_not_every_one_its_name_has():
+    # A name with a public and a loopback address, reached at the public
+    # one, counted as reached at loopback: its redirects to 127.0.0.1 went.
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import succeed
+
+    from cargobay.reach import _Noting
+
+    class Reached:
+        def connect(self, factory):
+            peer = IPv4Address("TCP", "104.18.1.1", 443)
+            return succeed(SimpleNamespace(transport=SimpleNamespace(getPeer=lambda: peer)))
+
+    reach = Reach()
+    _Noting(Reached(), reach).connect(None)
+    assert reach.registry_kinds == {PUBLIC}
+    assert not reach.allows(IPv4Address("TCP", "127.0.0.1", 80))
