@@ -16,6 +16,7 @@ import base64
 import errno
 import json
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -821,8 +822,18 @@ def map_status(upstream: Upstream, response: IResponse, not_found: RegistryError
 
 def _out_of_descriptors(failure: Failure) -> bool:
     """Whether a connection failed for want of file descriptors here (not the upstream's doing)."""
-    found = failure_within(failure, netError.ConnectError)
-    return found is not None and getattr(found.value, "osError", None) in (errno.EMFILE, errno.ENFILE)
+    found = failure_within(failure, netError.ConnectError, netError.DNSLookupError)
+    if found is None:
+        return False
+    if getattr(found.value, "osError", None) in (errno.EMFILE, errno.ENFILE):
+        return True
+    # A name's lookup that failed for want of one says only that it found
+    # nothing (getaddrinfo's EAI_SYSTEM): ask whether one can be had now.
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    return False
 
 
 def _retry_after(value: str | None) -> str | None:

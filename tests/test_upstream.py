@@ -742,9 +742,12 @@ def test_upstream_answers_are_taken_as_sent_without_gzip_or_cookies():
         assert "accept-encoding" not in seen.headers and "cookie" not in seen.headers
 
 
-def test_running_out_of_file_descriptors_is_not_the_upstream_being_unreachable():
+@pytest.mark.parametrize("how", ["connect", "lookup"])
+def test_running_out_of_file_descriptors_is_not_the_upstream_being_unreachable(how, monkeypatch):
     # EMFILE on connect marked a healthy upstream unreachable for 30 s
     # (cached tags then served without asking it) and was a 502.
+    import socket
+
     from twisted.internet import error as netError
     from twisted.web.iweb import IAgent
     from zope.interface import implementer
@@ -752,7 +755,16 @@ def test_running_out_of_file_descriptors_is_not_the_upstream_being_unreachable()
     @implementer(IAgent)
     class Exhausted:
         def request(self, method, uri, headers=None, bodyProducer=None):
-            return defer.fail(netError.ConnectError(24, "Too many open files"))
+            if how == "connect":
+                return defer.fail(netError.ConnectError(24, "Too many open files"))
+            # A registry by name: getaddrinfo's failure is only "not found".
+            return defer.fail(netError.DNSLookupError("no results for hostname lookup: upstream.test"))
+
+    if how == "lookup":
+        def no_socket(*args, **kwargs):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(socket, "socket", no_socket)
 
     upstream = Upstream(RegistryConfig(id="up", url="http://upstream.test"), Clock(), agent=Exhausted())
     with pytest.raises(UpstreamError) as caught:
