@@ -40,7 +40,8 @@ DEVELOPMENT_SECRET = "cargobay-development-secret-do-not-use-in-production"
 #: Secrets printed in example configs (this one's and the earlier
 #: implementation's): anyone can mint tokens with them.
 PUBLISHED_SECRETS = frozenset(
-    ("change-me-to-a-long-random-string", "your-secret-key-change-this-in-production", "a long random string")
+    ("change-me-to-a-long-random-string", "your-secret-key-change-this-in-production", "a long random string",
+     "the-old-secret")
 )
 #: Shorter HS256 secrets can be guessed (RFC 7518 3.2 asks for 32 bytes).
 MIN_SECRET_BYTES = 32
@@ -257,12 +258,18 @@ class Config:
         return self.auth.jwt_secret == DEVELOPMENT_SECRET
 
     def weak_secret(self) -> str | None:
-        """Why C{jwt_secret} lets others mint tokens, if it does (it is still taken)."""
-        secret = self.auth.jwt_secret
-        if secret in PUBLISHED_SECRETS:
-            return "is an example's, published with this program or the earlier one"
-        if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
-            return f"is {len(secret.encode('utf-8'))} bytes: HS256 wants at least {MIN_SECRET_BYTES} random ones"
+        """
+        Why C{jwt_secret} (or one of C{previous_jwt_secrets}, which verify
+        tokens as well) lets others mint tokens, if one does: it is still taken.
+        """
+        named = [("jwt_secret", self.auth.jwt_secret)]
+        named += [(f"previous_jwt_secrets[{i}]", s) for i, s in enumerate(self.auth.previous_jwt_secrets)]
+        for name, secret in named:
+            if secret in PUBLISHED_SECRETS:
+                return f"{name} is an example's, published with this program or the earlier one"
+            size = len(secret.encode("utf-8"))
+            if size < MIN_SECRET_BYTES:
+                return f"{name} is {size} bytes: HS256 wants at least {MIN_SECRET_BYTES} random ones"
         return None
 
 

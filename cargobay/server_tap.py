@@ -338,7 +338,8 @@ class ProxySite(server.Site):
             client=getattr(client, "host", "-"),
             method=request.method.decode("latin-1")[:10],
             path=request.uri.decode("latin-1")[:300],
-            status=request.code,
+            # (Cut before any answer went: nginx's 499, "client closed request".)
+            status=request.code if not cut or request.startedWriting else 499,
             bytes=request.sentLength,
             subject=grant.subject if grant is not None else "-",
             agent=(request.getHeader(b"user-agent") or b"-").decode("latin-1")[:120],
@@ -573,7 +574,9 @@ class Runtime:
             self.cache.evict()  # now, not at the next timer run
         self.store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
-        if config.auth.jwt_secret != old.auth.jwt_secret:
+        if (config.auth.jwt_secret, config.auth.previous_jwt_secrets) != (
+            old.auth.jwt_secret, old.auth.previous_jwt_secrets
+        ):
             _warn_of_a_weak_secret(config)
         if config.cache.directory == old.cache.directory:
             self._notice_moved_registries(config, previous)
@@ -598,7 +601,7 @@ def _warn_of_a_weak_secret(config: Config) -> None:
     why = config.weak_secret()
     if why is not None:
         log.warn(
-            "[auth] jwt_secret {why}: anyone who has it can mint tokens for every repository; set a long "
+            "[auth] {why}: anyone who has it can mint tokens for every repository; set a long "
             "random one (openssl rand -hex 32), and keep the old one in previous_jwt_secrets while tokens move",
             why=why,
         )

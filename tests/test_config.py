@@ -229,4 +229,8 @@ def test_a_published_or_short_secret_is_taken_but_said_to_be_weak():
     assert "example" in config("change-me-to-a-long-random-string").weak_secret()
     assert "example" in config("your-secret-key-change-this-in-production").weak_secret()
     assert "1 bytes" in config("x").weak_secret()
-    assert config("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08").weak_secret() is None
+    strong = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert config(strong).weak_secret() is None
+    # The old secrets still verify tokens: the same goes for them.
+    rotating = parse_config(f'[auth]\njwt_secret = "{strong}"\nprevious_jwt_secrets = ["the-old-secret"]\n')
+    assert rotating.weak_secret().startswith("previous_jwt_secrets[0] is an example's")

@@ -235,7 +235,7 @@ def test_a_published_secret_starts_with_a_warning(tmp_path):
     process = Twistd(config_path=config, log_path=tmp_path / "log").start()
     try:
         process.wait_listening(port)
-        assert "jwt_secret is an example's" in process.log_text()
+        assert "[auth] jwt_secret is an example's" in process.log_text()
     finally:
         process.stop()
 

@@ -268,6 +268,23 @@ def test_a_request_under_way_on_the_old_url_at_a_reload_leaves_nothing_under_nam
         new.shutdown()
 
 
+def test_a_client_that_left_before_any_answer_is_logged_499(tmp_path):
+    import socket
+
+    slow, _ = _manifest_registry("c", 2.0)
+    try:
+        proxy = start_proxy(tmp_path, [{"id": "r", "url": f"http://127.0.0.1:{slow.server_port}"}], [("a", "r", "lib/a")])
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.sendall(f"GET /v2/a/manifests/gone HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL}\r\n\r\n".encode())
+                time.sleep(0.5)
+            assert wait_until(lambda: "GET /v2/a/manifests/gone 499 0 " in proxy.process.log_text(), timeout=10)
+        finally:
+            proxy.process.stop()
+    finally:
+        slow.shutdown()
+
+
 def _catches_sighup(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
