@@ -766,6 +766,9 @@ class Upstream:
             return self.error(502, "UNAVAILABLE", f"is unreachable ({host})")
         if is_tls_failure(failure):
             return self.error(502, "UNAVAILABLE", f"failed TLS verification ({host})")
+        if failure.check(UnicodeError):
+            # (treq's URLs take no IPv6 address literal, in a redirect, say.)
+            return self.error(502, "UNAVAILABLE", f"sent cargobay to a URL it cannot use ({host})")
         return self.error(502, "UNAVAILABLE", f"failed: {failure.type.__name__} ({host})")
 
 

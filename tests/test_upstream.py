@@ -801,3 +801,19 @@ def test_a_401_to_a_request_sent_before_a_token_came_uses_that_token():
     upstream._http._agent._agent.flush()
     assert result_of(read_body(result_of(late))) == b"ok"
     assert sum(1 for seen in registry.seen if "/token" in seen.url) == 1
+
+
+def test_a_redirect_to_a_url_treq_cannot_take_says_so():
+    # An IPv6 address literal (treq's URLs refuse them) was "failed: InvalidCodepoint".
+    registry = FakeRegistry()
+
+    def moved(request):
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"http://[::1]:7000/blob")
+        return b""
+
+    registry.on("GET", "/v2/", moved)
+    upstream = make_upstream(registry, Clock())
+    with pytest.raises(UpstreamError) as caught:
+        result_of(upstream.request("GET", "/v2/a/blobs/x", SCOPE, any_origin=True))
+    assert caught.value.error.status == 502 and "a URL it cannot use" in caught.value.error.message
