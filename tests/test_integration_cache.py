@@ -538,13 +538,14 @@ def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstrea
 
         wait_until(settled, timeout=60)
         # The disk fills up under it.
-        with open(proxy.cache / "filler", "wb") as filler:
-            try:
+        try:
+            # (Unbuffered: a buffered file's close would flush what the full
+            # disk refused again, and raise.)
+            with open(proxy.cache / "filler", "wb", buffering=0) as filler:
                 while True:
                     filler.write(b"\0" * 1024**2)
-                    filler.flush()
-            except OSError:
-                pass
+        except OSError:
+            pass  # full
         second.read_the_rest()
         first.read_the_rest()
         log = proxy.process.log_text()
