@@ -2075,7 +2075,9 @@ class BlobService:
                 self.cache.max_size_bytes if length is None else None,
             )
             response.deliverBody(pipe)
-            if client is None:
+            if client is None or client.finished or getattr(client, "_disconnected", False):
+                # (A body that came whole in one go may have ended the
+                # response already: notifyFinish would then never fire.)
                 _fire(served)
             else:
                 # Klein's handler is done when the response is, whoever ends

@@ -161,8 +161,9 @@ class RegistryApp:
         upstream = self.upstreams[mapping.registry_id]
         head = method == b"HEAD"
         request.route_label = _ROUTE_LABELS[target.kind]  # type: ignore[attr-defined]
+        if target.kind in ("blobs", "referrers"):
+            digest = _digest(target.argument)  # (a bad one answers here: before use())
         if target.kind == "blobs":
-            digest = _digest(target.argument)
             self._audit_when_done(request, grant, mapping, str(digest))
         # While it runs, what it learns of names is this upstream's (a reload
         # that points the registry's id elsewhere waits for it to forget).
@@ -174,7 +175,7 @@ class RegistryApp:
         elif target.kind == "tags":
             answered = maybeDeferred(self._tags, request, mapping, upstream, ns)
         else:
-            answered = maybeDeferred(self._referrers, request, mapping, upstream, _digest(target.argument))
+            answered = maybeDeferred(self._referrers, request, mapping, upstream, digest)
 
         def done(result: object) -> object:
             upstream.release()

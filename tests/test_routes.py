@@ -1507,3 +1507,15 @@ def test_an_absolute_target_is_taken_only_when_it_names_this_server():
         request = absolute(uri)
         assert not _absolute_to_us(request, public)
         assert request.path == uri
+
+
+@pytest.mark.parametrize("path", ["/v2/alpine/referrers/sha256:zz", "/v2/alpine/blobs/sha256:zz",
+                                  "/v2/alpine/manifests/latest", "/v2/alpine/tags/list", f"/v2/alpine/blobs/{BLOB_DIGEST}"])
+def test_every_registry_request_releases_its_upstream_when_it_ends(world, path):
+    # A bad digest in a referrers request left the upstream "in use" for
+    # good: a reload that points its id elsewhere then never forgot what
+    # requests under way on the old URL wrote.
+    for method in ("GET", "GET", "HEAD"):  # (cold, then from the cache)
+        world.get(path, ALL, method=method)
+        world.clock.advance(1)
+        assert world.upstream._uses == 0, method
