@@ -397,6 +397,18 @@ class ManifestStore:
         self._tags.pop(key, None)
         _unlink(self._tag_path(*key))
 
+    def registry_urls(self) -> dict[str, str]:
+        """The URL each registry id had when this cache last saw it."""
+        try:
+            with open(os.path.join(self.directory, "registries.json"), "rb") as f:
+                seen = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in seen.items() if isinstance(v, str)} if isinstance(seen, dict) else {}
+
+    def set_registry_urls(self, urls: dict[str, str]) -> None:
+        self._write_atomically(os.path.join(self.directory, "registries.json"), json.dumps(urls).encode())
+
     def forget_names(self, registry_id: str) -> None:
         """
         What a registry showed under names (tags, tag lists, referrers): its

@@ -72,11 +72,10 @@ class Reach:
     def __init__(self) -> None:
         self.registry_kinds: set[str] = set()
 
-    def seen(self, address: IAddress) -> bool:
+    def seen(self, address: IAddress) -> None:
         host = getattr(address, "host", None)
         if host is not None:
             self.registry_kinds.add(kind_of(host))
-        return True
 
     def allows(self, address: IAddress) -> bool:
         host = getattr(address, "host", None)

@@ -5,7 +5,6 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import sys
@@ -78,7 +77,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         # A SIGHUP from here until the service starts (reading the config,
         # the cache's scan: seconds) would end the process: kept for then.
-        self.early_reload = _hold_sighup()
+        self.early_sighup = HeldSighup()
         path = resolve_config_path(self["config"])
         try:
             self.config = load_config(path, allow_embedded_default=bool(self["dev"]))
@@ -478,40 +477,23 @@ class Runtime:
         held is served under a name until the new registry shows it there.
         The URLs seen are kept in the cache's C{registries.json}.
         """
-        path = os.path.join(config.cache.directory, "registries.json")
-        try:
-            with open(path, "rb") as f:
-                seen = json.loads(f.read())
-            if not isinstance(seen, dict):
-                seen = {}
-        except (OSError, ValueError):
-            seen = {}
-        changed = False
-        for registry in config.registries:
-            before = seen.get(registry.id)
-            if before == registry.url:
-                continue
-            if isinstance(before, str):
-                log.warn(
-                    "registry {id} now points at {url} (was {before}): what the cache holds of it is served "
-                    "under a name again once the new registry shows it there",
-                    id=registry.id, url=registry.url, before=before,
-                )
-                self._forget_names_of(registry.id)
-                old_upstream = (running or {}).get(registry.id)
-                if old_upstream is not None:
-                    # What requests under way on the old one write under
-                    # names goes too, once they end.
-                    old_upstream.retire(partial(self._forget_names_of, registry.id))
-            seen[registry.id] = registry.url
-            changed = True
-        if changed:
-            try:
-                with open(path + ".tmp", "w") as f:
-                    json.dump(seen, f)
-                os.replace(path + ".tmp", path)
-            except OSError:
-                pass  # (an unwritable cache has said so already)
+        seen = self.store.registry_urls()
+        moved = {r.id: r.url for r in config.registries if seen.get(r.id, r.url) != r.url}
+        for registry_id, url in moved.items():
+            log.warn(
+                "registry {id} now points at {url} (was {before}): what the cache holds of it is served "
+                "under a name again once the new registry shows it there",
+                id=registry_id, url=url, before=seen[registry_id],
+            )
+            self._forget_names_of(registry_id)
+            old_upstream = (running or {}).get(registry_id)
+            if old_upstream is not None:
+                # What requests under way on the old one write under names
+                # goes too, once they end.
+                old_upstream.retire(partial(self._forget_names_of, registry_id))
+        urls = {**seen, **{r.id: r.url for r in config.registries}}
+        if urls != seen:
+            self.store.set_registry_urls(urls)
 
     def _forget_names_of(self, registry_id: str) -> None:
         self.links.forget_registry(registry_id)
@@ -679,21 +661,20 @@ class CargobayService(service.MultiService):
     """
 
     def __init__(
-        self, observer: ILogObserver | None, runtime: Runtime, reactor: Any, early_reload: list[int] | None = None
+        self, observer: ILogObserver | None, runtime: Runtime, reactor: Any, early_sighup: HeldSighup | None = None
     ) -> None:
         super().__init__()
         self._observer = observer
         self._runtime = runtime
         self._reactor = reactor
         self._previous_handler: Any = None
-        #: SIGHUPs that came while starting up (see L{_hold_sighup}).
-        self._early_reload = early_reload if early_reload is not None else []
+        self._early_sighup = early_sighup
 
     def startService(self) -> None:
         super().startService()
         previous = signal.signal(signal.SIGHUP, self._on_sighup)
-        self._previous_handler = previous if not getattr(previous, "holds_sighup", False) else signal.SIG_DFL
-        if self._early_reload:
+        self._previous_handler = signal.SIG_DFL if isinstance(previous, HeldSighup) else previous
+        if self._early_sighup is not None and self._early_sighup.asked:
             self._reactor.callLater(0, self._runtime.reload)
 
     def stopService(self) -> Any:
@@ -716,20 +697,19 @@ class CargobayService(service.MultiService):
         super().setServiceParent(parent)
 
 
-def _hold_sighup() -> list[int]:
+class HeldSighup:
     """
-    Until the service starts, a SIGHUP is only noted (in the list returned),
+    The SIGHUP handler until the service starts: a SIGHUP is only noted,
     for a reload once it has.
     """
-    asked: list[int] = []
 
-    def note(signum: int, frame: Any) -> None:
-        asked.append(signum)
+    def __init__(self) -> None:
+        self.asked = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self)
 
-    note.holds_sighup = True  # type: ignore[attr-defined]
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, note)
-    return asked
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.asked = True
 
 
 def _log_stream(options: Options) -> Any:
@@ -757,7 +737,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     config: Config = options.config
     config_path = None if config.source == "<embedded default>" else config.source
-    early_reload = getattr(options, "early_reload", None)
+    early_sighup = getattr(options, "early_sighup", None)
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
     parent = getattr(options, "parent", None)
@@ -765,7 +745,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     observer = None if parent is not None and parent.get("syslog") else make_observer(
         config.logging.format, config.logging.level, _log_stream(options)
     )
-    top = CargobayService(observer, runtime, reactor, early_reload)
+    top = CargobayService(observer, runtime, reactor, early_sighup)
     site = ProxySite(app.resource(), timeout=config.server.idle_timeout)
     site.max_connections = config.server.max_connections
     site.header_timeout = config.server.header_timeout

@@ -718,11 +718,8 @@ class Upstream:
                 self._metrics.upstream_errors.inc(1, self.registry.id, kind)
             # (A registry failing TLS answers, only not as it should; a CDN
             # it redirects to is not the registry.)
-            if (
-                not is_tls_failure(failure)
-                and not _out_of_descriptors(failure)
-                and origin(url) == origin(self.registry.url)
-            ):
+            # (Nor is a 503: cargobay out of descriptors.)
+            if error.status != 503 and not is_tls_failure(failure) and origin(url) == origin(self.registry.url):
                 self._unreachable(error)
             raise UpstreamError(error) from None
         if origin(url) == origin(self.registry.url):

@@ -64,6 +64,18 @@ class FakeRegistry(Resource):
         return [s for s in self.seen if path_prefix in s.url]
 
 
+def answering(status: int, **headers: bytes) -> Handler:
+    """A handler that answers C{status} with C{headers} (Retry_After is Retry-After) and no body."""
+
+    def handler(request):  # type: ignore[no-untyped-def]
+        request.setResponseCode(status)
+        for name, value in headers.items():
+            request.setHeader(name.replace("_", "-").encode(), value)
+        return b""
+
+    return handler
+
+
 def bearer_protected(registry: FakeRegistry, realm: str, valid: str, body: Handler) -> Handler:
     def handler(request):  # type: ignore[no-untyped-def]
         if request.getHeader(b"authorization") != f"Bearer {valid}".encode():

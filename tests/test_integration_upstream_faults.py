@@ -655,6 +655,15 @@ def test_unmapped_names_reach_no_other_registry(upstream_anon, bystander, tmp_pa
 # ---------------------------------------------------------------------------
 
 
+def assert_pulls_the_image(proxy: Proxy, names: tuple[str, ...], image: dict, layout: Path) -> None:
+    """Each name pulls the image's manifest and blobs, byte for byte."""
+    for name in names:
+        got = pull_http(proxy, name, "latest")
+        assert set(got) == {image["manifest"], *image["configs"], *image["layers"]}, name
+        for digest, data in got.items():
+            assert data == layout_blob(layout, digest)
+
+
 def test_registries_behind_an_outbound_proxy(ca, tls_upstreams, upstream_anon, tmp_path):
     """
     HTTPS_PROXY / HTTP_PROXY, as the earlier implementation's HTTP client
@@ -684,11 +693,7 @@ def test_registries_behind_an_outbound_proxy(ca, tls_upstreams, upstream_anon, t
     try:
         proxy = proxied(tmp_path / "p", "s3cret")
         try:
-            for name in ("secure", "plain"):
-                got = pull_http(proxy, name, "latest")
-                assert set(got) == {image["manifest"], *image["configs"], *image["layers"]}, name
-                for digest, data in got.items():
-                    assert data == layout_blob(layout, digest)
+            assert_pulls_the_image(proxy, ("secure", "plain"), image, layout)
             asked = outbound.requests()
             assert any(r.startswith(f"CONNECT 127.0.0.1:{tls_upstreams['good'].port} ") for r in asked), asked
             assert any(r.startswith(f"GET {upstream_anon.url}/v2/library/behindproxy/blobs/") for r in asked), asked
@@ -761,11 +766,7 @@ def test_registries_behind_an_https_outbound_proxy(ca, tls_upstreams, upstream_a
     try:
         proxy = start_proxy(tmp_path / "p", registries, mappings, env={**env, "SSL_CERT_FILE": str(ca.cert_path)})
         try:
-            for name in ("secure", "plain"):
-                got = pull_http(proxy, name, "latest")
-                assert set(got) == {image["manifest"], *image["configs"], *image["layers"]}, name
-                for digest, data in got.items():
-                    assert data == layout_blob(layout, digest)
+            assert_pulls_the_image(proxy, ("secure", "plain"), image, layout)
         finally:
             proxy.process.stop()
         asked = outbound.requests()

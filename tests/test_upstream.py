@@ -41,7 +41,7 @@ from cargobay.upstream import (
     map_status,
     read_body,
 )
-from fakes import FakeRegistry, bearer_protected, make_upstream, token_handler
+from fakes import FakeRegistry, answering, bearer_protected, make_upstream, token_handler
 
 SCOPE = "repository:library/alpine:pull"
 
@@ -285,12 +285,7 @@ def test_credentials_are_not_sent_to_a_redirect_target():
 def test_too_many_redirects_is_an_error_not_a_loop():
     registry = FakeRegistry()
 
-    def loop(request):
-        request.setResponseCode(302)
-        request.setHeader(b"Location", b"/v2/again")
-        return b""
-
-    registry.on("GET", "/v2/", loop)
+    registry.on("GET", "/v2/", answering(302, Location=b"/v2/again"))
     upstream = make_upstream(registry, Clock())
     response = result_of(upstream.request("GET", "/v2/a/blobs/x", SCOPE))
     error = map_status(upstream, response, manifest_unknown("x"))
@@ -305,12 +300,7 @@ def test_too_many_redirects_is_an_error_not_a_loop():
 def test_status_mapping(code, status, oci_code):
     registry = FakeRegistry()
 
-    def answer(request):
-        request.setResponseCode(code)
-        request.setHeader(b"Retry-After", b"17")
-        return b""
-
-    registry.on("GET", "/v2/", answer)
+    registry.on("GET", "/v2/", answering(code, Retry_After=b"17"))
     upstream = make_upstream(registry, Clock())
     response = result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
     error = map_status(upstream, response, manifest_unknown("x"))
@@ -330,12 +320,7 @@ def test_a_rate_limit_passes_on_only_a_retry_after_that_is_one(sent, kept):
     # A snowman in it was a 500 on every route (it cannot go out as latin-1).
     registry = FakeRegistry()
 
-    def answer(request):
-        request.setResponseCode(429)
-        request.setHeader(b"Retry-After", sent)
-        return b""
-
-    registry.on("GET", "/v2/", answer)
+    registry.on("GET", "/v2/", answering(429, Retry_After=sent))
     upstream = make_upstream(registry, Clock())
     response = result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
     error = map_status(upstream, response, manifest_unknown("x"))
@@ -807,12 +792,7 @@ def test_a_redirect_to_a_url_treq_cannot_take_says_so():
     # An IPv6 address literal (treq's URLs refuse them) was "failed: InvalidCodepoint".
     registry = FakeRegistry()
 
-    def moved(request):
-        request.setResponseCode(302)
-        request.setHeader(b"Location", b"http://[::1]:7000/blob")
-        return b""
-
-    registry.on("GET", "/v2/", moved)
+    registry.on("GET", "/v2/", answering(302, Location=b"http://[::1]:7000/blob"))
     upstream = make_upstream(registry, Clock())
     with pytest.raises(UpstreamError) as caught:
         result_of(upstream.request("GET", "/v2/a/blobs/x", SCOPE, any_origin=True))
