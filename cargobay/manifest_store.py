@@ -8,7 +8,7 @@ pointed to and when that was last confirmed upstream; it lets a tag that
 resolved once keep working while the upstream is down.  Layout::
 
     manifests/<registry id>/<algorithm>/<hex>
-    tags/<registry id>/<upstream name>/<tag>.json
+    tags/<registry id>/<upstream name>/@<tag>.json
     taglists/<registry id>/<upstream name>/@list.json
 """
 
@@ -236,8 +236,8 @@ class ManifestStore:
                 self._memory_drop((relative[1], Digest.parse(f"{relative[2]}:{relative[3]}")))
             except InvalidDigest:
                 pass
-        elif relative[0] == "tags" and len(relative) >= 4 and relative[-1].endswith(".json"):
-            self._tags.pop((relative[1], "/".join(relative[2:-1]), relative[-1][: -len(".json")]), None)
+        elif relative[0] == "tags" and len(relative) >= 4 and (tag := _tag_of_file(relative[-1])) is not None:
+            self._tags.pop((relative[1], "/".join(relative[2:-1]), tag), None)
 
     def _memory_drop(self, key: tuple[str, Digest]) -> None:
         manifest = self._memory.pop(key, None)
@@ -291,7 +291,32 @@ class ManifestStore:
     # -- tags --------------------------------------------------------------
 
     def _tag_path(self, registry_id: str, upstream_name: str, tag: str) -> str:
+        # "@" never occurs in a repository name: the file of tag "b" of
+        # repository "a" cannot be the directory of repository "a/b.json".
+        return os.path.join(self.directory, "tags", registry_id, upstream_name, "@" + tag + ".json")
+
+    def _legacy_tag_path(self, registry_id: str, upstream_name: str, tag: str) -> str:
+        """Where earlier versions kept a tag resolution (it could collide with a longer name's directory)."""
         return os.path.join(self.directory, "tags", registry_id, upstream_name, tag + ".json")
+
+    def _read_tag_file(self, key: tuple[str, str, str]) -> bytes:
+        """
+        The tag's file; one a cache of an earlier version wrote under the
+        old name is moved to the new one.
+        """
+        path = self._tag_path(*key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            legacy = self._legacy_tag_path(*key)
+            with open(legacy, "rb") as f:  # a directory (a repository "<name>/<tag>.json") raises
+                data = f.read()
+            try:
+                os.replace(legacy, path)
+            except OSError:
+                pass
+            return data
 
     def tag(self, registry_id: str, upstream_name: str, tag: str) -> TagResolution | None:
         key = (registry_id, upstream_name, tag)
@@ -301,8 +326,7 @@ class ManifestStore:
             self._tags.move_to_end(key)
         else:
             try:
-                with open(path, "rb") as f:
-                    document = json.loads(f.read())
+                document = json.loads(self._read_tag_file(key))
                 moved_to = document.get("moved_to")
                 resolution = TagResolution(
                     Digest.parse(document["digest"]),
@@ -357,9 +381,9 @@ class ManifestStore:
             if len(relative) < 2:
                 continue
             registry_id, upstream_name = relative[0], "/".join(relative[1:])
-            for name in files:
-                if name.endswith(".json"):
-                    yield registry_id, upstream_name, name[: -len(".json")]
+            tags = {tag for name in files if (tag := _tag_of_file(name)) is not None}
+            for tag in sorted(tags):
+                yield registry_id, upstream_name, tag
 
     def set_tag(self, registry_id: str, upstream_name: str, tag: str, digest: Digest, media_type: str) -> None:
         key = (registry_id, upstream_name, tag)
@@ -396,6 +420,7 @@ class ManifestStore:
         key = (registry_id, upstream_name, tag)
         self._tags.pop(key, None)
         _unlink(self._tag_path(*key))
+        _unlink(self._legacy_tag_path(*key))
 
     def registry_urls(self) -> dict[str, str]:
         """The URL each registry id had when this cache last saw it."""
@@ -518,6 +543,14 @@ class ManifestStore:
             if not self._write_error_logged:
                 self._write_error_logged = True
                 log.error("cannot write manifest cache under {directory}: {error}", directory=self.directory, error=str(e))
+
+
+def _tag_of_file(name: str) -> str | None:
+    """The tag a file under tags/ is for: "@<tag>.json", or "<tag>.json" as earlier versions named it."""
+    if not name.endswith(".json") or len(name) <= len(".json"):
+        return None
+    tag = name[: -len(".json")]
+    return tag[1:] if tag.startswith("@") else tag
 
 
 def _unlink(path: str) -> None:

@@ -1,6 +1,7 @@
 """
 Which bytes a manifest digest covers: the body, or a signed schema 1
-manifest's payload as libtrust lays it out, and nothing else.
+manifest's payload as libtrust lays it out, and nothing else; where tag
+resolutions are kept on disk.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import base64
 import hashlib
 import json
 
-from cargobay.manifest_store import manifest_digest, manifest_matches
+from twisted.internet.task import Clock
+
+from cargobay.manifest_store import ManifestStore, manifest_digest, manifest_matches
 from cargobay.reference import Digest
 
 
@@ -55,3 +58,49 @@ def test_a_signature_header_cannot_make_a_body_claim_another_manifest_s_digest()
                    signed(PAYLOAD, length=PAYLOAD.rindex(b"\n}") - 3)):
         assert manifest_digest(forged) == digest_of(forged)
         assert not manifest_matches(digest_of(PAYLOAD), forged)
+
+
+ONE = Digest("sha256", "1" * 64)
+TWO = Digest("sha256", "2" * 64)
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_the_tag_of_one_repository_and_a_repository_named_after_it_both_keep_their_tags(tmp_path):
+    # Tag "b.json"'s repository "a" and repository "a/b.json" are both valid:
+    # a tag file "a/b.json" was the other's directory.
+    store = ManifestStore(str(tmp_path), Clock())
+    store.set_tag("up", "a", "b", ONE, OCI)
+    store.set_tag("up", "a/b.json", "latest", TWO, OCI)
+    store.set_tag("up", "c/d.json", "latest", TWO, OCI)
+    store.set_tag("up", "c", "d", ONE, OCI)
+    after_restart = ManifestStore(str(tmp_path), Clock())
+    assert after_restart.tag("up", "a", "b").digest == ONE
+    assert after_restart.tag("up", "a/b.json", "latest").digest == TWO
+    assert after_restart.tag("up", "c", "d").digest == ONE
+    assert after_restart.tag("up", "c/d.json", "latest").digest == TWO
+    assert sorted(after_restart.tags_on_disk()) == [
+        ("up", "a", "b"), ("up", "a/b.json", "latest"), ("up", "c", "d"), ("up", "c/d.json", "latest")]
+
+
+def test_a_tag_kept_by_an_earlier_version_is_still_read_and_moved_to_its_new_name(tmp_path):
+    legacy = tmp_path / "tags" / "up" / "library" / "alpine" / "3.20.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"digest": str(ONE), "media_type": OCI, "confirmed_at": 5.0}))
+    store = ManifestStore(str(tmp_path), Clock())
+    assert list(store.tags_on_disk()) == [("up", "library/alpine", "3.20")]
+    resolution = store.tag("up", "library/alpine", "3.20")
+    assert resolution is not None and (resolution.digest, resolution.confirmed_at) == (ONE, 5.0)
+    assert not legacy.exists() and (legacy.parent / "@3.20.json").exists()
+    assert list(ManifestStore(str(tmp_path), Clock()).tags_on_disk()) == [("up", "library/alpine", "3.20")]
+
+
+def test_dropping_a_tag_removes_its_file_under_either_name(tmp_path):
+    directory = tmp_path / "tags" / "up" / "library" / "alpine"
+    directory.mkdir(parents=True)
+    (directory / "old.json").write_text(json.dumps({"digest": str(ONE), "media_type": OCI, "confirmed_at": 5.0}))
+    store = ManifestStore(str(tmp_path), Clock())
+    store.set_tag("up", "library/alpine", "new", TWO, OCI)
+    store.drop_tag("up", "library/alpine", "old")
+    store.drop_tag("up", "library/alpine", "new")
+    assert list(directory.iterdir()) == []
+    assert store.tag("up", "library/alpine", "old") is None
