@@ -183,7 +183,7 @@ class AuthConfig:
     previous_jwt_secrets: tuple[str, ...] = field(default=(), repr=False)
     #: PEM public keys (RS256/ES256) of token issuers that keep their key.
     public_keys: tuple[bytes, ...] = ()
-    leeway_seconds: float = 30.0
+    leeway_seconds: float = 60.0
     issuer: str | None = None
     audience: str | None = None
     token_lifetime_seconds: int = 300
@@ -501,7 +501,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         service,
         previous,
         tuple(public_keys),
-        leeway_seconds=auth_section.number("leeway_seconds", 30.0, positive=False),
+        leeway_seconds=auth_section.number("leeway_seconds", 60.0, positive=False),
         issuer=auth_section.string("issuer"),
         audience=auth_section.string("audience"),
         token_lifetime_seconds=auth_section.integer("token_lifetime_seconds", 300, minimum=1),

@@ -102,7 +102,7 @@ class TokenVerifier:
     def __init__(
         self,
         secrets: Iterable[str],
-        leeway: float = 30.0,
+        leeway: float = 60.0,
         public_keys: Iterable[_Key] = (),
         issuer: str | None = None,
         audience: str | None = None,
@@ -170,14 +170,16 @@ class TokenVerifier:
                     leeway=self._leeway,
                     issuer=self._issuer,
                     audience=self._audience,
-                    options={"require": required, "verify_aud": self._audience is not None},
+                    # Times are checked below, as the earlier implementation
+                    # did: a null "exp" (what its token tool wrote) is no
+                    # expiry, and "iat" is not looked at.
+                    options={
+                        "require": required, "verify_aud": self._audience is not None,
+                        "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                    },
                 )
             except jwt.InvalidSignatureError:
                 continue
-            except jwt.ExpiredSignatureError:
-                raise InvalidToken("token has expired") from None
-            except jwt.ImmatureSignatureError:
-                raise InvalidToken("token is not yet valid") from None
             except jwt.MissingRequiredClaimError as e:
                 raise InvalidToken(f"token lacks the claim {e.claim!r}") from None
             except jwt.InvalidIssuerError:
@@ -191,23 +193,41 @@ class TokenVerifier:
             subject = claims.get("sub")
             if not isinstance(subject, str):
                 raise InvalidToken("claim 'sub' must be a string")
-            return Grant(subject, _parse_access(claims["access"]), _expiry(claims))
+            expires_at = _expiry(claims)
+            now = self._clock()
+            if expires_at is not None and now > expires_at + self._leeway:
+                raise InvalidToken("token has expired")
+            not_before = _time_claim(claims, "nbf")
+            if not_before is not None and now < not_before - self._leeway:
+                raise InvalidToken("token is not yet valid")
+            return Grant(subject, _parse_access(claims["access"]), expires_at)
         raise InvalidToken(last_error)
 
 
 def _expiry(claims: dict[str, Any]) -> int | None:
     """
-    The token's C{exp} as whole seconds.  PyJWT has checked it already, and
-    takes a float or a numeric string as well as an int: such a token must
-    keep its expiry (what it is traded for at C{/token} may not outlive it).
+    The token's C{exp} as whole seconds (L{_time_claim}): what it is traded
+    for at C{/token} may not outlive it.
     """
-    exp = claims.get("exp")
-    if exp is None:
+    return _time_claim(claims, "exp")
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> int | None:
+    """
+    A time claim as whole seconds; L{None} when absent or null (the earlier
+    implementation's token tool wrote C{"exp": null} into every token).  A
+    float or a numeric string is taken as an int is, as PyJWT takes them.
+    """
+    value = claims.get(name)
+    if value is None:
         return None
+    if isinstance(value, bool):
+        raise InvalidToken(f"claim {name!r} must be a number")
     try:
-        return math.floor(float(exp))
+        seconds = float(value)
+        return math.floor(seconds)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidToken("claim 'exp' must be a number") from None
+        raise InvalidToken(f"claim {name!r} must be a number") from None
 
 
 def mint_token(

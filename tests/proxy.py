@@ -5,6 +5,9 @@ real `twistd -n cargobay`, and a small HTTP client for it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
 from pathlib import Path
 
@@ -13,6 +16,19 @@ from peers import Twistd, free_port, wait_until
 
 SECRET = "integration-secret-integration-secret"
 ALL = mint_token(SECRET, "tester")
+
+
+def seed_token(payload: str, secret: str = SECRET) -> str:
+    """
+    A token byte for byte as the earlier implementation's generate_jwt made
+    one (serde and jsonwebtoken): e.g. '{"sub":"u","exp":null,"access":{"type":"all"}}'.
+    """
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = b64(b'{"typ":"JWT","alg":"HS256"}') + "." + b64(payload.encode())
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
 
 
 def write_config(path: Path, port: int, cache: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Path:

@@ -10,7 +10,8 @@ cargobay`:
   without its signatures;
 - Range requests on blobs not yet cached;
 - request bodies: every write is refused before its body, which is never
-  spooled to disk.
+  spooled to disk;
+- tokens as the earlier implementation's tool made them ("exp": null).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 from peers import Registry, build_oci_layout, need, skopeo, skopeo_push
-from proxy import ALL, Proxy, start_proxy
+from proxy import ALL, Proxy, seed_token, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +160,21 @@ def test_a_legacy_image_stored_as_signed_schema_1_is_pulled_through(world, tmp_p
     # Cached: by its digest too.
     status, _, again = proxy.request(f"/v2/legacy/manifests/{direct['docker-content-digest']}")
     assert status == 200 and again == body
+
+
+def test_the_earlier_implementation_s_tokens_pull_with_a_real_client(world, tmp_path):
+    # Its generate_jwt wrote "exp": null into every token; skopeo logs in
+    # with it as docker does (Basic, then cargobay's /token).
+    proxy = world["proxy"]
+    everything = seed_token('{"sub":"user123","exp":null,"access":{"type":"all"}}')
+    skopeo("copy", "--src-tls-verify=false", f"--src-creds=user123:{everything}",
+           f"docker://{proxy.host}/small:latest", f"dir:{tmp_path / 'all'}")
+    some = seed_token('{"sub":"user123","exp":null,"access":{"type":"repositories","repos":["small"]}}')
+    skopeo("copy", "--src-tls-verify=false", f"--src-creds=user123:{some}",
+           f"docker://{proxy.host}/small:latest", f"dir:{tmp_path / 'some'}")
+    assert (tmp_path / "all" / "manifest.json").read_bytes() == (tmp_path / "some" / "manifest.json").read_bytes()
+    status, _, body = proxy.request("/v2/alpine/manifests/latest", token=some)
+    assert (status, json.loads(body)["errors"][0]["code"]) == (403, "DENIED"), body
 
 
 def test_a_client_resuming_a_blob_not_cached_yet_gets_its_range(world):

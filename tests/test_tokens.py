@@ -4,6 +4,7 @@ import jwt
 import pytest
 
 from cargobay.tokens import Grant, InvalidToken, TokenVerifier, mint_token
+from proxy import seed_token
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 
@@ -18,6 +19,17 @@ def test_seed_format_all_access():
     grant = verify(token)
     assert grant.subject == "ci"
     assert grant.allows("anything/at/all")
+
+
+def test_the_earlier_implementation_s_tokens_with_a_null_exp_work():
+    # Its token tool serialized "exp": None as null into every token it made.
+    everything = verify(seed_token('{"sub":"user123","exp":null,"access":{"type":"all"}}', SECRET))
+    assert everything == Grant("user123", None, None)
+    some = verify(seed_token(
+        '{"sub":"user123","exp":null,"access":{"type":"repositories","repos":["alpine","nginx"]}}', SECRET))
+    assert some == Grant("user123", ("alpine", "nginx"), None)
+    # Other time claims written as null by another library mean no time either.
+    assert verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "nbf": None, "iat": None}, SECRET, "HS256"))
 
 
 def test_seed_format_repositories_without_exp():
@@ -119,16 +131,35 @@ def test_hs256_token_signed_with_the_public_key_is_refused():
         verifier.verify(forged)
 
 
-def test_future_nbf_and_iat_are_refused_beyond_leeway():
+def test_a_future_nbf_is_refused_beyond_the_leeway_and_iat_is_not_looked_at():
+    # As the earlier implementation (jsonwebtoken's defaults) never looked at
+    # iat, a token "issued" by a clock ahead of ours is fine.
     now = int(time.time())
     verifier = TokenVerifier([SECRET], leeway=5)
     with pytest.raises(InvalidToken, match="not yet valid"):
         verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "nbf": now + 3600}, SECRET, "HS256"))
-    with pytest.raises(InvalidToken, match="not yet valid"):
-        verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "iat": now + 3600}, SECRET, "HS256"))
+    assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "iat": now + 3600}, SECRET, "HS256"))
+    assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "iat": "whenever"}, SECRET, "HS256"))
     # Within the leeway: a little clock skew is fine.
     assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "nbf": now + 2}, SECRET, "HS256"))
     assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": now - 2}, SECRET, "HS256"))
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": now - 10}, SECRET, "HS256"))
+
+
+def test_the_default_leeway_is_the_earlier_implementation_s_minute():
+    now = int(time.time())
+    verifier = TokenVerifier([SECRET])
+    assert verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": now - 45}, SECRET, "HS256"))
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(jwt.encode({"sub": "x", "access": {"type": "all"}, "exp": now - 75}, SECRET, "HS256"))
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf"])
+def test_a_time_claim_that_is_not_a_number_is_refused(claim):
+    for value in (True, "soon", [1], {"at": 1}):
+        with pytest.raises(InvalidToken, match=f"claim '{claim}' must be a number"):
+            verify(jwt.encode({"sub": "x", "access": {"type": "all"}, claim: value}, SECRET, "HS256"))
 
 
 def test_issuer_and_audience_checks():
