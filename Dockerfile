@@ -13,9 +13,12 @@ COPY twisted ./twisted
 RUN pip install --no-cache-dir . \
     # Generate the plugin cache at build time: the runtime user cannot write it.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && useradd --system --uid 10001 --home-dir /nonexistent cargobay \
-    && mkdir -p /var/cache/cargobay /etc/cargobay \
-    && chown cargobay /var/cache/cargobay \
+    # uid 1000 and /var/cache/docker-registry-proxy, as in the earlier
+    # implementation's image: a cache volume or host directory it wrote
+    # stays writable when only the image changes.
+    && useradd --system --uid 1000 --home-dir /nonexistent cargobay \
+    && mkdir -p /var/cache/cargobay /var/cache/docker-registry-proxy /etc/cargobay \
+    && chown cargobay /var/cache/cargobay /var/cache/docker-registry-proxy \
     && ln -s /etc/cargobay/config.toml /app/config.toml
 
 USER cargobay
