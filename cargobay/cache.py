@@ -374,6 +374,7 @@ class BlobCache:
             count=len(self._entries),
             size=self.total_size,
         )
+        self._warn_of_the_earlier_cache()
         try:
             stat = os.statvfs(self.directory)
         except OSError:
@@ -386,6 +387,33 @@ class BlobCache:
                 directory=self.directory,
                 size=stat.f_blocks * stat.f_frsize,
             )
+
+    def _warn_of_the_earlier_cache(self) -> None:
+        """
+        The earlier implementation kept its blobs as C{blobs/sh/sha256_<hex>}
+        and their index in C{metadata/} (sled).  Unverified and keyed by no
+        registry, they are not used here; nor are they counted against
+        C{max_size_bytes} or evicted: say so, with the room they take.
+        """
+        old_blobs = os.path.join(self.directory, "blobs", "sh")
+        files = [os.path.join(old_blobs, name) for name in _listdir(old_blobs) if name.startswith("sha256_")]
+        metadata = os.path.join(self.directory, "metadata")
+        if os.path.isdir(metadata):
+            files += [os.path.join(top, name) for top, _, names in os.walk(metadata) for name in names]
+        if not files:
+            return
+        size = 0
+        for path in files:
+            try:
+                size += os.lstat(path).st_size
+            except OSError:
+                pass
+        log.warn(
+            "cache {directory} also holds the earlier implementation's cache ({count} files, {size} bytes in "
+            "metadata/ and blobs/sh/sha256_*): cargobay does not use it, evict it or count it in "
+            "cache.max_size_bytes; remove it to have the room back",
+            directory=self.directory, count=len(files), size=size,
+        )
 
     def _scan(self) -> Iterator[Entry]:
         root = os.path.join(self.directory, "blobs")

@@ -468,3 +468,26 @@ def test_a_cache_whose_blobs_directory_is_a_file_is_not_writable(tmp_path):
     blobs.rename(tmp_path / "cache" / "elsewhere")
     blobs.write_bytes(b"not a directory")
     assert not cache.writable()
+
+
+def test_the_earlier_implementation_s_cache_in_the_directory_is_named_with_its_size(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    root = tmp_path / "cache"
+    (root / "blobs" / "sh").mkdir(parents=True)
+    (root / "blobs" / "sh" / ("sha256_" + "a" * 64)).write_bytes(b"x" * 1000)
+    (root / "metadata").mkdir()
+    (root / "metadata" / "db").write_bytes(b"y" * 24)
+    (root / "metadata" / "conf").write_bytes(b"z" * 76)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        cache, _ = make(tmp_path)
+        make(tmp_path / "fresh")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if "earlier implementation" in e.get("log_format", "")]
+    assert [(e["directory"], e["count"], e["size"]) for e in warnings] == [(str(root), 3, 1100)]
+    # Left alone, and not counted as cargobay's.
+    assert cache.total_size == 0 and (root / "metadata" / "db").exists()
+    assert store(cache, b"new blob") is not None
