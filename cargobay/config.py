@@ -240,6 +240,9 @@ class Config:
     source: str = "<embedded>"
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: What was taken but is worth the operator's eye (unknown keys, which the
+    #: earlier implementation ignored too; duplicates, of which the first wins).
+    warnings: tuple[str, ...] = ()
 
     def registry(self, registry_id: str) -> RegistryConfig:
         for registry in self.registries:
@@ -280,15 +283,17 @@ class Config:
 class _Section:
     """
     A view of one TOML table that remembers which keys were read, so that
-    unknown keys (typos) can be reported.
+    unknown keys (typos) can be reported, in C{warnings}: the earlier
+    implementation ignored them, and its config files must keep loading.
     """
 
-    def __init__(self, where: str, table: Any) -> None:
+    def __init__(self, where: str, table: Any, warnings: list[str]) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         self.where = where
         self.table: Mapping[str, Any] = table
         self.known: set[str] = set()
+        self.warnings = warnings
 
     def _get(self, key: str) -> Any:
         self.known.add(key)
@@ -297,7 +302,9 @@ class _Section:
     def _name(self, key: str) -> str:
         return f"{self.where}.{key}"
 
-    def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+    def string(
+        self, key: str, default: str | None = None, required: bool = False, empty: bool = False
+    ) -> str | None:
         value = self._get(key)
         if value is None:
             if required:
@@ -306,7 +313,7 @@ class _Section:
             return default
         if not isinstance(value, str):
             raise ConfigError(f"{self._name(key)}: must be a string, not {_kind(value)}")
-        if required and not value.strip():
+        if required and not empty and not value.strip():
             raise ConfigError(f"{self._name(key)}: must not be empty")
         return value
 
@@ -364,7 +371,7 @@ class _Section:
         value = self._get(key)
         if value is None:
             return None
-        return _Section(self._name(key), value)
+        return _Section(self._name(key), value, self.warnings)
 
     def _typo_of(self, key: str) -> None:
         """
@@ -376,12 +383,10 @@ class _Section:
                 raise ConfigError(f"{self._name(candidate)}: unknown key (did you mean {key!r}?)")
 
     def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.known)
-        if unknown:
-            suggestions = ", ".join(sorted(self.known))
-            raise ConfigError(
-                f"{self._name(unknown[0])}: unknown key (known keys here: {suggestions})"
-            )
+        for key in sorted(set(self.table) - self.known):
+            close = difflib.get_close_matches(key, sorted(self.known), n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
+            self.warnings.append(f"{self._name(key)}: unknown key, ignored ({hint})")
 
 
 def _kind(value: object) -> str:
@@ -439,13 +444,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    top = _Section("", document)
+    warnings: list[str] = []
+    top = _Section("", document, warnings)
     top.where = ""
 
     def section(key: str) -> _Section:
         top.known.add(key)
         value = document.get(key, {})
-        return _Section(key, value)
+        return _Section(key, value, warnings)
 
     server_section = section("server")
     bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
@@ -539,6 +545,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         )
     if cache.tag_ttl_seconds < 0:
         raise ConfigError(f"cache.tag_ttl_seconds: must not be negative, got {cache.tag_ttl_seconds}")
+    if cache.max_age_seconds == 0 and "max_age_seconds" in cache_section.table:
+        warnings.append(
+            "cache.max_age_seconds: 0 keeps blobs with no age limit (the earlier implementation removed "
+            "every blob at its next cleanup, once a minute)"
+        )
     cache_section.finish()
 
     registries = []
@@ -546,7 +557,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     seen_ids: set[str] = set()
     for index, table in enumerate(top.table_list("registries")):
         where = f"registries[{index}]"
-        entry = _Section(where, table)
+        entry = _Section(where, table, warnings)
         registry_id = entry.string("id", required=True)
         assert registry_id is not None
         if not _REGISTRY_ID.fullmatch(registry_id):
@@ -554,7 +565,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 f"{where}.id: {registry_id!r} may hold only letters, digits, '.', '_' and '-'"
             )
         if registry_id in seen_ids:
-            raise ConfigError(f"{where}.id: duplicate registry id {registry_id!r}")
+            warnings.append(f"{where}.id: duplicate registry id {registry_id!r}, ignored (the first one is used)")
+            continue
         seen_ids.add(registry_id)
         url = entry.string("url", required=True)
         assert url is not None
@@ -562,8 +574,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         upstream_auth = None
         auth_table = entry.sub("auth")
         if auth_table is not None:
-            username = auth_table.string("username", required=True)
-            password = auth_table.string("password", required=True)
+            username = auth_table.string("username", required=True, empty=True)
+            password = auth_table.string("password", required=True, empty=True)
             auth_table.finish()
             assert username is not None and password is not None
             upstream_auth = UpstreamAuth(username, password)
@@ -597,12 +609,22 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     seen_names: set[str] = set()
     for index, table in enumerate(top.table_list("repositories")):
         where = f"repositories[{index}]"
-        entry = _Section(where, table)
+        entry = _Section(where, table, warnings)
         name = entry.string("name", required=True)
         registry_id = entry.string("registry_id", required=True)
         upstream_name = entry.string("upstream_name", required=True)
         entry.finish()
         assert name is not None and registry_id is not None and upstream_name is not None
+        capitals = [(key, value) for key, value in (("name", name), ("upstream_name", upstream_name))
+                    if not is_valid_pattern(value) and is_valid_pattern(value.lower())]
+        if capitals:
+            # The earlier implementation took it; no client can pull it.
+            key, value = capitals[0]
+            warnings.append(
+                f"{where}.{key}: {value!r} has capital letters, which no repository name may have: "
+                "this mapping is ignored"
+            )
+            continue
         if not is_valid_pattern(name):
             raise ConfigError(
                 f"{where}.name: {name!r} is not a valid repository name"
@@ -624,7 +646,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 f" (defined: {', '.join(sorted(seen_ids)) or 'none'})"
             )
         if name in seen_names:
-            raise ConfigError(f"{where}.name: duplicate repository name {name!r}")
+            warnings.append(f"{where}.name: duplicate repository name {name!r}, ignored (the first one is used)")
+            continue
         seen_names.add(name)
         repositories.append(RepositoryMapping(name, registry_id, upstream_name))
 
@@ -664,10 +687,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     logging_section.finish()
 
-    unknown = sorted(set(document) - top.known)
-    if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown section"
+    for unknown in sorted(set(document) - top.known):
+        warnings.append(
+            f"{unknown}: unknown section, ignored"
             " (known: auth, cache, logging, metrics, registries, repositories, server)"
         )
 
@@ -680,6 +702,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         source=source,
         metrics=metrics,
         logging=LoggingConfig(log_format, log_level),
+        warnings=tuple(warnings),
     )
 
 
@@ -721,7 +744,8 @@ def load_config(path: str, allow_embedded_default: bool = False) -> Config:
         embedded development configuration instead of failing.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a byte order mark (as some Windows editors write) is not TOML.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         if allow_embedded_default:
             return parse_config(EMBEDDED_DEFAULT_CONFIG, "<embedded default>")

@@ -560,6 +560,7 @@ class Runtime:
             old.auth.jwt_secret, old.auth.previous_jwt_secrets
         ):
             _warn_of_a_weak_secret(config)
+        _warn_of_config(config)
         if config.cache.directory == old.cache.directory:
             self._notice_moved_registries(config, previous)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
@@ -577,6 +578,11 @@ class Runtime:
             registries=len(config.registries),
         )
         return True
+
+
+def _warn_of_config(config: Config) -> None:
+    for warning in config.warnings:
+        log.warn("{source}: {warning}", source=config.source, warning=warning)
 
 
 def _warn_of_a_weak_secret(config: Config) -> None:
@@ -771,5 +777,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         _announce_development(config)
     else:
         _warn_of_a_weak_secret(config)
+    _warn_of_config(config)
     return top
 

@@ -134,23 +134,17 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
     "change, key, problem",
     [
         (('registry_id = "dockerhub"', 'registry_id = "dockrhub"'), "repositories[0].registry_id", "unknown registry"),
-        (('name = "mycompany/app"', 'name = "alpine"'), "repositories[1].name", "duplicate"),
         (('url = "https://gcr.io"', 'url = "gcr.io"'), "registries[2].url", "not an http"),
         (('url = "https://gcr.io"', 'url = "ftp://gcr.io"'), "registries[2].url", "not an http"),
         (('url = "https://gcr.io"', 'url = "https://[::1]:5000"'), "registries[2].url", "IPv6 addresses are not supported"),
         (('jwt_secret = "your-secret-key-change-this-in-production"', ''), "auth.jwt_secret", "missing"),
         (('jwt_secret = "your-secret-key-change-this-in-production"', 'jwt_secret = ""'), "auth.jwt_secret", "empty"),
         (('max_size_bytes = 10737418240', 'max_size_bytes = -1'), "cache.max_size_bytes", "at least 0"),
-        (('max_age_seconds = 604800', 'max_age_secnds = 604800'), "cache.max_age_secnds", "unknown key"),
-        (('bind_address = "0.0.0.0"', 'bind_adress = "0.0.0.0"'), "server.bind_adress", "unknown key"),
         (('port = 5000', 'port = 70000'), "server.port", "at most 65535"),
         (('port = 5000', 'port = "5000"'), "server.port", "must be an integer"),
         (('username = "registry-user"', 'usrname = "registry-user"'), "registries[1].auth.usrname", "unknown key"),
-        (('id = "gcr"', 'id = "dockerhub"'), "registries[2].id", "duplicate"),
         (('id = "gcr"', 'id = "../gcr"'), "registries[2].id", "may hold only"),
-        (('upstream_name = "library/alpine"', 'upstream_name = "Library/Alpine"'), "repositories[0].upstream_name", "not a valid"),
         (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
-        (('[server]', '[sever]'), "sever", "unknown section"),
         (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\nclient_waits_for_disk = "yes"'),
@@ -178,6 +172,55 @@ def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
     assert "\n" not in message
     assert message.startswith(key + ":"), message
     assert problem in message
+
+
+@pytest.mark.parametrize(
+    "change, warning",
+    [
+        # The earlier implementation ignored unknown keys and sections: its
+        # config files load, and the operator is told.
+        (('max_age_seconds = 604800', 'max_age_secnds = 604800'),
+         "cache.max_age_secnds: unknown key, ignored (did you mean 'max_age_seconds'?)"),
+        (('bind_address = "0.0.0.0"', 'bind_address = "0.0.0.0"\nworkers = 4'), "server.workers: unknown key, ignored"),
+        (('[server]', '[extra]\nx = 1\n[server]'), "extra: unknown section, ignored"),
+        (('upstream_name = "library/alpine"', 'upstream_name = "library/alpine"\ndescription = "Alpine"'),
+         "repositories[0].description: unknown key, ignored"),
+        # Of two with one name, the first is used, as it was there.
+        (('name = "mycompany/app"', 'name = "alpine"'),
+         "repositories[1].name: duplicate repository name 'alpine', ignored (the first one is used)"),
+        (('id = "gcr"', 'id = "dockerhub"'),
+         "registries[2].id: duplicate registry id 'dockerhub', ignored (the first one is used)"),
+        # The same setting meant something else there.
+        (('max_age_seconds = 604800', 'max_age_seconds = 0'), "cache.max_age_seconds: 0 keeps blobs with no age limit"),
+        # No client can pull a name with capitals: the mapping can never be used.
+        (('upstream_name = "library/alpine"', 'upstream_name = "Library/Alpine"'),
+         "repositories[0].upstream_name: 'Library/Alpine' has capital letters"),
+    ],
+)
+def test_what_the_earlier_implementation_took_loads_with_a_warning(change, warning):
+    old, new = change
+    assert old in SEED
+    config = parse_config(SEED.replace(old, new, 1))
+    assert any(w.startswith(warning) for w in config.warnings), config.warnings
+    assert all("\n" not in w for w in config.warnings)
+    assert parse_config(SEED).warnings == ()
+
+
+def test_the_first_of_two_mappings_of_one_name_is_the_one_used():
+    config = parse_config(SEED.replace('name = "mycompany/app"', 'name = "alpine"', 1))
+    assert config.mapping_for("alpine").upstream_name == "library/alpine"
+    assert config.mapping_for("Library/Alpine") is None
+
+
+def test_an_upstream_account_with_an_empty_password_is_taken():
+    config = parse_config(SEED.replace('password = "registry-password"', 'password = ""', 1))
+    assert [r.auth.password for r in config.registries if r.auth is not None] == [""]
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SEED.encode())
+    assert load_config(str(path)).server.port == 5000
 
 
 def test_not_toml_names_the_file():

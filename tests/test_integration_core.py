@@ -240,6 +240,24 @@ def test_a_published_secret_starts_with_a_warning(tmp_path):
         process.stop()
 
 
+def test_a_config_the_earlier_implementation_took_starts_with_warnings(tmp_path):
+    # It ignored unknown keys and sections; such a file must still start.
+    from peers import Twistd
+
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "up", "url": "http://127.0.0.1:9"}],
+                          [("a", "up", "a")])
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes().replace(b"[server]", b"[server]\nworkers = 4", 1)
+                       + b"\n[extra]\nnote = 1\n")
+    process = Twistd(config_path=config, log_path=tmp_path / "log").start()
+    try:
+        process.wait_listening(port)
+        log = process.log_text()
+        assert "server.workers: unknown key, ignored" in log and "extra: unknown section, ignored" in log, log
+    finally:
+        process.stop()
+
+
 def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
     # A taken port, an address that is not an address, a bad metrics
     # endpoint: each was a forty-line traceback (exit 1) after "listening".
