@@ -15,13 +15,15 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
@@ -41,11 +43,15 @@ def level_from_environment(environ: Mapping[str, str], default: str) -> str:
         # RUST_LOG may be "level" or "target=level,other=level" (the earlier
         # implementation's default: docker_registry_proxy=info): its own
         # target's level wins, then a bare level; other crates' are not ours.
+        # "off" silences; a target alone (env_logger's syntax) means all of it.
         own = bare = None
         for item in value.replace(",", " ").split():
             target, _, level = item.rpartition("=")
             level = _ALIASES.get(level, level)
-            if level not in _LEVELS:
+            if not target and level.split("::")[0] in _OWN_TARGETS:
+                own = "debug"
+                continue
+            if level not in _LEVELS and level != "off":
                 continue
             if not target:
                 bare = level
@@ -91,6 +97,8 @@ def make_observer(format: str, level: str, stream: IO[str] | None = None) -> ILo
     stream = stream if stream is not None else sys.stdout
     base: ILogObserver = JSONLinesObserver(stream) if format == "json" else textFileLogObserver(stream)
     chosen = level_from_environment(os.environ, level)
+    if chosen == "off":  # RUST_LOG=off, as the earlier implementation took it
+        return FilteringLogObserver(base, [cast(ILogFilterPredicate, lambda event: PredicateResult.no)])
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(chosen))
     return FilteringLogObserver(base, [predicate])
 

@@ -58,6 +58,23 @@ def test_log_level_from_environment():
     assert level_from_environment({"RUST_LOG": "docker_registry_proxy=debug,hyper=warn"}, "info") == "debug"
     assert level_from_environment({"RUST_LOG": "warn,hyper=debug"}, "info") == "warn"
     assert level_from_environment({"RUST_LOG": "hyper=debug"}, "info") == "info"
+    # env_logger's "off", and a target alone meaning all of its lines.
+    assert level_from_environment({"RUST_LOG": "off"}, "info") == "off"
+    assert level_from_environment({"RUST_LOG": "docker_registry_proxy=off,hyper=warn"}, "info") == "off"
+    assert level_from_environment({"RUST_LOG": "docker_registry_proxy"}, "info") == "debug"
+    assert level_from_environment({"RUST_LOG": "hyper"}, "warn") == "warn"
+
+
+def test_rust_log_off_silences_the_log(monkeypatch):
+    from twisted.logger import Logger
+
+    monkeypatch.delenv("CARGOBAY_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("RUST_LOG", "off")
+    stream = io.StringIO()
+    log = Logger(namespace="test", observer=make_observer("text", "info", stream))
+    log.critical("even this")
+    log.info("and this")
+    assert stream.getvalue() == ""
 
 
 def test_json_logs_one_object_per_line(monkeypatch):
