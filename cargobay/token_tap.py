@@ -57,10 +57,19 @@ class Arguments(usage.Options):
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
             self["secret"] = config.auth.jwt_secret
+            secrets = {config.auth.jwt_secret, *config.auth.previous_jwt_secrets}
             # The proxy requires these claims when its config names them.
             self["issuer"], self["audience"] = config.auth.issuer, config.auth.audience
         elif not self["secret"]:
             raise usage.UsageError("--secret must not be empty")
+        else:
+            secrets = {self["secret"]}
+        if self["subject"] in secrets:
+            # The earlier implementation's tool took "<secret> <subject>":
+            # the secret would be the subject, in every access line.
+            raise usage.UsageError(
+                "SUBJECT is a signing secret: give the subject alone (the secret comes from the config, or --secret)"
+            )
 
     def token(self) -> str:
         return mint_token(

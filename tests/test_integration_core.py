@@ -315,6 +315,8 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
         ("cargobay-token", ["--secret", SECRET], "Wrong number of arguments"),
         ("cargobay-token", ["--secret", SECRET, "--expires-in", "abc", "bob"], "invalid literal"),
         ("cargobay-token", ["--secret", SECRET, "bob", "BAD NAME"], "'BAD NAME' is not a valid repository name"),
+        # The earlier implementation's tool took "<secret> <subject>".
+        ("cargobay-token", ["--secret", SECRET, SECRET, "user123"], "SUBJECT is a signing secret"),
         ("cargobay", ["--bogus"], "option --bogus not recognized"),
     ]:
         bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", plugin, *args])
@@ -329,6 +331,9 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
     assert result.returncode == 0, result.stderr
     verifier = TokenVerifier([SECRET], issuer="https://idp.test", audience="cargobay")
     assert verifier.verify(result.stdout.strip()).subject == "ci"
+    secret_first = run_to_completion(
+        [*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--config", str(config), SECRET, "user123"])
+    assert (secret_first.returncode, secret_first.stdout) == (2, "") and SECRET not in secret_first.stderr
 
 
 # -- streaming --------------------------------------------------------------
