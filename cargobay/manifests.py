@@ -534,50 +534,62 @@ class ManifestService:
     def referrers(
         self,
         upstream: Upstream,
+        local_name: str,
         upstream_name: str,
         digest: Digest,
         artifact_type: str | None,
+        cursor: Sequence[tuple[str, str]] = (),
     ) -> Any:
         """
-        The upstream's referrers index, passed through; its last answer when
-        it fails, and a 404 when it fails with none remembered (a client then
-        looks for the referrers' fallback tag, served from the cache too).
-        Fires with (body, content type, OCI-Filters-Applied or None, stale).
+        The upstream's referrers index, passed through, with its C{Link} to
+        the next page (C{cursor}: the other query parameters of a page that
+        C{Link} named); its last answer when it fails, and a 404 when it
+        fails with none remembered (a client then looks for the referrers'
+        fallback tag, served from the cache too).  Only a whole answer, one
+        page with no next, is remembered.  Fires with (body, content type,
+        OCI-Filters-Applied or None, Link or None, stale).
         """
         store, registry_id = self._store, upstream.registry.id
         path = f"/v2/{upstream_name}/referrers/{digest}"
-        if artifact_type:
-            path += "?" + urlencode([("artifactType", artifact_type)])
+        query = [("artifactType", artifact_type)] if artifact_type else []
+        query.extend(cursor)
+        if query:
+            path += "?" + urlencode(query)
         not_found = manifest_unknown(str(digest))
-        if upstream.unreachable:
+        if upstream.unreachable and not cursor:
             remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
             if remembered is not None:
-                return (*remembered, True)
+                return (*remembered, None, True)
         try:
             response, body = yield _get_body(upstream, path, upstream_name, not_found, "referrers")
         except RegistryError as error:
-            if not _worth_serving_stale(error):
-                store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
+            if not _worth_serving_stale(error) or cursor:
+                if not cursor:
+                    store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
                 raise
             remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
             _log_stale(upstream, upstream_name, f"referrers/{digest}", error)
             if remembered is None:
                 raise not_found from None
-            return (*remembered, True)
+            return (*remembered, None, True)
         document = manifest_document(body)
         if document is None:
             raise _bad_upstream(upstream, "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
+        raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])
+        link = rewrite_link(raw_link, upstream_name, local_name)
         if content_type is None or not manifest_media_type(content_type):
             content_type = "application/vnd.oci.image.index.v1+json"
-        if document.get("manifests"):
+        if cursor:
+            pass  # a later page: what is remembered is the first, whole
+        elif document.get("manifests") and raw_link is None:
             # (None is remembered as none: a 404 tells a client as much, and
             # any digest and artifactType may be asked about.)
             store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
         else:
             store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
-        return body, content_type, filters, False
+        return body, content_type, filters, link, False
 
 
 def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:

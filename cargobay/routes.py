@@ -175,7 +175,7 @@ class RegistryApp:
         elif target.kind == "tags":
             answered = maybeDeferred(self._tags, request, mapping, upstream, ns)
         else:
-            answered = maybeDeferred(self._referrers, request, mapping, upstream, digest)
+            answered = maybeDeferred(self._referrers, request, mapping, upstream, digest, ns)
 
         def done(result: object) -> object:
             upstream.release()
@@ -367,49 +367,39 @@ class RegistryApp:
         # Link hands out: all of them go back to the upstream as they came.
         last = None
         cursor = []
-        for key, values in _args(request).items():
-            if key in (b"n", b"ns"):
-                continue
-            for value in values:
-                text = value.decode("latin-1")
-                if len(key) > 64 or len(text) > 1024 or not all(" " <= c <= "~" for c in text):
-                    raise _bad_page(f"unusable query parameter {key[:64].decode('latin-1')!r}")
-                if key == b"last":
-                    last = text if last is None else last
-                else:
-                    cursor.append((key.decode("latin-1"), text))
-        if len(cursor) > 8:
-            raise _bad_page("too many query parameters")
+        for key, text in _cursor(request, skip=(b"n", b"ns")):
+            if key == "last":
+                last = text if last is None else last
+            else:
+                cursor.append((key, text))
         body, link, stale = yield self.manifests.tags(
             upstream, mapping.local_name, mapping.upstream_name, n, last, cursor
         )
         if stale:
             request.setHeader(b"Warning", STALE_WARNING)
-        if link:
-            if ns:
-                # The next page must reach the same registry as this one.
-                end = link.find(">")
-                separator = "&" if "?" in link[:end] else "?"
-                link = link[:end] + separator + urlencode([("ns", ns)]) + link[end:]
-            request.setHeader(b"Link", link.encode("latin-1"))
+        _set_link(request, link, ns)
         return _json(request, body)
 
     @inlineCallbacks
     def _referrers(
-        self, request: Request, mapping: Resolved, upstream: Upstream, digest: Digest
+        self, request: Request, mapping: Resolved, upstream: Upstream, digest: Digest, ns: str | None
     ) -> Any:
         artifact_values = _args(request).get(b"artifactType")
         artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
         if artifact_type is not None and (len(artifact_type) > 255 or not artifact_type.isprintable()):
             raise RegistryError(400, "UNSUPPORTED", "invalid artifactType")
-        body, content_type, filters, stale = yield self.manifests.referrers(
-            upstream, mapping.upstream_name, digest, artifact_type
+        # A registry that pages its referrers hands out the next page's
+        # parameters in its Link: they go back to it as they came.
+        cursor = _cursor(request, skip=(b"artifactType", b"ns"))
+        body, content_type, filters, link, stale = yield self.manifests.referrers(
+            upstream, mapping.local_name, mapping.upstream_name, digest, artifact_type, cursor
         )
         if stale:
             request.setHeader(b"Warning", STALE_WARNING)
         request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         if filters:
             request.setHeader(b"OCI-Filters-Applied", filters.encode("latin-1"))
+        _set_link(request, link, ns)
         request.setHeader(b"Content-Length", str(len(body)).encode())
         return body
 
@@ -521,6 +511,33 @@ _ALLOWED = {b"/token": (b"GET", b"POST"), b"/healthz": READ_METHODS, b"/readyz":
 def _not_allowed(methods: tuple[bytes, ...]) -> RegistryError:
     allow = ", ".join(m.decode("ascii") for m in methods)
     return RegistryError(405, "UNSUPPORTED", "method not allowed", headers={"Allow": allow})
+
+
+def _cursor(request: Request, skip: tuple[bytes, ...]) -> list[tuple[str, str]]:
+    """The query parameters but C{skip}, to go back to the upstream as they came."""
+    cursor = []
+    for key, values in _args(request).items():
+        if key in skip:
+            continue
+        for value in values:
+            text = value.decode("latin-1")
+            if len(key) > 64 or len(text) > 1024 or not all(" " <= c <= "~" for c in text):
+                raise _bad_page(f"unusable query parameter {key[:64].decode('latin-1')!r}")
+            cursor.append((key.decode("latin-1"), text))
+    if len(cursor) > 9:
+        raise _bad_page("too many query parameters")
+    return cursor
+
+
+def _set_link(request: Request, link: str | None, ns: str | None) -> None:
+    """The next page's C{Link}: on the same registry as this page, when C{?ns=} chose it."""
+    if not link:
+        return
+    if ns:
+        end = link.find(">")
+        separator = "&" if "?" in link[:end] else "?"
+        link = link[:end] + separator + urlencode([("ns", ns)]) + link[end:]
+    request.setHeader(b"Link", link.encode("latin-1"))
 
 
 def _bad_page(reason: str) -> RegistryError:

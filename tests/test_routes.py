@@ -1063,6 +1063,43 @@ def test_upstream_header_text_that_cannot_be_passed_on_is_dropped(world):
     assert response.headers.getRawHeaders("oci-filters-applied") is None
 
 
+def test_referrers_that_the_upstream_pages_are_paged_through_the_proxy(world):
+    # It answered page 1 with no Link, and page 1 again for ?page=2 (every
+    # parameter but artifactType was dropped): later referrers were lost.
+    def entry(n):
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{n:064x}",
+                "size": 10, "artifactType": "application/example"}
+
+    def index(entries):
+        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                           "manifests": entries}).encode()
+
+    asked = []
+
+    def referrers(request):
+        asked.append(request.uri.decode())
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+        if request.args.get(b"page") == [b"2"]:
+            return index([entry(2)])
+        request.setHeader(b"Link", f'</v2/library/alpine/referrers/{MANIFEST_DIGEST}?page=2>; rel="next"'.encode())
+        return index([entry(1)])
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", referrers)
+    response, body = world.get(f"/v2/alpine/referrers/{MANIFEST_DIGEST}", ALL)
+    assert json.loads(body)["manifests"] == [entry(1)]
+    [link] = response.headers.getRawHeaders("link")
+    assert link == f'</v2/alpine/referrers/{MANIFEST_DIGEST}?page=2>; rel="next"'
+    response, body = world.get(link[1:link.index(">")], ALL)
+    assert json.loads(body)["manifests"] == [entry(2)] and response.headers.getRawHeaders("link") is None
+    assert asked[-1] == f"/v2/library/alpine/referrers/{MANIFEST_DIGEST}?page=2"
+    # A first page with a next one is not a whole answer: nothing of it is
+    # served as the referrers while the upstream fails.
+    world.upstream_registry.handlers.clear()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get(f"/v2/alpine/referrers/{MANIFEST_DIGEST}", ALL)
+    assert response.code == 404 and error_code(body) == "MANIFEST_UNKNOWN"
+
+
 def test_referrers_are_served_as_last_seen_while_the_upstream_fails(world):
     signature = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": BLOB_DIGEST, "size": 10,
                  "artifactType": "application/example"}

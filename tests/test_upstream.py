@@ -693,13 +693,13 @@ def test_a_tag_list_or_referrers_body_that_breaks_off_is_an_oci_error_or_the_sta
         # referrers API (clients then look for the fallback tag).
         subject = Digest("sha256", "a" * 64)
         with pytest.raises(RegistryError) as caught:
-            yield service.referrers(upstream, "library/alpine", subject, None)
+            yield service.referrers(upstream, "alpine", "library/alpine", subject, None)
         assert caught.value.status == 404
         service._store.set_tag_list("raw", "library/alpine", ["a", "b"])
         body, _, stale = yield service.tags(upstream, "alpine", "library/alpine", None, None)
         assert stale and json.loads(body)["tags"] == ["a", "b"]
         service._store.set_referrers("raw", "library/alpine", subject, None, (b"{}", "application/x", None))
-        body, _, _, stale = yield service.referrers(upstream, "library/alpine", subject, None)
+        body, _, _, _, stale = yield service.referrers(upstream, "alpine", "library/alpine", subject, None)
         assert stale and body == b"{}"
     finally:
         yield _stop(port, upstream)
