@@ -98,7 +98,8 @@ DISK_CHECK_EVERY = 0.25
 
 #: Positions of up to 19 digits (int() refuses over 4,300; a blob is never
 #: over 2**63 bytes); a Range beyond that is ignored like any we do not take.
-_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+#: RFC 9110 14.1: range units are case-insensitive.
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.IGNORECASE)
 
 
 def abort_request(request: Any) -> None:
@@ -2301,17 +2302,18 @@ class BlobService:
         return fetch.when_started().addCallback(go).addErrback(refused)
 
 
-def none_match(request: Request, etag: str) -> bool:
+def none_match(request: Request, etag: str, unquoted: bool = False) -> bool:
     """
     Whether the request's If-None-Match names C{etag}: its answer is then a
     304.  RFC 9110 13.1.2: "*" matches any current representation, and the
-    comparison is weak (W/"x" matches "x").
+    comparison is weak (W/"x" matches "x").  With C{unquoted}, the digest
+    without its quotes matches too, as distribution takes it for manifests.
     """
     if_none_match = request.getHeader(b"if-none-match")
     if if_none_match is None:
         return False
     offered = [t.strip().removeprefix("W/") for t in if_none_match.decode("latin-1").split(",")]
-    return "*" in offered or etag in offered
+    return "*" in offered or etag in offered or (unquoted and etag.strip('"') in offered)
 
 
 def _answer_conditions(request: Request, digest: Digest, size: int, head: bool) -> tuple[int, int] | None:

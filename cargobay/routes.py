@@ -342,7 +342,7 @@ class RegistryApp:
         request.setHeader(b"Docker-Content-Digest", str(answer.digest).encode())
         etag = f'"{answer.digest}"'
         request.setHeader(b"ETag", etag.encode())
-        if none_match(request, etag):
+        if none_match(request, etag, unquoted=True):
             request.setResponseCode(304)
             request.finish()
             return None
