@@ -206,7 +206,14 @@ class RegistryApp:
             answer = self.authenticator.issue(grant, scopes)
             answer["refresh_token"] = self.authenticator.refresh_token(grant)
         else:
-            grant = self.authenticator.authenticate(request)
+            try:
+                grant = self.authenticator.authenticate(request)
+            except RegistryError as error:
+                # The token endpoint takes Basic credentials: a challenge to
+                # get a Bearer token here would send a client round in circles.
+                if error.status == 401:
+                    error.headers["WWW-Authenticate"] = f'Basic realm="{self.authenticator.service}"'
+                raise
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [v.decode("utf-8", "replace") for v in _args(request).get(b"scope", [])]
             answer = self.authenticator.issue(grant, scopes)

@@ -561,6 +561,11 @@ def test_token_endpoint_trades_basic_credentials_for_a_scoped_token(world):
 def test_token_endpoint_refuses_bad_credentials(world):
     response, body = world.get("/token?service=cargobay", headers={"Authorization": _basic("x", "nope")})
     assert response.code == 401 and error_code(body) == "UNAUTHORIZED"
+    # It asks for what it takes, Basic credentials (a Bearer challenge whose
+    # realm is the token endpoint itself would send a client round).
+    for headers in ({"Authorization": _basic("x", "nope")}, {}):
+        response, _ = world.get("/token?service=cargobay&scope=repository:alpine:pull", headers=headers)
+        assert response.headers.getRawHeaders("www-authenticate")[0].startswith("Basic realm="), headers
 
 
 def test_basic_credentials_on_registry_requests(world):
