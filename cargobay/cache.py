@@ -641,8 +641,17 @@ class BlobCache:
                             hasher.update(data)
                             remaining -= len(data)
                             yield None
-                except OSError:
-                    pass
+                except FileNotFoundError:
+                    self._forget(entry)  # gone from under us: nothing to check
+                    continue
+                except OSError as e:
+                    # Not what the file holds (out of descriptors, a
+                    # permission): only a whole read that differs removes it.
+                    log.warn(
+                        "cannot re-check cached blob {digest} ({error}); the check stops until its next run",
+                        digest=str(entry.key.digest), error=str(e),
+                    )
+                    return
                 if self._entries.get(entry.key) is not entry:
                     continue
                 if hasher.hexdigest() != entry.key.digest.encoded:

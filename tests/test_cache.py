@@ -204,6 +204,36 @@ def test_scrub_finds_and_removes_bit_rot(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_file_the_scrub_cannot_open_is_not_damage(tmp_path, monkeypatch):
+    # Out of descriptors, every file "failed" its check: the whole cache was
+    # removed in one run.
+    import builtins
+
+    cache, clock = make(tmp_path)
+    keys = [store(cache, os.urandom(100_000)) for _ in range(4)]
+    real_open = builtins.open
+
+    def no_descriptors(path, *args, **kwargs):
+        if str(path).startswith(cache.directory):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_descriptors)
+    found = []
+    cache.scrub(10**9).addCallback(found.append)
+    run(clock, steps=50)
+    assert found == [0]
+    assert all(cache.lookup(key) is not None and os.path.exists(cache.lookup(key).path) for key in keys)
+    monkeypatch.setattr(builtins, "open", real_open)
+    # A file gone from under the cache is forgotten, and the rest checked.
+    os.unlink(cache.lookup(keys[0]).path)
+    found.clear()
+    cache.scrub(10**9).addCallback(found.append)
+    run(clock, steps=200)
+    assert found == [0] and cache.lookup(keys[0]) is None
+    assert all(cache.lookup(key).verified_at > 0 for key in keys[1:])
+
+
 def test_unwritable_directory_means_no_writer_and_one_log(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"not a directory")
