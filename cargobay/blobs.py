@@ -2034,7 +2034,7 @@ class BlobService:
             self.links.add(upstream.registry.id, upstream_name, [digest])
             writer = resume
             if writer is None and (length is None or length <= self.cache.max_size_bytes):
-                writer = self.cache.begin(key)
+                writer = self.cache.begin(key, None if length is None else offset + length)
             client = primary[0]
             if writer is None:
                 # Not cacheable now: this request streams alone.  Requests that

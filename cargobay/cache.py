@@ -90,7 +90,7 @@ class BlobStore(Protocol):
     def release(self, entry: Entry) -> None:
         """The reader of an entry is done with it."""
 
-    def begin(self, key: BlobKey) -> BlobWriter | None:
+    def begin(self, key: BlobKey, size: int | None = None) -> BlobWriter | None:
         """A writer whose commit() makes a verified entry, or None to stream uncached."""
 
 
@@ -539,11 +539,19 @@ class BlobCache:
 
     # -- writing -----------------------------------------------------------
 
-    def begin(self, key: BlobKey) -> BlobWriter | None:
+    def begin(self, key: BlobKey, size: int | None = None) -> BlobWriter | None:
         """
         Start writing a new entry; L{None} when the cache directory is not
-        usable (the caller then streams without caching).
+        usable, or a blob of C{size} could never fit on its filesystem, even
+        with every entry gone (the caller then streams without caching: it
+        made the cache evict everything and still fail, at every pull).
         """
+        if size is not None and size > self.size_limit():
+            log.info(
+                "not caching {digest}: {size} bytes is more than the cache's filesystem can hold",
+                digest=str(key.digest), size=size,
+            )
+            return None
         path = os.path.join(self.directory, "tmp", secrets.token_hex(12))
         try:
             try:
@@ -597,7 +605,8 @@ class BlobCache:
         entries make room for C{wanted} bytes (a download that did not fit).
         """
         self.stats.write_errors += 1
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) and wanted <= self.size_limit():
+            # (Room that evicting every entry would not make is not asked for.)
             self._room_wanted = max(self._room_wanted, wanted)
             self.evict()
         if not self._write_error_logged:

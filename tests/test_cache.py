@@ -471,6 +471,24 @@ def test_a_download_that_met_a_full_disk_gets_room_for_it(tmp_path, monkeypatch)
     assert [cache.lookup(key) is not None for key in keys] == [False, False, True]
 
 
+def test_a_blob_bigger_than_the_filesystem_can_hold_evicts_nothing(tmp_path, monkeypatch):
+    # Its download met the full disk, asked for room that evicting every
+    # entry could not make, emptied the cache, and did so at every pull.
+    from types import SimpleNamespace
+
+    cache, clock = make(tmp_path, max_size=10**9)
+    keys = [store(cache, bytes([letter]) * 3000) for letter in b"abc"]
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_blocks=20_000, f_frsize=1, f_bavail=5000))
+    assert cache.size_limit() == 9000 + 5000 - 2000
+    assert cache.begin(key_for(b"huge"), 12_001) is None
+    assert cache.begin(key_for(b"fits"), 12_000) is not None
+    writer = cache.begin(key_for(b"unknown length"))
+    writer.expected = 50_000
+    writer.failed(OSError(errno.ENOSPC, "No space left on device"))
+    run(clock)
+    assert all(cache.lookup(key) is not None for key in keys)
+
+
 def test_a_blob_in_use_has_its_use_marked_on_disk_well_within_a_short_age_limit(tmp_path):
     # Marked at most once a minute whatever the limit: with max_age 30 s, a
     # blob read every 10 s was evicted at once after a restart (its file's

@@ -519,8 +519,28 @@ def test_full_disk_still_serves_pulls_uncached(upstream, tmp_path):
             assert status == 200
             assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
         assert proxy.temp_files() == []
+        # What cannot fit is not begun (it was written until the disk refused).
         log = proxy.process.log_text()
-        assert log.count("not writable") == 1, log[-3000:]
+        assert log.count("more than the cache's filesystem can hold") == 3 and "not writable" not in log, log[-3000:]
+
+
+def test_a_blob_bigger_than_the_cache_s_filesystem_evicts_nothing(upstream, tmp_path):
+    # Its download met the full disk and asked for room: every cached blob
+    # was evicted, at every pull, and it still did not fit.
+    small = [push_blob(upstream, "library/big", 2 * 1024**2) for _ in range(3)]
+    big = push_blob(upstream, "library/big", 40 * 1024**2)
+    with proxy_on_a_tmpfs(upstream, tmp_path, "24m") as proxy:
+        for digest in small:
+            assert proxy.request(f"/v2/big/blobs/{digest}")[0] == 200
+            proxy.cached_blob(digest)
+        for _ in range(2):
+            status, _, body = proxy.request(f"/v2/big/blobs/{big}")
+            assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == big
+        for digest in small:
+            status, headers, _ = proxy.request(f"/v2/big/blobs/{digest}")
+            assert status == 200 and headers.get("x-cache") == "HIT", digest
+        assert all(upstream.count_requests("GET", digest) == 1 for digest in small)
+        assert "evicted" not in proxy.process.log_text()
 
 
 def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstream(upstream, tmp_path):
