@@ -361,9 +361,10 @@ class BlobCache:
             os.makedirs(tmp, exist_ok=True)
             os.makedirs(os.path.join(self.directory, "blobs"), exist_ok=True)
         except OSError as e:
+            # Nothing new can be cached; what is there is still served and
+            # evicted (a tmp/ that is a file left blobs/ unindexed).
             self.note_write_error(e)
-            return
-        for name in os.listdir(tmp):
+        for name in _listdir(tmp):
             _unlink(os.path.join(tmp, name))
         for entry in self._scan():
             self._entries[entry.key] = entry

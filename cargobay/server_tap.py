@@ -611,6 +611,40 @@ def _announce_development(config: Config) -> None:
     )
 
 
+#: The cache directories this process holds the lock of: their lock files, open.
+_LOCKED: dict[str, int] = {}
+
+
+def _lock_cache_directory(directory: str) -> None:
+    """
+    Hold C{<cache>/.lock} for as long as this process runs, or stop: two
+    processes on one cache directory empty each other's downloads at start,
+    count only their own entries (the disk then holds twice the limit) and
+    download again what the other cached.  A directory that cannot be made
+    is left to the cache, which serves uncached and says so.
+    """
+    import fcntl
+
+    where = os.path.realpath(directory)
+    if where in _LOCKED:
+        return
+    path = os.path.join(where, ".lock")
+    try:
+        os.makedirs(where, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        fail(f"cache.directory {directory} is in use by another cargobay process (pid {holder or 'unknown'})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKED[where] = fd
+
+
 def _open_files_for(max_connections: int) -> None:
     """
     Raise the soft limit of open files (often 1024) towards the hard one, so
@@ -744,6 +778,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config: Config = options.config
     config_path = None if config.source == "<embedded default>" else config.source
     early_sighup = getattr(options, "early_sighup", None)
+    _lock_cache_directory(config.cache.directory)
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
     parent = getattr(options, "parent", None)

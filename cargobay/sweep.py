@@ -105,6 +105,12 @@ class MetadataSweeper:
                     self._remove(path)
                     if kind == "manifests":
                         self._forget_links_of(path)
+        # A write of registries.json that a crash cut short leaves its temp file beside it.
+        for name in list_directory(store_root):
+            if name.startswith("registries.json.") and name.endswith(".tmp"):
+                path = os.path.join(store_root, name)
+                if now - file_mtime(path) > STRAY_AFTER:
+                    self._remove(path)
         grace = min(LINK_GRACE, self.max_age) if self.max_age > 0 else LINK_GRACE
         for registry_id, digest, directory in _link_directories(self._links_directory):
             looked += 1

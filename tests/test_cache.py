@@ -539,3 +539,13 @@ def test_the_earlier_implementation_s_cache_in_the_directory_is_named_with_its_s
     # Left alone, and not counted as cargobay's.
     assert cache.total_size == 0 and (root / "metadata" / "db").exists()
     assert store(cache, b"new blob") is not None
+
+
+def test_a_cache_whose_tmp_cannot_be_made_still_serves_and_counts_what_it_holds(tmp_path):
+    cache, _ = make(tmp_path)
+    key = store(cache, b"kept" * 1000)
+    os.rmdir(tmp_path / "cache" / "tmp")
+    (tmp_path / "cache" / "tmp").write_bytes(b"a file where tmp/ belongs")
+    again, _ = make(tmp_path)
+    assert again.lookup(key) is not None and again.total_size == 4000
+    assert again.begin(key_for(b"new")) is None

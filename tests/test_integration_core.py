@@ -258,6 +258,35 @@ def test_a_config_the_earlier_implementation_took_starts_with_warnings(tmp_path)
         process.stop()
 
 
+def test_a_second_process_on_one_cache_directory_stops_with_one_line(tmp_path):
+    # It emptied the first one's downloads from tmp/ at its start, and the
+    # two counted only their own blobs against one limit.
+    from peers import Twistd
+
+    first_port, second_port = free_port(), free_port()
+    registries = [{"id": "up", "url": "http://127.0.0.1:9"}]
+    first = write_config(tmp_path / "a.toml", first_port, tmp_path / "cache", registries, [("a", "up", "a")])
+    second = write_config(tmp_path / "b.toml", second_port, tmp_path / "cache", registries, [("a", "up", "a")])
+    process = Twistd(config_path=first, log_path=tmp_path / "log").start()
+    try:
+        process.wait_listening(first_port)
+        (tmp_path / "cache" / "tmp" / "a-download-under-way").write_bytes(b"x")
+        result = run_to_completion(cargobay_command(second))
+        assert result.returncode == 2, result
+        [line] = result.stderr.strip().splitlines()
+        assert line == f"cargobay: cache.directory {tmp_path / 'cache'} is in use by another cargobay process " \
+                       f"(pid {process.pid})", line
+        assert (tmp_path / "cache" / "tmp" / "a-download-under-way").exists()
+    finally:
+        process.stop()
+    # Once it has stopped, the directory is free.
+    process = Twistd(config_path=second, log_path=tmp_path / "log2").start()
+    try:
+        process.wait_listening(second_port)
+    finally:
+        process.stop()
+
+
 def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
     # A taken port, an address that is not an address, a bad metrics
     # endpoint: each was a forty-line traceback (exit 1) after "listening".

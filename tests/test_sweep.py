@@ -147,10 +147,14 @@ def test_leftovers_of_interrupted_writes_go_and_empty_directories_too(tmp_path):
     for path in world.files("tags"):
         if path.endswith("v1.json"):
             world.age(path, 2 * DAY)
+    # (And the one a write of registries.json left beside it.)
+    registries = os.path.join(world.store.directory, "registries.json.0123456789ab.tmp")
+    open(registries, "wb").close()
+    world.age(registries, 2 * 3600)
     world.sweep()
-    assert not os.path.exists(stray) and os.path.exists(fresh)
+    assert not os.path.exists(stray) and os.path.exists(fresh) and not os.path.exists(registries)
     assert not os.path.exists(os.path.join(world.store.directory, "tags", "up", "team", "gone"))
-    assert world.sweeper.removed == 2
+    assert world.sweeper.removed == 3
 
 
 def test_no_age_limit_keeps_manifests_and_tags(tmp_path):
