@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, cast
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit
@@ -200,20 +201,15 @@ class RegistryApp:
                 secret = form.get("refresh_token", "")
             else:
                 raise RegistryError(400, "UNSUPPORTED", "unsupported grant_type")
-            grant = self.authenticator.verify(request, secret)
+            with _basic_challenge(self.authenticator.service):
+                grant = self.authenticator.verify(request, secret)
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [s for s in form.get("scope", "").split(" ") if s]
             answer = self.authenticator.issue(grant, scopes)
             answer["refresh_token"] = self.authenticator.refresh_token(grant)
         else:
-            try:
+            with _basic_challenge(self.authenticator.service):
                 grant = self.authenticator.authenticate(request)
-            except RegistryError as error:
-                # The token endpoint takes Basic credentials: a challenge to
-                # get a Bearer token here would send a client round in circles.
-                if error.status == 401:
-                    error.headers["WWW-Authenticate"] = f'Basic realm="{self.authenticator.service}"'
-                raise
             request.grant = grant  # type: ignore[attr-defined]
             scopes = [v.decode("utf-8", "replace") for v in _args(request).get(b"scope", [])]
             answer = self.authenticator.issue(grant, scopes)
@@ -518,6 +514,21 @@ _ALLOWED = {b"/token": (b"GET", b"POST"), b"/healthz": READ_METHODS, b"/readyz":
 def _not_allowed(methods: tuple[bytes, ...]) -> RegistryError:
     allow = ", ".join(m.decode("ascii") for m in methods)
     return RegistryError(405, "UNSUPPORTED", "method not allowed", headers={"Allow": allow})
+
+
+@contextmanager
+def _basic_challenge(realm: str) -> Iterator[None]:
+    """
+    The token endpoint takes a user's JWT as Basic credentials (or OAuth2's
+    password): it challenges for those, not for a Bearer token, which a
+    client would come back to this same endpoint to get.
+    """
+    try:
+        yield
+    except RegistryError as error:
+        if error.status == 401:
+            error.headers["WWW-Authenticate"] = f'Basic realm="{realm}"'
+        raise
 
 
 def _cursor(request: Request, skip: tuple[bytes, ...]) -> list[tuple[str, str]]:
