@@ -396,7 +396,16 @@ class Runtime:
         )
         cache.open()
         links_directory = os.path.join(config.cache.directory, "links")
-        upgrading = not os.path.isdir(links_directory)
+        # Until the upgrade below has run to its end, this file says so: a
+        # process stopped midway (its first link made links/) goes on with it.
+        unfinished = os.path.join(links_directory, UPGRADING)
+        upgrading = not os.path.isdir(links_directory) or os.path.exists(unfinished)
+        if upgrading:
+            try:
+                os.makedirs(links_directory, exist_ok=True)
+                open(unfinished, "ab").close()
+            except OSError:
+                pass
         self.links = links = RepositoryLinks(links_directory)
 
         def evicted(entry: Entry) -> None:
@@ -419,7 +428,7 @@ class Runtime:
             linked = self.manifests.link_stored_tags()
             log.info("linked the manifests of {count} cached tags to their repositories", count=linked)
             try:
-                os.makedirs(links_directory, exist_ok=True)
+                os.unlink(unfinished)
             except OSError:
                 pass
         # Hashing and writing downloads to disk happen on these threads.
@@ -613,6 +622,10 @@ def _announce_development(config: Config) -> None:
 
 #: The cache directories this process holds the lock of: their lock files, open.
 _LOCKED: dict[str, int] = {}
+
+
+#: In links/ while the links of a cache from before they were kept are made.
+UPGRADING = ".upgrading"
 
 
 def _lock_cache_directory(directory: str) -> None:

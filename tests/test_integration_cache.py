@@ -718,16 +718,22 @@ def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a
             # A cache from before links were kept: its tags are linked at start,
             # and what no tag names (digest-pinned pulls) is still served while
             # the upstream cannot confirm it, as before.
-            for kept_tags in (True, False):
+            # An upgrade cut short (its first link had made links/) goes on
+            # at the next start: it was taken as done.
+            for kept_tags, cut_short in ((True, False), (False, False), (False, True)):
                 shutil.rmtree(proxy.cache / "links")
                 if not kept_tags:
-                    shutil.rmtree(proxy.cache / "tags")
-                process = Twistd(args=proxy.process.args, log_path=tmp_path / f"upgrade-{kept_tags}.log").start()
+                    shutil.rmtree(proxy.cache / "tags", ignore_errors=True)
+                if cut_short:
+                    (proxy.cache / "links").mkdir()
+                    (proxy.cache / "links" / ".upgrading").touch()
+                process = Twistd(args=proxy.process.args, log_path=tmp_path / f"upgrade-{kept_tags}-{cut_short}.log").start()
                 process.wait_listening(proxy.port)
                 try:
-                    target = tmp_path / f"upgraded-{kept_tags}"
+                    target = tmp_path / f"upgraded-{kept_tags}-{cut_short}"
                     skopeo_pull(f"{proxy.host}/secret@{secret['manifest']}", target, creds=f"t:{ALL}")
                     assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / "owner"))
+                    assert not (proxy.cache / "links" / ".upgrading").exists()
                 finally:
                     process.stop()
         finally:
