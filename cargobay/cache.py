@@ -27,7 +27,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from cargobay.reference import Digest
+from cargobay.reference import Digest, registry_directory, registry_id_of
 
 log = Logger()
 
@@ -48,7 +48,7 @@ class BlobKey:
 
     def relative_dir(self) -> str:
         return os.path.join(
-            "blobs", self.registry_id, self.digest.algorithm, self.digest.encoded[:2]
+            "blobs", registry_directory(self.registry_id), self.digest.algorithm, self.digest.encoded[:2]
         )
 
 
@@ -418,10 +418,13 @@ class BlobCache:
 
     def _scan(self) -> Iterator[Entry]:
         root = os.path.join(self.directory, "blobs")
-        for registry_id in _listdir(root):
-            for algorithm in _listdir(os.path.join(root, registry_id)):
-                for fan in _listdir(os.path.join(root, registry_id, algorithm)):
-                    directory = os.path.join(root, registry_id, algorithm, fan)
+        for name in _listdir(root):
+            registry_id = registry_id_of(name)
+            if registry_id is None:
+                continue  # (the earlier implementation's blobs/sh/sha256_*: see _warn_of_the_earlier_cache)
+            for algorithm in _listdir(os.path.join(root, name)):
+                for fan in _listdir(os.path.join(root, name, algorithm)):
+                    directory = os.path.join(root, name, algorithm, fan)
                     try:
                         items = list(os.scandir(directory))
                     except OSError as e:

@@ -25,14 +25,16 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from cargobay.reference import is_valid_name
+from cargobay.reference import is_valid_name, registry_directory
 from cargobay.tokens import load_public_key
 
 DEFAULT_CONFIG_PATH = "config.toml"
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 #: Host names that mean Docker Hub, in URLs and in mirror requests' ?ns=.
 DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
-_REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Registry ids are any text, as in the earlier implementation; they name the
+#: cache's directories escaped (reference.registry_directory), in at most:
+MAX_REGISTRY_ID = 192
 
 #: Used by ``make run`` when there is no config file at all.  The secret is a
 #: development secret: the service announces it loudly when it starts on it.
@@ -560,9 +562,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         entry = _Section(where, table, warnings)
         registry_id = entry.string("id", required=True)
         assert registry_id is not None
-        if not _REGISTRY_ID.fullmatch(registry_id):
+        if len(registry_directory(registry_id)) > MAX_REGISTRY_ID or not registry_id.isprintable():
             raise ConfigError(
-                f"{where}.id: {registry_id!r} may hold only letters, digits, '.', '_' and '-'"
+                f"{where}.id: {registry_id[:MAX_REGISTRY_ID]!r} must be printable text of at most "
+                f"{MAX_REGISTRY_ID} characters (a character other than a letter, digit, '.', '_' or '-' "
+                "counts three times)"
             )
         if registry_id in seen_ids:
             warnings.append(f"{where}.id: duplicate registry id {registry_id!r}, ignored (the first one is used)")

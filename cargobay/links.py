@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger
 
-from cargobay.reference import Digest
+from cargobay.reference import Digest, registry_directory
 
 log = Logger()
 
@@ -58,7 +58,9 @@ class RepositoryLinks:
     def _path(self, registry_id: str, digest: Digest, name: str | None = None) -> str | None:
         if self._directory is None:
             return None
-        path = os.path.join(self._directory, registry_id, digest.algorithm, digest.encoded[:2], digest.encoded)
+        path = os.path.join(
+            self._directory, registry_directory(registry_id), digest.algorithm, digest.encoded[:2], digest.encoded
+        )
         return path if name is None else os.path.join(path, name.replace("/", "+"))
 
     def _remembered(self, registry_id: str, digest: Digest) -> set[str]:
@@ -131,7 +133,7 @@ class RepositoryLinks:
             del self._names[key]
         self.generation += 1
         if self._directory is not None:
-            shutil.rmtree(os.path.join(self._directory, registry_id), ignore_errors=True)
+            shutil.rmtree(os.path.join(self._directory, registry_directory(registry_id)), ignore_errors=True)
 
 
 def _touch(path: str | None) -> OSError | None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cargobay.reference import Digest, InvalidDigest, sha256_digest
+from cargobay.reference import Digest, InvalidDigest, registry_directory, registry_id_of, sha256_digest
 
 log = Logger()
 
@@ -233,11 +233,11 @@ class ManifestStore:
         relative = os.path.relpath(path, self.directory).split(os.sep)
         if relative[0] == "manifests" and len(relative) == 4:
             try:
-                self._memory_drop((relative[1], Digest.parse(f"{relative[2]}:{relative[3]}")))
+                self._memory_drop((registry_id_of(relative[1]) or "", Digest.parse(f"{relative[2]}:{relative[3]}")))
             except InvalidDigest:
                 pass
         elif relative[0] == "tags" and len(relative) >= 4 and (tag := _tag_of_file(relative[-1])) is not None:
-            self._tags.pop((relative[1], "/".join(relative[2:-1]), tag), None)
+            self._tags.pop((registry_id_of(relative[1]) or "", "/".join(relative[2:-1]), tag), None)
 
     def _memory_drop(self, key: tuple[str, Digest]) -> None:
         manifest = self._memory.pop(key, None)
@@ -251,7 +251,7 @@ class ManifestStore:
         return (registry_id, digest) in self._memory or os.path.exists(self._manifest_path(registry_id, digest))
 
     def _manifest_path(self, registry_id: str, digest: Digest) -> str:
-        return os.path.join(self.directory, "manifests", registry_id, digest.algorithm, digest.encoded)
+        return os.path.join(self.directory, "manifests", registry_directory(registry_id), digest.algorithm, digest.encoded)
 
     def get(self, registry_id: str, digest: Digest) -> Manifest | None:
         path = self._manifest_path(registry_id, digest)
@@ -293,11 +293,11 @@ class ManifestStore:
     def _tag_path(self, registry_id: str, upstream_name: str, tag: str) -> str:
         # "@" never occurs in a repository name: the file of tag "b" of
         # repository "a" cannot be the directory of repository "a/b.json".
-        return os.path.join(self.directory, "tags", registry_id, upstream_name, "@" + tag + ".json")
+        return os.path.join(self.directory, "tags", registry_directory(registry_id), upstream_name, "@" + tag + ".json")
 
     def _legacy_tag_path(self, registry_id: str, upstream_name: str, tag: str) -> str:
         """Where earlier versions kept a tag resolution (it could collide with a longer name's directory)."""
-        return os.path.join(self.directory, "tags", registry_id, upstream_name, tag + ".json")
+        return os.path.join(self.directory, "tags", registry_directory(registry_id), upstream_name, tag + ".json")
 
     def _read_tag_file(self, key: tuple[str, str, str]) -> bytes:
         """
@@ -365,9 +365,12 @@ class ManifestStore:
     def manifests_on_disk(self) -> Iterator[tuple[str, Digest]]:
         """(registry id, digest) of every manifest kept on disk."""
         root = os.path.join(self.directory, "manifests")
-        for registry_id in list_directory(root):
-            for algorithm in list_directory(os.path.join(root, registry_id)):
-                for encoded in list_directory(os.path.join(root, registry_id, algorithm)):
+        for name in list_directory(root):
+            registry_id = registry_id_of(name)
+            if registry_id is None:
+                continue
+            for algorithm in list_directory(os.path.join(root, name)):
+                for encoded in list_directory(os.path.join(root, name, algorithm)):
                     try:
                         yield registry_id, Digest.parse(f"{algorithm}:{encoded}")
                     except InvalidDigest:
@@ -380,7 +383,9 @@ class ManifestStore:
             relative = os.path.relpath(directory, root).split(os.sep)
             if len(relative) < 2:
                 continue
-            registry_id, upstream_name = relative[0], "/".join(relative[1:])
+            registry_id, upstream_name = registry_id_of(relative[0]), "/".join(relative[1:])
+            if registry_id is None:
+                continue
             tags = {tag for name in files if (tag := _tag_of_file(name)) is not None}
             for tag in sorted(tags):
                 yield registry_id, upstream_name, tag
@@ -443,14 +448,14 @@ class ManifestStore:
         for key in [key for key in self._tags if key[0] == registry_id]:
             del self._tags[key]
         for kind in ("tags", "taglists", "referrers"):
-            shutil.rmtree(os.path.join(self.directory, kind, registry_id), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.directory, kind, registry_directory(registry_id)), ignore_errors=True)
 
     # -- tag lists ---------------------------------------------------------
 
     def _tag_list_path(self, registry_id: str, upstream_name: str) -> str:
         # "@" never occurs in a repository name, so this cannot collide with
         # the directory of a longer name.
-        return os.path.join(self.directory, "taglists", registry_id, upstream_name, "@list.json")
+        return os.path.join(self.directory, "taglists", registry_directory(registry_id), upstream_name, "@list.json")
 
     def tag_list(self, registry_id: str, upstream_name: str) -> list[str] | None:
         path = self._tag_list_path(registry_id, upstream_name)
@@ -478,7 +483,7 @@ class ManifestStore:
         name = f"@{digest.algorithm}-{digest.encoded}"
         if artifact_type is not None:
             name += "-" + sha256_digest(artifact_type.encode()).encoded[:32]
-        return os.path.join(self.directory, "referrers", registry_id, upstream_name, name + ".json")
+        return os.path.join(self.directory, "referrers", registry_directory(registry_id), upstream_name, name + ".json")
 
     def referrers(
         self, registry_id: str, upstream_name: str, digest: Digest, artifact_type: str | None

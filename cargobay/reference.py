@@ -75,3 +75,50 @@ def looks_like_digest(reference: str) -> bool:
 
 def sha256_digest(data: bytes) -> Digest:
     return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+#: What a registry id may hold as it is in the name of a directory of the cache.
+_DIRECTORY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def registry_directory(registry_id: str) -> str:
+    """
+    The name of a registry's directories in the cache: its id, with every
+    byte that a directory name may not hold, or should not ("/", a space, a
+    leading "." that would make "." or ".."), as %XX.  The earlier
+    implementation took any id; ids of letters, digits, ".", "_" and "-"
+    are their own names, as they always were here.
+    """
+    out = []
+    for index, byte in enumerate(registry_id.encode("utf-8")):
+        char = chr(byte)
+        if char in _DIRECTORY_SAFE and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+def registry_id_of(directory: str) -> str | None:
+    """The registry id whose directories are named C{directory}; L{None} for a name it never makes."""
+    try:
+        registry_id = _unescape(directory)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return registry_id if registry_id and registry_directory(registry_id) == directory else None
+
+
+def _unescape(name: str) -> str:
+    raw = bytearray()
+    index = 0
+    while index < len(name):
+        if name[index] == "%":
+            escaped = name[index + 1 : index + 3]
+            if len(escaped) != 2:
+                raise ValueError(name)
+            raw.append(int(escaped, 16))
+            index += 3
+        else:
+            raw.extend(name[index].encode("utf-8"))
+            index += 1
+    return raw.decode("utf-8")

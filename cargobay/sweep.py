@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from cargobay.cache import BlobCache, BlobKey
 from cargobay.links import RepositoryLinks
 from cargobay.manifest_store import ManifestStore, file_mtime, list_directory
-from cargobay.reference import Digest, InvalidDigest
+from cargobay.reference import Digest, InvalidDigest, registry_id_of
 
 log = Logger()
 
@@ -134,10 +134,13 @@ class MetadataSweeper:
 
     def _forget_links_of(self, path: str) -> None:
         """A manifest went: so do the links of its digest (not of what it references)."""
-        registry_id, algorithm, encoded = path.split(os.sep)[-3:]
+        name, algorithm, encoded = path.split(os.sep)[-3:]
+        registry_id = registry_id_of(name)
         try:
             digest = Digest.parse(f"{algorithm}:{encoded}")
         except InvalidDigest:
+            return
+        if registry_id is None:
             return
         if self._cache.lookup(BlobKey(registry_id, digest)) is None:
             self._links.forget(registry_id, digest)
@@ -180,12 +183,15 @@ def _files(root: str, prune: bool) -> Iterator[tuple[str, float] | None]:
 
 def _link_directories(root: str) -> Iterator[tuple[str, Digest, str]]:
     """(registry id, digest, directory) of every digest that has links."""
-    for registry_id in list_directory(root):
-        for algorithm in list_directory(os.path.join(root, registry_id)):
-            for fan in list_directory(os.path.join(root, registry_id, algorithm)):
-                for encoded in list_directory(os.path.join(root, registry_id, algorithm, fan)):
+    for name in list_directory(root):
+        registry_id = registry_id_of(name)
+        if registry_id is None:
+            continue
+        for algorithm in list_directory(os.path.join(root, name)):
+            for fan in list_directory(os.path.join(root, name, algorithm)):
+                for encoded in list_directory(os.path.join(root, name, algorithm, fan)):
                     try:
                         digest = Digest.parse(f"{algorithm}:{encoded}")
                     except InvalidDigest:
                         continue
-                    yield registry_id, digest, os.path.join(root, registry_id, algorithm, fan, encoded)
+                    yield registry_id, digest, os.path.join(root, name, algorithm, fan, encoded)

@@ -143,7 +143,8 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
         (('port = 5000', 'port = 70000'), "server.port", "at most 65535"),
         (('port = 5000', 'port = "5000"'), "server.port", "must be an integer"),
         (('username = "registry-user"', 'usrname = "registry-user"'), "registries[1].auth.usrname", "unknown key"),
-        (('id = "gcr"', 'id = "../gcr"'), "registries[2].id", "may hold only"),
+        (('id = "gcr"', 'id = "' + "x" * 193 + '"'), "registries[2].id", "at most 192 characters"),
+        (('id = "gcr"', 'id = "tab\\there"'), "registries[2].id", "printable"),
         (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
         (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
@@ -204,6 +205,13 @@ def test_what_the_earlier_implementation_took_loads_with_a_warning(change, warni
     assert any(w.startswith(warning) for w in config.warnings), config.warnings
     assert all("\n" not in w for w in config.warnings)
     assert parse_config(SEED).warnings == ()
+
+
+@pytest.mark.parametrize("registry_id", ["private registry", "ghcr.io/acme", "eu:private", "../gcr", ".", "ünï"])
+def test_a_registry_id_may_be_any_text_as_it_was_there(registry_id):
+    config = parse_config(SEED.replace('id = "gcr"', f'id = "{registry_id}"', 1).replace(
+        'registry_id = "gcr"', f'registry_id = "{registry_id}"'))
+    assert registry_id in [r.id for r in config.registries]
 
 
 def test_the_first_of_two_mappings_of_one_name_is_the_one_used():

@@ -742,6 +742,34 @@ def test_a_token_for_one_repository_reads_no_other_by_digest_and_links_survive_a
         proxy.process.stop()
 
 
+def test_a_registry_id_of_any_text_keeps_its_cache_across_a_restart(upstream, image, tmp_path):
+    # The earlier implementation took any id ("ghcr.io/acme team" was refused
+    # here); ids name the cache's directories, escaped.
+    registry_id = "ghcr.io/acme team"
+    proxy = start_proxy(tmp_path / "p", [{"id": registry_id, "url": upstream.url}],
+                        [("alpine", registry_id, "library/alpine")])
+    restarted = None
+    try:
+        skopeo_pull(f"{proxy.host}/alpine:latest", tmp_path / "first", creds=f"t:{ALL}")
+        for layer in image["layers"]:
+            assert proxy.cached_blob(layer).parts[-4] == "ghcr.io%2Facme%20team"
+        proxy.process.stop()
+        upstream.stop()
+        try:
+            process = Twistd(args=proxy.process.args, log_path=tmp_path / "restart.log").start()
+            restarted = Proxy(process, proxy.port, proxy.cache)
+            process.wait_listening(proxy.port)
+            # Upstream down: the tag, the manifest, the links and the blobs
+            # are all found again under that id.
+            skopeo_pull(f"{proxy.host}/alpine:latest", tmp_path / "again", creds=f"t:{ALL}")
+            for name in os.listdir(tmp_path / "first"):
+                assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+        finally:
+            upstream.start()
+    finally:
+        (restarted or proxy).process.stop()
+
+
 def test_a_black_holed_upstream_holds_one_request_and_the_cache_answers_the_rest(tmp_path):
     # Every pull by tag waited the whole read timeout (60 s by default) for
     # a registry that took connections and never answered.

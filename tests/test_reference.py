@@ -61,3 +61,17 @@ def test_digest_matches():
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     assert digest.matches(data)
     assert not digest.matches(b"hellO")
+
+
+def test_a_registry_id_names_its_cache_directories_escaped_and_back():
+    from cargobay.reference import registry_directory, registry_id_of
+
+    # Ids of letters, digits, ".", "_" and "-" are their own names, as always.
+    for plain in ("dockerhub", "private-registry", "gcr.io", "a_b"):
+        assert registry_directory(plain) == plain and registry_id_of(plain) == plain
+    for odd, name in (("ghcr.io/acme", "ghcr.io%2Facme"), ("private registry", "private%20registry"),
+                      ("..", "%2E."), (".x", "%2Ex"), ("a%b", "a%25b"), ("ü", "%C3%BC")):
+        assert registry_directory(odd) == name and registry_id_of(name) == odd
+    # Names it never makes are no registry's (an earlier cache's, a stray).
+    for stray in ("%zz", "%4", "%61bc", "", "%C3"):
+        assert registry_id_of(stray) is None
