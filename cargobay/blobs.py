@@ -47,8 +47,10 @@ log = Logger()
 CHUNK_SIZE = 256 * 1024
 #: Seconds a client may take nothing from a blob response before it is cut.
 SEND_STALL_TIMEOUT = 120.0
-#: Bytes per sendfile(2) call on plain TCP.
-SENDFILE_CHUNK = 512 * 1024
+#: Bytes per sendfile(2) call on plain TCP.  (A warm 256 MiB blob, in
+#: interleaved runs: 2,300-2,590 MB/s in 128 KiB calls, 2,070-2,220 in
+#: 512 KiB, 2,000 in 256 KiB, 1,780 in 64 KiB, 1,740-1,810 in 4 MiB.)
+SENDFILE_CHUNK = 128 * 1024
 #: Most bytes one hand-off to a sending thread moves before it reports back.
 SEND_BATCH = 16 * 1024 * 1024
 #: Milliseconds one batch may take on a sending thread before it hands the
