@@ -287,15 +287,19 @@ class _Section:
     A view of one TOML table that remembers which keys were read, so that
     unknown keys (typos) can be reported, in C{warnings}: the earlier
     implementation ignored them, and its config files must keep loading.
+    A C{strict} table refuses them instead: in [auth], a misspelled issuer,
+    audience or key file would silently let in tokens meant for others, and
+    [metrics] and [logging] are cargobay's own.
     """
 
-    def __init__(self, where: str, table: Any, warnings: list[str]) -> None:
+    def __init__(self, where: str, table: Any, warnings: list[str], strict: bool = False) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         self.where = where
         self.table: Mapping[str, Any] = table
         self.known: set[str] = set()
         self.warnings = warnings
+        self.strict = strict
 
     def _get(self, key: str) -> Any:
         self.known.add(key)
@@ -373,7 +377,7 @@ class _Section:
         value = self._get(key)
         if value is None:
             return None
-        return _Section(self._name(key), value, self.warnings)
+        return _Section(self._name(key), value, self.warnings, self.strict)
 
     def _typo_of(self, key: str) -> None:
         """
@@ -388,6 +392,8 @@ class _Section:
         for key in sorted(set(self.table) - self.known):
             close = difflib.get_close_matches(key, sorted(self.known), n=1, cutoff=0.7)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
+            if self.strict:
+                raise ConfigError(f"{self._name(key)}: unknown key ({hint})")
             self.warnings.append(f"{self._name(key)}: unknown key, ignored ({hint})")
 
 
@@ -450,10 +456,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     top = _Section("", document, warnings)
     top.where = ""
 
-    def section(key: str) -> _Section:
+    def section(key: str, strict: bool = False) -> _Section:
         top.known.add(key)
         value = document.get(key, {})
-        return _Section(key, value, warnings)
+        return _Section(key, value, warnings, strict)
 
     server_section = section("server")
     bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
@@ -487,7 +493,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         bind_address, port, listen, public_url, trusted, max_connections, idle_timeout, header_timeout
     )
 
-    auth_section = section("auth")
+    auth_section = section("auth", strict=True)
     if "auth" not in document:
         raise ConfigError("auth.jwt_secret: missing ([auth] jwt_secret is required)")
     secret = auth_section.string("jwt_secret", required=True)
@@ -667,7 +673,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         for r in registries
     ]
 
-    metrics_section = section("metrics")
+    metrics_section = section("metrics", strict=True)
     metrics_path = metrics_section.string("path", "/metrics") or "/metrics"
     if not metrics_path.startswith("/") or metrics_path.startswith("/v2") or metrics_path in ("/token", "/healthz", "/readyz"):
         raise ConfigError(f"metrics.path: {metrics_path!r} must be an absolute path outside the registry API")
@@ -682,7 +688,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     )
     metrics_section.finish()
 
-    logging_section = section("logging")
+    logging_section = section("logging", strict=True)
     log_format = logging_section.string("format", "text") or "text"
     if log_format not in ("text", "json"):
         raise ConfigError(f"logging.format: must be 'text' or 'json', got {log_format!r}")

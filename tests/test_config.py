@@ -143,6 +143,13 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
         (('port = 5000', 'port = 70000'), "server.port", "at most 65535"),
         (('port = 5000', 'port = "5000"'), "server.port", "must be an integer"),
         (('username = "registry-user"', 'usrname = "registry-user"'), "registries[1].auth.usrname", "unknown key"),
+        # [auth] is strict: a misspelled issuer or audience would let in
+        # tokens meant for others ([metrics] and [logging] are cargobay's own).
+        (('jwt_secret = "your-secret-key-change-this-in-production"',
+          'jwt_secret = "your-secret-key-change-this-in-production"\nissuer = "idp"\naudiance = "cargobay"'),
+         "auth.audiance", "unknown key (did you mean 'audience'?)"),
+        (('[server]', '[metrics]\nrequire_aut = true\n[server]'), "metrics.require_aut", "unknown key"),
+        (('[server]', '[logging]\nformatt = "json"\n[server]'), "logging.formatt", "unknown key"),
         (('id = "gcr"', 'id = "' + "x" * 193 + '"'), "registries[2].id", "at most 192 characters"),
         (('id = "gcr"', 'id = "tab\\there"'), "registries[2].id", "printable"),
         (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
