@@ -698,6 +698,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     logging_section.finish()
 
     for unknown in sorted(set(document) - top.known):
+        strict = difflib.get_close_matches(unknown, ["auth", "metrics", "logging"], n=1, cutoff=0.7)
+        if strict:  # (what it holds would be taken as strictly as that section's own keys)
+            raise ConfigError(f"{unknown}: unknown section (did you mean {strict[0]!r}?)")
         warnings.append(
             f"{unknown}: unknown section, ignored"
             " (known: auth, cache, logging, metrics, registries, repositories, server)"

@@ -150,6 +150,7 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
          "auth.audiance", "unknown key (did you mean 'audience'?)"),
         (('[server]', '[metrics]\nrequire_aut = true\n[server]'), "metrics.require_aut", "unknown key"),
         (('[server]', '[logging]\nformatt = "json"\n[server]'), "logging.formatt", "unknown key"),
+        (('[server]', '[metric]\nrequire_auth = true\n[server]'), "metric", "unknown section (did you mean 'metrics'?)"),
         (('id = "gcr"', 'id = "' + "x" * 193 + '"'), "registries[2].id", "at most 192 characters"),
         (('id = "gcr"', 'id = "tab\\there"'), "registries[2].id", "printable"),
         (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
