@@ -659,7 +659,15 @@ class Bench:
                                        "cargobay wrote its file past the page cache (O_DIRECT) and read it "
                                        "back before making it an entry; the CNCF proxy's went through the "
                                        "page cache")
+        cpu_get = Row(f"{key}_cpu_get", "2b cold CPU in the GET" if tls else "2 cold CPU in the GET", "CPU-s",
+                      "CNCF proxy", note="informational: the proxy's CPU seconds (user + system, all threads) "
+                                         "while the client's GET ran")
+        cpu_all = Row(f"{key}_cpu_all", "2b cold CPU, fill included" if tls else "2 cold CPU, fill included",
+                      "CPU-s", "CNCF proxy", note="informational: the proxy's CPU seconds from the GET until its "
+                                                  "cache holds the blob (cargobay's read-back, the CNCF proxy's "
+                                                  "second download)")
         upstream, path = side.upstream, self.blob_path
+        pids = {"cargobay": side.cargobay.process.pid, "peer": side.peer.process.pid}
         digests: list[str] = []
         for rnd in range(a.rounds):
             log(f"{key} round {rnd + 1}: pushing a fresh {a.blob_mib} MiB blob")
@@ -667,19 +675,24 @@ class Bench:
             figures = {}
             for who in self.order(rnd, "cargobay", "peer", "upstream"):
                 start = len(upstream.access_log())
+                cpu = proc_cpu_seconds(pids[who]) if who in pids else 0.0
                 if who == "cargobay":
                     figures[who] = curl(side.cargobay.url + path(digest), self.auth, self.blob_size).speed / 1e6
+                    cpu_get.cargobay.append(proc_cpu_seconds(pids[who]) - cpu)
                     # When its disk fell behind, cargobay fills its cache in the
                     # background too: wait for that as for the CNCF proxy's.
                     side.cargobay.cached_blob(digest, timeout=300)
                     wait_upstream_quiet(upstream, digest, start, at_least=1, who=by_cargobay)
+                    cpu_all.cargobay.append(proc_cpu_seconds(pids[who]) - cpu)
                     again.cargobay.append(curl(side.cargobay.url + path(digest), self.auth,
                                                self.blob_size).speed / 1e6)
                 elif who == "peer":
                     figures[who] = curl(side.peer.url + path(digest), None, self.blob_size).speed / 1e6
+                    cpu_get.peer.append(proc_cpu_seconds(pids[who]) - cpu)
                     # Its background cache fill competes with whatever runs next.
                     self.peer_filled(digest, side.peer)
                     wait_upstream_quiet(upstream, digest, start, at_least=2, who=by_peer)
+                    cpu_all.peer.append(proc_cpu_seconds(pids[who]) - cpu)
                     again.peer.append(curl(side.peer.url + path(digest), None, self.blob_size).speed / 1e6)
                 else:
                     figures[who] = curl(upstream.url + path(digest), None, self.blob_size, side.cacert).speed / 1e6
@@ -691,7 +704,7 @@ class Bench:
             log(f"{key} round {rnd + 1}: cargobay {figures['cargobay']:.0f} MB/s, CNCF proxy "
                 f"{figures['peer']:.0f}, upstream direct {figures['upstream']:.0f}")
         self.count_upstream(key, digests, gets, sent, upstream)
-        self.rows += [vs_peer, vs_direct, gets, sent, again]
+        self.rows += [vs_peer, vs_direct, gets, sent, cpu_get, cpu_all, again]
         if a.py_spy and not tls:
             self.profile_cold()
 
