@@ -14,12 +14,14 @@ from typing import Any, cast
 
 from twisted.application import internet, service
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http, resource, server
+from zope.interface import implementer
 
 from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService, when_counted
@@ -96,18 +98,61 @@ class Options(usage.Options):
                 fail(f"{key}: {description!r} is not a usable endpoint ({e})")
 
 
+@implementer(IOpenSSLContextFactory)
+class ReloadableTLS:
+    """
+    A TLS listener's context factory whose certificate can be replaced:
+    each new connection asks for the context anew (Twisted's TLS layer
+    calls C{getContext} per connection), so a renewed certificate is served
+    from the next handshake on while connections already open keep theirs.
+    """
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def getContext(self) -> Any:
+        return self.current.getContext()
+
+
 class Listener(internet.StreamServerEndpointService):
     """
     A listening endpoint that, when it cannot listen (the port is taken, the
     address is not this host's, the socket's directory is missing), stops
-    the start with one line rather than a traceback.
+    the start with one line rather than a traceback.  A TLS one re-reads its
+    key and certificate files on L{reload_tls}.
     """
 
     def __init__(self, key: str, description: str, factory: Any, reactor: Any) -> None:
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        endpoint = endpoints.serverFromString(reactor, description)
+        super().__init__(endpoint, factory)
         self._key = key
         self._description = description
+        self._reactor = reactor
         self._raiseSynchronously = True
+        self._tls: ReloadableTLS | None = None
+        if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+            self._tls = ReloadableTLS(endpoint._sslContextFactory)
+            endpoint._sslContextFactory = self._tls
+
+    def reload_tls(self) -> None:
+        """
+        Read the key, certificate and chain files again (a renewed
+        certificate, replaced in place) and serve them to new connections;
+        files that do not make a working pair are logged and the ones in use stay.
+        """
+        if self._tls is None:
+            return
+        try:
+            fresh = endpoints.serverFromString(self._reactor, self._description)._sslContextFactory
+            fresh.getContext()  # the key must match the certificate
+        except Exception as e:
+            log.error(
+                "reload: {key}: keeping the TLS certificate in use, the files do not make a usable one ({problem})",
+                key=self._key, problem=str(e) or type(e).__name__,
+            )
+            return
+        self._tls.current = fresh
+        log.info("reload: {key}: TLS key and certificate files re-read", key=self._key)
 
     def privilegedStartService(self) -> None:
         try:
@@ -756,7 +801,7 @@ class CargobayService(service.MultiService):
         previous = signal.signal(signal.SIGHUP, self._on_sighup)
         self._previous_handler = signal.SIG_DFL if isinstance(previous, HeldSighup) else previous
         if self._early_sighup is not None and self._early_sighup.asked:
-            self._reactor.callLater(0, self._runtime.reload)
+            self._reactor.callLater(0, self.reload)
 
     def stopService(self) -> Any:
         if self._previous_handler is not None:
@@ -766,7 +811,17 @@ class CargobayService(service.MultiService):
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: hand the work to the reactor.
-        self._reactor.callFromThread(self._runtime.reload)
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Re-read the config, and the TLS listeners' certificate files (those
+        of the listeners as started: a changed C{listen} waits for a restart).
+        """
+        self._runtime.reload()
+        for child in self:
+            if isinstance(child, Listener):
+                child.reload_tls()
 
     def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
         if (

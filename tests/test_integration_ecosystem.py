@@ -75,6 +75,65 @@ def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
         process.stop()
 
 
+def _served_certificate(port: int, ca: TestCA) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    with context.wrap_socket(__import__("socket").create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="127.0.0.1") as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def _der(cert_path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+
+
+def test_sighup_serves_a_renewed_certificate_to_new_connections(tmp_path):
+    # Renewed in place (certbot, cert-manager), then `kill -HUP`: the old
+    # certificate stayed until a restart, and expired there.
+    ca = TestCA(tmp_path / "ca")
+    first, renewed = (ca.issue(name, ip_addresses=["127.0.0.1"]) for name in ("first", "renewed"))
+    live = tmp_path / "live"
+    live.mkdir()
+    key, cert = live / "privkey.pem", live / "cert.pem"
+    key.write_bytes(first.key_path.read_bytes())
+    cert.write_bytes(first.cert_path.read_bytes())
+    port = free_port()
+    config = write_config(tmp_path / "tls.toml", port, tmp_path / "cache",
+                          [{"id": "up", "url": "http://127.0.0.1:9"}], [("eco", "up", "library/ecosystem")])
+    config.write_text(config.read_text().replace(
+        f"port = {port}\n", f'port = {port}\nlisten = "ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"\n', 1))
+    process = Twistd(config_path=config, log_path=tmp_path / "tls.log").start()
+    try:
+        process.wait_listening(port)
+        assert _served_certificate(port, ca) == _der(first.cert_path)
+        # A connection open across the reload keeps working.
+        import http.client
+
+        kept = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                           context=ssl.create_default_context(cafile=str(ca.cert_path)))
+        kept.request("GET", "/v2/")
+        kept.getresponse().read()
+        key.write_bytes(renewed.key_path.read_bytes())
+        cert.write_bytes(renewed.cert_path.read_bytes())
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "TLS key and certificate files re-read" in process.log_text(), timeout=10)
+        assert _served_certificate(port, ca) == _der(renewed.cert_path)
+        kept.request("GET", "/v2/")
+        response = kept.getresponse()
+        assert response.status == 401
+        response.read()
+        kept.close()
+        # Half a renewal (the new certificate, the old key): refused, the
+        # renewed pair goes on being served.
+        key.write_bytes(first.key_path.read_bytes())
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "keeping the TLS certificate in use" in process.log_text(), timeout=10)
+        assert _served_certificate(port, ca) == _der(renewed.cert_path)
+        assert process.returncode is None
+        assert "Traceback" not in process.log_text()
+    finally:
+        process.stop()
+
+
 def metric_values(proxy: Proxy) -> dict[tuple[str, tuple], float]:
     body = urllib.request.urlopen(f"{proxy.url}/metrics").read().decode()
     values = {}
