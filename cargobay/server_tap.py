@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from functools import partial
 from typing import Any, cast
 
@@ -416,16 +417,53 @@ class MetricsResource(resource.Resource):
         return b"not found\n"
 
 
+class CalendarClock:
+    """
+    The reactor, telling calendar time: for what is stored and compared
+    with file times, while what it schedules keeps the reactor's clock.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.callLater = reactor.callLater
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+
+def _monotonic_timers(reactor: Any) -> None:
+    """
+    Have the reactor time its calls on the monotonic clock: on the calendar
+    clock, an NTP step or a virtual machine's resume moves every timeout at
+    once.  Forward, stall and idle timeouts fire on healthy downloads and
+    connections; backward, a stalled upstream is waited for, and the cache
+    left unevicted, for as long as the step.  Calls already scheduled are
+    moved onto the new clock, due after the same delay.
+    """
+    if not hasattr(reactor, "getDelayedCalls") or getattr(reactor, "seconds", None) is time.monotonic:
+        return
+    calendar = reactor.seconds
+    reactor.seconds = time.monotonic
+    for call in reactor.getDelayedCalls():
+        left = call.getTime() - calendar()
+        call.seconds = time.monotonic
+        call.reset(max(left, 0.0))
+
+
 class Runtime:
     """
     Everything the running proxy is made of, built from a config; L{reload}
     swaps in a new config without dropping connections or the cache.
     """
 
-    def __init__(self, config: Config, config_path: str | None, reactor: Any) -> None:
+    def __init__(self, config: Config, config_path: str | None, reactor: Any, wall_clock: Any = None) -> None:
         self.config = config
         self._config_path = config_path
         self._reactor = reactor
+        #: What stored times (blobs' last use, manifests' and tags' ages, the
+        #: sweep's) are measured on: calendar time, as file times are.  The
+        #: reactor's clock, which times out stalls, may be monotonic.
+        wall = CalendarClock(reactor) if wall_clock is None else wall_clock
         try:
             #: Read once: the environment does not change under a process.
             self.proxies = ProxySettings.from_environment()
@@ -436,7 +474,7 @@ class Runtime:
             config.cache.directory,
             config.cache.max_size_bytes,
             config.cache.max_age_seconds,
-            reactor,
+            wall,
             config.cache.direct_writes,
         )
         cache.open()
@@ -458,10 +496,10 @@ class Runtime:
             links.forget(entry.key.registry_id, entry.key.digest)
 
         cache.on_evict = evicted
-        self.store = store = ManifestStore(config.cache.directory, reactor)
+        self.store = store = ManifestStore(config.cache.directory, wall)
         store.touch_every = _touch_every(config.cache.max_age_seconds)
-        self.manifests = ManifestService(store, reactor, config.cache.tag_ttl_seconds, links)
-        self.sweeper = MetadataSweeper(cache, store, links, links_directory, reactor)
+        self.manifests = ManifestService(store, wall, config.cache.tag_ttl_seconds, links)
+        self.sweeper = MetadataSweeper(cache, store, links, links_directory, wall)
         self._notice_moved_registries(config)
         if upgrading:
             # A cache from before links were kept: what its tags resolve to
@@ -875,6 +913,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config_path = None if config.source == "<embedded default>" else config.source
     early_sighup = getattr(options, "early_sighup", None)
     _lock_cache_directory(config.cache.directory)
+    _monotonic_timers(reactor)
     runtime = Runtime(config, config_path, reactor)
     app, cache = runtime.app, runtime.cache
     parent = getattr(options, "parent", None)

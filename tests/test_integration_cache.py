@@ -29,6 +29,7 @@ from cargobay.tokens import mint_token
 from evil_upstream import BLOB, DIGEST, REFERRERS
 from peers import (
     OCI_MANIFEST,
+    REPO_ROOT,
     BlackHole,
     Registry,
     Twistd,
@@ -451,6 +452,62 @@ def test_a_blob_without_content_length_reaches_joiners_with_correct_framing(evil
     for thread in threads:
         thread.join(60)
     assert results == {i: (200, BLOB) for i in range(3)}
+
+
+#: Loaded first by the proxy's Python (PYTHONPATH): its calendar clock,
+#: time.time, runs the number of seconds in the file away from the real one,
+#: as after an NTP step or a virtual machine's resume.  The monotonic clock
+#: is left alone, as such steps leave it.
+STEPPED_CLOCK = """
+import os, time
+_path = os.environ["CARGOBAY_TEST_CLOCK_STEP"]
+_calendar = time.time
+_step = [-1.0, 0.0]
+
+def _stepped():
+    now = time.monotonic()
+    if now - _step[0] > 0.05:
+        try:
+            _step[1] = float(open(_path).read() or 0)
+        except (OSError, ValueError):
+            pass
+        _step[0] = now
+    return _calendar() + _step[1]
+
+time.time = _stepped
+"""
+
+
+def test_a_stalled_upstream_times_out_when_the_calendar_clock_steps_back(evil, tmp_path):
+    # The reactor timed its calls on the calendar clock: an hour's step back
+    # held a client on a stalled upstream (read_timeout_seconds = 2) for an
+    # hour and two seconds, and every other timeout with it.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STEPPED_CLOCK)
+    step = tmp_path / "step"
+    step.write_text("0")
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", port, tmp_path / "cache",
+                          [{"id": "evil", "url": evil, "read_timeout_seconds": 2}], [("stall", "evil", "evil/stall")])
+    env = {"CARGOBAY_TEST_CLOCK_STEP": str(step),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log", env=env).start()
+    try:
+        process.wait_listening(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", f"/v2/stall/blobs/{DIGEST}", headers={"Authorization": f"Bearer {ALL}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        first = response.read(64 * 1024)  # the upstream has sent half, and says nothing more
+        step.write_text("-3600")
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            response.read()  # cut once the upstream has been silent for 2 s, not an hour
+        assert first == BLOB[: len(first)]
+        conn.close()
+        assert "Traceback" not in process.log_text()
+    finally:
+        process.stop()
 
 
 @pytest.mark.parametrize("mode", ["wrong", "truncate", "stall", "chunkedcut", "longer"])
