@@ -409,7 +409,10 @@ def _kind(value: object) -> str:
 
 
 def _check_url(where: str, url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # a bracketed host that is no address
+        raise ConfigError(f"{where}: {url!r} is not a usable URL ({e})") from None
     if "@" in parts.netloc:
         # Never echo it: the part before "@" is a password.
         hint = "; put them in [registries.auth]" if where.startswith("registries") else ""
@@ -418,9 +421,13 @@ def _check_url(where: str, url: str) -> None:
         raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: {url!r} must not have a query or fragment")
-    if ":" in parts.hostname and where.startswith("registries"):
-        # treq's URL handling refuses IPv6 literals: every request would fail.
-        raise ConfigError(f"{where}: {url!r}: IPv6 addresses are not supported here; use a host name")
+    if ":" in parts.hostname:
+        try:
+            ipaddress.IPv6Address(parts.hostname)
+        except ValueError:
+            raise ConfigError(f"{where}: {url!r}: {parts.hostname!r} is not an IPv6 address") from None
+        if "%" in parts.hostname:
+            raise ConfigError(f"{where}: {url!r}: an IPv6 address with a zone (%) is not supported; use a host name")
     try:
         _ = parts.port
     except ValueError:

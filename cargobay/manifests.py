@@ -640,7 +640,10 @@ def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str |
     start, end = link.find("<"), link.find(">")
     if start < 0 or end < start:
         return None
-    target = urlsplit(link[start + 1 : end])
+    try:
+        target = urlsplit(link[start + 1 : end])
+    except ValueError:  # a bracketed host that is no address
+        return None
     prefix = f"/v2/{upstream_name}/"
     if not target.path.startswith(prefix):
         return None

@@ -484,12 +484,12 @@ def _absolute_to_us(request: Request, public_url: str | None) -> bool:
     server take those, with the target's authority in place of Host.  If
     so, the request becomes the origin form of the same target.
     """
-    target = urlsplit(request.uri.decode("latin-1"))
-    if target.scheme not in ("http", "https") or not target.hostname:
-        return False
     try:
+        target = urlsplit(request.uri.decode("latin-1"))
+        if target.scheme not in ("http", "https") or not target.hostname:
+            return False
         port = target.port or (443 if target.scheme == "https" else 80)
-    except ValueError:
+    except ValueError:  # a port out of range, a bracketed host that is no address
         return False
     ours = {(str(getattr(request.getHost(), "host", "")), getattr(request.getHost(), "port", None))}
     ours |= {(name, getattr(request.getHost(), "port", None)) for name in ("localhost", socket.gethostname().lower())}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import ipaddress
 import json
 import re
 import socket
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, cast
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
@@ -303,6 +304,41 @@ class UpstreamEndpoints:
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
 
+#: An IPv6 address literal host, as treq is given it (see L{_for_treq}).
+_V6_NAME = re.compile(rb"//v6-([0-9a-f]{32})\.ipv6-literal\.invalid(?=[:/?#]|$)")
+
+
+def _for_treq(url: str) -> str:
+    """
+    C{url} with an IPv6 address literal for a host (C{http://[fd00::5]:5000})
+    put as a name of its own, which L{_AsSent} turns back: treq's URL
+    handling puts every host through IDNA, which refuses the colons.
+    Twisted's agent under it takes the literal as it is.
+    """
+    parts = urlsplit(url)
+    if not parts.netloc.startswith("["):
+        return url
+    try:
+        packed = ipaddress.IPv6Address(parts.hostname or "").packed
+        port = parts.port
+    except ValueError:
+        return url
+    netloc = f"v6-{packed.hex()}.ipv6-literal.invalid" + ("" if port is None else f":{port}")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _literal_back(uri: bytes) -> bytes:
+    return _V6_NAME.sub(lambda m: b"//[" + str(ipaddress.IPv6Address(bytes.fromhex(m[1].decode()))).encode() + b"]",
+                        uri, count=1)
+
+
+class _Client(HTTPClient):
+    """treq's client, taking an IPv6 address literal for a host."""
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:  # type: ignore[override]
+        return super().request(method, _for_treq(url) if isinstance(url, str) else url, **kwargs)
+
+
 @implementer(IAgent)
 class _AsSent:
     """
@@ -321,6 +357,7 @@ class _AsSent:
         if headers is not None:
             headers = headers.copy()
             headers.removeHeader(b"accept-encoding")
+        uri = _literal_back(uri)
         return self._agent.request(method, uri, headers, bodyProducer).addCallback(_undecoded)
 
 
@@ -381,7 +418,7 @@ class Upstream:
                 agent = OutboundAgent(reactor, agent, settings, pool, registry.connect_timeout)
         # treq's client asks every upstream for gzip, which it would inflate
         # without a bound, and keeps and sends back cookies: neither here.
-        self._http = HTTPClient(_AsSent(agent), cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+        self._http = _Client(_AsSent(agent), cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
         self._tokens: dict[str, _CachedToken] = {}
         self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
         # Set once the registry answered with a Basic challenge: send the

@@ -17,10 +17,15 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 - ``longer``: Content-Length of the whole blob, then more bytes than that;
 - ``status<code>``: that HTTP status, with ``Retry-After: 7``;
 - ``tometadata``: a redirect to a cloud's metadata service (169.254.169.254);
-- ``tolocal``: a redirect to ``good`` of this upstream at 127.0.0.1.
+- ``tolocal``: a redirect to ``good`` of this upstream at 127.0.0.1;
+- ``tobadhost``: a redirect to a URL whose bracketed host is no address.
+
+Under ``badrealm``, everything asks for a token at such a URL; the tag list
+of ``badlink`` links its next page to one.
 
 It listens on every address (``python tests/evil_upstream.py PORT``), so
-that it can be reached at one that is not loopback.
+that it can be reached at one that is not loopback, and on ::1 (the same
+port) where loopback has IPv6.
 
 Tag lists page as some registries do: ``cursor`` with a parameter of its
 own in the ``Link`` (Quay's ``next_page``) and an opaque ``last`` (ECR's),
@@ -57,6 +62,13 @@ def main(port: int) -> None:
             parts = path.split("/")
             if path.endswith("/tags/list") and "cursor" in parts:
                 return self.tag_page(request)
+            if "badrealm" in parts:
+                request.setResponseCode(401)
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="http://[::zz]/token",service="evil"')
+                return b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
+            if path.endswith("/tags/list") and "badlink" in parts:
+                request.setHeader(b"Link", b'<http://[::zz]/v2/evil/badlink/tags/list?n=1&last=a>; rel="next"')
+                return json.dumps({"name": "evil/badlink", "tags": ["a"]}).encode()
             if "referrers" in parts:
                 request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
                 return REFERRERS
@@ -68,11 +80,12 @@ def main(port: int) -> None:
                 request.setResponseCode(int(mode[len("status"):]))
                 request.setHeader(b"Retry-After", b"7")
                 return b'{"errors":[{"code":"X","message":"evil"}]}'
-            if mode in ("tometadata", "tolocal"):
+            if mode in ("tometadata", "tolocal", "tobadhost"):
                 request.setResponseCode(302)
                 request.setHeader(b"Location", {
                     "tometadata": b"http://169.254.169.254/latest/meta-data/iam/security-credentials/",
                     "tolocal": f"http://127.0.0.1:{port}/v2/evil/good/blobs/{DIGEST}".encode(),
+                    "tobadhost": f"http://[::zz]:{port}/v2/evil/good/blobs/{DIGEST}".encode(),
                 }[mode])
                 return b""
             half = BLOB[: len(BLOB) // 2]
@@ -122,7 +135,12 @@ def main(port: int) -> None:
                 request.setHeader(b"Link", f'</v2/{name}/tags/list?n=2&{link}>; rel="next"'.encode())
             return json.dumps({"name": name, "tags": tags}).encode()
 
-    reactor.listenTCP(port, server.Site(Evil()), interface="0.0.0.0")
+    site = server.Site(Evil())
+    reactor.listenTCP(port, site, interface="0.0.0.0")
+    try:
+        reactor.listenTCP(port, site, interface="::1")  # for IPv6 address literals, where loopback has one
+    except Exception:
+        pass
     reactor.run()
 
 

@@ -454,6 +454,53 @@ def test_a_blob_without_content_length_reaches_joiners_with_correct_framing(evil
     assert results == {i: (200, BLOB) for i in range(3)}
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_an_upstream_at_an_ipv6_address_literal(evil, tmp_path):
+    # url = "http://[::1]:PORT" stopped start-up ("IPv6 addresses are not
+    # supported"): treq puts every host through IDNA, which refuses colons.
+    if not _has_ipv6_loopback():
+        if os.environ.get("CI") == "true":
+            pytest.fail("this machine's loopback has no IPv6 address (::1)")
+        pytest.skip("this machine's loopback has no IPv6 address (::1)")
+    port = int(evil.rsplit(":", 1)[1])
+    proxy = start_proxy(tmp_path, [{"id": "six", "url": f"http://[::1]:{port}"}],
+                        [("good", "six", "evil/good"), ("paged", "six", "evil/cursor")])
+    try:
+        assert get_blob(proxy, "good") == (200, BLOB, None)
+        assert wait_until(proxy.cached_blob_files, timeout=30)
+        status, _, body = proxy.request("/v2/paged/tags/list?n=2")
+        assert status == 200 and json.loads(body)["tags"] == ["B", "a"]
+        assert "Traceback" not in proxy.process.log_text()
+    finally:
+        proxy.process.stop()
+
+
+@pytest.mark.parametrize("path", [f"/v2/tobadhost/blobs/{DIGEST}", "/v2/badrealm/manifests/latest", "/v2/badlink/tags/list"])
+def test_an_upstream_url_whose_bracketed_host_is_no_address(evil, tmp_path, path):
+    # A redirect, a token realm or a next page at http://[::zz]/: Python's URL
+    # parsing raises where it took anything before, and no answer came back.
+    proxy = start_proxy(tmp_path, [{"id": "evil", "url": evil}],
+                        [(name, "evil", f"evil/{name}") for name in ("tobadhost", "badrealm", "badlink")])
+    try:
+        status, _, body = proxy.request(path)
+        if "badlink" in path:
+            assert status == 200 and json.loads(body)["tags"] == ["a"]  # the page, without the link
+        else:
+            assert status == 502, body
+            assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        assert "Traceback" not in proxy.process.log_text()
+    finally:
+        proxy.process.stop()
+
+
 #: Loaded first by the proxy's Python (PYTHONPATH): its calendar clock,
 #: time.time, runs the number of seconds in the file away from the real one,
 #: as after an NTP step or a virtual machine's resume.  The monotonic clock

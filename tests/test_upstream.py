@@ -789,11 +789,22 @@ def test_a_401_to_a_request_sent_before_a_token_came_uses_that_token():
 
 
 def test_a_redirect_to_a_url_treq_cannot_take_says_so():
-    # An IPv6 address literal (treq's URLs refuse them) was "failed: InvalidCodepoint".
+    # A host name IDNA refuses (a label of 64 letters) was "failed: InvalidCodepoint".
     registry = FakeRegistry()
 
-    registry.on("GET", "/v2/", answering(302, Location=b"http://[::1]:7000/blob"))
+    registry.on("GET", "/v2/", answering(302, Location=b"http://" + b"a" * 64 + b".example:7000/blob"))
     upstream = make_upstream(registry, Clock())
     with pytest.raises(UpstreamError) as caught:
         result_of(upstream.request("GET", "/v2/a/blobs/x", SCOPE, any_origin=True))
     assert caught.value.error.status == 502 and "a URL it cannot use" in caught.value.error.message
+
+
+def test_ipv6_address_literals_pass_treq_as_names_of_their_own():
+    from cargobay.upstream import _for_treq, _literal_back
+
+    for url in ("http://[::1]:5000/v2/a/blobs/x?n=1", "https://[fd00::5]/v2/", "http://[2001:db8::1]"):
+        name = _for_treq(url)
+        assert "[" not in name and name.count(":") <= 2, name
+        assert _literal_back(name.encode()) == url.encode()
+    for url in ("https://registry-1.docker.io/v2/", "http://127.0.0.1:5000/v2/"):
+        assert _for_treq(url) == url and _literal_back(url.encode()) == url.encode()
