@@ -498,7 +498,9 @@ def test_http_request_forms(proxy, images):
     accept = b"Accept: application/vnd.oci.image.manifest.v1+json\r\n"
     # The absolute form is a forward proxy's: refused, saying why (served as
     # a path, it would give another registry's name this proxy's image).
-    for target in ("http://other-registry/v2/alpine/manifests/latest", f"http://other:{proxy.port}/v2/"):
+    # (A bracketed host that is no address, or not closed, was a 500 and a traceback.)
+    for target in ("http://other-registry/v2/alpine/manifests/latest", f"http://other:{proxy.port}/v2/",
+                   "http://[::zz]/v2/", f"http://[::1:{proxy.port}/v2/"):
         status, _, body = _raw_exchange(
             proxy.port, f"GET {target} HTTP/1.1\r\nHost: other\r\n".encode()
             + auth + accept + b"Connection: close\r\n\r\n"

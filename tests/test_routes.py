@@ -1548,7 +1548,8 @@ def test_an_absolute_target_is_taken_only_when_it_names_this_server():
         assert request.postpath == [b"v2", b"a", b"tags", b"list"]
         assert request.getHeader(b"host") == uri.split(b"/")[2]
     for uri in (b"http://10.0.0.5/v2/", b"http://cache.example.com/v2/", b"http://other:5000/v2/",
-                b"ftp://10.0.0.5:5000/v2/", b"http://10.0.0.5:99999/v2/", b"http:///v2/"):
+                b"ftp://10.0.0.5:5000/v2/", b"http://10.0.0.5:99999/v2/", b"http:///v2/", b"http://[::zz]/v2/",
+                b"http://[::1/v2/"):
         request = absolute(uri)
         assert not _absolute_to_us(request, public)
         assert request.path == uri
