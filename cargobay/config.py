@@ -168,6 +168,8 @@ class ServerConfig:
     idle_timeout: float = 30.0
     #: Seconds a client has to send a request's whole header block.
     header_timeout: float = 30.0
+    #: Seconds requests under way have to end once shutdown begins.
+    shutdown_grace: float = 10.0
 
     @property
     def endpoint(self) -> str:
@@ -495,9 +497,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     max_connections = server_section.integer("max_connections", 10_000, minimum=1)
     idle_timeout = server_section.number("idle_timeout_seconds", 30.0)
     header_timeout = server_section.number("header_timeout_seconds", 30.0)
+    shutdown_grace = server_section.number("shutdown_grace_seconds", 10.0, positive=False)
+    if shutdown_grace < 0:
+        raise ConfigError(f"server.shutdown_grace_seconds: must be at least 0, got {shutdown_grace:g}")
     server_section.finish()
     server = ServerConfig(
-        bind_address, port, listen, public_url, trusted, max_connections, idle_timeout, header_timeout
+        bind_address, port, listen, public_url, trusted, max_connections, idle_timeout, header_timeout,
+        shutdown_grace,
     )
 
     auth_section = section("auth", strict=True)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from twisted.application import internet, service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -45,6 +46,8 @@ access = Logger(namespace="cargobay.access")
 
 #: The most a request line, or all of a request's headers, may take.
 MAX_HEADERS_SIZE = 64 * 1024
+#: How often a shutdown looks whether the requests under way have ended.
+DRAIN_CHECK_EVERY = 0.05
 
 
 def fail(message: str) -> None:
@@ -191,14 +194,35 @@ class RegistryChannel(http.HTTPChannel):
                 answer_unparsed(self.transport, 503, "over server.max_connections", headers="Retry-After: 1\r\n")
                 self.transport.loseConnection()
             return
+        site.channels.add(self)
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._end_header_deadline()
         if getattr(self, "_counted", False):
             self._counted = False
-            cast(ProxySite, self.factory).open_connections -= 1
+            site = cast(ProxySite, self.factory)
+            site.open_connections -= 1
+            site.channels.discard(self)
         super().connectionLost(reason)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if cast(ProxySite, self.factory).draining:
+            # Shutting down: this answer is the connection's last.
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
+
+    @property
+    def busy(self) -> bool:
+        """A request has begun on it (its line at least) and not ended."""
+        return bool(self.requests)
+
+    def close_when_idle(self) -> None:
+        """Close now if idle, else once the request under way has ended."""
+        self.persistent = False
+        if not self.busy and self.transport is not None:
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_bytes:
@@ -366,9 +390,47 @@ class ProxySite(server.Site):
     refused_connections = 0
     max_connections = 10_000
     header_timeout = 30.0
+    #: Set once shutdown begins: every answer from then on is its connection's last.
+    draining = False
+    #: Set by a second SIGTERM or SIGINT: the requests under way are cut now.
+    cut_short = False
     # Plain HTTP/1.1 channels (no HTTP/2 negotiation wrapper).
     protocol = RegistryChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The client connections open (those over max_connections aside).
+        self.channels: set[RegistryChannel] = set()
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Close idle connections, and each busy one once its request has
+        ended; fires when none is left busy, or after C{grace} seconds.
+        """
+        self.draining = True
+        for channel in list(self.channels):
+            channel.close_when_idle()
+        done: Deferred[None] = Deferred()
+        deadline = self.reactor.seconds() + grace
+
+        def check() -> None:
+            busy = [channel for channel in self.channels if channel.busy]
+            if not busy:
+                done.callback(None)
+            elif self.reactor.seconds() >= deadline or self.cut_short:
+                log.warn(
+                    "shutting down with {count} requests still under way {why}; their connections are cut",
+                    count=len(busy),
+                    why="at a second signal" if self.cut_short
+                    else f"after server.shutdown_grace_seconds ({grace:g} s)",
+                )
+                done.callback(None)
+            else:
+                self.reactor.callLater(DRAIN_CHECK_EVERY, check)
+
+        check()
+        return done
 
     def log(self, request: http.Request, cut: bool = False) -> None:
         """
@@ -833,6 +895,8 @@ class CargobayService(service.MultiService):
         self._reactor = reactor
         self._previous_handler: Any = None
         self._early_sighup = early_sighup
+        #: The sites whose requests under way a shutdown lets end.
+        self.sites: list[ProxySite] = []
 
     def startService(self) -> None:
         super().startService()
@@ -842,10 +906,30 @@ class CargobayService(service.MultiService):
             self._reactor.callLater(0, self.reload)
 
     def stopService(self) -> Any:
+        """
+        Stop listening, then give the requests under way up to
+        C{server.shutdown_grace_seconds} to end (idle connections are closed
+        at once) before the reactor cuts what is left: a rolling restart
+        does not break the pulls in progress.
+        """
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
-        return super().stopService()
+        grace = self._runtime.config.server.shutdown_grace
+
+        def cut(signum: int, frame: Any) -> None:
+            for site in self.sites:
+                site.cut_short = True
+
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C (or SIGTERM) does not wait for the grace to end.
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, cut)
+
+        def drain(result: object) -> Any:
+            return DeferredList([site.drain(grace) for site in self.sites]).addCallback(lambda _: result)
+
+        return maybeDeferred(super().stopService).addCallback(drain)
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: hand the work to the reactor.
@@ -933,8 +1017,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         lambda: site.refused_connections,
     )
     Listener("server.listen", config.server.endpoint, site, reactor).setServiceParent(top)
+    top.sites.append(site)
     if config.metrics.enabled and config.metrics.listen:
-        Listener("metrics.listen", config.metrics.listen, ProxySite(MetricsResource(app)), reactor).setServiceParent(top)
+        metrics_site = ProxySite(MetricsResource(app))
+        Listener("metrics.listen", config.metrics.listen, metrics_site, reactor).setServiceParent(top)
+        top.sites.append(metrics_site)
     internet.TimerService(
         config.cache.eviction_interval_seconds, _maintain, cache, config.cache.scrub_bytes_per_interval, runtime.sweeper
     ).setServiceParent(top)

@@ -85,6 +85,8 @@ def test_password_never_in_repr():
 def test_listen_overrides_bind_address_and_port():
     config = parse_config(SEED.replace('port = 5000', 'port = 5000\nlisten = "tcp:6000:interface=127.0.0.1"'))
     assert config.server.endpoint == "tcp:6000:interface=127.0.0.1"
+    assert config.server.shutdown_grace == 10.0
+    assert parse_config(SEED.replace('port = 5000', 'port = 5000\nshutdown_grace_seconds = 0')).server.shutdown_grace == 0
 
 
 def test_new_optional_keys():
@@ -158,6 +160,7 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
         (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
         (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
+        (('port = 5000', 'port = 5000\nshutdown_grace_seconds = -1'), "server.shutdown_grace_seconds", "at least 0"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\nclient_waits_for_disk = "yes"'),
          "cache.client_waits_for_disk", "must be true or false"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\nleave_disk_after_seconds = -1'),

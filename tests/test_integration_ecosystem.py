@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tls import TestCA
 
-from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, skopeo, skopeo_push, wait_until
+from peers import REPO_ROOT, Twistd, build_oci_layout, free_port, push_blob, skopeo, skopeo_push, wait_until
 from proxy import ALL, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
@@ -71,6 +71,88 @@ def test_https_listener_verified_by_skopeo(upstream_anon, image, tmp_path):
         except urllib.error.HTTPError as e:
             assert e.code == 401
             assert e.headers["WWW-Authenticate"].startswith(f'Bearer realm="https://127.0.0.1:{port}/token"')
+    finally:
+        process.stop()
+
+
+def _with_server_keys(config: Path, port: int, keys: str) -> None:
+    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {port}\n{keys}\n", 1))
+
+
+def test_sigterm_lets_pulls_under_way_end_and_closes_idle_connections(upstream_anon, tmp_path):
+    # A rolling restart cut every pull in progress in the middle of its layer.
+    digest = push_blob(upstream_anon, "library/draining", 64 * 1024 * 1024)
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}],
+                          [("draining", "up", "library/draining")])
+    _with_server_keys(config, port, "shutdown_grace_seconds = 60")
+    process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log").start()
+    proxy = Proxy(process, port, tmp_path / "cache")
+    try:
+        process.wait_listening(port)
+        assert proxy.request(f"/v2/draining/blobs/{digest}")[0] == 200  # cached now
+        proxy.cached_blob(digest)
+        import http.client
+
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        idle.request("GET", "/v2/", headers={"Authorization": f"Bearer {ALL}"})
+        idle.getresponse().read()
+        pulling = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        pulling.request("GET", f"/v2/draining/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+        response = pulling.getresponse()
+        first = response.read(1024 * 1024)
+        os.kill(process.pid, signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                __import__("socket").create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+
+        assert wait_until(refused, timeout=30)  # no new connections...
+        assert idle.sock.recv(1) == b""  # ...an idle one closed...
+        assert process.returncode is None  # ...while the pull goes on, to its end
+        hasher = hashlib.sha256(first)
+        while chunk := response.read(1024 * 1024):
+            hasher.update(chunk)
+            time.sleep(0.002)
+        assert "sha256:" + hasher.hexdigest() == digest
+        assert wait_until(lambda: process.returncode is not None, timeout=30)
+        assert process.returncode == -signal.SIGTERM  # twistd's way to exit on a signal
+        assert "still under way" not in process.log_text() and "Traceback" not in process.log_text()
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("end", ["grace", "second signal"])
+def test_sigterm_cuts_a_pull_that_outlasts_the_grace(upstream_anon, tmp_path, end):
+    digest = push_blob(upstream_anon, "library/outlasting", 64 * 1024 * 1024)
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}],
+                          [("outlasting", "up", "library/outlasting")])
+    _with_server_keys(config, port, f"shutdown_grace_seconds = {0.5 if end == 'grace' else 3600}")
+    process = Twistd(config_path=config, log_path=tmp_path / "cargobay.log").start()
+    proxy = Proxy(process, port, tmp_path / "cache")
+    try:
+        process.wait_listening(port)
+        assert proxy.request(f"/v2/outlasting/blobs/{digest}")[0] == 200
+        proxy.cached_blob(digest)
+        import http.client
+
+        stuck = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        stuck.request("GET", f"/v2/outlasting/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+        response = stuck.getresponse()
+        response.read(1024 * 1024)  # and no more: a client that stopped reading
+        os.kill(process.pid, signal.SIGTERM)
+        if end == "second signal":
+            assert wait_until(lambda: f"(TCP Port {port} Closed)" in process.log_text(), timeout=30)
+            os.kill(process.pid, signal.SIGTERM)
+        assert wait_until(lambda: process.returncode is not None, timeout=30)
+        assert process.returncode == -signal.SIGTERM  # twistd's way to exit on a signal
+        assert "1 requests still under way " + ("after" if end == "grace" else "at a second signal") in process.log_text()
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            response.read()
     finally:
         process.stop()
 
