@@ -206,17 +206,24 @@ class Authenticator:
         allows.  Push (or anything but pull) is never granted.
         """
         names = []
+        # The catalog lists what the credential may pull: a token for it
+        # carries all of that (no more than the credential itself), and so
+        # does one asked for without a scope (podman search asks so, then
+        # reads the catalog with it).
+        whole = not any(text.strip() for text in scopes)
         for text in scopes:
             for item in text.split(" "):
                 scope = Scope.parse(item)
                 if scope is not None and "pull" in scope.actions and grant.allows(scope.name):
                     names.append(scope.name)
+                whole = whole or item == "registry:catalog:*"
+        repositories = grant.repositories if whole else sorted(set(names))
         now = int(time.time())
         lifetime = self._lifetime
         if grant.expires_at is not None:
             lifetime = max(1, min(lifetime, grant.expires_at - now))
         token = mint_token(
-            self._secret, grant.subject, sorted(set(names)), lifetime, now=now,
+            self._secret, grant.subject, repositories, lifetime, now=now,
             issuer=self._issuer, audience=self._audience,
         )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))

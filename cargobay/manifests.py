@@ -617,7 +617,9 @@ def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) 
     Apply C{n}/C{last} pagination ourselves when the upstream ignored it
     (CNCF distribution 2.x does for tag lists): lexical order, tags after
     C{last}, at most C{n}, and a C{Link} to the next page when there is one.
+    A C{local_name} that is a path (the catalog's) is the listing's own.
     """
+    path = local_name if local_name.startswith("/") else f"/v2/{local_name}/tags/list"
     ordered = sorted(tags)
     if last is not None:
         ordered = [t for t in ordered if t > last]
@@ -627,7 +629,7 @@ def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) 
     if not page:
         return page, None
     query = urlencode([("last", page[-1]), ("n", str(n))])
-    return page, f'</v2/{local_name}/tags/list?{query}>; rel="next"'
+    return page, f'<{path}?{query}>; rel="next"'
 
 
 def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str | None:

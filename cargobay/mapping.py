@@ -59,6 +59,10 @@ class Mapper:
             for host in registry.hosts:
                 self._by_host.setdefault(host, registry)
 
+    def names(self) -> list[str]:
+        """The local names mapped one by one, in lexical order."""
+        return sorted(self._exact)
+
     def resolve(self, name: str, ns: str | None = None) -> Resolved | None:
         exact = self._exact.get(name)
         if ns:

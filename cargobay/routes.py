@@ -35,7 +35,7 @@ from cargobay.errors import (
     name_unknown,
     pagination_invalid,
 )
-from cargobay.manifests import ManifestService, accept_headers, valid_media_type
+from cargobay.manifests import ManifestService, accept_headers, paginate, valid_media_type
 from cargobay.mapping import Mapper, Resolved
 from cargobay.metrics import Metrics
 from cargobay.reference import Digest, InvalidDigest, is_valid_name, is_valid_tag
@@ -68,6 +68,22 @@ class Target:
     kind: str  # "manifests", "blobs", "tags", "referrers"
     name: str
     argument: str  # reference, digest, or "" for tags
+
+
+#: The catalog's path, and the scope a token for it names (distribution's).
+CATALOG = "/v2/_catalog"
+CATALOG_SCOPE = "registry:catalog:*"
+
+
+def _count(request: Request) -> int | None:
+    """A listing's C{n}: how many entries at most."""
+    n_values = _args(request).get(b"n")
+    if not n_values:
+        return None
+    text = n_values[0].decode("latin-1")
+    if not _COUNT.fullmatch(text):
+        raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
+    return int(text)
 
 
 def parse_target(path: str) -> Target | None:
@@ -143,10 +159,15 @@ class RegistryApp:
         if method not in allowed:
             raise _not_allowed(allowed)
         scope = f"repository:{target.name}:pull" if target is not None and is_valid_name(target.name) else None
+        if path == CATALOG:
+            scope = CATALOG_SCOPE
         grant = self.authenticator.authenticate(request, scope)
         request.grant = grant  # type: ignore[attr-defined]
         if path in ("/v2", "/v2/"):
             return _json(request, b"{}")
+        if path == CATALOG:
+            request.route_label = "catalog"  # type: ignore[attr-defined]
+            return self._catalog(request, grant)
         if target is None:
             raise RegistryError(404, "UNSUPPORTED", "no such registry endpoint", {"path": path[:200]})
         if not is_valid_name(target.name):
@@ -356,15 +377,23 @@ class RegistryApp:
             return None
         return answer.content
 
+    def _catalog(self, request: Request, grant: Grant) -> bytes:
+        """
+        The repositories this token may pull, of those the config names one
+        by one (a pattern's, C{hub/*}, are any name): lexical order, C{n}
+        and C{last} as for tag lists.
+        """
+        names = [name for name in self.mapper.names() if grant.allows(name)]
+        last_values = _args(request).get(b"last")
+        last = last_values[0].decode("latin-1") if last_values else None
+        page, link = paginate(names, _count(request), last, CATALOG)
+        if link is not None:
+            request.setHeader(b"Link", link.encode("latin-1"))
+        return _json(request, json.dumps({"repositories": page}).encode())
+
     @inlineCallbacks
     def _tags(self, request: Request, mapping: Resolved, upstream: Upstream, ns: str | None) -> Any:
-        n_values = _args(request).get(b"n")
-        n = None
-        if n_values:
-            text = n_values[0].decode("latin-1")
-            if not _COUNT.fullmatch(text):
-                raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
-            n = int(text)
+        n = _count(request)
         # "last" is a tag for most registries and an opaque cursor for some
         # (ECR); others (Quay) page with parameters of their own, which their
         # Link hands out: all of them go back to the upstream as they came.

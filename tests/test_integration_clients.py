@@ -206,6 +206,19 @@ def test_podman_pull(proxy: Proxy, images, tmp_path):
     assert "denied" in refused.stderr.lower() or "unauthorized" in refused.stderr.lower(), refused.stderr
 
 
+def test_podman_search_lists_the_catalog_a_token_may_pull(proxy: Proxy, tmp_path):
+    # GET /v2/_catalog was a 404: podman search (and crane catalog, reg ls)
+    # listed nothing.
+    token = token_for("podman-search", ["alpine"])
+    store = {"root": tmp_path / "root", "runroot": tmp_path / "runroot"}
+    login = podman("login", "--tls-verify=false", "-u", "user", "-p", token, proxy.host, **store)
+    assert login.returncode == 0, login.stdout + login.stderr
+    found = podman("search", "--tls-verify=false", "--format", "{{.Name}}", f"{proxy.host}/", **store)
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert found.stdout.split() == [f"{proxy.host}/alpine"]
+    assert wait_for_log(proxy, r"cargobay\.access.* GET /v2/_catalog.* 200 .*subject=podman-search")
+
+
 @pytest.mark.parametrize("how", ["creds", "registry-token"])
 def test_skopeo_with_basic_and_bearer(proxy: Proxy, images, tmp_path, how):
     token = token_for(f"skopeo-{how}", ["alpine"])

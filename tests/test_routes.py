@@ -1565,3 +1565,37 @@ def test_every_registry_request_releases_its_upstream_when_it_ends(world, path):
         world.get(path, ALL, method=method)
         world.clock.advance(1)
         assert world.upstream._uses == 0, method
+
+
+def test_the_catalog_lists_the_mapped_repositories_a_token_may_pull(world):
+    response, body = world.get("/v2/_catalog", ALL)
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(body) == {"repositories": ["alpine", "library/busybox", "mycompany/app"]}
+    response, body = world.get("/v2/_catalog", ALPINE_ONLY)
+    assert json.loads(body) == {"repositories": ["alpine"]}
+    response, body = world.get("/v2/_catalog?n=2", ALL)
+    assert json.loads(body) == {"repositories": ["alpine", "library/busybox"]}
+    assert response.headers.getRawHeaders("link") == ['</v2/_catalog?last=library%2Fbusybox&n=2>; rel="next"']
+    response, body = world.get("/v2/_catalog?n=2&last=library%2Fbusybox", ALL)
+    assert json.loads(body) == {"repositories": ["mycompany/app"]} and not response.headers.hasHeader("link")
+    response, body = world.get("/v2/_catalog?n=x", ALL)
+    assert response.code == 400 and error_code(body) == "PAGINATION_NUMBER_INVALID"
+    assert world.upstream_registry.seen == []
+    # Without a token: a challenge for the catalog's scope, as distribution's.
+    response, body = world.get("/v2/_catalog")
+    assert response.code == 401
+    assert 'scope="registry:catalog:*"' in response.headers.getRawHeaders("www-authenticate")[0]
+
+
+def test_a_token_for_the_catalog_scope_carries_what_the_credential_may_pull(world):
+    # (Asked for without a scope, as podman search does, the same.)
+    for query in ("&scope=registry:catalog:*", ""):
+        for credential, expected in ((ALPINE_ONLY, ("alpine",)), (ALL, None)):
+            response, body = world.get("/token?service=cargobay" + query,
+                                       headers={"Authorization": _basic("anyone", credential)})
+            assert response.code == 200
+            assert TokenVerifier([SECRET]).verify(json.loads(body)["token"]).repositories == expected
+    # A scope the credential does not cover still gets nothing more.
+    response, body = world.get("/token?service=cargobay&scope=repository:mycompany/app:pull",
+                               headers={"Authorization": _basic("anyone", ALPINE_ONLY)})
+    assert TokenVerifier([SECRET]).verify(json.loads(body)["token"]).repositories == ()
