@@ -6,6 +6,7 @@ the upstream byte for byte, with their digests checked.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from cargobay.manifest_store import (
     valid_media_type,
 )
 from cargobay.reference import Digest, InvalidDigest
-from cargobay.upstream import Upstream, discard_body, map_status, pull_scope, shared
+from cargobay.upstream import SMALL_BODY_LIMIT, Upstream, discard_body, map_status, pull_scope, shared
 
 log = Logger()
 
@@ -439,8 +440,11 @@ class ManifestService:
         digest = (response.headers.getRawHeaders("docker-content-digest") or [None])[0]
         if ":" in reference:
             digest = reference
-        length = (response.headers.getRawHeaders("content-length") or [None])[0]
-        return media_type, digest, int(length) if length and length.isdigit() else None
+        # ASCII digits only ("²" is a digit to str.isdigit, not to int), and
+        # no more than a manifest may take: else the length is unknown.
+        length = (response.headers.getRawHeaders("content-length") or [""])[0]
+        size = int(length) if _LENGTH.fullmatch(length) else None
+        return media_type, digest, size if size is not None and size <= SMALL_BODY_LIMIT else None
 
     @inlineCallbacks
     def tags(
@@ -610,6 +614,10 @@ def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: Re
         reference=reference,
         reason=error.message,
     )
+
+
+#: A Content-Length: ASCII digits, at most 19.
+_LENGTH = re.compile(r"[0-9]{1,19}")
 
 
 def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) -> tuple[list[str], str | None]:

@@ -1599,3 +1599,27 @@ def test_a_token_for_the_catalog_scope_carries_what_the_credential_may_pull(worl
     response, body = world.get("/token?service=cargobay&scope=repository:mycompany/app:pull",
                                headers={"Authorization": _basic("anyone", ALPINE_ONLY)})
     assert TokenVerifier([SECRET]).verify(json.loads(body)["token"]).repositories == ()
+
+
+@pytest.mark.parametrize("length", ["²".encode(), b"9" * 5000, b"9" * 30, b"-5", str(5 * 1024 * 1024).encode()])
+def test_a_manifest_head_length_that_is_no_manifest_size_is_not_believed(world, length):
+    # "²" (a digit to str.isdigit, not to int) and 5,000 digits were a 500,
+    # the first GET of a tag asked for with a narrow Accept too, and, the tag
+    # cached, every GET after its TTL; 30 digits went to the client as the
+    # manifest's size.
+    def head(request):
+        _manifest_head(request)
+        request.responseHeaders.setRawHeaders(b"content-length", [length])
+        return b""
+
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", head)
+    path = "/v2/alpine/manifests/latest"
+    response, _ = world.get(path, ALL, method="HEAD")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("docker-content-digest") == [MANIFEST_DIGEST]
+    assert response.headers.getRawHeaders("content-length") in (None, ["0"])  # unknown, as with none at all
+    response, body = world.get(path, ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.code == 200 and body == MANIFEST
+    world.clock.advance(3600)  # the tag is revalidated with a HEAD
+    response, body = world.get(path, ALL)
+    assert response.code == 200 and body == MANIFEST
