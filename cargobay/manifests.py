@@ -30,7 +30,7 @@ from cargobay.manifest_store import (
     media_type_of,
     valid_media_type,
 )
-from cargobay.reference import Digest, InvalidDigest
+from cargobay.reference import Digest, InvalidDigest, is_valid_tag
 from cargobay.upstream import SMALL_BODY_LIMIT, Upstream, discard_body, map_status, pull_scope, shared
 
 log = Logger()
@@ -532,7 +532,11 @@ class ManifestService:
                 raise ValueError
         except (ValueError, AttributeError, RecursionError):
             raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
-        return [t for t in tags if isinstance(t, str)], header_text((response.headers.getRawHeaders("link") or [None])[0])
+        # Only what could be pulled by that tag: a string that is no tag (a
+        # lone surrogate, say) could not even be put in a next page's link.
+        return [t for t in tags if isinstance(t, str) and is_valid_tag(t)], header_text(
+            (response.headers.getRawHeaders("link") or [None])[0]
+        )
 
     @inlineCallbacks
     def referrers(

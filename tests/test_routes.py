@@ -1623,3 +1623,19 @@ def test_a_manifest_head_length_that_is_no_manifest_size_is_not_believed(world, 
     world.clock.advance(3600)  # the tag is revalidated with a HEAD
     response, body = world.get(path, ALL)
     assert response.code == 200 and body == MANIFEST
+
+
+def test_a_tag_list_keeps_only_what_are_tags(world):
+    # A lone surrogate in an upstream's list (valid JSON) was a 500 once
+    # cargobay paged the list itself: it cannot go in a next page's link.
+    def tags(request):
+        return b'{"name": "team/application", "tags": ["\\ud800", "\\ud801", "a", "", "b\\nc", "../..", "' + b"x" * 300 + b'", 7, "b"]}'
+
+    world.upstream_registry.on("GET", "/v2/team/application/tags/list", tags)
+    for query in ("?n=1", "?n=2", "?n=1&last=a", ""):
+        response, body = world.get("/v2/mycompany/app/tags/list" + query, ALL)
+        assert response.code == 200, (query, body)
+    assert json.loads(world.get("/v2/mycompany/app/tags/list", ALL)[1])["tags"] == ["a", "b"]
+    response, body = world.get("/v2/mycompany/app/tags/list?n=1", ALL)
+    assert json.loads(body)["tags"] == ["a"]
+    assert response.headers.getRawHeaders("link") == ['</v2/mycompany/app/tags/list?last=a&n=1>; rel="next"']
