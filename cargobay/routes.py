@@ -482,6 +482,18 @@ class _PathGuard(resource.Resource):
             request.setResponseCode(400)
             request.setHeader(*API_VERSION)
             return _json(request, RegistryError(400, "UNSUPPORTED", "not exactly one Host header").body())
+        if hosts and not hosts[0].isascii():
+            # No host name or address is anything but ASCII (Klein would log
+            # a traceback decoding it, and answer an HTML page).
+            request.setResponseCode(400)
+            request.setHeader(*API_VERSION)
+            return _json(request, RegistryError(400, "UNSUPPORTED", "a Host header that is not ASCII").body())
+        if len(request.requestHeaders.getRawHeaders(b"authorization") or []) > 1:
+            # One credential per request: a front proxy that checks the
+            # first of two would let the second in.
+            request.setResponseCode(400)
+            request.setHeader(*API_VERSION)
+            return _json(request, RegistryError(400, "UNSUPPORTED", "more than one Authorization header").body())
         if not request.path.startswith(b"/") and not _absolute_to_us(request, self._public_url()):
             # The absolute form is for forward proxies: served as a path
             # here, http://other-registry/v2/library/alpine/... would get

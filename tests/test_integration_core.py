@@ -492,6 +492,22 @@ def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
+def test_a_host_that_is_not_ascii_and_two_credentials_are_refused(proxy):
+    # A Host of b"\xe9" got Klein's HTML 400 and a logged traceback, on every
+    # route, unauthenticated; with two Authorization headers the last one
+    # counted, where a front proxy may have checked the first.
+    garbage = b"Authorization: Bearer garbage\r\n"
+    good = f"Authorization: Bearer {ALL}\r\n".encode()
+    for path, headers in (("/v2/", b"Host: \xe9\r\n"), ("/healthz", b"Host: x:\xff\r\n"),
+                          ("/v2/", b"Host: x\r\n" + garbage + good), ("/v2/", b"Host: x\r\n" + good + garbage)):
+        status, answer, body = _raw_exchange(proxy.port, f"GET {path} HTTP/1.1\r\n".encode() + headers
+                                             + b"Connection: close\r\n\r\n")
+        assert status == 400, (path, headers, body)
+        assert answer["content-type"] == "application/json"
+        assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    assert "Invalid encoding" not in proxy.process.log_text()
+
+
 def test_http_request_forms(proxy, images):
     digest = images["single"]["manifest"]
     auth = f"Authorization: Bearer {ALL}\r\n".encode()
