@@ -1026,7 +1026,12 @@ class BlobPipe(Protocol):
             self._disk_check.cancel()
         self._disk_check = None
         if self._failure_reason is None:
-            if not reason.check(webclient.ResponseDone):
+            # A body of no announced length may end with the connection
+            # (HTTP/1.0's way): whether it is whole, the digest says.
+            ended = reason.check(webclient.ResponseDone) or (
+                self._expected is None and reason.check(webclient.PotentialDataLoss)
+            )
+            if not ended:
                 self._failure_reason = f"failed mid-body ({reason.type.__name__})"
             elif self._expected is not None and self._received != self._expected:
                 self._failure_reason = f"sent {self._received} of {self._expected} announced bytes"

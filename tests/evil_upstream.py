@@ -15,6 +15,8 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 - ``chunkedslow``: no Content-Length, half of the blob, the rest a second
   later (so that other requests join the download);
 - ``longer``: Content-Length of the whole blob, then more bytes than that;
+- ``closedelimited``: no Content-Length, not chunked, the blob, then the
+  connection closes (HTTP/1.0's framing); ``closedelimitedcut``: half of it;
 - ``status<code>``: that HTTP status, with ``Retry-After: 7``;
 - ``tometadata``: a redirect to a cloud's metadata service (169.254.169.254);
 - ``tolocal``: a redirect to ``good`` of this upstream at 127.0.0.1;
@@ -91,6 +93,14 @@ def main(port: int) -> None:
             half = BLOB[: len(BLOB) // 2]
             if mode == "good":
                 return BLOB
+            if mode in ("closedelimited", "closedelimitedcut") and request.method == b"GET":
+                # HTTP/1.0's framing: no length, the body ends with the connection.
+                body = BLOB if mode == "closedelimited" else half
+                transport = request.channel.transport
+                transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
+                transport.unregisterProducer()  # (the channel's: it would hold the connection open)
+                transport.loseConnection()
+                return server.NOT_DONE_YET
             if mode == "wrong":
                 return BLOB[:-1] + bytes([BLOB[-1] ^ 1])
             if mode == "longer":
