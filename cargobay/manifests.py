@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
@@ -586,7 +586,7 @@ class ManifestService:
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])
-        link = rewrite_link(raw_link, upstream_name, local_name)
+        link = rewrite_link(raw_link, upstream_name, local_name, f"referrers/{digest}")
         if content_type is None or not manifest_media_type(content_type):
             content_type = "application/vnd.oci.image.index.v1+json"
         if cursor:
@@ -644,27 +644,42 @@ def paginate(tags: list[str], n: int | None, last: str | None, local_name: str) 
     return page, f'<{path}?{query}>; rel="next"'
 
 
-def rewrite_link(link: str | None, upstream_name: str, local_name: str) -> str | None:
+#: One link-value of a C{Link} header: its target, and its parameters.
+_LINK_VALUE = re.compile(r"<([^>]*)>([^,<]*)")
+_REL_NEXT = re.compile(r';\s*rel\s*=\s*"?next"?(?:[\s;]|$)', re.IGNORECASE)
+
+
+def rewrite_link(link: str | None, upstream_name: str, local_name: str, route: str = "tags/list") -> str | None:
     """
-    Rewrite the upstream's pagination C{Link} to point at the local name, on
-    this proxy (an absolute upstream URL becomes a path).
+    The upstream's next-page C{Link} pointed at the local name, on this
+    proxy (an absolute upstream URL becomes a path); None unless it is the
+    next page of this very listing (C{route}, under the upstream name: no
+    other repository, no dot segments) with a query cargobay takes back
+    (printable ASCII, as L{cargobay.routes} asks of a cursor).
     """
     if not link:
         return None
-    start, end = link.find("<"), link.find(">")
-    if start < 0 or end < start:
-        return None
+    values = _LINK_VALUE.findall(link)
+    chosen = next((target for target, params in values if _REL_NEXT.search(params)), None)
+    if chosen is None:
+        if len(values) != 1 or "rel" in values[0][1].lower():
+            return None
+        chosen = values[0][0]  # a lone link that names no relation
     try:
-        target = urlsplit(link[start + 1 : end])
+        target = urlsplit(chosen)
+        query = parse_qsl(target.query, keep_blank_values=True, encoding="latin-1")
     except ValueError:  # a bracketed host that is no address
         return None
-    prefix = f"/v2/{upstream_name}/"
-    if not target.path.startswith(prefix):
+    if target.path != f"/v2/{upstream_name}/{route}":
         return None
-    path = f"/v2/{local_name}/" + target.path[len(prefix) :]
+    if len(query) > 11 or not all(
+        len(key) <= 64 and len(value) <= 1024 and all(" " <= c <= "~" for c in key + value) for key, value in query
+    ):
+        return None
+    path = f"/v2/{local_name}/{route}"
     if target.query:
         path += "?" + target.query
-    return f"<{path}>" + link[end + 1 :]
+    return f'<{path}>; rel="next"'
 
 
 #: A media type as a header carries it: type/subtype, then any parameters,

@@ -1639,3 +1639,33 @@ def test_a_tag_list_keeps_only_what_are_tags(world):
     response, body = world.get("/v2/mycompany/app/tags/list?n=1", ALL)
     assert json.loads(body)["tags"] == ["a"]
     assert response.headers.getRawHeaders("link") == ['</v2/mycompany/app/tags/list?last=a&n=1>; rel="next"']
+
+
+@pytest.mark.parametrize("link, expected", [
+    # Only the next page's link-value, rewritten (the rest was copied as it came,
+    # another repository's next page included).
+    (b'</v2/team/application/tags/list?last=0>; rel="prev", </v2/other/tags/list?n=1&last=a>; rel="next"', None),
+    (b'</v2/team/application/tags/list?last=0>; rel="prev", </v2/team/application/tags/list?n=1&last=a>; rel="next"',
+     '</v2/mycompany/app/tags/list?n=1&last=a>; rel="next"'),
+    (b'<https://upstream.test/v2/team/application/tags/list?n=1&last=a>; rel=next',
+     '</v2/mycompany/app/tags/list?n=1&last=a>; rel="next"'),
+    # Dot segments, which clients resolve to another local repository.
+    (b'</v2/team/application/../../../y/tags/list?n=1>; rel="next"', None),
+    (b'</v2/team/application/%2e%2e/x/tags/list?n=1>; rel="next"', None),
+    # A cursor cargobay would refuse when the client follows the link.
+    (b'</v2/team/application/tags/list?n=1&last=%FF%FE>; rel="next"', None),
+    (b'</v2/team/application/tags/list?n=1&last=a%0Ab>; rel="next"', None),
+    (b'</v2/team/application/tags/list?n=1&last=a>; rel="prev"', None),
+])
+def test_only_the_next_page_of_the_same_listing_is_linked(world, link, expected):
+    def tags(request):
+        request.setHeader(b"Link", link)
+        return json.dumps({"name": "team/application", "tags": ["a"]}).encode()
+
+    world.upstream_registry.on("GET", "/v2/team/application/tags/list", tags)
+    response, body = world.get("/v2/mycompany/app/tags/list?n=1", ALL)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("link") == (None if expected is None else [expected])
+    if expected is not None:
+        target = expected[1:expected.index(">")]
+        assert world.get(target, ALL)[0].code == 200  # and it is one cargobay takes
