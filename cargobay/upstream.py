@@ -16,6 +16,7 @@ import base64
 import errno
 import ipaddress
 import json
+import math
 import re
 import socket
 from collections.abc import Callable
@@ -66,6 +67,8 @@ webclient._HTTP11ClientFactory.noisy = False
 #: Small bodies (errors, token responses, manifests) are read into memory up to
 #: this size; distribution itself refuses manifests over 4 MiB.
 SMALL_BODY_LIMIT = 4 * 1024 * 1024
+#: The longest an upstream's token is kept, whatever its expires_in says.
+MAX_TOKEN_LIFETIME = 24 * 3600.0
 MAX_REDIRECTS = 5
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 #: A token is refreshed this long before the upstream says it expires.
@@ -696,8 +699,11 @@ class Upstream:
             if not isinstance(token, str) or not token:
                 raise ValueError("no token")
             lifetime = document.get("expires_in", DEFAULT_TOKEN_LIFETIME)
-            if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+            # (NaN, which JSON parsing takes, passes no comparison: such a
+            # token was never used; a 400-digit integer overflowed a float.)
+            if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime < math.inf:
                 lifetime = DEFAULT_TOKEN_LIFETIME
+            lifetime = float(min(lifetime, MAX_TOKEN_LIFETIME))
         except (ValueError, AttributeError, RecursionError):
             raise UpstreamError(
                 self.error(502, "UNAVAILABLE", "token service answered something that is not a token")

@@ -808,3 +808,21 @@ def test_ipv6_address_literals_pass_treq_as_names_of_their_own():
         assert _literal_back(name.encode()) == url.encode()
     for url in ("https://registry-1.docker.io/v2/", "http://127.0.0.1:5000/v2/"):
         assert _for_treq(url) == url and _literal_back(url.encode()) == url.encode()
+
+
+@pytest.mark.parametrize("expires_in", [b"NaN", b"Infinity", b"1" + b"0" * 400, b"1e400", b"true", b"-5"])
+def test_a_token_with_an_odd_lifetime_is_used_and_kept_a_while(expires_in):
+    # NaN (which JSON parsing takes) passed no comparison: the token was
+    # never used, every pull fetched one and failed; 400 digits overflowed
+    # a float ("failed: OverflowError").
+    registry = FakeRegistry()
+    registry.on("GET", "/token", lambda request: b'{"token": "T1", "expires_in": ' + expires_in + b"}")
+    registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T1", lambda r: b"ok"))
+    clock = Clock()
+    upstream = make_upstream(registry, clock)
+    for _ in range(2):
+        assert result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE)).code == 200
+    assert len(registry.requests("/token")) == 1
+    clock.advance(2 * 24 * 3600)  # none is kept for more than a day
+    assert result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE)).code == 200
+    assert len(registry.requests("/token")) == 2
