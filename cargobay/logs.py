@@ -29,6 +29,19 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+
+def printable(text: str, limit: int = 300) -> str:
+    """
+    C{text} as a log line may carry it: at most C{limit} characters, and
+    what does not print (a line break that would forge another line, a
+    terminal escape, a lone surrogate that no log file can encode, which
+    lost the whole line) as its Python escape.
+    """
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
 _LEVELS = {"debug", "info", "warn", "error", "critical"}
 _ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}
 #: RUST_LOG targets that meant this program in the earlier implementation.

@@ -35,6 +35,7 @@ from cargobay.errors import (
     name_unknown,
     pagination_invalid,
 )
+from cargobay.logs import printable
 from cargobay.manifests import ManifestService, accept_headers, paginate, valid_media_type
 from cargobay.mapping import Mapper, Resolved
 from cargobay.metrics import Metrics
@@ -446,7 +447,7 @@ class RegistryApp:
             audit.info(
                 "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
                 "reference={reference} status={status} bytes={sent} cache={cache} complete={complete}",
-                subject=grant.subject,
+                subject=printable(grant.subject, 200),
                 name=mapping.local_name,
                 registry=mapping.registry_id,
                 upstream_name=mapping.upstream_name,

@@ -31,7 +31,7 @@ from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
 from cargobay.errors import RegistryError, denied
 from cargobay.links import RepositoryLinks
-from cargobay.logs import make_observer
+from cargobay.logs import make_observer, printable
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.metrics import Metrics
@@ -376,8 +376,8 @@ def answer_unparsed(
     access.info(
         "{client} {method} {path} {status} 0 subject=- agent=- ({why})",
         client=getattr(client, "host", "-"),
-        method=method.decode("latin-1")[:10],
-        path=path.decode("latin-1")[:300],
+        method=printable(method.decode("latin-1"), 10),
+        path=printable(path.decode("latin-1")),
         status=status,
         why=why,
     )
@@ -443,13 +443,13 @@ class ProxySite(server.Site):
             "{client} {method} {path} {status} {bytes} subject={subject} agent={agent}"
             + (" (cut: the connection was lost before the response ended)" if cut else ""),
             client=getattr(client, "host", "-"),
-            method=request.method.decode("latin-1")[:10],
-            path=request.uri.decode("latin-1")[:300],
+            method=printable(request.method.decode("latin-1"), 10),
+            path=printable(request.uri.decode("latin-1")),
             # (Cut before any answer went: nginx's 499, "client closed request".)
             status=request.code if not cut or request.startedWriting else 499,
             bytes=request.sentLength,
-            subject=grant.subject if grant is not None else "-",
-            agent=(request.getHeader(b"user-agent") or b"-").decode("latin-1")[:120],
+            subject=printable(grant.subject, 200) if grant is not None else "-",
+            agent=printable((request.getHeader(b"user-agent") or b"-").decode("latin-1"), 120),
         )
 
 

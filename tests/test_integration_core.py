@@ -492,6 +492,16 @@ def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
+def test_a_subject_that_does_not_print_is_logged_escaped(proxy):
+    # A lone surrogate in a token's sub lost the request's access line (the
+    # log file cannot encode it); a line break would have forged a line.
+    token = mint_token(SECRET, "\ud800\nforged subject=admin")
+    status, _, _ = proxy.request("/v2/", token)
+    assert status == 200
+    assert wait_until(lambda: "subject=\\ud800\\nforged subject=admin agent=" in proxy.process.log_text(), timeout=10)
+    assert "\nforged" not in proxy.process.log_text()
+
+
 def test_a_host_that_is_not_ascii_and_two_credentials_are_refused(proxy):
     # A Host of b"\xe9" got Klein's HTML 400 and a logged traceback, on every
     # route, unauthenticated; with two Authorization headers the last one

@@ -112,3 +112,20 @@ def test_logs_follow_twistd_options(tmp_path, monkeypatch):
         service = makeService(options, reactor)
         assert (service._observer is not None) == observed, parent
     assert (tmp_path / "x.log").exists()
+
+
+def test_what_does_not_print_is_escaped_in_log_lines():
+    from cargobay.logs import printable
+
+    # A lone surrogate lost the whole access and audit line (no log file can
+    # encode it); a line break would forge another line.
+    assert printable("\ud800\n\r x") == "\\ud800\\n\\r x"
+    assert printable("ci-runner é") == "ci-runner é"
+    assert printable("a\x1b[31m") == "a\\x1b[31m"
+    assert printable("x" * 500, 200) == "x" * 200
+    stream = io.StringIO()
+    from twisted.logger import Logger
+
+    observer = make_observer("text", "info", stream)
+    Logger(namespace="cargobay.access", observer=observer).info("subject={subject}", subject=printable("\ud800\nx"))
+    assert "subject=\\ud800\\nx" in stream.getvalue() and stream.getvalue().count("\n") == 1
