@@ -303,6 +303,12 @@ class ProxyRequest(server.Request):
     body_refused = False
     _body_size = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No body is read into args: /token reads its form itself, and a
+        # malformed multipart one got Twisted's bare 400, not an OCI error.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
+
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # type: ignore[assignment]
         if length is not None and length > MAX_REQUEST_BODY:

@@ -502,6 +502,18 @@ def test_a_subject_that_does_not_print_is_logged_escaped(proxy):
     assert "\nforged" not in proxy.process.log_text()
 
 
+def test_a_token_request_whose_body_is_a_broken_multipart_form_gets_an_oci_error(proxy):
+    # Twisted parsed it (into args nobody reads), failed, and answered a bare
+    # 400 with no body, logged as a client that left (499).
+    body = b'{"grant_type":"password"}'
+    status, answer, text = _raw_exchange(
+        proxy.port, b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    assert status == 400 and answer["content-type"] == "application/json"
+    assert json.loads(text)["errors"][0]["code"] == "UNSUPPORTED"
+    assert wait_until(lambda: "POST /token 400" in proxy.process.log_text(), timeout=10)
+
+
 def test_a_host_that_is_not_ascii_and_two_credentials_are_refused(proxy):
     # A Host of b"\xe9" got Klein's HTML 400 and a logged traceback, on every
     # route, unauthenticated; with two Authorization headers the last one
