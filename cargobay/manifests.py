@@ -362,13 +362,15 @@ class ManifestService:
         if head:
             media_type, digest, length = yield self.head(upstream, upstream_name, reference, accept)
             try:
-                if not media_type:
-                    raise InvalidDigest("no manifest type")
+                if not media_type or not length:
+                    raise InvalidDigest("no manifest type or size")
                 parsed = Digest.parse(digest or "")
             except InvalidDigest:
-                # Without a digest (or a manifest's type) from a HEAD we
-                # cannot answer one: GET it.
+                # Without a digest, a manifest's type or its size from a HEAD
+                # we cannot answer one (containerd takes a HEAD's length for
+                # the manifest's): GET it, and keep it.
                 manifest = yield self.fetch(upstream, upstream_name, reference, accept)
+                self._store.put(upstream.registry.id, manifest)
                 self._link(upstream.registry.id, upstream_name, manifest)
                 return _answer(manifest, True, "miss")
             self.links.add(upstream.registry.id, upstream_name, [parsed])
