@@ -196,6 +196,31 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def page_cache_write_rates(directory: Path, steps: int = 6, step_mib: int = 256) -> list[float]:
+    """
+    MB/s of writing new data into the page cache, C{step_mib} at a time,
+    into one file that is then deleted.  On a VM whose balloon reports free
+    memory to the host, the first touch of a page the host took back costs
+    a fault on the host: once the few recently freed pages are used up, a
+    write of new data (a cache fill, a push) runs an order of magnitude
+    slower, and takes that much more CPU from whatever else runs.
+    """
+    path = directory / "page-cache-probe"
+    chunk = os.urandom(MiB)
+    rates = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for step in range(steps):
+            began = time.perf_counter()
+            for i in range(step_mib):
+                os.pwrite(fd, chunk, (step * step_mib + i) * MiB)
+            rates.append(step_mib * MiB / (time.perf_counter() - began) / 1e6)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return rates
+
+
 def blob_file(registry: Registry, digest: str) -> Path:
     hexdigest = digest.split(":", 1)[1]
     return registry.storage_dir / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
@@ -1000,6 +1025,7 @@ class Bench:
     # -- all ---------------------------------------------------------------
 
     def run(self, only: set[str]) -> None:
+        self.probe_host("before")
         self.setup()
         if "warm" in only:
             self.warm()
@@ -1021,6 +1047,20 @@ class Bench:
             self.memory()
         if "docker" in only:
             self.docker()
+        self.probe_host("after")
+
+    def probe_host(self, when: str) -> None:
+        rates = page_cache_write_rates(self.tmp)
+        self.extra[f"page_cache_write_mb_s_{when}"] = [round(r) for r in rates]
+        log(f"host {when} the run: new data into the page cache at "
+            + ", ".join(f"{r:.0f}" for r in rates) + " MB/s (256 MiB steps)")
+        if when == "after":
+            first = self.extra.get("page_cache_write_mb_s_before") or rates
+            self.notes.append(
+                "host: writing new data into the page cache ran at "
+                f"{min(first + rates):.0f}-{max(first + rates):.0f} MB/s in 256 MiB steps (before and after "
+                "the run); a VM whose balloon reports free pages to its host makes a first touch "
+                "slow, which a cache fill or a push within a measurement then pays for")
 
 
 def summarize_py_spy(raw: Path, top: int = 25) -> str:
