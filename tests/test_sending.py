@@ -20,6 +20,23 @@ from cargobay.blobs import FileSender, _send_batch
 MiB = 1024 * 1024
 
 
+@pytest.fixture(autouse=True, params=["copy", "sendfile"])
+def send_mode(request: Any, monkeypatch: Any) -> str:
+    """Every test twice: files copied to sockets, and sent by sendfile(2)."""
+    monkeypatch.setattr(blobs, "SEND_COPY", request.param == "copy")
+    return str(request.param)
+
+
+def set_chunk(monkeypatch: Any, size: int) -> None:
+    """Bytes per sendfile(2) or per pread(2), whichever is in use."""
+    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", size)
+    monkeypatch.setattr(blobs, "COPY_CHUNK", size)
+
+
+def chunk() -> int:
+    return blobs.COPY_CHUNK if blobs.SEND_COPY else blobs.SENDFILE_CHUNK
+
+
 @pytest.fixture
 def blob_file() -> Iterator[int]:
     with tempfile.TemporaryFile() as f:
@@ -74,7 +91,7 @@ def test_a_batch_stops_at_its_size_however_much_is_left(blob_file, pair, monkeyp
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
     sent, how = _send_batch(os.dup(sender.fileno()), blob_file, 0, 20 * MiB)
     assert how == "more"
-    assert 0 < sent <= 256 * 1024 + blobs.SENDFILE_CHUNK
+    assert 0 < sent <= 256 * 1024 + chunk()
     assert sent < 20 * MiB
 
 
@@ -87,6 +104,42 @@ def test_a_client_that_reads_nothing_hands_the_wait_back(blob_file, pair):
     assert closed(lent)
     # What it did send is the file's bytes, in order.
     assert drain(receiver, sent) == os.pread(blob_file, sent, 0)
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP connection over loopback with small buffers: writes are cut short."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    receiver = socket.socket()
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    receiver.connect(listener.getsockname())
+    sender, _ = listener.accept()
+    listener.close()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+    sender.setblocking(False)
+    receiver.settimeout(10)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def test_a_socket_that_takes_part_of_a_chunk_still_gets_every_byte_in_order(blob_file, tcp_pair, monkeypatch):
+    # Copied, a chunk read but only partly taken by the socket is read again
+    # from where the socket stopped.
+    set_chunk(monkeypatch, 96 * 1024)
+    monkeypatch.setattr(blobs, "SEND_WAIT_MS", 1)
+    sender, receiver = tcp_pair
+    position, received, blocked = 5, bytearray(), 0
+    while position < 3 * MiB:
+        sent, how = _send_batch(os.dup(sender.fileno()), blob_file, position, 3 * MiB)
+        assert how in ("more", "blocked")
+        blocked += how == "blocked"
+        position += sent
+        received += drain(receiver, sent)
+    assert blocked > 0
+    assert bytes(received) == os.pread(blob_file, 3 * MiB - 5, 5)
 
 
 def test_a_client_gone_ends_the_batch_as_failed(blob_file, pair):
@@ -181,7 +234,7 @@ def sender_on(
 
 def test_a_body_goes_out_in_batches_on_the_sending_threads(pair, monkeypatch):
     monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
-    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    set_chunk(monkeypatch, 16 * 1024)
     sender, request, held, fileobj = sender_on(pair, monkeypatch, 200_000)
     sender.start()
     batches = 0
@@ -210,7 +263,7 @@ def test_a_client_gone_mid_batch_leaves_the_file_open_until_the_batch_ends(pair,
 def test_a_runner_that_finishes_at_once_still_sends_the_whole_body(pair, monkeypatch):
     # blobs.run_here, the stand-in for threads, calls back before the hand-off returns.
     monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
-    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    set_chunk(monkeypatch, 16 * 1024)
     sender, request, _, fileobj = sender_on(pair, monkeypatch, 200_000)
     sender._send_in_thread = blobs.run_here
     sender.start()
@@ -235,7 +288,7 @@ def test_bytes_sent_by_a_batch_the_client_left_during_are_counted_when_it_ends(p
 def test_a_batch_ends_on_its_deadline_even_while_the_socket_takes_everything(blob_file, pair, monkeypatch):
     # A slow disk (or a fast client) must not keep a thread for a whole batch.
     monkeypatch.setattr(blobs, "SEND_WAIT_MS", 0)
-    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 64 * 1024)
+    set_chunk(monkeypatch, 64 * 1024)
     sender, receiver = pair
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
@@ -284,7 +337,7 @@ def test_a_body_no_bigger_than_the_inline_size_goes_from_the_reactor(pair, monke
 
 def test_the_end_of_a_bigger_body_goes_from_the_reactor(pair, monkeypatch):
     monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
-    monkeypatch.setattr(blobs, "SENDFILE_CHUNK", 16 * 1024)
+    set_chunk(monkeypatch, 16 * 1024)
     sender, request, held, fileobj = sender_on(pair, monkeypatch, 300_000, inline=100_000)
     sender.start()
     starts = []
