@@ -10,6 +10,7 @@ import hashlib
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from cargobay import blobs
 from cargobay.blobs import (
     GATHER,
     LEAVE_DISK_AFTER,
@@ -348,9 +350,77 @@ def test_a_full_primary_client_that_cannot_be_demoted_pauses_the_upstream():
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
-    assert writer.paged  # they read it from the page cache
+    # They are sent the download's recent bytes from memory: the file goes
+    # through the page cache only once one of them reads it.
+    assert not writer.paged
+    fetch.reading_file()
+    assert writer.paged
     feed(pipe)
     assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
+
+
+def test_a_fetch_keeps_its_most_recent_bytes_for_its_readers(monkeypatch):
+    monkeypatch.setattr(blobs, "RECENT_BYTES", 3 * MiB)
+    fetch = Fetch(BlobKey("up", DIGEST))
+    assert fetch.recent_views(0, 10) is None
+    for start in range(0, 5 * MiB, MiB):
+        fetch.remember(start, BODY[start:start + MiB])
+    # The last 3 MiB, as views of the very pieces passed on.
+    assert fetch.recent_views(MiB, MiB + 1) is None
+    views = fetch.recent_views(2 * MiB + 10, 4 * MiB + 20)
+    assert views is not None and b"".join(views) == BODY[2 * MiB + 10:4 * MiB + 20]
+    assert [len(v) for v in views] == [MiB - 10, MiB, 20]
+    assert fetch.recent_views(4 * MiB, 5 * MiB + 1) is None  # not passed on yet
+    assert fetch.recent_views(3 * MiB, 3 * MiB) is None
+    # A piece that does not follow the last starts them again.
+    fetch.remember(7 * MiB, BODY[:10])
+    assert fetch.recent_views(4 * MiB, 4 * MiB + 1) is None
+    assert fetch.recent_views(7 * MiB, 7 * MiB + 10) is not None
+    # A finished fetch with no reader left lets go of them.
+    reader = Follower()
+    fetch.add_reader(reader)  # type: ignore[arg-type]
+    fetch.finished(None, ok=False)
+    assert fetch.recent_views(7 * MiB, 7 * MiB + 10) is not None
+    fetch.remove_reader(reader)  # type: ignore[arg-type]
+    assert fetch.recent_views(7 * MiB, 7 * MiB + 10) is None
+
+
+def test_downloads_together_keep_no_more_recent_bytes_than_the_total(monkeypatch):
+    monkeypatch.setattr(blobs, "RECENT_BYTES", 3 * MiB)
+    monkeypatch.setattr(blobs, "RECENT_TOTAL", 5 * MiB)
+    monkeypatch.setattr(Fetch, "_keeping", weakref.WeakSet())  # other tests' fetches may live on
+    first, second = Fetch(BlobKey("up", DIGEST)), Fetch(BlobKey("up", DIGEST))
+    for start in range(0, 3 * MiB, MiB):
+        first.remember(start, BODY[start:start + MiB])
+    second.remember(0, BODY[:MiB])
+    second.remember(MiB, BODY[MiB:2 * MiB])
+    assert second.recent_views(0, 2 * MiB) is not None
+    # One more would make 6 MiB: the one that asked keeps none (its readers
+    # read the file), the other keeps its own.
+    second.remember(2 * MiB, BODY[2 * MiB:3 * MiB])
+    assert second.recent_views(2 * MiB, 2 * MiB + 1) is None
+    assert first.recent_views(0, 3 * MiB) is not None
+    first.forget_recent()
+    second.remember(3 * MiB, BODY[3 * MiB:4 * MiB])
+    assert second.recent_views(3 * MiB, 4 * MiB) is not None
+
+
+def test_a_download_keeps_its_recent_bytes_only_while_followed():
+    # A lone client's download keeps nothing (fresh memory costs a lone cold
+    # client CPU); from a follower's coming on, what it passes on is kept.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False, running_for=0)
+    writer.gate.set()
+    pipe.dataReceived(BODY[:MiB])
+    assert fetch.recent_views(0, 1) is None
+    reader = Follower()
+    fetch.add_reader(reader)  # type: ignore[arg-type]
+    pipe.dataReceived(BODY[MiB:2 * MiB])
+    views = fetch.recent_views(MiB, 2 * MiB)
+    assert views is not None and b"".join(views) == BODY[MiB:2 * MiB]
+    assert not writer.paged  # no reader read the file
+    fetch.remove_reader(reader)  # type: ignore[arg-type]
+    pipe.dataReceived(BODY[2 * MiB:3 * MiB])
+    assert fetch.recent_views(MiB, MiB + 1) is None and fetch.recent_views(2 * MiB, 2 * MiB + 1) is None
 
 
 def test_a_wrong_body_left_behind_is_still_refused():
