@@ -111,14 +111,17 @@ READ_WINDOW = 16 * 1024 * 1024
 #: How often a download paused for its disk asks whether to leave it behind.
 DISK_CHECK_EVERY = 0.25
 #: Bytes of a download's most recent body kept in memory while clients
-#: follow it: they are sent from there, rather than read back from the
-#: file, which then needs no page cache.  (On a VM whose memory balloon
-#: takes free pages back, every new page-cache page costs a fault on the
-#: host.  A herd of 16 on a cold 256 MiB blob, in one run: 1.15-1.21 s so,
-#: 1.38-1.73 s with followers reading the file through the page cache.
-#: Keeping the first quarter second's bytes too, for the clients about to
-#: join, was slower: 1.19-1.40 s, and it cost a lone cold client 0.03-0.05
-#: CPU-s in fresh memory.)
+#: follow it: they are sent from there rather than read back from the file,
+#: which is written past the page cache all the same (O_DIRECT); what a
+#: follower joined too late for, or fell too far behind for, it reads from
+#: the file (the disk, then the page cache).  On a VM whose memory balloon
+#: takes free pages back, every new page-cache page can cost a fault on the
+#: host: a herd of 16 on a cold 256 MiB blob took 1.15-1.21 s so, 1.38-1.73 s
+#: with followers reading the file through the page cache, and 2.0-3.3 s
+#: once the host was slow to hand out pages if the download went through
+#: the page cache when a follower fell behind.  (Keeping the first quarter
+#: second's bytes too, for the clients about to join, was slower: 1.19-1.40
+#: s, and it cost a lone cold client 0.03-0.05 CPU-s in fresh memory.)
 RECENT_BYTES = 32 * 1024 * 1024
 #: The most bytes all downloads together keep so (a download that would
 #: pass it keeps none, and its readers read the file).
@@ -269,17 +272,6 @@ class Fetch:
                 break
             views.append(memoryview(data)[max(0, start - offset) : min(len(data), end - offset)])
         return views
-
-    def reading_file(self) -> None:
-        """
-        A reader fell behind the recent pieces and reads the file: from now
-        on the download writes through the page cache, where it finds the
-        bytes.  (What was written before comes from the disk; a herd's
-        clients, who read the first megabytes so, then catch up with the
-        download, have no need of it.)
-        """
-        if self.writer is not None and self.state == "running":
-            self.writer.use_page_cache()
 
     def has_readers(self) -> bool:
         return bool(self._readers)
@@ -1303,8 +1295,6 @@ class FileSender:
         small = fetch is None and end is not None and end - start <= SMALL_BODY
         self._socket = None if small else _raw_socket(request)
         self._waiting_for_socket = False
-        #: Has been sent bytes from the download's recent pieces.
-        self._kept_up = False
 
     @property
     def end(self) -> int | None:
@@ -1470,12 +1460,7 @@ class FileSender:
         """
         if self._fetch is None:
             return None
-        views = self._fetch.recent_views(self.position, upto)
-        if views is not None:
-            self._kept_up = True
-        elif self._kept_up:
-            self._fetch.reading_file()
-        return views
+        return self._fetch.recent_views(self.position, upto)
 
     def _sent(self, count: int) -> None:
         """C{count} more bytes went straight to the socket."""

@@ -126,8 +126,6 @@ class BlobWriter:
         self._held = 0
         #: Where the part of the file written past the page cache ends.
         self._direct_end = 0
-        #: Set by L{use_page_cache}; the writing thread then leaves O_DIRECT.
-        self._paged = False
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -145,9 +143,7 @@ class BlobWriter:
         own descriptors and must see every byte counted so far.
         """
         if self._direct_fd is not None:
-            if not self._paged:
-                return self._write_direct(data)
-            return self.flush_raw() + self.write_raw(data)
+            return self._write_direct(data)
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, self._end)
@@ -196,14 +192,6 @@ class BlobWriter:
         self._held = 0
         self._stop_direct()
         return self.write_raw(pending)
-
-    def use_page_cache(self) -> None:
-        """
-        Write through the page cache from now on: readers of the file are
-        coming (clients following the download), who find the bytes there
-        rather than on the disk.  Any thread may call this.
-        """
-        self._paged = True
 
     def flush_raw(self) -> int:
         """

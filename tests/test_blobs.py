@@ -54,7 +54,6 @@ class HeldBackWriter:
         self.size = 0
         self.aborted = False
         self.committed = False
-        self.paged = False
 
     def write_raw(self, data: bytes) -> int:
         assert self.gate.wait(30), "the test never opened the gate"
@@ -72,9 +71,6 @@ class HeldBackWriter:
     def drop_held(self) -> int:
         held, self.held = self.held, b""
         return len(held)
-
-    def use_page_cache(self) -> None:
-        self.paged = True
 
     def wrote(self, count: int) -> None:
         self.size += count
@@ -350,11 +346,6 @@ def test_a_full_primary_client_that_cannot_be_demoted_pauses_the_upstream():
 def test_readers_of_the_file_keep_the_disk_in_the_loop():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
-    # They are sent the download's recent bytes from memory: the file goes
-    # through the page cache only once one of them reads it.
-    assert not writer.paged
-    fetch.reading_file()
-    assert writer.paged
     feed(pipe)
     assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
 
@@ -417,7 +408,6 @@ def test_a_download_keeps_its_recent_bytes_only_while_followed():
     pipe.dataReceived(BODY[MiB:2 * MiB])
     views = fetch.recent_views(MiB, 2 * MiB)
     assert views is not None and b"".join(views) == BODY[MiB:2 * MiB]
-    assert not writer.paged  # no reader read the file
     fetch.remove_reader(reader)  # type: ignore[arg-type]
     pipe.dataReceived(BODY[2 * MiB:3 * MiB])
     assert fetch.recent_views(MiB, MiB + 1) is None and fetch.recent_views(2 * MiB, 2 * MiB + 1) is None

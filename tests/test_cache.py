@@ -286,22 +286,6 @@ def test_direct_writes_hold_back_a_partial_block_and_count_what_is_in_the_file(t
         assert f.read() == data
 
 
-def test_a_direct_writer_asked_for_the_page_cache_goes_through_it(tmp_path):
-    data = os.urandom(10 * DIRECT_BLOCK + 77)
-    cache, writer = direct_writer(tmp_path, data)
-    counted = writer.write_raw(data[:DIRECT_BLOCK + 10])
-    assert counted == DIRECT_BLOCK
-    writer.use_page_cache()
-    # The held bytes go first, then everything, unheld.
-    counted += writer.write_raw(data[DIRECT_BLOCK + 10:5 * DIRECT_BLOCK + 3])
-    assert counted == 5 * DIRECT_BLOCK + 3 and writer._direct_fd is None
-    assert in_file(writer) == data[:counted]
-    counted += writer.write_raw(data[counted:])
-    assert counted + writer.flush_raw() == len(data) and in_file(writer) == data
-    # Only the first block went past the page cache: only it is read back.
-    assert writer._direct_end == DIRECT_BLOCK
-
-
 def test_what_a_stopped_direct_writer_held_is_dropped_and_the_file_ends_on_a_block(tmp_path):
     data = os.urandom(4 * DIRECT_BLOCK + 500)
     cache, writer = direct_writer(tmp_path, data)

@@ -234,13 +234,6 @@ def sender_on(
     return FileSender(request, fileobj, 0, size, send_in_thread=held), request, held, fileobj  # type: ignore[arg-type]
 
 
-class PagedWriter:
-    paged = False
-
-    def use_page_cache(self) -> None:
-        self.paged = True
-
-
 @pytest.mark.parametrize("recent_from", [0, 100_000])
 def test_a_follower_is_sent_the_download_s_recent_bytes_from_memory(pair, monkeypatch, recent_from):
     # What the download still holds in memory goes from there: the file is
@@ -250,7 +243,7 @@ def test_a_follower_is_sent_the_download_s_recent_bytes_from_memory(pair, monkey
     sender, request, held, fileobj = sender_on(pair, monkeypatch, 300_000)
     data = fileobj.data
     fetch = Fetch(BlobKey("up", Digest.parse("sha256:" + "0" * 64)))
-    writer = PagedWriter()
+    writer = object()
     fetch.started(writer, len(data))  # type: ignore[arg-type]
     if not recent_from:
         # Only memory has it right: the file's copy is zeros.
@@ -267,37 +260,34 @@ def test_a_follower_is_sent_the_download_s_recent_bytes_from_memory(pair, monkey
         held.run_next()
     assert request.finished and request.sentLength == len(data)
     assert drain(pair[1], len(data)) == data
-    # A follower that starts behind the recent bytes (a herd's, say, joining
-    # a moment after the download began) reads the file up to them: the
-    # download need not go through the page cache for that.
-    assert not writer.paged
 
 
-def test_a_follower_that_falls_behind_the_recent_bytes_has_the_download_use_the_page_cache(pair, monkeypatch):
+def test_a_follower_that_falls_behind_the_recent_bytes_reads_the_file(pair, monkeypatch):
     monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
+    set_chunk(monkeypatch, 16 * 1024)
     sender, request, held, fileobj = sender_on(pair, monkeypatch, 300_000)
     data = fileobj.data
     fetch = Fetch(BlobKey("up", Digest.parse("sha256:" + "0" * 64)))
-    writer = PagedWriter()
-    fetch.started(writer, len(data))  # type: ignore[arg-type]
+    fetch.started(object(), len(data))  # type: ignore[arg-type]
     fetch.remember(0, data[:100_000])
     fetch.progressed(100_000)
     follower = FileSender(request, fileobj, 0, len(data), fetch, send_in_thread=held)  # type: ignore[arg-type]
     follower.start()
     while held.batches:
         held.run_next()
-    assert follower.position == 100_000 and not writer.paged
+    assert follower.position == 100_000
     # The download moved on while the follower was away: what it needs now
-    # is no longer in memory.
+    # is no longer in memory, but in the file.
     fetch.forget_recent()
     fetch.remember(250_000, data[250_000:])
     fetch.progressed(len(data))
     fetch.verified(len(data))
+    sources = []
     while held.batches:
+        sources.append(held.batches[0][2][4] is not None)
         held.run_next()
-    assert writer.paged
+    assert sources[0] is False and sources[-1] is True
     assert request.finished and drain(pair[1], len(data)) == data
-
 
 def test_a_body_goes_out_in_batches_on_the_sending_threads(pair, monkeypatch):
     monkeypatch.setattr(blobs, "SEND_BATCH", 64 * 1024)
