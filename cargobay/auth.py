@@ -189,15 +189,14 @@ class Authenticator:
         own JWT and the same expiry; never the JWT itself.  docker login
         keeps it in place of the password, so it must work for as long as
         the JWT does: a shorter one broke every pull after it ran out, the
-        JWT still good, until the user logged in again.
+        JWT still good, until the user logged in again.  Never a later
+        one: the verifier's leeway past C{exp} must not buy a token that
+        starts its own (traded on every minute, it would never run out).
         """
-        now = int(time.time())
-        lifetime = None
-        if grant.expires_at is not None:
-            lifetime = max(1, grant.expires_at - now)
         return mint_token(
-            self._secret, grant.subject, grant.repositories, lifetime, now=now,
+            self._secret, grant.subject, grant.repositories, now=int(time.time()),
             issuer=self._issuer, audience=self._audience, token_id=secrets.token_hex(8),
+            expires_at=grant.expires_at,
         )
 
     def issue(self, grant: Grant, scopes: Iterable[str]) -> dict[str, object]:
@@ -221,10 +220,12 @@ class Authenticator:
         now = int(time.time())
         lifetime = self._lifetime
         if grant.expires_at is not None:
-            lifetime = max(1, min(lifetime, grant.expires_at - now))
+            # No later than the credential's own expiry, even within the
+            # leeway past it (see L{refresh_token}).
+            lifetime = max(0, min(lifetime, grant.expires_at - now))
         token = mint_token(
             self._secret, grant.subject, repositories, lifetime, now=now,
-            issuer=self._issuer, audience=self._audience,
+            issuer=self._issuer, audience=self._audience, expires_at=grant.expires_at,
         )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}

@@ -212,10 +212,12 @@ class RegistryApp:
         The Docker token endpoint: Basic credentials (password = the user's
         JWT) on GET, or the OAuth2 password / refresh_token grant on POST.
         """
+        _exact_method(request, b"/token")
         request.setHeader(*API_VERSION)
         self._observe(request, "token")
         if request.method == b"POST":
-            form = dict(parse_qsl(cast(IO[bytes], request.content).read(65536).decode("utf-8", "replace")))
+            pairs = parse_qsl(cast(IO[bytes], request.content).read(65536).decode("utf-8", "replace"))
+            form = dict(pairs)
             grant_type = form.get("grant_type")
             if grant_type == "password":
                 secret = form.get("password", "")
@@ -226,7 +228,8 @@ class RegistryApp:
             with _basic_challenge(self.authenticator.service):
                 grant = self.authenticator.verify(request, secret)
             request.grant = grant  # type: ignore[attr-defined]
-            scopes = [s for s in form.get("scope", "").split(" ") if s]
+            # Every scope field counts, as every scope parameter does on GET.
+            scopes = [value for key, value in pairs if key == "scope"]
             answer = self.authenticator.issue(grant, scopes)
             answer["refresh_token"] = self.authenticator.refresh_token(grant)
         else:
@@ -246,6 +249,7 @@ class RegistryApp:
         """
         The process is up (no auth: for orchestrators' probes).
         """
+        _exact_method(request, b"/healthz")
         request.setHeader(b"Content-Type", b"text/plain")
         return b"ok\n"
 
@@ -255,6 +259,7 @@ class RegistryApp:
         Ready to serve: the config is loaded (it is, or we would not run) and
         the cache directory is writable.
         """
+        _exact_method(request, b"/readyz")
         request.setHeader(b"Content-Type", b"text/plain")
         if not self._ready():
             request.setResponseCode(503)
@@ -551,6 +556,15 @@ def _absolute_to_us(request: Request, public_url: str | None) -> bool:
 
 #: The other routes, by the methods they answer (any other gets a 405).
 _ALLOWED = {b"/token": (b"GET", b"POST"), b"/healthz": READ_METHODS, b"/readyz": READ_METHODS}
+
+
+def _exact_method(request: Request, path: bytes) -> None:
+    """
+    Methods are case-sensitive (RFC 9110): Werkzeug's routing matched
+    C{get} to a C{GET} route.
+    """
+    if request.method not in _ALLOWED[path]:
+        raise _not_allowed(_ALLOWED[path])
 
 
 def _not_allowed(methods: tuple[bytes, ...]) -> RegistryError:

@@ -239,11 +239,14 @@ def mint_token(
     issuer: str | None = None,
     audience: str | None = None,
     token_id: str | None = None,
+    expires_at: int | None = None,
 ) -> str:
     """
     Make a token in the earlier implementation's claim format.
 
     @param repositories: the names granted; L{None} grants every repository.
+    @param expires_at: an C{exp} no later than this (a token traded for
+        another never outlives it).
     """
     issued = int(time.time() if now is None else now)
     access: dict[str, Any]
@@ -254,6 +257,8 @@ def mint_token(
     claims: dict[str, Any] = {"sub": subject, "access": access, "iat": issued}
     if expires_in is not None:
         claims["exp"] = issued + expires_in
+    if expires_at is not None:
+        claims["exp"] = min(claims.get("exp", expires_at), expires_at)
     if issuer is not None:
         claims["iss"] = issuer
     if audience is not None:

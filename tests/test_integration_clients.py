@@ -473,6 +473,68 @@ def test_scope_outside_the_claim_is_not_granted(proxy: Proxy):
     assert_denied(*proxy.request("/v2/mycompany/app/tags/list", token=refreshed))
 
 
+def test_a_token_in_its_leeway_is_not_traded_for_one_that_outlives_it(proxy: Proxy):
+    # Past its exp, within the minute of leeway: traded for a token expiring
+    # a second later with a leeway of its own, then that one for the next,
+    # a one-second token lived for as long as it was traded every minute.
+    now = int(time.time())
+    # Expired 55 s ago: 5 s of leeway left.
+    token = mint_token(SECRET, "brief", ["alpine"], 1, now=now - 56)
+    SECRETS_USED.add(token)
+    query = urllib.parse.urlencode([("service", "cargobay"), ("scope", "repository:alpine:pull"),
+                                    ("offline_token", "true"), ("client_id", "docker")])
+    status, _, body = proxy.request(f"/token?{query}", token=None, headers={"Authorization": basic("brief", token)})
+    assert status == 200, body
+    got = json.loads(body)
+    status, _, body = post_token(proxy, {"grant_type": "refresh_token", "refresh_token": got["refresh_token"],
+                                         "scope": "repository:alpine:pull", "service": "cargobay"})
+    assert status == 200, body
+    posted = json.loads(body)
+    for answer in (got, posted):
+        SECRETS_USED.update([answer["token"], answer["refresh_token"]])
+        assert answer["expires_in"] == 0
+        for key in ("token", "refresh_token"):
+            claims = jwt.decode(answer[key], SECRET, algorithms=["HS256"], options={"verify_exp": False})
+            assert claims["exp"] <= now - 55, key
+    # What it was traded for runs out with it, at the end of the original's
+    # leeway.
+    status, headers, body = proxy.request("/v2/alpine/tags/list", token=posted["token"])
+    assert status == 200, body
+    time.sleep(max(0.0, now + 6 - time.time()))
+    for traded in (got["token"], got["refresh_token"], posted["token"], posted["refresh_token"]):
+        status, headers, body = proxy.request("/v2/alpine/tags/list", token=traded)
+        assert status == 401, body
+
+
+def test_every_scope_field_of_a_token_post_counts(proxy: Proxy):
+    anything = token_for("poster", None)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        form = urllib.parse.urlencode([("grant_type", "password"), ("username", "u"), ("password", anything),
+                                       ("scope", "repository:alpine:pull"),
+                                       ("scope", "repository:mycompany/app:pull"), ("service", "cargobay")])
+        conn.request("POST", "/token", body=form, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 200, answer
+    SECRETS_USED.update([answer["token"], answer["refresh_token"]])
+    repos = jwt.decode(answer["token"], SECRET, algorithms=["HS256"])["access"]["repos"]
+    assert repos == ["alpine", "mycompany/app"]
+
+
+@pytest.mark.parametrize("path", ["/token", "/healthz", "/readyz", "/v2/", "/v2/alpine/tags/list"])
+def test_methods_are_case_sensitive(proxy: Proxy, path: str):
+    # Werkzeug's routing took "get" for GET on the routes outside /v2/.
+    status, headers, body = proxy.request(
+        path, token=None, method="get", headers={"Authorization": basic("u", token_for("lower", None))}
+    )
+    assert status == 405, body
+    assert errors_of(body) == ["UNSUPPORTED"]
+    assert "GET" in headers["allow"]
+
+
 def test_push_scope_is_never_granted(proxy: Proxy):
     anything = token_for("pusher", None)
     issued = get_token(proxy, anything, ["repository:alpine:push,pull"])["token"]

@@ -1016,6 +1016,29 @@ def test_tokens_traded_at_the_token_endpoint_never_outlive_a_non_integer_exp(wor
     assert answer["expires_in"] <= 21
 
 
+def test_a_token_in_its_leeway_cannot_be_traded_for_one_that_outlives_it(world):
+    # Past its exp but within the verifier's minute of leeway, a token was
+    # traded for one expiring a second later, with a minute of leeway of its
+    # own: traded again every minute, a one-second token never ran out.
+    now = int(time.time())
+    token = mint_token(SECRET, "ci", ["alpine"], 1, now=now - 31)
+    response, body = world.get(
+        "/token?service=cargobay&offline_token=true&client_id=docker&scope=repository:alpine:pull",
+        headers={"Authorization": _basic("ci", token)},
+    )
+    answer = json.loads(body)
+    assert response.code == 200, body
+    for key in ("token", "refresh_token"):
+        claims = jwt.decode(answer[key], SECRET, algorithms=["HS256"], options={"verify_exp": False})
+        assert claims["exp"] <= now - 30, key
+    assert answer["expires_in"] == 0
+    # Traded once more, the result is no younger either.
+    response, body = world.get("/token?service=cargobay&scope=repository:alpine:pull",
+                               headers={"Authorization": _basic("ci", answer["refresh_token"])})
+    claims = jwt.decode(json.loads(body)["token"], SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    assert claims["exp"] <= now - 30
+
+
 def test_tag_list_served_from_the_last_full_list_when_upstream_fails(world):
     world.upstream_registry.on(
         "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a", "c"]}).encode()
