@@ -702,8 +702,11 @@ class BlobPipe(Protocol):
         send_in_thread: RunInThread | None = None,
         offset: int = 0,
         max_cached: int | None = None,
+        on_bad_content: Callable[[], None] | None = None,
     ) -> None:
         self._digest = digest
+        #: Called when the body does not match the digest.
+        self._on_bad_content = on_bad_content
         #: A body of unknown length that grows past this is not cached.
         self._max_cached = max_cached
         self._send_in_thread = send_in_thread
@@ -1126,6 +1129,8 @@ class BlobPipe(Protocol):
     def _verify(self) -> None:
         if self._failure_reason is None and self._store.hasher.hexdigest() != self._digest.encoded:
             self._failure_reason = "sent content that does not match the digest"
+            if self._on_bad_content is not None:
+                self._on_bad_content()
         if self._failure_reason is not None:
             log.warn(
                 "upstream {what} {reason}; nothing cached",
@@ -1936,6 +1941,12 @@ class BlobService:
             return None
         return lambda count: metrics.upstream_bytes.inc(count, registry_id)
 
+    def _bad_content_counter(self, registry_id: str) -> Callable[[], None] | None:
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        return lambda: metrics.upstream_errors.inc(1, registry_id, "content")
+
     def downloading(self, key: BlobKey) -> bool:
         """Whether a download of the blob into the cache is under way."""
         return key in self._fetches
@@ -2237,6 +2248,7 @@ class BlobService:
                 self._send_in_thread,
                 offset,
                 self.cache.max_size_bytes if length is None else None,
+                self._bad_content_counter(upstream.registry.id),
             )
             response.deliverBody(pipe)
             if client is None or client.finished or getattr(client, "_disconnected", False):

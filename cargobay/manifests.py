@@ -56,6 +56,11 @@ def accept_headers(request: Request) -> list[str]:
     return accepted
 
 
+def _named(upstream_name: str, reference: str) -> str:
+    """C{name:tag} or C{name@digest}, for the log."""
+    return f"{upstream_name}{'@' if ':' in reference else ':'}{reference}"
+
+
 def _bad_upstream(upstream: Upstream, message: str) -> RegistryError:
     return upstream.error(502, "UNAVAILABLE", message)
 
@@ -413,14 +418,14 @@ class ManifestService:
             try:
                 expected = Digest.parse(announced)
             except InvalidDigest:
-                raise _bad_upstream(upstream, "announced an invalid manifest digest") from None
+                raise upstream.bad_content(_named(upstream_name, reference), "announced an invalid manifest digest") from None
         else:
             expected = manifest_digest(content)
         if not manifest_matches(expected, content):
-            raise _bad_upstream(upstream, f"sent a manifest that does not match {expected}")
+            raise upstream.bad_content(_named(upstream_name, reference), f"sent a manifest that does not match {expected}")
         document = manifest_document(content)
         if document is None:
-            raise _bad_upstream(upstream, "sent something that is not a manifest")
+            raise upstream.bad_content(_named(upstream_name, reference), "sent something that is not a manifest")
         if media_type is None or not manifest_media_type(media_type):
             media_type = media_type_of(document)
         return Manifest(content, media_type, expected)
@@ -533,7 +538,7 @@ class ManifestService:
             if not isinstance(tags, list):
                 raise ValueError
         except (ValueError, AttributeError, RecursionError):
-            raise _bad_upstream(upstream, "sent a tag list that is not JSON") from None
+            raise upstream.bad_content(f"{upstream_name} tags/list", "sent a tag list that is not JSON") from None
         # Only what could be pulled by that tag: a string that is no tag (a
         # lone surrogate, say) could not even be put in a next page's link.
         return [t for t in tags if isinstance(t, str) and is_valid_tag(t)], header_text(
@@ -584,7 +589,7 @@ class ManifestService:
             return (*remembered, None, True)
         document = manifest_document(body)
         if document is None:
-            raise _bad_upstream(upstream, "sent referrers that are not an image index")
+            raise upstream.bad_content(f"{upstream_name} referrers/{digest}", "sent referrers that are not an image index")
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])

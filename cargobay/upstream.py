@@ -773,6 +773,19 @@ class Upstream:
                 self._metrics.upstream_errors.inc(1, self.registry.id, "status")
         return response
 
+    def bad_content(self, what: str, message: str) -> RegistryError:
+        """
+        The upstream answered, with something wrong (not what the digest
+        says, not JSON, not a manifest): the operator hears of it (a warning,
+        C{cargobay_upstream_errors_total{kind="content"}}), the client gets
+        a 502 naming the registry.
+        """
+        log.warn("upstream {registry} {what} {message}; nothing cached",
+                 registry=self.registry.id, what=what, message=message)
+        if self._metrics is not None:
+            self._metrics.upstream_errors.inc(1, self.registry.id, "content")
+        return self.error(502, "UNAVAILABLE", message)
+
     def error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RegistryError:
         """An OCI error naming this registry, for the client."""
         return RegistryError(

@@ -22,6 +22,9 @@ same 1 MiB blob (``BLOB``, digest ``DIGEST``):
 - ``tolocal``: a redirect to ``good`` of this upstream at 127.0.0.1;
 - ``tobadhost``: a redirect to a URL whose bracketed host is no address.
 
+Manifests of ``wrong`` are ``MANIFEST`` announced and asked for as another
+digest (``WRONG_MANIFEST_DIGEST``); of ``good``, ``MANIFEST`` as itself.
+
 Under ``badrealm``, everything asks for a token at such a URL; the tag list
 of ``badlink`` links its next page to one.
 
@@ -43,6 +46,13 @@ import sys
 
 BLOB = bytes(range(256)) * 4096
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+MANIFEST = (
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": {"mediaType":'
+    b' "application/vnd.oci.image.config.v1+json", "digest": "' + DIGEST.encode() + b'", "size": 1048576},'
+    b' "layers": []}'
+)
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+WRONG_MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST + b" ").hexdigest()
 #: Every subject's referrers.
 REFERRERS = (
     b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"mediaType":'
@@ -74,6 +84,11 @@ def main(port: int) -> None:
             if "referrers" in parts:
                 request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
                 return REFERRERS
+            if "manifests" in parts and parts[parts.index("manifests") - 1] in ("good", "wrong"):
+                request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+                wrong = parts[parts.index("manifests") - 1] == "wrong"
+                request.setHeader(b"Docker-Content-Digest", (WRONG_MANIFEST_DIGEST if wrong else MANIFEST_DIGEST).encode())
+                return MANIFEST
             if "blobs" not in parts:
                 request.setResponseCode(404)
                 return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'

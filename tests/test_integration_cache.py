@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cargobay.tokens import mint_token
-from evil_upstream import BLOB, DIGEST, REFERRERS
+from evil_upstream import BLOB, DIGEST, MANIFEST, MANIFEST_DIGEST, REFERRERS, WRONG_MANIFEST_DIGEST
 from peers import (
     OCI_MANIFEST,
     REPO_ROOT,
@@ -574,6 +575,37 @@ def test_bad_bytes_never_look_complete_and_never_enter_the_cache(evil_proxy, mod
     cached = [p for p in evil_proxy.cached_blob_files() if "evil" in str(p) and p.name.startswith(digest_hex)]
     for path in cached:
         assert path.read_bytes() == BLOB  # only the good mode's bytes may be there
+
+
+def _content_errors(proxy: Proxy, registry: str) -> float:
+    status, _, body = proxy.request("/metrics")
+    assert status == 200, body
+    found = re.search(
+        rf'cargobay_upstream_errors_total{{registry="{registry}",kind="content"}} ([0-9.e+]+)', body.decode()
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_an_upstream_that_sends_what_its_digest_does_not_say_is_logged_and_counted(evil_proxy):
+    # A manifest that did not match its digest reached the client as a 502
+    # and the operator not at all (a blob's was logged, neither was counted).
+    status, _, body = evil_proxy.request(f"/v2/good/manifests/{MANIFEST_DIGEST}")
+    assert (status, body) == (200, MANIFEST)
+    before = _content_errors(evil_proxy, "evil-wrong")
+    for reference in (WRONG_MANIFEST_DIGEST, "latest"):
+        status, _, body = evil_proxy.request(f"/v2/wrong/manifests/{reference}")
+        assert status == 502, body
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and "does not match" in error["message"], error
+    assert wait_until(lambda: _content_errors(evil_proxy, "evil-wrong") == before + 2, timeout=10)
+    log = evil_proxy.process.log_text()
+    assert f"upstream evil-wrong evil/wrong@{WRONG_MANIFEST_DIGEST} sent a manifest that does not match" in log
+    assert "upstream evil-wrong evil/wrong:latest sent a manifest that does not match" in log
+    # A blob's mismatch counts the same way.
+    status, body, error = get_blob(evil_proxy, "wrong")
+    assert body is None, (status, error)
+    assert wait_until(lambda: _content_errors(evil_proxy, "evil-wrong") == before + 3, timeout=10)
+    assert _content_errors(evil_proxy, "evil-good") == 0
 
 
 @pytest.mark.parametrize("mode, status, code", [("status429", 429, "TOOMANYREQUESTS"), ("status500", 502, "UNAVAILABLE"), ("status503", 502, "UNAVAILABLE")])
