@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from cargobay.config import ConfigError, load_config, resolve_config_path
 from cargobay.reference import is_valid_name
-from cargobay.tokens import mint_token
+from cargobay.tokens import MAX_TOKEN_LENGTH, mint_token
 
 
 class Arguments(usage.Options):
@@ -69,6 +69,13 @@ class Arguments(usage.Options):
             # the secret would be the subject, in every access line.
             raise usage.UsageError(
                 "SUBJECT is a signing secret: give the subject alone (the secret comes from the config, or --secret)"
+            )
+        length = len(self.token())
+        if length > MAX_TOKEN_LENGTH:
+            # cargobay would refuse it, and clients' headers could not carry it.
+            raise usage.UsageError(
+                f"the token would be {length} bytes, more than the {MAX_TOKEN_LENGTH} cargobay takes: "
+                "grant fewer repositories (a name grants the names below it: 'team' grants 'team/app')"
             )
 
     def token(self) -> str:

@@ -346,6 +346,9 @@ def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
         ("cargobay-token", ["--secret", SECRET, "bob", "BAD NAME"], "'BAD NAME' is not a valid repository name"),
         # The earlier implementation's tool took "<secret> <subject>".
         ("cargobay-token", ["--secret", SECRET, SECRET, "user123"], "SUBJECT is a signing secret"),
+        # More repositories than a token cargobay takes can carry (it printed one).
+        ("cargobay-token", ["--secret", SECRET, "bob", ",".join(f"team{i}/repository-{i}" for i in range(2000))],
+         "more than the 49152 cargobay takes"),
         ("cargobay", ["--bogus"], "option --bogus not recognized"),
     ]:
         bad = run_to_completion([*twistd_command(), "-n", "--pidfile=", plugin, *args])
