@@ -242,7 +242,13 @@ class RegistryChannel(http.HTTPChannel):
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
         if self.transport is not None:
-            cast(Any, self.transport).abortConnection()
+            site = cast(ProxySite, self.factory)
+            error = RegistryError(408, "UNSUPPORTED", f"request headers not in after {site.header_timeout:g} s")
+            answer_unparsed(self.transport, 408, "request headers too slow", error)
+            transport = cast(Any, self.transport)
+            transport.loseConnection()
+            # A client that does not read the answer either is cut.
+            site.reactor.callLater(2.0, _abort_if_open, transport)
 
     def _end_header_deadline(self) -> None:
         if self._header_deadline is not None:
@@ -263,7 +269,29 @@ class RegistryChannel(http.HTTPChannel):
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:  # type: ignore[attr-defined]
             self._too_large()
             return
+        if getattr(self, "_HTTPChannel__first_line", False):
+            self._request_line = line
         super().lineReceived(line)
+
+    #: The request line under way, for the access line of one refused unparsed.
+    _request_line = b""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        What Twisted's parser refuses (a malformed request line or header,
+        an unknown HTTP version, conflicting lengths, too many header
+        fields) gets an OCI error and an access line, not a bare 400.
+        """
+        if self.transport is not None:
+            method, _, rest = self._request_line.partition(b" ")
+            path = rest.rpartition(b" ")[0] or rest
+            if self._receivedHeaderCount > self.maxHeaders:
+                status, message = 431, f"more than {self.maxHeaders} request header fields"
+            else:
+                status, message = 400, "malformed HTTP request"
+            error = RegistryError(status, "UNSUPPORTED", message)
+            answer_unparsed(self.transport, status, message, error, method[:16] or b"-", path or b"-")
+        self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._too_large()
@@ -283,6 +311,11 @@ class RegistryChannel(http.HTTPChannel):
         if self.requests and getattr(self.requests[-1], "body_refused", False):
             return  # answered already
         super()._send100Continue()  # type: ignore[misc]
+
+
+def _abort_if_open(transport: Any) -> None:
+    if getattr(transport, "connected", False) and not getattr(transport, "disconnected", False):
+        transport.abortConnection()
 
 
 #: The most of a request's body kept: every write is refused anyway, and a

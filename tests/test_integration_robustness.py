@@ -628,6 +628,32 @@ def test_huge_header_or_url_gets_an_error_or_a_close(proxy, image, case):
         assert status is None or status in (400, 401, 404, 413, 414, 431), received[:500]
 
 
+MALFORMED = {
+    "request-line-not-utf8": (b"GET /v2/sm\xffll/tags/list HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "http-1.2": (b"GET /v2/ HTTP/1.2\r\nHost: x\r\n\r\n", 400),
+    "h2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    "two-lengths": (b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    "length-and-chunked": (b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "negative-length": (b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    "space-before-colon": (b"GET /v2/ HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    "header-fields-600": (_request("/v2/", [(f"X-N{i}", "1") for i in range(600)]), 431),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_what_the_http_parser_refuses_gets_an_oci_error_and_an_access_line(proxy, case):
+    # Twisted's parser answered these with a bare "400 Bad Request", no
+    # body, and no access line.
+    data, expected = MALFORMED[case]
+    status, received = exchange(proxy, data)
+    assert status == expected, received[:300]
+    body = received.split(b"\r\n\r\n", 1)[1]
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED", body
+    assert wait_until(lambda: re.search(rf" {expected} 0 subject=- agent=- \((malformed HTTP request|more than 500 request header fields)\)",
+                                        proxy.process.log_text()), timeout=10)
+
+
 # ---------------------------------------------------------------------------
 # kill -9 during downloads, restart on the same cache
 # ---------------------------------------------------------------------------
@@ -924,6 +950,7 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         started = time.monotonic()
         import select
 
+        answer = b""
         for byte in request:
             try:
                 sock.sendall(bytes([byte]))
@@ -933,16 +960,18 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
             readable, _, _ = select.select([sock], [], [], 1.0)
             if readable:
                 try:
-                    if sock.recv(1) == b"":
-                        cut = True
-                        break
+                    while piece := sock.recv(1000):
+                        answer += piece
                 except OSError:
-                    cut = True
-                    break
+                    pass
+                cut = True
+                break
         sock.close()
         assert cut, f"still open after {time.monotonic() - started:.0f} s of trickled headers"
-        # It was the header deadline, not an early refusal.
+        # It was the header deadline, not an early refusal, and it says so.
         assert time.monotonic() - started >= 3
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b'"code": "UNSUPPORTED"' in answer or b'"code":"UNSUPPORTED"' in answer, answer
         # A request whose body comes in a segment of its own, then an idle
         # keep-alive connection past the header deadline: the next request
         # is served (the body's bytes armed the deadline, which then cut the
@@ -969,11 +998,9 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         sock = _socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Half: ")
         sock.settimeout(60)
-        try:
-            assert sock.recv(100) == b""
-        except ConnectionResetError:
-            pass
+        assert sock.recv(100).startswith(b"HTTP/1.1 408 ")
         sock.close()
+        assert re.search(r" - - 408 0 subject=- agent=- \(request headers too slow\)", process.log_text())
     finally:
         for sock in held:
             sock.close()
