@@ -54,7 +54,9 @@ READ_METHODS = (b"GET", b"HEAD")
 #: made-up methods cannot grow the metrics without end.
 _METHOD_LABELS = frozenset((*READ_METHODS, *WRITE_METHODS, b"OPTIONS"))
 #: A page size: ASCII digits only (str.isdigit() also takes "²").
-_COUNT = re.compile(r"[0-9]{1,9}")
+_COUNT = re.compile(r"[0-9]+")
+#: A larger C{n} asks for everything: it is taken as this.
+MAX_COUNT = 999_999_999
 #: Longest request path considered; longer ones cannot hold a valid name.
 MAX_PATH = 2048
 API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -81,10 +83,11 @@ def _count(request: Request) -> int | None:
     n_values = _args(request).get(b"n")
     if not n_values:
         return None
-    text = n_values[0].decode("latin-1")
+    text = n_values[0].decode("utf-8", "replace")
     if not _COUNT.fullmatch(text):
-        raise pagination_invalid(f"n must be a non-negative integer, got {text[:20]!r}")
-    return int(text)
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise pagination_invalid(f"n must be a non-negative integer, got {shown!r}")
+    return MAX_COUNT if len(text.lstrip("0")) > len(str(MAX_COUNT)) else min(int(text), MAX_COUNT)
 
 
 def parse_target(path: str) -> Target | None:

@@ -1039,6 +1039,19 @@ def test_a_token_in_its_leeway_cannot_be_traded_for_one_that_outlives_it(world):
     assert claims["exp"] <= now - 30
 
 
+@pytest.mark.parametrize("n", ["2147483648", "9" * 40, "000000000000000000005"])
+def test_a_huge_page_size_asks_for_everything(world, n):
+    # n=2^31 was refused as "not a non-negative integer".
+    world.upstream_registry.on(
+        "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a"]}).encode()
+    )
+    response, body = world.get(f"/v2/alpine/tags/list?n={n}", ALL)
+    assert response.code == 200, body
+    wanted = 5 if n.startswith("0") else 999_999_999
+    assert json.loads(body)["tags"] == ["a", "b"]
+    assert f"n={wanted}" in world.upstream_registry.seen[-1].url
+
+
 def test_tag_list_served_from_the_last_full_list_when_upstream_fails(world):
     world.upstream_registry.on(
         "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a", "c"]}).encode()
