@@ -189,7 +189,7 @@ class TokenVerifier:
             except jwt.InvalidAlgorithmError:
                 raise InvalidToken("token algorithm not allowed") from None
             except (jwt.InvalidTokenError, ValueError, TypeError) as e:
-                raise InvalidToken(f"malformed token ({type(e).__name__})") from None
+                raise InvalidToken(f"malformed token ({_MALFORMED.get(type(e).__name__, type(e).__name__)})") from None
             subject = claims.get("sub")
             if not isinstance(subject, str):
                 raise InvalidToken("claim 'sub' must be a string")
@@ -202,6 +202,15 @@ class TokenVerifier:
                 raise InvalidToken("token is not yet valid")
             return Grant(subject, _parse_access(claims["access"]), expires_at)
         raise InvalidToken(last_error)
+
+
+#: What PyJWT's complaints mean, for the client.
+_MALFORMED = {
+    "DecodeError": "its parts do not decode as base64url JSON",
+    "InvalidSubjectError": "claim 'sub' must be a string",
+    "InvalidJTIError": "claim 'jti' must be a string",
+    "InvalidIssuedAtError": "claim 'iat' must be a number",
+}
 
 
 def _expiry(claims: dict[str, Any]) -> int | None:

@@ -61,6 +61,9 @@ def test_minted_tokens_round_trip():
         (lambda: jwt.encode({"sub": "x", "access": ["all"]}, SECRET, "HS256"), "must be an object"),
         (lambda: "not-a-jwt", "malformed"),
         (lambda: "a.b.c", "malformed"),
+        # Said in words, not as PyJWT's exception names.
+        (lambda: jwt.api_jws.encode(b"not json", SECRET, "HS256"), r"malformed token \(its parts do not decode"),
+        (lambda: jwt.encode({"sub": 7, "access": {"type": "all"}}, SECRET, "HS256"), "claim 'sub' must be a string"),
     ],
 )
 def test_bad_tokens_are_refused_with_a_reason(make, reason):
