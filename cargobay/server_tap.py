@@ -310,6 +310,12 @@ class RegistryChannel(http.HTTPChannel):
     def _send100Continue(self) -> None:
         if self.requests and getattr(self.requests[-1], "body_refused", False):
             return  # answered already
+        token = getattr(self, "_path", b"").split(b"?")[0] == b"/token"
+        if self.requests and getattr(self, "_command", None) in WRITE_METHODS and not token:
+            # A push waiting to be told to send its body: told no at once,
+            # rather than to go on and then refused.
+            cast(ProxyRequest, self.requests[-1])._refuse_body()
+            return
         super()._send100Continue()  # type: ignore[misc]
 
 

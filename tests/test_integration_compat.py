@@ -215,6 +215,23 @@ def _read_answer(sock: socket.socket) -> bytes:
     return answer
 
 
+@pytest.mark.parametrize("path, first", [("/v2/alpine/manifests/latest", b"HTTP/1.1 403 "),
+                                          ("/token", b"HTTP/1.1 100 Continue")])
+def test_a_push_that_expects_100_continue_is_refused_before_its_body(world, path, first):
+    # It was told "100 Continue", sent its body, and was refused after it.
+    proxy: Proxy = world["proxy"]
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = _read_answer(sock)
+        assert answer.startswith(first), answer[:200]
+        if first.endswith(b"403 "):
+            assert b"Connection: close" in answer and b'"DENIED"' in answer, answer
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize(
     "head, status",
     [
