@@ -196,7 +196,7 @@ class Authenticator:
         return mint_token(
             self._secret, grant.subject, grant.repositories, now=int(time.time()),
             issuer=self._issuer, audience=self._audience, token_id=secrets.token_hex(8),
-            expires_at=grant.expires_at,
+            expires_at=grant.expires_at, origin=grant.key,
         )
 
     def issue(self, grant: Grant, scopes: Iterable[str]) -> dict[str, object]:
@@ -225,7 +225,7 @@ class Authenticator:
             lifetime = max(0, min(lifetime, grant.expires_at - now))
         token = mint_token(
             self._secret, grant.subject, repositories, lifetime, now=now,
-            issuer=self._issuer, audience=self._audience, expires_at=grant.expires_at,
+            issuer=self._issuer, audience=self._audience, expires_at=grant.expires_at, origin=grant.key,
         )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}

@@ -10,11 +10,12 @@ C{team/app} and C{team/app/x}, never C{team/apple}.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -27,6 +28,10 @@ VERIFIED_TOKEN_CACHE_SIZE = 10_000
 VERIFIED_TOKEN_CACHE_LENGTH = 8192
 #: The longest token taken: 64 KiB of request headers, as Basic credentials.
 MAX_TOKEN_LENGTH = 48 * 1024
+
+#: The claim of a token cargobay signs (at /token) naming the key that
+#: verified the token it was traded for: refused once that key is gone.
+ORIGIN_CLAIM = "cargobay_key"
 
 #: Pinned: a token is never accepted with another algorithm (no "none", no
 #: HS/RS confusion).
@@ -49,6 +54,10 @@ class Grant:
     subject: str
     repositories: tuple[str, ...] | None  # None: all repositories
     expires_at: int | None = None
+    #: The fingerprint of the key the grant rests on: the one that verified
+    #: the token, or for a token cargobay traded, the one that verified
+    #: what it was traded for.
+    key: str | None = field(default=None, compare=False)
 
     def allows(self, name: str) -> bool:
         if self.repositories is None:
@@ -82,6 +91,17 @@ class _Key:
     key: Any
     algorithms: tuple[str, ...]
 
+    @property
+    def fingerprint(self) -> str:
+        """Names the key in a token's claims without giving it away."""
+        if isinstance(self.key, str):
+            material = b"cargobay-hs256:" + self.key.encode()
+        else:
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            material = self.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(material).hexdigest()[:32]
+
 
 def load_public_key(pem: bytes) -> _Key:
     """
@@ -109,7 +129,11 @@ class TokenVerifier:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._keys = [_Key(s, tuple(ALGORITHMS)) for s in secrets if s]
+        #: The first secret is the one cargobay signs with: only its tokens
+        #: may say which key they rest on (L{ORIGIN_CLAIM}).
+        self._own = self._keys[0] if self._keys else None
         self._keys += list(public_keys)
+        self._fingerprints = {k.fingerprint for k in self._keys}
         self._leeway = leeway
         self._issuer = issuer
         self._audience = audience
@@ -200,7 +224,16 @@ class TokenVerifier:
             not_before = _time_claim(claims, "nbf")
             if not_before is not None and now < not_before - self._leeway:
                 raise InvalidToken("token is not yet valid")
-            return Grant(subject, _parse_access(claims["access"]), expires_at)
+            key = candidate.fingerprint
+            origin = claims.get(ORIGIN_CLAIM)
+            if origin is not None and candidate is self._own:
+                # Traded at /token for a token another key verified: good
+                # only while that key is configured (a retired secret or a
+                # removed public key must not live on in what it bought).
+                if origin not in self._fingerprints:
+                    raise InvalidToken("token was traded for one whose key is no longer configured")
+                key = origin
+            return Grant(subject, _parse_access(claims["access"]), expires_at, key)
         raise InvalidToken(last_error)
 
 
@@ -249,6 +282,7 @@ def mint_token(
     audience: str | None = None,
     token_id: str | None = None,
     expires_at: int | None = None,
+    origin: str | None = None,
 ) -> str:
     """
     Make a token in the earlier implementation's claim format.
@@ -256,6 +290,8 @@ def mint_token(
     @param repositories: the names granted; L{None} grants every repository.
     @param expires_at: an C{exp} no later than this (a token traded for
         another never outlives it).
+    @param origin: the fingerprint of the key the token rests on
+        (L{ORIGIN_CLAIM}), for a token traded for another.
     """
     issued = int(time.time() if now is None else now)
     access: dict[str, Any]
@@ -274,4 +310,6 @@ def mint_token(
         claims["aud"] = audience
     if token_id is not None:
         claims["jti"] = token_id
+    if origin is not None:
+        claims[ORIGIN_CLAIM] = origin
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -41,6 +43,7 @@ from peers import (
     need,
     skopeo,
     skopeo_push,
+    wait_until,
 )
 from proxy import SECRET, Proxy, start_proxy
 
@@ -504,6 +507,42 @@ def test_a_token_in_its_leeway_is_not_traded_for_one_that_outlives_it(proxy: Pro
     for traded in (got["token"], got["refresh_token"], posted["token"], posted["refresh_token"]):
         status, headers, body = proxy.request("/v2/alpine/tags/list", token=traded)
         assert status == 401, body
+
+
+def test_a_retired_secret_s_refresh_tokens_end_with_it(tmp_path):
+    # The refresh token for a JWT of a previous secret was that JWT's rights
+    # signed with the current secret: once the operator took the previous
+    # secret out and reloaded, the JWT was refused and its refresh token
+    # went on working, for ever when the JWT had no expiry.
+    old = "a-previous-secret-long-enough-for-hs256-too"
+    proxy = start_proxy(tmp_path, [{"id": "up", "url": "http://127.0.0.1:9"}], [("alpine", "up", "library/alpine")])
+    config = tmp_path / "config.toml"
+    rotating = config.read_text()
+    config.write_text(rotating.replace(f'jwt_secret = "{SECRET}"\n',
+                                       f'jwt_secret = "{SECRET}"\nprevious_jwt_secrets = ["{old}"]\n', 1))
+    try:
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: proxy.process.log_text().count("reloaded") >= 1, timeout=10)
+        jwt_old, jwt_current = mint_token(old, "m", None), mint_token(SECRET, "m", None)
+        SECRETS_USED.update([jwt_old, jwt_current])
+        refresh = {}
+        for label, token in (("old", jwt_old), ("current", jwt_current)):
+            status, _, body = post_token(proxy, {"grant_type": "password", "username": "m", "password": token,
+                                                 "scope": "repository:alpine:pull", "service": "cargobay"})
+            assert status == 200, body
+            refresh[label] = json.loads(body)["refresh_token"]
+            SECRETS_USED.add(refresh[label])
+            assert proxy.request("/v2/", token=refresh[label])[0] == 200
+        config.write_text(rotating)
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: proxy.process.log_text().count("reloaded") >= 2, timeout=10)
+        for token in (jwt_old, refresh["old"]):
+            status, headers, body = proxy.request("/v2/", token=token)
+            assert status == 401, body
+        assert b"no longer configured" in proxy.request("/v2/", token=refresh["old"])[2]
+        assert proxy.request("/v2/", token=refresh["current"])[0] == 200
+    finally:
+        proxy.process.stop()
 
 
 def test_every_scope_field_of_a_token_post_counts(proxy: Proxy):

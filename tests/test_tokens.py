@@ -194,3 +194,59 @@ def test_an_exp_that_is_not_an_int_is_kept(exp):
     value = exp(now)
     token = jwt.encode({"sub": "ci", "exp": value, "access": {"type": "all"}}, SECRET, "HS256")
     assert verify(token).expires_at == int(float(value))
+
+
+OLD_SECRET = "the-retired-secret-that-was-long-enough-too"
+
+
+def _traded(verifier, token):
+    """The short-lived token and the refresh token /token gives for C{token}."""
+    from cargobay.auth import Authenticator
+
+    authenticator = Authenticator(verifier, SECRET, "cargobay", None)
+    grant = verifier.verify(token)
+    return authenticator.issue(grant, [])["token"], authenticator.refresh_token(grant)
+
+
+@pytest.mark.parametrize("retired", ["previous secret", "public key"])
+def test_what_a_token_was_traded_for_ends_with_the_key_that_verified_it(retired):
+    # A refresh token was the presented token's rights re-signed with the
+    # current secret: one for a token of a retired secret (or of a public key
+    # taken out of the config) went on working, for ever when it had no exp.
+    from cargobay.tokens import load_public_key
+
+    if retired == "previous secret":
+        before = TokenVerifier([SECRET, OLD_SECRET])
+        token = mint_token(OLD_SECRET, "m")
+    else:
+        private, public = _rsa_pair()
+        before = TokenVerifier([SECRET], public_keys=[load_public_key(public)])
+        token = jwt.encode({"sub": "m", "access": {"type": "all"}}, private, "RS256")
+    after = TokenVerifier([SECRET])
+    issued, refresh = _traded(before, token)
+    # Traded again, and again: still resting on the retired key.
+    _, refresh_again = _traded(before, refresh)
+    for each in (issued, refresh, refresh_again):
+        assert before.verify(each).subject == "m"
+        with pytest.raises(InvalidToken, match="no longer configured"):
+            after.verify(each)
+    # What the current secret verified lives on as before.
+    issued, refresh = _traded(before, mint_token(SECRET, "m"))
+    assert after.verify(issued).subject == after.verify(refresh).subject == "m"
+
+
+def test_only_the_current_secret_s_tokens_may_say_which_key_they_rest_on():
+    # A retired secret's holder claiming the current secret as the origin
+    # would have bought a token outliving the retirement.
+    from cargobay.tokens import ORIGIN_CLAIM
+
+    before = TokenVerifier([SECRET, OLD_SECRET])
+    current = before._own.fingerprint
+    forged = jwt.encode({"sub": "m", "access": {"type": "all"}, ORIGIN_CLAIM: current}, OLD_SECRET, "HS256")
+    _, refresh = _traded(before, forged)
+    with pytest.raises(InvalidToken, match="no longer configured"):
+        TokenVerifier([SECRET]).verify(refresh)
+    # An origin no configured key has: refused at once.
+    unknown = mint_token(SECRET, "m", origin="0" * 32)
+    with pytest.raises(InvalidToken, match="no longer configured"):
+        before.verify(unknown)
