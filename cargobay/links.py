@@ -149,12 +149,15 @@ def _touch(path: str | None) -> OSError | None:
     return None
 
 
-def referenced_digests(content: bytes) -> list[Digest]:
+def referenced_digests(content: bytes, children: bool = True) -> list[Digest]:
     """
     The digests a manifest or index names: its config, layers and child
     manifests (and a schema 1 manifest's layers).  A registry accepts a
     manifest only once those are in its repository (but for foreign layers,
-    which carry C{urls}: those are left out).
+    which carry C{urls}: those are left out).  Without C{children}, an
+    index's manifests are left out too: a registry may take an index whose
+    manifests it does not hold (distribution 3's sparse indexes), so they
+    prove nothing of the repository.
     """
     try:
         document = json.loads(content)
@@ -166,7 +169,7 @@ def referenced_digests(content: bytes) -> list[Digest]:
     config = document.get("config")
     if isinstance(config, dict):
         texts.append(config.get("digest"))
-    for field in ("layers", "manifests", "blobs"):
+    for field in ("layers", "manifests", "blobs") if children else ("layers", "blobs"):
         items = document.get(field)
         if isinstance(items, list):
             # A descriptor with "urls" (a foreign layer) is one the registry

@@ -183,8 +183,11 @@ class ManifestService:
             self._linked.move_to_end(key)
             return
         # (A manifest naming more than any image has is linked in part: the
-        # rest is confirmed with the upstream when it is asked for.)
-        references = referenced_digests(manifest.content)[:MAX_LINKED_REFERENCES]
+        # rest is confirmed with the upstream when it is asked for.  An
+        # index's manifests are confirmed so too, the first time each is
+        # asked for under this name from the cache: an upstream may hold an
+        # index naming manifests it does not have here.)
+        references = referenced_digests(manifest.content, children=False)[:MAX_LINKED_REFERENCES]
         self.links.add(registry_id, upstream_name, [manifest.digest, *references])
         self._linked[key] = None
         if len(self._linked) > LINKED_MEMORY:

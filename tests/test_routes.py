@@ -472,6 +472,34 @@ def manifest_naming_the_blob():
     return manifest, get_manifest
 
 
+def test_an_index_proves_nothing_of_the_manifests_it_names(world):
+    # A registry may take an index naming manifests it does not hold in that
+    # repository (distribution 3's sparse indexes): one pushed under another
+    # name made a manifest cached for alpine, and then its blobs, servable
+    # under that name with no upstream asked.
+    world.upstream_registry.on("GET", "/v2/library/alpine/blobs/", lambda r: BLOB)
+    image, get_image = manifest_naming_the_blob()
+    image_digest = "sha256:" + hashlib.sha256(image).hexdigest()
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", get_image)
+    assert world.get("/v2/alpine/manifests/latest", ALL)[1] == image
+    assert world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": len(image)}]}).encode()
+
+    def get_index(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+        return index
+
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/evil", get_index)
+    world.upstream_registry.on("HEAD", "/v2/team/application/manifests/sha256:", _failing(404))
+    assert world.get("/v2/mycompany/app/manifests/evil", ALL)[0].code == 200
+    world.upstream_registry.seen.clear()
+    response, _ = world.get(f"/v2/mycompany/app/manifests/{image_digest}", ALL)
+    assert response.code == 404
+    assert [seen.method for seen in world.upstream_registry.seen] == ["HEAD"]
+    assert world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)[0].code == 404
+
+
 def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
     # A registry takes a manifest only once what it references is in the
     # repository: a pull of an image whose layers another name cached asks
