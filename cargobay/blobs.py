@@ -1530,14 +1530,19 @@ class FileSender:
             self._fetch.remove_reader(self)
         self._let_go_of_file()
         request = self._request
-        request.unregisterProducer()
-        if ok:
-            request.finish()
-        else:
-            abort_request(request)
-        if self._on_done is not None:
-            on_done, self._on_done = self._on_done, None
-            on_done(ok)
+        try:
+            request.unregisterProducer()
+            if ok:
+                request.finish()
+            else:
+                abort_request(request)
+        finally:
+            # Whatever the request makes of it (a client gone while a HEAD
+            # upstream confirmed the blob leaves it without a channel), the
+            # cache entry is let go: else it stays pinned, never evicted.
+            if self._on_done is not None:
+                on_done, self._on_done = self._on_done, None
+                on_done(ok)
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -2084,6 +2089,11 @@ class BlobService:
             release()
             return done
         start, end = span
+        if request.channel is None or getattr(request, "_disconnected", False):
+            # Gone meanwhile (while the upstream confirmed the blob, say).
+            fileobj.close()
+            release(ok=False)
+            return done
         sender = FileSender(
             request, fileobj, start, end, clock=self._clock, on_done=release, send_in_thread=self._send_in_thread
         )

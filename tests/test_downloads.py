@@ -198,3 +198,36 @@ def test_clients_that_joined_a_download_too_big_to_cache_each_get_the_blob(tmp_p
         assert request.body == data and request.code == 200
     assert len(world.cache) == 0
     assert world.service.in_flight() == 0
+
+
+def test_a_hit_whose_client_left_while_the_upstream_confirmed_it_lets_go_of_its_entry(tmp_path):
+    # The client left during the HEAD that confirms the blob under another
+    # name: serving the hit then failed on the channel-less request before
+    # the entry was released, and the entry stayed pinned, never evicted.
+    from types import SimpleNamespace
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web import server
+    from twisted.web.http_headers import Headers
+    from twisted.web.test.requesthelper import DummyChannel
+
+    data = os.urandom(100_000)
+    world = World(tmp_path, data, max_size=150_000)
+    writer = world.cache.begin(world.key, len(data))
+    writer.write_raw(data)
+    writer.wrote(len(data))
+    assert writer.commit()
+    world.service.links.add("up", "library/x", [world.digest])
+    request = server.Request(DummyChannel(), False)
+    request.method, request.uri, request.path, request.clientproto = b"GET", b"/v2/o/blobs/x", b"/v2/o/blobs/x", b"HTTP/1.1"
+    world.service.serve(request, world.upstream, "other/name", world.digest, head=False)
+    assert world.requests[0].method == "HEAD"
+    request.connectionLost(Failure(ConnectionDone()))
+    world.requests[0].d.callback(SimpleNamespace(code=200, headers=Headers({}), length=0, deliverBody=lambda p: None))
+    world.clock.advance(1)
+    assert world.cache.lookup(world.key).readers == 0
+    world.cache.max_size_bytes = 0
+    world.cache.evict()
+    world.clock.advance(0)
+    assert world.cache.lookup(world.key) is None
