@@ -2257,7 +2257,9 @@ class BlobService:
                 self.leave_disk_after,
                 self._send_in_thread,
                 offset,
-                self.cache.max_size_bytes if length is None else None,
+                # What the cache may hold now, as begin() asks of a known
+                # length: max_size_bytes, or less on a disk short of room.
+                self.cache.size_limit() if length is None else None,
                 self._bad_content_counter(upstream.registry.id),
             )
             response.deliverBody(pipe)

@@ -231,3 +231,33 @@ def test_a_hit_whose_client_left_while_the_upstream_confirmed_it_lets_go_of_its_
     world.cache.evict()
     world.clock.advance(0)
     assert world.cache.lookup(world.key) is None
+
+
+def test_a_body_of_unknown_length_over_what_the_disk_leaves_room_for_is_not_cached(tmp_path):
+    # Under max_size_bytes but over size_limit() (a disk short of room), it
+    # was made an entry, which then evicted every other one and itself.
+    mib = 1024 * 1024
+    world = World(tmp_path, os.urandom(3 * mib), max_size=8 * mib)
+    small = []
+    for i in range(3):
+        data = os.urandom(mib // 2 + i)
+        key = BlobKey("up", Digest("sha256", hashlib.sha256(data).hexdigest()))
+        writer = world.cache.begin(key)
+        writer.write_raw(data)
+        writer.wrote(len(data))
+        assert writer.commit()
+        small.append(key)
+    world.cache.size_limit = lambda: 2 * mib  # type: ignore[method-assign]
+    client, _ = world.get()
+    body = Body(length=None)
+    world.requests[0].d.callback(body)
+    for start in range(0, len(world.data), mib):
+        body.send(world.data[start : start + mib])
+        world.clock.advance(0)
+    body.end()
+    for _ in range(5):
+        world.clock.advance(0)
+    assert client.body == world.data
+    assert world.cache.lookup(world.key) is None
+    assert all(world.cache.lookup(key) is not None for key in small)
+    assert world.cache.stats.evictions == 0
