@@ -93,6 +93,9 @@ class BlobStore(Protocol):
     def begin(self, key: BlobKey, size: int | None = None) -> BlobWriter | None:
         """A writer whose commit() makes a verified entry, or None to stream uncached."""
 
+    def size_limit(self) -> int:
+        """What the cache may hold now (C{max_size_bytes}, or less on a disk short of room)."""
+
 
 class BlobWriter:
     """
