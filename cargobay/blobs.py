@@ -349,13 +349,21 @@ def hash_prefix(hasher: Any, path: str, length: int) -> None:
 
 def hash_fd_prefix(hasher: Any, fd: int, length: int) -> None:
     """Feed C{hasher} the first C{length} bytes of the open file C{fd}; a short file raises."""
+    hashed = hash_fd_upto(hasher, fd, length)
+    if hashed < length:
+        raise OSError(f"file ended at {hashed} of {length} bytes")
+
+
+def hash_fd_upto(hasher: Any, fd: int, length: int) -> int:
+    """Feed C{hasher} the first C{length} bytes of C{fd}, or all it holds if fewer; returns how many."""
     position = 0
     while position < length:
         data = os.pread(fd, min(REPORT_EVERY, length - position), position)
         if not data:
-            raise OSError(f"file ended at {position} of {length} bytes")
+            break
         hasher.update(data)
         position += len(data)
+    return position
 
 
 def run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -1717,7 +1725,11 @@ class _RescuePipe(Protocol):
         self._on_bytes = on_bytes
         self._request = request
         self._hasher = hasher
+        #: Where the hash has got to (what comes next starts there), and
+        #: where the follower's response goes on: past it, for a Range
+        #: follower that joined beyond what the file held.
         self._position = position
+        self._send_from = position
         self._end = end
         self._total = total
         self._digest = digest
@@ -1730,6 +1742,11 @@ class _RescuePipe(Protocol):
         #: Bytes of the body to pass over (a 200 for the whole blob).
         self.skip = 0
         request.notifyFinish().addErrback(self._client_left)
+
+    def hashed_to(self, count: int) -> int:
+        """The file held only C{count} bytes: the rest is hashed as it comes."""
+        self._position = min(self._position, count)
+        return self._position
 
     def connectionMade(self) -> None:
         if self._gone:
@@ -1759,9 +1776,11 @@ class _RescuePipe(Protocol):
         if self._position + len(data) > self._total:
             cast(Any, self.transport).stopProducing()
             return
-        wanted = data[: max(0, self._end - self._position)]
+        start = self._position
         self._position += len(data)
         self._hasher.update(data)
+        low, high = max(start, self._send_from), min(self._position, self._end)
+        wanted = data[low - start : high - start] if high > low else b""
         if wanted:
             held, self._held = self._held, wanted
             if held:
@@ -2361,27 +2380,33 @@ class BlobService:
             self._upstream_bytes_counter(upstream.registry.id),
         )
 
-        def hashed(_: object) -> Deferred[Any]:
+        # (A Range follower may wait past what the file holds: what lies
+        # between is hashed as it comes, not sent.)
+        have = position
+
+        def hashed(count: int) -> Deferred[Any]:
+            nonlocal have
             fileobj.close()
+            have = pipe.hashed_to(count)
             return upstream.request(
                 "GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name),
-                {"range": [f"bytes={position}-"]}, any_origin=True,
+                {"range": [f"bytes={have}-"]}, any_origin=True,
             )
 
         def answered(response: IResponse) -> None:
             if response.code == 206:
                 span = parse_content_range(response.headers.getRawHeaders("content-range", [None])[0])
-                if span is None or span[0] != position:
+                if span is None or span[0] != have:
                     discard_body(response)
                     raise _retry_error()
             elif response.code == 200:
-                pipe.skip = position  # the whole blob: what was sent is passed over
+                pipe.skip = have  # the whole blob: what was hashed is passed over
             else:
                 discard_body(response)
                 raise _retry_error()
             response.deliverBody(pipe)
 
-        d = self._run_in_thread(hash_fd_prefix, hasher, fileobj.fileno(), position)
+        d = self._run_in_thread(hash_fd_upto, hasher, fileobj.fileno(), position)
         d.addCallback(hashed).addCallback(answered).addErrback(pipe.failed)
         return True
 

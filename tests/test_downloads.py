@@ -113,6 +113,41 @@ def test_a_rescued_follower_of_a_range_gets_its_part_once_the_whole_blob_is_veri
         assert follower.body == data[:3 * MiB] and follower.finished
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_range_follower_waiting_past_what_the_file_holds_is_rescued_too(tmp_path, whole):
+    # Joined at 3 MiB while the file held 1 MiB: its rescue hashed 3 MiB of
+    # a 1 MiB file, failed, and cut it, with no upstream asked.
+    data = os.urandom(4 * MiB + 5)
+    world = World(tmp_path, data)
+    first, _ = world.get()
+    body = Body(length=len(data))
+    world.requests[0].d.callback(body)
+    body.send(data[:MiB])
+    world.clock.advance(0)
+    follower, _ = world.get(f"bytes={3 * MiB}-")
+    world.clock.advance(0)
+    fill_up(body)
+    body.send(data[MiB : 2 * MiB])
+    world.clock.advance(0)
+    assert len(world.requests) == 2
+    rest = world.requests[1]
+    have = int(rest.headers["range"][0].removeprefix("bytes=").rstrip("-"))
+    assert have <= 2 * MiB  # what the file held, not the follower's 3 MiB
+    if whole:
+        answer = Body(code=200, length=len(data))
+        world.requests[1].d.callback(answer)
+        answer.send(data)
+    else:
+        answer = Body(code=206, length=len(data) - have)
+        answer.headers.setRawHeaders("content-range", [f"bytes {have}-{len(data) - 1}/{len(data)}"])
+        rest.d.callback(answer)
+        answer.send(data[have:])
+    answer.end()
+    world.clock.advance(0)
+    assert follower.code == 206 and follower.finished
+    assert follower.body == data[3 * MiB :]
+
+
 def test_a_rescued_follower_is_cut_if_the_rest_does_not_match_the_digest(tmp_path):
     world, data, body, first, follower = _followed_download_whose_disk_fills_up(tmp_path)
     had = len(follower.body)
