@@ -358,6 +358,12 @@ class BlobCache:
         for name in _listdir(tmp):
             _unlink(os.path.join(tmp, name))
         for entry in self._scan():
+            if entry.key in self._entries:
+                # Two files for one blob (put there by hand): one is kept,
+                # and counted once.
+                log.warn("removing a second cache file of {digest}: {path}", digest=str(entry.key.digest), path=entry.path)
+                _unlink(entry.path)
+                continue
             self._entries[entry.key] = entry
             self.total_size += entry.size
         log.info(
@@ -438,6 +444,12 @@ class BlobCache:
             size = int(size_text)
             stat = item.stat()
         except (ValueError, OSError):
+            return None
+        # Only the name cargobay writes, where it writes it (int() takes
+        # "-1_0" or " 10" too, and the same blob could sit in a second
+        # fan-out directory): else one blob would be counted twice.
+        canonical = f"{digest.encoded}-{size}"
+        if item.name != canonical or os.path.basename(os.path.dirname(item.path)) != digest.encoded[:2]:
             return None
         if stat.st_size != size:
             return None

@@ -533,3 +533,29 @@ def test_a_cache_whose_tmp_cannot_be_made_still_serves_and_counts_what_it_holds(
     again, _ = make(tmp_path)
     assert again.lookup(key) is not None and again.total_size == 4000
     assert again.begin(key_for(b"new")) is None
+
+
+@pytest.mark.parametrize("where", ["odd size text", "another fan-out directory"])
+def test_a_second_file_of_one_blob_is_neither_counted_nor_kept(tmp_path, where):
+    # int() took "-1_0" as 10, and a blob in a second fan-out directory was
+    # read as the same key: counted twice, the other file never evicted.
+    cache = BlobCache(str(tmp_path), 10**9, 0, Clock())
+    cache.open()
+    data = b"x" * 10
+    key = BlobKey("up", Digest("sha256", hashlib.sha256(data).hexdigest()))
+    writer = cache.begin(key)
+    writer.write_raw(data)
+    writer.wrote(10)
+    entry = writer.commit()
+    assert entry is not None
+    if where == "odd size text":
+        second = entry.path.replace("-10", "-1_0")
+    else:
+        other = os.path.join(os.path.dirname(os.path.dirname(entry.path)), "zz")
+        os.makedirs(other)
+        second = os.path.join(other, os.path.basename(entry.path))
+    os.link(entry.path, second)
+    reopened = BlobCache(str(tmp_path), 10**9, 0, Clock())
+    reopened.open()
+    assert reopened.total_size == 10
+    assert not os.path.exists(second) and os.path.exists(entry.path)
