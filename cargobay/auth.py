@@ -194,7 +194,7 @@ class Authenticator:
         starts its own (traded on every minute, it would never run out).
         """
         return mint_token(
-            self._secret, grant.subject, grant.repositories, now=int(time.time()),
+            self._secret, grant.subject, grant.repositories,
             issuer=self._issuer, audience=self._audience, token_id=secrets.token_hex(8),
             expires_at=grant.expires_at, origin=grant.key,
         )

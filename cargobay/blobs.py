@@ -1743,10 +1743,9 @@ class _RescuePipe(Protocol):
         self.skip = 0
         request.notifyFinish().addErrback(self._client_left)
 
-    def hashed_to(self, count: int) -> int:
-        """The file held only C{count} bytes: the rest is hashed as it comes."""
-        self._position = min(self._position, count)
-        return self._position
+    def hashed_to(self, count: int) -> None:
+        """The file held C{count} bytes (fewer, for a Range follower past them): the rest is hashed as it comes."""
+        self._position = count
 
     def connectionMade(self) -> None:
         if self._gone:
@@ -2387,7 +2386,8 @@ class BlobService:
         def hashed(count: int) -> Deferred[Any]:
             nonlocal have
             fileobj.close()
-            have = pipe.hashed_to(count)
+            have = count
+            pipe.hashed_to(count)
             return upstream.request(
                 "GET", f"/v2/{upstream_name}/blobs/{digest}", pull_scope(upstream_name),
                 {"range": [f"bytes={have}-"]}, any_origin=True,

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import jwt
@@ -91,9 +92,9 @@ class _Key:
     key: Any
     algorithms: tuple[str, ...]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Names the key in a token's claims without giving it away."""
+        """Names the key in a token's claims without giving it away (worked out once)."""
         if isinstance(self.key, str):
             material = b"cargobay-hs256:" + self.key.encode()
         else:
