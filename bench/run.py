@@ -955,11 +955,15 @@ class Bench:
             pull(ref)
         row = Row("docker_pull", "6 docker pull warm", "s", "upstream direct",
                   target=("ratio", "<=", 1.1), target_text="<=1.1x")
+        pids = {"cargobay": self.cargobay.process.pid, "upstream": self.upstream.process.pid}
         for rnd in range(a.rounds):
             for who in self.order(rnd, "cargobay", "upstream"):
+                cpu = proc_cpu_seconds(pids[who])
                 seconds = pull(refs[who])
+                cpu = proc_cpu_seconds(pids[who]) - cpu
                 (row.cargobay if who == "cargobay" else row.peer).append(seconds)
-                log(f"docker round {rnd + 1}: {who}: {seconds:.2f} s")
+                log(f"docker round {rnd + 1}: {who}: {seconds:.2f} s, {cpu:.2f} CPU seconds in "
+                    f"{'cargobay' if who == 'cargobay' else 'the upstream'}")
         self.rows.append(row)
         warm_stalls = self.tls_stalls(dockerd)
         self.docker_cold(pull, layer)
