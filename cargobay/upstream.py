@@ -428,6 +428,10 @@ class Upstream:
         # credentials up front from then on instead of paying a 401 each time.
         self._basic = False
         self._unreachable_until = 0.0
+        #: The same, for the token service a registry sends cargobay to
+        #: (another host, often): the registry's own quick 401 says nothing
+        #: of it, so only a token fetched, or the time running out, ends this.
+        self._token_service_down_until = 0.0
         self._probing = False
         #: Requests (to clients and to the registry) under way; see L{retire}.
         self._uses = 0
@@ -456,7 +460,17 @@ class Upstream:
         answer ends this.
         """
         # (Never for longer than that, should the clock be set back.)
-        return 0 < self._unreachable_until - self._clock.seconds() <= UNREACHABLE_FOR
+        now = self._clock.seconds()
+        return any(0 < until - now <= UNREACHABLE_FOR for until in (self._unreachable_until, self._token_service_down_until))
+
+    def _token_service_unreachable(self, error: RegistryError) -> None:
+        if not 0 < self._token_service_down_until - self._clock.seconds() <= UNREACHABLE_FOR:
+            log.warn(
+                "upstream {registry}'s token service {message}: for {seconds:.0f} s what the cache holds is "
+                "served without asking the registry",
+                registry=self.registry.id, message=error.message.split(" ", 3)[-1], seconds=UNREACHABLE_FOR,
+            )
+        self._token_service_down_until = self._clock.seconds() + UNREACHABLE_FOR
 
     def _unreachable(self, error: RegistryError) -> None:
         if not self.unreachable:
@@ -683,7 +697,17 @@ class Upstream:
             )
             body = yield read_body(response, 1024 * 1024, self._clock, self.registry.read_timeout)
         except Exception as e:
-            raise UpstreamError(self._network_error(Failure(e), "token service")) from None
+            failure = Failure(e)
+            error = self._network_error(failure, f"token service at {urlsplit(target).netloc}")
+            if self._metrics is not None:
+                self._metrics.upstream_errors.inc(1, self.registry.id, "timeout" if error.status == 504 else "network")
+            if error.status != 503 and not is_tls_failure(failure):
+                # Every request that needs a token would wait for it as long.
+                self._token_service_unreachable(error)
+            raise UpstreamError(error) from None
+        if response.code >= 500 or response.code == 429:
+            if self._metrics is not None:
+                self._metrics.upstream_errors.inc(1, self.registry.id, "status")
         if response.code in (401, 403):
             raise UpstreamError(
                 self.error(403, "DENIED", "refused cargobay's credentials (token service answered "
@@ -718,6 +742,9 @@ class Upstream:
             while len(self._tokens) >= MAX_CACHED_TOKENS:
                 del self._tokens[next(iter(self._tokens))]
         self._tokens[scope] = _CachedToken(token, expires_at)
+        if self._token_service_down_until:
+            log.info("upstream {registry}'s token service answers again", registry=self.registry.id)
+            self._token_service_down_until = 0.0
         log.debug("fetched a token for {registry} {scope}", registry=self.registry.id, scope=scope)
         return token
 

@@ -195,6 +195,59 @@ def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_
         yield _stop(port, upstream)
 
 
+class _ChallengeTo(Protocol):
+    """A registry that answers every request at once with a Bearer challenge naming C{realm}."""
+
+    realm = ""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n"
+            b'WWW-Authenticate: Bearer realm="%s",service="s"\r\n\r\n{}' % self.realm.encode()
+        )
+
+
+class _TokenAnswer(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b'HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{"token":"T"}')
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_token_service_that_does_not_answer_is_counted_and_makes_the_registry_unreachable():
+    # The registry's quick 401 said it was reachable: every request that
+    # needed a token (a tag's revalidation, say) waited the read timeout
+    # before the cache answered it, and no upstream error was counted.
+    from cargobay.metrics import Metrics
+
+    token_port = global_reactor.listenTCP(0, Factory.forProtocol(_NoAnswer), interface="127.0.0.1")
+    _ChallengeTo.realm = f"http://127.0.0.1:{token_port.getHost().port}/token"
+    registry_port = global_reactor.listenTCP(0, Factory.forProtocol(_ChallengeTo), interface="127.0.0.1")
+    metrics = Metrics()
+    config = RegistryConfig(id="hub", url=f"http://127.0.0.1:{registry_port.getHost().port}", read_timeout=0.2)
+    upstream = Upstream(config, global_reactor, metrics=metrics)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            yield upstream.request("HEAD", "/v2/library/alpine/manifests/latest", SCOPE)
+        assert caught.value.error.status == 504
+        assert "token service at 127.0.0.1" in caught.value.error.message
+        assert metrics.upstream_errors.value("hub", "timeout") == 1
+        assert upstream.unreachable
+        # The registry's own answers do not end it (its /v2/ check says 401 at once)...
+        for _ in range(10):
+            yield deferLater(global_reactor, 0.02)
+        assert upstream.unreachable
+        # ...a token fetched does.
+        token_port.factory.protocol = _TokenAnswer
+        response = yield upstream.request("HEAD", "/v2/library/alpine/manifests/latest", SCOPE)
+        assert response.code == 401  # (this registry refuses even the token)
+        yield read_body(response)
+        assert not upstream.unreachable
+    finally:
+        yield upstream.close()
+        yield registry_port.stopListening()
+        yield token_port.stopListening()
+
+
 def test_the_log_says_when_an_unreachable_upstream_answers_again_even_after_its_30_s():
     from twisted.logger import globalLogPublisher
 
