@@ -4,6 +4,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -39,7 +40,7 @@ from cargobay.outbound import ProxySettings
 from cargobay.routes import WRITE_METHODS, RegistryApp
 from cargobay.sweep import MetadataSweeper
 from cargobay.tokens import mint_token
-from cargobay.upstream import Upstream
+from cargobay.upstream import Upstream, ca_file_fingerprint
 
 log = Logger()
 access = Logger(namespace="cargobay.access")
@@ -702,8 +703,13 @@ class Runtime:
         upstreams = {}
         for registry in config.registries:
             existing = previous.get(registry.id)
-            if existing is not None and existing.registry == registry:
-                # Unchanged: keep its cached tokens.
+            if (
+                existing is not None
+                and existing.registry == registry
+                and existing.ca_fingerprint == ca_file_fingerprint(registry.ca_file)
+            ):
+                # Unchanged (its CA file too, renewed in place or not): keep
+                # its cached tokens and connections.
                 upstreams[registry.id] = existing
             else:
                 upstreams[registry.id] = Upstream(registry, self._reactor, metrics=self.metrics, proxies=self.proxies)
@@ -760,8 +766,10 @@ class Runtime:
         ):
             _warn_of_a_weak_secret(config)
         _warn_of_config(config)
-        if config.cache.directory == old.cache.directory:
-            self._notice_moved_registries(config, previous)
+        # What waits for a restart runs as it was, and is compared with that
+        # at the next reload: the store and links are the running directory's.
+        config = _with_restart_only_settings_of(old, config)
+        self._notice_moved_registries(config, previous)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
         self.cache.direct_writes = config.cache.direct_writes
@@ -777,6 +785,26 @@ class Runtime:
             registries=len(config.registries),
         )
         return True
+
+
+def _with_restart_only_settings_of(running: Config, new: Config) -> Config:
+    """C{new}, with the settings only a restart applies as C{running} has them."""
+    server = dataclasses.replace(
+        new.server,
+        bind_address=running.server.bind_address,
+        port=running.server.port,
+        listen=running.server.listen,
+        max_connections=running.server.max_connections,
+        idle_timeout=running.server.idle_timeout,
+        header_timeout=running.server.header_timeout,
+    )
+    cache = dataclasses.replace(
+        new.cache,
+        directory=running.cache.directory,
+        eviction_interval_seconds=running.cache.eviction_interval_seconds,
+        scrub_bytes_per_interval=running.cache.scrub_bytes_per_interval,
+    )
+    return dataclasses.replace(new, server=server, cache=cache, metrics=running.metrics, logging=running.logging)
 
 
 def _warn_of_config(config: Config) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import ipaddress
 import json
 import math
@@ -26,7 +27,9 @@ from http.cookiejar import DefaultCookiePolicy
 from typing import Any, cast
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
+from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL import crypto as OpenSSLCrypto
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer
@@ -41,7 +44,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -191,16 +194,43 @@ class RegistryTLSPolicy:
     def __init__(self, hostname: str, ca_file: str | None) -> None:
         self._hostname = hostname
         self._default = webclient.BrowserLikePolicyForHTTPS()
-        self._trust: Certificate | None = None
+        self._trust: Any = None
+        #: What the CA file held when it was read (see L{ca_file_fingerprint}).
+        self.ca_fingerprint: bytes | None = None
         if ca_file is not None:
             with open(ca_file, "rb") as f:
-                self._trust = Certificate.loadPEM(f.read())
+                pem = f.read()
+            self.ca_fingerprint = hashlib.sha256(pem).digest()
+            # Every certificate in it: while a CA is rotated, the file holds
+            # the old one and the new one.
+            self._trust = trustRootFromCertificates(
+                [Certificate(cert) for cert in _pem_certificates(pem)]
+            )
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         host = hostname.decode("ascii")
         if self._trust is not None and host == self._hostname:
             return optionsForClientTLS(host, trustRoot=self._trust)
         return self._default.creatorForNetloc(hostname, port)
+
+
+def _pem_certificates(pem: bytes) -> list[Any]:
+    """The certificates of a PEM file, as pyOpenSSL's X509."""
+    return [OpenSSLCrypto.X509.from_cryptography(cert) for cert in x509.load_pem_x509_certificates(pem)]
+
+
+def ca_file_fingerprint(ca_file: str | None) -> bytes | None:
+    """
+    A hash of what a registry's CA file holds now (None without one, or
+    when it cannot be read): a reload re-reads a file renewed in place.
+    """
+    if ca_file is None:
+        return None
+    try:
+        with open(ca_file, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+    except OSError:
+        return None
 
 
 class GatheringTLSProtocol(TLSMemoryBIOProtocol):
@@ -406,14 +436,18 @@ class Upstream:
         #: Its own: a connection verified against one registry's CA must
         #: not serve another registry (or a reloaded one) on the same host.
         self._pool = pool
+        #: What the registry's CA file held when this was built.
+        self.ca_fingerprint = ca_file_fingerprint(registry.ca_file)
         if agent is None:
             if pool is None:
                 pool = self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = 32
                 pool.cachedConnectionTimeout = 120
             settings = proxies if proxies is not None else ProxySettings({}, None)
+            policy = RegistryTLSPolicy(registry.hostname, registry.ca_file)
+            self.ca_fingerprint = policy.ca_fingerprint
             endpoints = UpstreamEndpoints(
-                reactor, RegistryTLSPolicy(registry.hostname, registry.ca_file), registry.connect_timeout, settings,
+                reactor, policy, registry.connect_timeout, settings,
                 registry.url, registry.id,
             )
             agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)

@@ -588,6 +588,35 @@ def test_an_https_upstream_body_comes_in_pieces_of_more_than_one_record(tmp_path
     assert max(len(piece) for piece in received.pieces) > 16384
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_ca_file_of_several_certificates_trusts_each_of_them(tmp_path):
+    # While a private CA is rotated, its file holds the old CA and the new:
+    # only the first certificate of the file was trusted.
+    old, new, other = TestCA(tmp_path / "old"), TestCA(tmp_path / "new"), TestCA(tmp_path / "other")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(old.cert_path.read_bytes() + b"\n" + new.cert_path.read_bytes())
+    root = Resource()
+    root.putChild(b"blob", _Blob(b"x"))
+    site = Site(root)
+    for ca, trusted in ((old, True), (new, True), (other, False)):
+        cert = ca.issue("upstream", ["localhost"], ["127.0.0.1"])
+        port = global_reactor.listenTCP(
+            0, TLSMemoryBIOFactory(_ServerTLS(cert.cert_path, cert.key_path), False, site), interface="127.0.0.1"
+        )
+        config = RegistryConfig(id="tls", url=f"https://127.0.0.1:{port.getHost().port}", ca_file=str(bundle))
+        upstream = Upstream(config, global_reactor, pool=HTTPConnectionPool(global_reactor, persistent=False))
+        try:
+            if trusted:
+                response = yield upstream.request("GET", "/blob", SCOPE)
+                assert (yield read_body(response)) == b"x"
+            else:
+                with pytest.raises(UpstreamError) as caught:
+                    yield upstream.request("GET", "/blob", SCOPE)
+                assert "failed TLS verification" in caught.value.error.message
+        finally:
+            yield port.stopListening()
+
+
 def test_each_upstream_has_its_pool_and_a_reload_closes_the_replaced_ones(tmp_path):
     # Two registries on one host:port, one trusting a CA of its own: a
     # connection verified for one must never carry the other's requests.

@@ -1,0 +1,51 @@
+"""
+Reloading the config in a running process (L{cargobay.server_tap.Runtime.reload}):
+what changes at once, and what runs as it was until a restart.
+"""
+
+import json
+
+from tls import TestCA
+from twisted.internet import reactor as global_reactor
+
+from cargobay.config import load_config
+from cargobay.reference import Digest
+from cargobay.server_tap import Runtime
+from proxy import write_config
+
+DIGEST = Digest.parse("sha256:" + "a" * 64)
+MAPPED = [("alpine", "hub", "library/alpine")]
+
+
+def test_a_registry_moved_by_a_reload_that_also_changes_the_cache_directory_leaves_nothing_under_names(tmp_path):
+    # The directory waits for a restart, so the running cache is still the
+    # old one: what the old registry showed there was kept under the new
+    # one's names, and registries.json kept the old URL.
+    cache = tmp_path / "cache"
+    path = write_config(tmp_path / "config.toml", 5000, cache, [{"id": "hub", "url": "https://old.example"}], MAPPED)
+    runtime = Runtime(load_config(str(path)), str(path), global_reactor)
+    runtime.store.set_tag("hub", "library/alpine", "latest", DIGEST, "application/vnd.oci.image.manifest.v1+json")
+    runtime.links.add("hub", "library/alpine", [DIGEST])
+    write_config(path, 5001, tmp_path / "other-cache", [{"id": "hub", "url": "https://new.example"}], MAPPED)
+    assert runtime.reload()
+    assert runtime.app.upstreams["hub"].registry.url == "https://new.example"
+    assert runtime.store.tag("hub", "library/alpine", "latest") is None
+    assert not runtime.links.known("hub", "library/alpine", DIGEST)
+    assert json.loads((cache / "registries.json").read_text()) == {"hub": "https://new.example"}
+    # What waits for a restart is what runs, for the app and the next reload.
+    assert runtime.config.cache.directory == str(cache)
+    assert runtime.config.server.port == 5000
+    assert runtime.app.config.server.port == 5000
+
+
+def test_a_registry_ca_file_renewed_in_place_is_read_again(tmp_path):
+    ca = TestCA(tmp_path / "ca")
+    registries = [{"id": "hub", "url": "https://registry.test", "ca_file": ca.cert_path}]
+    path = write_config(tmp_path / "config.toml", 5000, tmp_path / "cache", registries, MAPPED)
+    runtime = Runtime(load_config(str(path)), str(path), global_reactor)
+    first = runtime.app.upstreams["hub"]
+    assert runtime.reload()
+    assert runtime.app.upstreams["hub"] is first  # nothing changed: its tokens and connections are kept
+    ca.cert_path.write_bytes(TestCA(tmp_path / "renewed").cert_path.read_bytes())
+    assert runtime.reload()
+    assert runtime.app.upstreams["hub"] is not first
