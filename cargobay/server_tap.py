@@ -986,7 +986,9 @@ class CargobayService(service.MultiService):
         does not break the pulls in progress.
         """
         if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
+            # Not the default action (which ends the process) while requests
+            # under way may still end: a reload is no longer worth doing.
+            signal.signal(signal.SIGHUP, self._on_sighup_while_stopping)
             self._previous_handler = None
         grace = self._runtime.config.server.shutdown_grace
 
@@ -1007,6 +1009,9 @@ class CargobayService(service.MultiService):
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: hand the work to the reactor.
         self._reactor.callFromThread(self.reload)
+
+    def _on_sighup_while_stopping(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(log.info, "reload ignored: shutting down")
 
     def reload(self) -> None:
         """

@@ -112,6 +112,10 @@ def test_sigterm_lets_pulls_under_way_end_and_closes_idle_connections(upstream_a
 
         assert wait_until(refused, timeout=30)  # no new connections...
         assert idle.sock.recv(1) == b""  # ...an idle one closed...
+        # (A reload asked for now, by a config reloader say, is not one: it
+        # ended the process at once, cutting the pull.)
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "reload ignored: shutting down" in process.log_text(), timeout=30)
         assert process.returncode is None  # ...while the pull goes on, to its end
         hasher = hashlib.sha256(first)
         while chunk := response.read(1024 * 1024):
