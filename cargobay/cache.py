@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from cargobay.reference import Digest, registry_directory, registry_id_of
@@ -325,6 +325,7 @@ class BlobCache:
         self.stats = CacheStats()
         self._write_error_logged = False
         self._evicting: Deferred[None] | None = None
+        self._scrubbing = False
         #: Set when an eviction was asked for while one ran: it runs again.
         self._evict_again = False
         #: Bytes a download that met a full disk wanted: the next eviction
@@ -634,8 +635,12 @@ class BlobCache:
         Re-verify cached files against their digests, least recently verified
         first, reading at most about C{budget_bytes}, one chunk per reactor
         turn.  A file that no longer matches is removed (it will be fetched
-        again).  Fires with the number of damaged files found.
+        again).  Fires with the number of damaged files found.  While one
+        runs, another is not started (fires with 0): a disk slower than the
+        budget would pile them up, each over the same files.
         """
+        if self._scrubbing:
+            return succeed(0)
         chunk = 1024 * 1024
         ordered = sorted(self._entries.values(), key=lambda e: e.verified_at)
         damaged = [0]
@@ -680,8 +685,13 @@ class BlobCache:
                 else:
                     entry.verified_at = self._clock.seconds()
 
+        def done(result: object) -> object:
+            self._scrubbing = False
+            return result
+
+        self._scrubbing = True
         d = self._cooperator.cooperate(work()).whenDone()
-        return d.addCallback(lambda _: damaged[0])  # type: ignore[no-any-return]
+        return d.addBoth(done).addCallback(lambda _: damaged[0])  # type: ignore[no-any-return]
 
     # -- eviction ----------------------------------------------------------
 

@@ -234,6 +234,34 @@ def test_a_file_the_scrub_cannot_open_is_not_damage(tmp_path, monkeypatch):
     assert all(cache.lookup(key).verified_at > 0 for key in keys[1:])
 
 
+def test_a_scrub_asked_for_while_one_runs_is_not_started(tmp_path, monkeypatch):
+    # On a disk slower than the budget, each timer run started another scrub
+    # over the same least recently verified files: each file read again.
+    import builtins
+
+    cache, clock = make(tmp_path)
+    for _ in range(3):
+        store(cache, os.urandom(3 * 1024 * 1024))
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting(path, *args, **kwargs):
+        if str(path).startswith(cache.directory):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    first, second = [], []
+    cache.scrub(10**9).addCallback(first.append)
+    cache.scrub(10**9).addCallback(second.append)  # the next timer run, the first still under way
+    run(clock, steps=200)
+    assert first == [0] and second == [0]
+    assert len(opened) == 3 == len(set(opened))
+    cache.scrub(10**9)  # once it has ended, the next runs
+    run(clock, steps=200)
+    assert len(opened) == 6
+
+
 def test_unwritable_directory_means_no_writer_and_one_log(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"not a directory")
