@@ -74,6 +74,12 @@ class Gauge(_Metric):
         return [f"{self.name} {_number(self._read())}"]
 
 
+class ReadCounter(Gauge):
+    """A counter kept by a collaborator, read when scraped."""
+
+    kind = "counter"
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -159,6 +165,10 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._gauges.append(Gauge(name, help_text, read))
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter whose value a collaborator keeps (read when scraped)."""
+        self._gauges.append(ReadCounter(name, help_text, read))
 
     def render(self) -> bytes:
         lines: list[str] = []

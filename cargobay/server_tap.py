@@ -656,6 +656,12 @@ class Runtime:
         metrics.gauge(
             "cargobay_cache_max_size_bytes", "The cache's size limit.", lambda: cache.max_size_bytes
         )
+        metrics.counter(
+            "cargobay_cache_write_errors_total",
+            "Cache writes that failed (a file not created, written or moved into place): the blob was served "
+            "without being cached.",
+            lambda: cache.stats.write_errors,
+        )
         metrics.gauge(
             "cargobay_upstream_fetches_in_flight", "Blob downloads from upstream in progress.", blobs.in_flight
         )

@@ -718,6 +718,10 @@ def test_clients_of_a_download_whose_disk_fills_up_get_the_rest_from_the_upstrea
         sent = [(e.status, e.size) for e in upstream.access_log() if digest in e.uri and e.method == "GET"]
         rescues = sum(size for status, size in sent if status == 206)
         assert rescues < counted <= sum(size for _, size in sent), (counted, sent)
+        # The operator sees the write that failed, not only one log line.
+        write_errors = [float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("cargobay_cache_write_errors_total ")]
+        assert write_errors and write_errors[0] >= 1, metrics
 
 
 class StalledClient:
