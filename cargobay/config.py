@@ -311,7 +311,8 @@ class _Section:
         return f"{self.where}.{key}"
 
     def string(
-        self, key: str, default: str | None = None, required: bool = False, empty: bool = False
+        self, key: str, default: str | None = None, required: bool = False, empty: bool = False,
+        secret: bool = False,
     ) -> str | None:
         value = self._get(key)
         if value is None:
@@ -321,6 +322,9 @@ class _Section:
             return default
         if not isinstance(value, str):
             raise ConfigError(f"{self._name(key)}: must be a string, not {_kind(value)}")
+        if "\0" in value and not secret:
+            # (No path, URL, name or endpoint holds one; a secret may.)
+            raise ConfigError(f"{self._name(key)}: must not contain a NUL character")
         if required and not empty and not value.strip():
             raise ConfigError(f"{self._name(key)}: must not be empty")
         return value
@@ -351,12 +355,14 @@ class _Section:
             raise ConfigError(f"{self._name(key)}: must be greater than 0, got {value}")
         return float(value)
 
-    def strings(self, key: str) -> tuple[str, ...]:
+    def strings(self, key: str, secret: bool = False) -> tuple[str, ...]:
         value = self._get(key)
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{self._name(key)}: must be an array of non-empty strings")
+        if not secret and any("\0" in v for v in value):
+            raise ConfigError(f"{self._name(key)}: must not contain a NUL character")
         return tuple(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -509,10 +515,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     auth_section = section("auth", strict=True)
     if "auth" not in document:
         raise ConfigError("auth.jwt_secret: missing ([auth] jwt_secret is required)")
-    secret = auth_section.string("jwt_secret", required=True)
+    secret = auth_section.string("jwt_secret", required=True, secret=True)
     assert secret is not None
     service = auth_section.string("service", "cargobay") or "cargobay"
-    previous = auth_section.strings("previous_jwt_secrets")
+    previous = auth_section.strings("previous_jwt_secrets", secret=True)
     public_keys = []
     for key_file in auth_section.strings("public_key_files"):
         try:
@@ -597,8 +603,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         upstream_auth = None
         auth_table = entry.sub("auth")
         if auth_table is not None:
-            username = auth_table.string("username", required=True, empty=True)
-            password = auth_table.string("password", required=True, empty=True)
+            username = auth_table.string("username", required=True, empty=True, secret=True)
+            password = auth_table.string("password", required=True, empty=True, secret=True)
             auth_table.finish()
             assert username is not None and password is not None
             upstream_auth = UpstreamAuth(username, password)
@@ -706,6 +712,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     if log_format not in ("text", "json"):
         raise ConfigError(f"logging.format: must be 'text' or 'json', got {log_format!r}")
     log_level = (logging_section.string("level", "info") or "info").lower()
+    log_level = {"warning": "warn"}.get(log_level, log_level)  # as CARGOBAY_LOG_LEVEL takes it
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     logging_section.finish()

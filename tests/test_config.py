@@ -175,6 +175,12 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
          "cache.tag_ttl_seconds", "finite"),
         (('max_age_seconds = 604800', 'max_age_seconds = 604800\neviction_interval_seconds = inf'),
          "cache.eviction_interval_seconds", "finite"),
+        # A NUL in a path was a traceback at start (embedded null byte).
+        (('directory = "/var/cache/docker-registry-proxy"', 'directory = "/var/cache/x\\u0000y"'),
+         "cache.directory", "NUL character"),
+        (('jwt_secret = "your-secret-key-change-this-in-production"',
+          'jwt_secret = "your-secret-key-change-this-in-production"\npublic_key_files = ["/etc/k\\u0000.pem"]'),
+         "auth.public_key_files", "NUL character"),
     ],
 )
 def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
@@ -236,6 +242,16 @@ def test_the_first_of_two_mappings_of_one_name_is_the_one_used():
 def test_an_upstream_account_with_an_empty_password_is_taken():
     config = parse_config(SEED.replace('password = "registry-password"', 'password = ""', 1))
     assert [r.auth.password for r in config.registries if r.auth is not None] == [""]
+
+
+def test_a_secret_may_hold_any_character_and_warning_is_a_level():
+    # A NUL has no place in a path, URL or name (refused, above), but a
+    # secret the earlier implementation took is taken as it is.
+    text = SEED.replace('jwt_secret = "your-secret-key-change-this-in-production"',
+                        'jwt_secret = "x\\u0000' + "y" * 40 + '"\n[logging]\nlevel = "warning"', 1)
+    config = parse_config(text)
+    assert config.auth.jwt_secret == "x\0" + "y" * 40
+    assert config.logging.level == "warn"  # as CARGOBAY_LOG_LEVEL=warning is
 
 
 def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
