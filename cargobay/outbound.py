@@ -116,12 +116,13 @@ class ProxySettings:
         proxies = {}
         every = variable("all_proxy")
         for scheme in ("http", "https"):
-            value = variable(f"{scheme}_proxy") or every
+            own = variable(f"{scheme}_proxy")
+            value, name = (own, f"{scheme.upper()}_PROXY") if own is not None else (every, "ALL_PROXY")
             if value is not None:
                 try:
                     proxies[scheme] = OutboundProxy.parse(value)
                 except ValueError as e:
-                    raise ValueError(f"{scheme.upper()}_PROXY: {e}") from None
+                    raise ValueError(f"{name}: {e}") from None
         no_proxy = environ.get("no_proxy", environ.get("NO_PROXY"))
         return cls(proxies, no_proxy)
 
@@ -151,12 +152,24 @@ class ProxySettings:
                 except ValueError:
                     pass
                 continue
-            if entry.count(":") == 1:
+            if entry.startswith("["):
+                entry = entry[1:].partition("]")[0]  # "[fd00::5]:5000", as Go takes it: any port
+            elif entry.count(":") == 1:
                 entry = entry.split(":")[0]  # a port: any port of that host
+            if _same_address(host, entry):
+                return True
             # ".corp.example" and "*.corp.example" (Go's form) as "corp.example".
             entry = entry.removeprefix("*").lstrip(".")
             if host == entry or host.endswith("." + entry):
                 return True
+        return False
+
+
+def _same_address(host: str, entry: str) -> bool:
+    """Whether both are IP addresses, and the same one however written (fd00:0::5 is fd00::5)."""
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(entry)
+    except ValueError:
         return False
 
 

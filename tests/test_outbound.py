@@ -69,3 +69,17 @@ def test_no_proxy_names_domains_hosts_networks_or_everything():
     starred = settings(HTTPS_PROXY="http://p:1", NO_PROXY="*.corp.example")
     assert starred.for_uri("https", "harbor.corp.example") is None
     assert starred.for_uri("https", "notcorp.example") is not None
+
+
+def test_no_proxy_takes_ipv6_addresses_bracketed_with_a_port_or_bare():
+    # "[fd00::5]:5000", as Go (docker, containerd) takes it, never matched.
+    chosen = settings(HTTPS_PROXY="http://p:1", NO_PROXY="[fd00::5]:5000,[::1],fd00:0:0::7")
+    for host in ("fd00::5", "[fd00::5]", "::1", "fd00::7"):
+        assert chosen.for_uri("https", host) is None, host
+    assert chosen.for_uri("https", "fd00::6") is not None
+
+
+def test_a_proxy_url_from_all_proxy_is_named_as_such():
+    with pytest.raises(ValueError) as caught:
+        settings(ALL_PROXY="socks5://proxy:1080")
+    assert str(caught.value).startswith("ALL_PROXY: only http:// and https:// proxies")
