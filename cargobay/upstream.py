@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.web import _newclient
 from twisted.web import client as webclient
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
@@ -70,6 +71,11 @@ webclient._HTTP11ClientFactory.noisy = False
 #: Small bodies (errors, token responses, manifests) are read into memory up to
 #: this size; distribution itself refuses manifests over 4 MiB.
 SMALL_BODY_LIMIT = 4 * 1024 * 1024
+#: Bytes of status line and headers an upstream response may have.
+MAX_RESPONSE_HEAD = 256 * 1024
+#: Characters of an upstream token kept (one per repository, up to
+#: L{MAX_CACHED_TOKENS}); no registry takes a header anywhere near this.
+MAX_UPSTREAM_TOKEN = 64 * 1024
 #: The longest an upstream's token is kept, whatever its expires_in says.
 MAX_TOKEN_LIFETIME = 24 * 3600.0
 MAX_REDIRECTS = 5
@@ -174,14 +180,44 @@ def read_body(
 
 def discard_body(response: IResponse) -> None:
     """
-    Throw a response body away, without keeping a large one in memory.  Once
-    only: a response whose body is already going somewhere is left alone.
+    Throw a response body away, without keeping a large one in memory, and
+    giving up on one that stops coming for the registry's read timeout (its
+    connection, paused until the body is read, would stay open for good).
+    Once only: a response whose body is already going somewhere is left
+    alone.
     """
     if getattr(response, "_cargobay_discarded", False):
         return
     response._cargobay_discarded = True  # type: ignore[attr-defined]
-    d = read_body(response, 64 * 1024)
+    clock, idle = getattr(response, "_cargobay_idle", (None, None))
+    d = read_body(response, 64 * 1024, clock, idle)
     d.addErrback(lambda _: None)
+
+
+class ResponseHeadTooLarge(Exception):
+    """An upstream sent more than L{MAX_RESPONSE_HEAD} bytes before a body."""
+
+
+class _BoundedResponseParser(_newclient.HTTPClientParser):
+    """
+    Twisted's HTTP client parser, bounding the status line and headers of a
+    response: it takes lines of up to 16 KiB, but any number of them, and
+    an upstream (or a host it redirects to) sending header lines without
+    end filled memory until the read timeout.
+    """
+
+    _head_size = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state in (_newclient.STATUS, _newclient.HEADER):
+            self._head_size += len(line) + 1
+            if self._head_size > MAX_RESPONSE_HEAD:
+                raise ResponseHeadTooLarge(f"response headers over {MAX_RESPONSE_HEAD // 1024} KiB")
+        super().lineReceived(line)
+
+
+# HTTP11ClientProtocol makes its parsers from this module global.
+_newclient.HTTPClientParser = _BoundedResponseParser  # type: ignore[misc]
 
 
 @implementer(IPolicyForHTTPS)
@@ -640,8 +676,13 @@ class Upstream:
             location = response.headers.getRawHeaders("location", [None])[0]
             if not location or redirects >= MAX_REDIRECTS:
                 break
-            target = urljoin(url, location)
-            if not any_origin and origin(target) != origin(self.registry.url) and origin(target)[0] != "https":
+            try:
+                target = urljoin(url, location)
+                target_origin = origin(target)
+            except ValueError:
+                discard_body(response)  # (unread, it would hold its connection)
+                raise
+            if not any_origin and target_origin != origin(self.registry.url) and target_origin[0] != "https":
                 log.warn("upstream {registry} {method} {path}: not following a redirect to another host over plain HTTP",
                          registry=self.registry.id, method=method, path=path)
                 break
@@ -756,6 +797,10 @@ class Upstream:
             token = document.get("token") or document.get("access_token")
             if not isinstance(token, str) or not token:
                 raise ValueError("no token")
+            if len(token) > MAX_UPSTREAM_TOKEN:
+                raise UpstreamError(self.error(
+                    502, "UNAVAILABLE", f"token service answered a token over {MAX_UPSTREAM_TOKEN // 1024} KiB"
+                ))
             lifetime = document.get("expires_in", DEFAULT_TOKEN_LIFETIME)
             # (NaN, which JSON parsing takes, passes no comparison: such a
             # token was never used; a 400-digit integer overflowed a float.)
@@ -826,6 +871,8 @@ class Upstream:
             if error.status != 503 and not is_tls_failure(failure) and origin(url) == origin(self.registry.url):
                 self._unreachable(error)
             raise UpstreamError(error) from None
+        # (What discard_body gives a body that stops coming.)
+        response._cargobay_idle = (self._clock, self.registry.read_timeout)
         if origin(url) == origin(self.registry.url):
             self._reached()
         if self._metrics is not None:
@@ -866,6 +913,9 @@ class Upstream:
                 503, "UNAVAILABLE", "could not be asked: cargobay is out of open files (raise its limit)",
                 headers={"Retry-After": "1"},
             )
+        too_large = failure_within(failure, ResponseHeadTooLarge)
+        if too_large is not None:
+            return self.error(502, "UNAVAILABLE", f"sent {too_large.value} ({host})")
         refused = failure_within(failure, InternalAddressRefused)
         if refused is not None:
             return self.error(502, "UNAVAILABLE", str(refused.value))

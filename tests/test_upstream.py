@@ -38,6 +38,7 @@ from cargobay.upstream import (
     UpstreamEndpoints,
     UpstreamError,
     _TLSEndpoint,
+    discard_body,
     map_status,
     read_body,
 )
@@ -246,6 +247,114 @@ def test_a_token_service_that_does_not_answer_is_counted_and_makes_the_registry_
         yield upstream.close()
         yield registry_port.stopListening()
         yield token_port.stopListening()
+
+
+class _Canned(Protocol):
+    """Answers each request with the factory's C{answer}; its connections in C{factory.conns}."""
+
+    def connectionMade(self) -> None:
+        self.factory.conns.append(self)
+        self.open = True
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.buffer = b""
+            self.transport.write(self.factory.answer)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.open = False
+
+
+class _EndlessHeaders(Protocol):
+    """A status line, then header lines without end (up to C{factory.limit} bytes)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+        for _ in range(self.factory.limit // (len(line) * 64)):
+            self.transport.write(line * 64)
+
+
+def _canned(answer: bytes) -> tuple[Any, Any, Upstream]:
+    factory = Factory.forProtocol(_Canned)
+    factory.answer, factory.conns = answer, []
+    port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
+    config = RegistryConfig(id="up", url=f"http://127.0.0.1:{port.getHost().port}", read_timeout=0.3)
+    return factory, port, Upstream(config, global_reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_response_headers_without_end_are_refused_past_a_bound():
+    # Twisted bounds each header line (16 KiB), not their number: an
+    # upstream, or a host it redirects to, filled memory until the read timeout.
+    factory = Factory.forProtocol(_EndlessHeaders)
+    factory.limit = 4 * 1024 * 1024
+    port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
+    config = RegistryConfig(id="up", url=f"http://127.0.0.1:{port.getHost().port}", read_timeout=10)
+    upstream = Upstream(config, global_reactor)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            yield upstream.request("GET", "/v2/a/manifests/x", SCOPE)
+        assert caught.value.error.status == 502
+        assert "response headers over 256 KiB" in caught.value.error.message
+    finally:
+        yield _stop(port, upstream)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_discarded_body_that_stops_coming_lets_go_of_its_connection():
+    # An error (or 401) body that stalls kept its connection open for good:
+    # paused until read, never pooled, never closed.
+    factory, port, upstream = _canned(b"HTTP/1.1 404 Not Found\r\nContent-Length: 100\r\n\r\nabc")
+    try:
+        for _ in range(3):
+            response = yield upstream.request("GET", "/v2/a/blobs/sha256:00", SCOPE)
+            assert response.code == 404
+            discard_body(response)
+        for _ in range(100):
+            if not any(c.open for c in factory.conns):
+                break
+            yield deferLater(global_reactor, 0.05)
+        assert len(factory.conns) == 3 and not any(c.open for c in factory.conns)
+    finally:
+        yield _stop(port, upstream)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_redirect_to_a_location_that_cannot_be_used_reads_its_body():
+    # The 3xx body went unread: its connection stayed paused and open.
+    body = b"x" * 300_000
+    factory, port, upstream = _canned(
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:99999/x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(UpstreamError) as caught:
+                yield upstream.request("GET", "/v2/a/manifests/x", SCOPE)
+            assert caught.value.error.status == 502
+        yield deferLater(global_reactor, 0.5)
+        # Each body read (or, this large, given up on): no connection left
+        # open but one kept for reuse.
+        pooled = sum(len(kept) for kept in upstream._pool._connections.values())
+        assert sum(c.open for c in factory.conns) == pooled
+    finally:
+        yield _stop(port, upstream)
+
+
+def test_a_token_too_large_for_any_registry_is_not_kept():
+    # Kept one per repository name, a token service's 1 MiB tokens grew the
+    # cache without a useful bound (MAX_CACHED_TOKENS of them: ~10 GiB).
+    big = "t" * (1024 * 1024 - 64)
+    registry = FakeRegistry()
+    registry.on("GET", "/token", token_handler(big, expires_in=86400))
+    registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", big, lambda r: b"{}"))
+    upstream = make_upstream(registry, Clock())
+    with pytest.raises(UpstreamError) as caught:
+        result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
+    assert caught.value.error.status == 502 and "token over 64 KiB" in caught.value.error.message
+    assert not upstream._tokens
 
 
 def test_the_log_says_when_an_unreachable_upstream_answers_again_even_after_its_30_s():
