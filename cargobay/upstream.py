@@ -473,7 +473,7 @@ class Upstream:
         #: not serve another registry (or a reloaded one) on the same host.
         self._pool = pool
         #: What the registry's CA file held when this was built.
-        self.ca_fingerprint = ca_file_fingerprint(registry.ca_file)
+        self.ca_fingerprint = ca_file_fingerprint(registry.ca_file) if agent is not None else None
         if agent is None:
             if pool is None:
                 pool = self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
