@@ -115,8 +115,28 @@ def essence(media_type: str) -> str:
 
 
 def _offered(accept: list[str]) -> set[str]:
-    """The media types in Accept headers, without their parameters (q=...)."""
-    return {item.split(";")[0].strip() for header in accept for item in header.split(",")}
+    """
+    The media types in Accept headers, without their parameters, but for
+    those the client refuses with C{q=0}.
+    """
+    offered = set()
+    for header in accept:
+        for item in header.split(","):
+            media_type, *parameters = item.split(";")
+            if not any(_refused(parameter) for parameter in parameters):
+                offered.add(media_type.strip())
+    return offered
+
+
+def _refused(parameter: str) -> bool:
+    """Whether an Accept parameter is a quality of zero (q=0, q=0.000)."""
+    name, _, value = parameter.partition("=")
+    if name.strip().lower() != "q":
+        return False
+    try:
+        return float(value.strip()) == 0
+    except ValueError:
+        return False
 
 
 #: Manifests that stand for several others (one per platform): a registry
@@ -503,8 +523,8 @@ class ManifestService:
                 raise
             _log_stale(upstream, upstream_name, "tags/list", error)
             return stale(remembered)
-        link = rewrite_link(raw_link, upstream_name, local_name)
-        if link is None and not query:
+        link = rewrite_link(raw_link, upstream_name, local_name, prefix=upstream.path_prefix)
+        if raw_link is None and not query:
             self._store.set_tag_list(registry_id, upstream_name, tags)
         if raw_link is not None:
             upstream.pages_tags = True
@@ -596,7 +616,7 @@ class ManifestService:
         content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
         filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
         raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])
-        link = rewrite_link(raw_link, upstream_name, local_name, f"referrers/{digest}")
+        link = rewrite_link(raw_link, upstream_name, local_name, f"referrers/{digest}", upstream.path_prefix)
         if content_type is None or not manifest_media_type(content_type):
             content_type = "application/vnd.oci.image.index.v1+json"
         if cursor:
@@ -659,13 +679,16 @@ _LINK_VALUE = re.compile(r"<([^>]*)>([^,<]*)")
 _REL_NEXT = re.compile(r';\s*rel\s*=\s*"?next"?(?:[\s;]|$)', re.IGNORECASE)
 
 
-def rewrite_link(link: str | None, upstream_name: str, local_name: str, route: str = "tags/list") -> str | None:
+def rewrite_link(
+    link: str | None, upstream_name: str, local_name: str, route: str = "tags/list", prefix: str = ""
+) -> str | None:
     """
     The upstream's next-page C{Link} pointed at the local name, on this
     proxy (an absolute upstream URL becomes a path); None unless it is the
     next page of this very listing (C{route}, under the upstream name: no
     other repository, no dot segments) with a query cargobay takes back
-    (printable ASCII, as L{cargobay.routes} asks of a cursor).
+    (printable ASCII, as L{cargobay.routes} asks of a cursor).  An
+    upstream whose URL has a path (C{prefix}) may name the page under it.
     """
     if not link:
         return None
@@ -680,7 +703,7 @@ def rewrite_link(link: str | None, upstream_name: str, local_name: str, route: s
         query = parse_qsl(target.query, keep_blank_values=True, encoding="latin-1")
     except ValueError:  # a bracketed host that is no address
         return None
-    if target.path != f"/v2/{upstream_name}/{route}":
+    if target.path not in {f"/v2/{upstream_name}/{route}", f"{prefix}/v2/{upstream_name}/{route}"}:
         return None
     if len(query) > 11 or not all(
         len(key) <= 64 and len(value) <= 1024 and all(" " <= c <= "~" for c in key + value) for key, value in query

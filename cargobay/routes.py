@@ -427,7 +427,11 @@ class RegistryApp:
     ) -> Any:
         artifact_values = _args(request).get(b"artifactType")
         artifact_type = artifact_values[0].decode("latin-1") if artifact_values else None
-        if artifact_type is not None and (len(artifact_type) > 255 or not artifact_type.isprintable()):
+        if artifact_type is not None and (
+            len(artifact_type) > 255 or not all(" " < c <= "~" for c in artifact_type)
+        ):
+            # (A media type is printable ASCII: anything else went upstream
+            # encoded twice, its bytes read as latin-1 here.)
             raise RegistryError(400, "UNSUPPORTED", "invalid artifactType")
         # A registry that pages its referrers hands out the next page's
         # parameters in its Link: they go back to it as they came.

@@ -522,6 +522,11 @@ class Upstream:
         return self.registry.url + path
 
     @property
+    def path_prefix(self) -> str:
+        """The path of the registry's URL ("" for most), under which its /v2/ is."""
+        return urlsplit(self.registry.url).path.rstrip("/")
+
+    @property
     def unreachable(self) -> bool:
         """
         Whether the upstream could not be reached lately (L{UNREACHABLE_FOR}):

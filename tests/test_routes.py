@@ -1754,3 +1754,50 @@ def test_only_the_next_page_of_the_same_listing_is_linked(world, link, expected)
     if expected is not None:
         target = expected[1:expected.index(">")]
         assert world.get(target, ALL)[0].code == 200  # and it is one cargobay takes
+
+
+def _negotiating_with_q(request):
+    # A registry that honours q=0 ("not acceptable", RFC 9110 12.4.2).
+    accept = b",".join(request.requestHeaders.getRawHeaders(b"accept") or [])
+    takes_index = DOCKER_LIST.encode() in accept and (DOCKER_LIST + ";q=0").encode() not in accept
+    body, media_type = (LIST, DOCKER_LIST) if takes_index else (CHILD, DOCKER_V2)
+    request.setHeader(b"Content-Type", media_type.encode())
+    request.setHeader(b"Docker-Content-Digest", ("sha256:" + hashlib.sha256(body).hexdigest()).encode())
+    return b"" if request.method == b"HEAD" else body
+
+
+def test_a_media_type_the_client_refuses_with_q_0_is_not_served_from_the_cache(world):
+    # q-values were dropped with the other parameters: "index;q=0" read as
+    # accepting the index, which the cache then handed out.
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _negotiating_with_q)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _negotiating_with_q)
+    _, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert body == LIST
+    refusing = f"{DOCKER_LIST};q=0, {DOCKER_V2}"
+    response, body = world.get("/v2/alpine/manifests/latest", ALL, headers={"Accept": refusing})
+    assert response.headers.getRawHeaders("content-type") == [DOCKER_V2]
+    assert body == CHILD
+
+
+def test_the_next_page_link_of_an_upstream_under_a_path_prefix_is_kept(world):
+    # Its Link names the page under its prefix: it was dropped, and the
+    # client took the first page for the whole list (and so did the cache).
+    prefixed = make_upstream(world.upstream_registry, world.clock, url="http://upstream.test/prefix")
+    world.app.upstreams = {"up": prefixed}
+
+    def tags(request):
+        request.setHeader(b"Link", b'</prefix/v2/team/application/tags/list?last=b&n=2>; rel="next"')
+        return json.dumps({"name": "team/application", "tags": ["a", "b"]}).encode()
+
+    world.upstream_registry.on("GET", "/prefix/v2/team/application/tags/list", tags)
+    response, body = world.get("/v2/mycompany/app/tags/list", ALL)
+    assert json.loads(body)["tags"] == ["a", "b"]
+    assert response.headers.getRawHeaders("link") == ['</v2/mycompany/app/tags/list?last=b&n=2>; rel="next"']
+    assert world.store.tag_list("up", "team/application") is None  # a page is not the whole list
+
+
+def test_an_artifact_type_that_is_not_printable_ascii_is_refused(world):
+    # Its bytes, read as latin-1, went upstream encoded twice.
+    response, body = world.get(f"/v2/alpine/referrers/sha256:{'a' * 64}?artifactType=application/x%C3%A9", ALL)
+    assert response.code == 400 and b"invalid artifactType" in body
+    assert not world.upstream_registry.requests("/referrers/")
