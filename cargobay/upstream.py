@@ -513,9 +513,14 @@ class Upstream:
     # -- public API --------------------------------------------------------
 
     def close(self) -> Deferred[None]:
-        """Close the idle connections kept for reuse (when a reload replaced us)."""
+        """
+        Close the idle connections kept for reuse (when a reload replaced
+        us), and those busy now once their requests end, rather than keep
+        them for C{cachedConnectionTimeout}.
+        """
         if self._pool is None:
             return defer.succeed(None)
+        self._pool.cachedConnectionTimeout = 0
         return self._pool.closeCachedConnections()
 
     def url_for(self, path: str) -> str:

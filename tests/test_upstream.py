@@ -343,6 +343,24 @@ def test_a_redirect_to_a_location_that_cannot_be_used_reads_its_body():
         yield _stop(port, upstream)
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_connection_busy_when_a_reload_closes_its_pool_is_closed_once_its_request_ends():
+    # It went back to the replaced pool and stayed open for its 120 s.
+    factory, port, upstream = _canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    try:
+        response = yield upstream.request("GET", "/v2/", SCOPE)
+        yield upstream.close()
+        assert [c.open for c in factory.conns] == [True]  # busy: left alone
+        assert (yield read_body(response)) == b"{}"
+        for _ in range(50):
+            if not factory.conns[0].open:
+                break
+            yield deferLater(global_reactor, 0.02)
+        assert not factory.conns[0].open
+    finally:
+        yield _stop(port, upstream)
+
+
 def test_a_token_too_large_for_any_registry_is_not_kept():
     # Kept one per repository name, a token service's 1 MiB tokens grew the
     # cache without a useful bound (MAX_CACHED_TOKENS of them: ~10 GiB).
