@@ -744,20 +744,8 @@ class Runtime:
         except Exception as e:
             log.error("reload refused, keeping the running config: {problem}", problem=f"{type(e).__name__}: {e}")
             return False
-        for label, before, after in [
-            ("server listen endpoint", old.server.endpoint, config.server.endpoint),
-            ("server.max_connections", old.server.max_connections, config.server.max_connections),
-            ("server.idle_timeout_seconds", old.server.idle_timeout, config.server.idle_timeout),
-            ("server.header_timeout_seconds", old.server.header_timeout, config.server.header_timeout),
-            ("cache.directory", old.cache.directory, config.cache.directory),
-            ("cache.eviction_interval_seconds", old.cache.eviction_interval_seconds,
-             config.cache.eviction_interval_seconds),
-            ("cache.scrub_bytes_per_interval", old.cache.scrub_bytes_per_interval,
-             config.cache.scrub_bytes_per_interval),
-            ("metrics", old.metrics, config.metrics),
-            ("logging", old.logging, config.logging),
-        ]:
-            if before != after:
+        for label, section, fields in RESTART_ONLY:
+            if _settings(old, section, fields) != _settings(config, section, fields):
                 log.warn("reload: {what} changed; it takes effect at the next restart", what=label)
         self.cache.max_size_bytes = config.cache.max_size_bytes
         self.cache.max_age_seconds = config.cache.max_age_seconds
@@ -793,24 +781,34 @@ class Runtime:
         return True
 
 
+#: What a reload does not apply (the log says so): the label the log
+#: names, the config's section, and its fields there (None: all of it).
+RESTART_ONLY: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("server listen endpoint", "server", ("bind_address", "port", "listen")),
+    ("server.max_connections", "server", ("max_connections",)),
+    ("server.idle_timeout_seconds", "server", ("idle_timeout",)),
+    ("server.header_timeout_seconds", "server", ("header_timeout",)),
+    ("cache.directory", "cache", ("directory",)),
+    ("cache.eviction_interval_seconds", "cache", ("eviction_interval_seconds",)),
+    ("cache.scrub_bytes_per_interval", "cache", ("scrub_bytes_per_interval",)),
+    ("metrics", "metrics", None),
+    ("logging", "logging", None),
+)
+
+
+def _settings(config: Config, section: str, fields: tuple[str, ...] | None) -> object:
+    table = getattr(config, section)
+    return table if fields is None else tuple(getattr(table, name) for name in fields)
+
+
 def _with_restart_only_settings_of(running: Config, new: Config) -> Config:
-    """C{new}, with the settings only a restart applies as C{running} has them."""
-    server = dataclasses.replace(
-        new.server,
-        bind_address=running.server.bind_address,
-        port=running.server.port,
-        listen=running.server.listen,
-        max_connections=running.server.max_connections,
-        idle_timeout=running.server.idle_timeout,
-        header_timeout=running.server.header_timeout,
-    )
-    cache = dataclasses.replace(
-        new.cache,
-        directory=running.cache.directory,
-        eviction_interval_seconds=running.cache.eviction_interval_seconds,
-        scrub_bytes_per_interval=running.cache.scrub_bytes_per_interval,
-    )
-    return dataclasses.replace(new, server=server, cache=cache, metrics=running.metrics, logging=running.logging)
+    """C{new}, with the settings of L{RESTART_ONLY} as C{running} has them."""
+    for _, section, fields in RESTART_ONLY:
+        kept = getattr(running, section)
+        if fields is not None:
+            kept = dataclasses.replace(getattr(new, section), **{name: getattr(kept, name) for name in fields})
+        new = dataclasses.replace(new, **{section: kept})
+    return new
 
 
 def _warn_of_config(config: Config) -> None:

@@ -38,6 +38,29 @@ def test_a_registry_moved_by_a_reload_that_also_changes_the_cache_directory_leav
     assert runtime.app.config.server.port == 5000
 
 
+def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    path = write_config(tmp_path / "config.toml", 5000, tmp_path / "cache", [{"id": "hub", "url": "https://a.example"}],
+                        MAPPED, "tag_ttl_seconds = 60")
+    runtime = Runtime(load_config(str(path)), str(path), global_reactor)
+    write_config(path, 5001, tmp_path / "cache", [{"id": "hub", "url": "https://a.example"}], MAPPED,
+                 "tag_ttl_seconds = 7\neviction_interval_seconds = 5")
+    said: list[str] = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        assert runtime.reload()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    waiting = sorted(formatEvent(e) for e in said if "next restart" in formatEvent(e))
+    assert waiting == [
+        "reload: cache.eviction_interval_seconds changed; it takes effect at the next restart",
+        "reload: server listen endpoint changed; it takes effect at the next restart",
+    ]
+    assert runtime.manifests.tag_ttl == 7  # applied at once
+    assert runtime.config.cache.eviction_interval_seconds != 5 and runtime.config.server.port == 5000
+
+
 def test_a_registry_ca_file_renewed_in_place_is_read_again(tmp_path):
     ca = TestCA(tmp_path / "ca")
     registries = [{"id": "hub", "url": "https://registry.test", "ca_file": ca.cert_path}]
