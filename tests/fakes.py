@@ -7,6 +7,7 @@ CNCF registry instead (see peers.py).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from treq.testing import RequestTraversalAgent
 from twisted.web.resource import Resource
 
+from cargobay.cache import BlobCache, BlobKey
 from cargobay.config import RegistryConfig, UpstreamAuth
+from cargobay.reference import Digest
 from cargobay.upstream import Upstream
 
 
@@ -116,3 +119,14 @@ def make_upstream(
 @dataclass
 class Recorder:
     calls: list[str] = field(default_factory=list)
+
+
+def cache_by_hand(cache: BlobCache, data: bytes, registry: str = "up") -> BlobKey:
+    """Make C{data} an entry of C{cache}, as a finished download would; returns its key."""
+    key = BlobKey(registry, Digest("sha256", hashlib.sha256(data).hexdigest()))
+    writer = cache.begin(key)
+    assert writer is not None
+    writer.write_raw(data)
+    writer.wrote(len(data))
+    assert writer.commit() is not None
+    return key

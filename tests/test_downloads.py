@@ -7,14 +7,12 @@ that outgrows the cache.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
 import pytest
 from handfed import Body, World
 
-from cargobay.cache import BlobKey
-from cargobay.reference import Digest
+from fakes import cache_by_hand
 
 MiB = 1024 * 1024
 
@@ -53,7 +51,7 @@ def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_pa
     assert second.body == data
 
 
-def _followed_download_whose_disk_fills_up(tmp_path, range_=None):
+def _followed_download_whose_disk_fills_up(tmp_path, range_=None, reads_the_file=True):
     data = os.urandom(4 * MiB + 5)
     world = World(tmp_path, data)
     first, _ = world.get()
@@ -61,9 +59,9 @@ def _followed_download_whose_disk_fills_up(tmp_path, range_=None):
     world.requests[0].d.callback(body)
     body.send(data[:MiB])
     world.clock.advance(0)
-    follower, _ = world.get(range_)  # joins the download, reads the file
+    follower, _ = world.get(range_)  # joins the download (reads the file, or waits for it)
     world.clock.advance(0)
-    assert len(world.requests) == 1 and len(follower.body) > 0
+    assert len(world.requests) == 1 and (len(follower.body) > 0) == reads_the_file
     fill_up(body)
     body.send(data[MiB:2 * MiB])
     world.clock.advance(0)
@@ -117,18 +115,9 @@ def test_a_rescued_follower_of_a_range_gets_its_part_once_the_whole_blob_is_veri
 def test_a_range_follower_waiting_past_what_the_file_holds_is_rescued_too(tmp_path, whole):
     # Joined at 3 MiB while the file held 1 MiB: its rescue hashed 3 MiB of
     # a 1 MiB file, failed, and cut it, with no upstream asked.
-    data = os.urandom(4 * MiB + 5)
-    world = World(tmp_path, data)
-    first, _ = world.get()
-    body = Body(length=len(data))
-    world.requests[0].d.callback(body)
-    body.send(data[:MiB])
-    world.clock.advance(0)
-    follower, _ = world.get(f"bytes={3 * MiB}-")
-    world.clock.advance(0)
-    fill_up(body)
-    body.send(data[MiB : 2 * MiB])
-    world.clock.advance(0)
+    world, data, body, first, follower = _followed_download_whose_disk_fills_up(
+        tmp_path, f"bytes={3 * MiB}-", reads_the_file=False
+    )
     assert len(world.requests) == 2
     rest = world.requests[1]
     have = int(rest.headers["range"][0].removeprefix("bytes=").rstrip("-"))
@@ -160,17 +149,6 @@ def test_a_rescued_follower_is_cut_if_the_rest_does_not_match_the_digest(tmp_pat
     assert follower.body == data[: len(follower.body)] and len(follower.body) >= had
 
 
-def _cache_by_hand(world: World, data: bytes) -> BlobKey:
-    """Make C{data} a cache entry of the world's cache; returns its key."""
-    key = BlobKey("up", Digest("sha256", hashlib.sha256(data).hexdigest()))
-    writer = world.cache.begin(key)
-    assert writer is not None
-    writer.write_raw(data)
-    writer.wrote(len(data))
-    assert writer.commit() is not None
-    return key
-
-
 @pytest.mark.parametrize("limit", ["max_size_bytes", "room on the disk"])
 def test_a_body_of_unknown_length_that_outgrows_the_cache_is_not_cached(tmp_path, limit):
     # Sent chunked, with no Content-Length: it was written whole (past
@@ -181,7 +159,7 @@ def test_a_body_of_unknown_length_that_outgrows_the_cache_is_not_cached(tmp_path
     else:
         world = World(tmp_path, os.urandom(3 * MiB), max_size=8 * MiB)
         world.cache.size_limit = lambda: 2 * MiB  # type: ignore[method-assign]
-    small = [_cache_by_hand(world, os.urandom(MiB // 2 + i)) for i in range(3)]
+    small = [cache_by_hand(world.cache, os.urandom(MiB // 2 + i)) for i in range(3)]
     client, _ = world.get()
     body = Body(length=None)
     world.requests[0].d.callback(body)
@@ -258,7 +236,7 @@ def test_a_hit_whose_client_left_while_the_upstream_confirmed_it_lets_go_of_its_
 
     data = os.urandom(100_000)
     world = World(tmp_path, data, max_size=150_000)
-    assert _cache_by_hand(world, data) == world.key
+    assert cache_by_hand(world.cache, data) == world.key
     world.service.links.add("up", "library/x", [world.digest])
     request = server.Request(DummyChannel(), False)
     request.method, request.uri, request.path, request.clientproto = b"GET", b"/v2/o/blobs/x", b"/v2/o/blobs/x", b"HTTP/1.1"

@@ -132,6 +132,15 @@ def _stop(port: Any, upstream: Upstream) -> Any:
     yield port.stopListening()
 
 
+@defer.inlineCallbacks
+def _until(done: Any, tries: int = 100) -> Any:
+    """Wait (a reactor turn of 20 ms at a time) until C{done()}, or give up."""
+    for _ in range(tries):
+        if done():
+            return
+        yield deferLater(global_reactor, 0.02)
+
+
 class _NoAnswer(Protocol):
     """Takes a request and says nothing (a black-holed registry)."""
 
@@ -187,10 +196,7 @@ def test_one_slow_repository_or_a_client_that_leaves_does_not_make_the_registry_
         with pytest.raises(UpstreamError) as caught:
             yield upstream.request("GET", "/v2/slow/manifests/x", SCOPE)
         assert caught.value.error.status == 504
-        for _ in range(100):
-            if not upstream.unreachable:
-                break
-            yield deferLater(global_reactor, 0.02)
+        yield _until(lambda: not upstream.unreachable)
         assert not upstream.unreachable
     finally:
         yield _stop(port, upstream)
@@ -268,32 +274,26 @@ class _Canned(Protocol):
 
 
 class _EndlessHeaders(Protocol):
-    """A status line, then header lines without end (up to C{factory.limit} bytes)."""
+    """A status line, then header lines without end (4 MiB of them)."""
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"HTTP/1.1 200 OK\r\n")
         line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
-        for _ in range(self.factory.limit // (len(line) * 64)):
+        for _ in range(4 * 1024 * 1024 // (len(line) * 64)):
             self.transport.write(line * 64)
 
 
 def _canned(answer: bytes) -> tuple[Any, Any, Upstream]:
-    factory = Factory.forProtocol(_Canned)
-    factory.answer, factory.conns = answer, []
-    port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
-    config = RegistryConfig(id="up", url=f"http://127.0.0.1:{port.getHost().port}", read_timeout=0.3)
-    return factory, port, Upstream(config, global_reactor)
+    port, upstream = _raw_upstream(_Canned, read_timeout=0.3)
+    port.factory.answer, port.factory.conns = answer, []
+    return port.factory, port, upstream
 
 
 @pytest_twisted.inlineCallbacks
 def test_response_headers_without_end_are_refused_past_a_bound():
     # Twisted bounds each header line (16 KiB), not their number: an
     # upstream, or a host it redirects to, filled memory until the read timeout.
-    factory = Factory.forProtocol(_EndlessHeaders)
-    factory.limit = 4 * 1024 * 1024
-    port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
-    config = RegistryConfig(id="up", url=f"http://127.0.0.1:{port.getHost().port}", read_timeout=10)
-    upstream = Upstream(config, global_reactor)
+    port, upstream = _raw_upstream(_EndlessHeaders, read_timeout=10)
     try:
         with pytest.raises(UpstreamError) as caught:
             yield upstream.request("GET", "/v2/a/manifests/x", SCOPE)
@@ -313,10 +313,7 @@ def test_a_discarded_body_that_stops_coming_lets_go_of_its_connection():
             response = yield upstream.request("GET", "/v2/a/blobs/sha256:00", SCOPE)
             assert response.code == 404
             discard_body(response)
-        for _ in range(100):
-            if not any(c.open for c in factory.conns):
-                break
-            yield deferLater(global_reactor, 0.05)
+        yield _until(lambda: not any(c.open for c in factory.conns))
         assert len(factory.conns) == 3 and not any(c.open for c in factory.conns)
     finally:
         yield _stop(port, upstream)
@@ -352,10 +349,7 @@ def test_a_connection_busy_when_a_reload_closes_its_pool_is_closed_once_its_requ
         yield upstream.close()
         assert [c.open for c in factory.conns] == [True]  # busy: left alone
         assert (yield read_body(response)) == b"{}"
-        for _ in range(50):
-            if not factory.conns[0].open:
-                break
-            yield deferLater(global_reactor, 0.02)
+        yield _until(lambda: not factory.conns[0].open)
         assert not factory.conns[0].open
     finally:
         yield _stop(port, upstream)
