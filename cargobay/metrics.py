@@ -53,6 +53,9 @@ class Counter(_Metric):
         return self._values.get(labels, 0.0)
 
     def lines(self) -> list[str]:
+        if not self.label_names and not self._values:
+            # One series from the start: rate() and absent() need a first 0.
+            return [f"{self.name} 0"]
         return [
             f"{self.name}{_labels(self.label_names, labels)} {_number(value)}"
             for labels, value in sorted(self._values.items())

@@ -1094,8 +1094,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     _open_files_for(config.server.max_connections)
     _reuse_freed_memory()
     runtime.metrics.gauge("cargobay_open_connections", "Client connections open.", lambda: site.open_connections)
-    runtime.metrics.gauge(
-        "cargobay_refused_connections", "Connections refused over server.max_connections.",
+    runtime.metrics.counter(
+        "cargobay_refused_connections_total", "Connections refused over server.max_connections.",
         lambda: site.refused_connections,
     )
     Listener("server.listen", config.server.endpoint, site, reactor).setServiceParent(top)

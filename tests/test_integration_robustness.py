@@ -927,6 +927,16 @@ def test_trickled_headers_hit_a_deadline_and_connections_are_capped(upstream_ano
         extra.settimeout(30)
         assert extra.recv(100).startswith(b"HTTP/1.1 503")
         extra.close()
+        # Counted, as a counter (a running count is no gauge).
+        held[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        scrape = http.client.HTTPResponse(held[0])
+        scrape.begin()
+        exposition = scrape.read().decode()
+        assert "# TYPE cargobay_refused_connections_total counter" in exposition
+        # (At least the one above: the server may not yet have seen the
+        # start-up probe's connection close when the five were opened.)
+        [refused] = [line for line in exposition.splitlines() if line.startswith("cargobay_refused_connections_total ")]
+        assert int(refused.split()[1]) >= 1
         for sock in held:
             sock.close()
         held.clear()

@@ -49,6 +49,19 @@ def test_every_metric_is_rendered():
     assert defined and all(f"# TYPE {name} " in rendered for name in defined), defined
 
 
+def test_a_counter_without_labels_has_a_sample_before_its_first_event():
+    # rate() and absent() alerts need the series from the first scrape on;
+    # a counter with labels has none until a label set is counted.
+    metrics = Metrics()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    [sample] = families["cargobay_cache_evictions"].samples
+    assert sample.name == "cargobay_cache_evictions_total" and sample.value == 0
+    assert families["cargobay_http_requests"].samples == []
+    metrics.evictions.inc()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["cargobay_cache_evictions"].samples[0].value == 1
+
+
 def test_log_level_from_environment():
     assert level_from_environment({}, "info") == "info"
     assert level_from_environment({"CARGOBAY_LOG_LEVEL": "DEBUG"}, "info") == "debug"
