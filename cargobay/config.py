@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cryptography import x509
 
+from cargobay.logs import LEVEL_ALIASES
 from cargobay.reference import is_valid_name, registry_directory
 from cargobay.tokens import load_public_key
 
@@ -289,12 +290,18 @@ class _Section:
     A view of one TOML table that remembers which keys were read, so that
     unknown keys (typos) can be reported, in C{warnings}: the earlier
     implementation ignored them, and its config files must keep loading.
-    A C{strict} table refuses them instead: in [auth], a misspelled issuer,
-    audience or key file would silently let in tokens meant for others, and
-    [metrics] and [logging] are cargobay's own.
+
+    A C{strict} table refuses them instead once it was written for cargobay
+    (it sets a key other than the C{legacy} ones the earlier implementation
+    read), and always refuses one that looks like a C{guarded} key: in
+    [auth], a misspelled issuer or audience would silently let in tokens
+    meant for others.
     """
 
-    def __init__(self, where: str, table: Any, warnings: list[str], strict: bool = False) -> None:
+    def __init__(
+        self, where: str, table: Any, warnings: list[str], strict: bool = False,
+        legacy: frozenset[str] = frozenset(), guarded: tuple[str, ...] = (),
+    ) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         self.where = where
@@ -302,13 +309,15 @@ class _Section:
         self.known: set[str] = set()
         self.warnings = warnings
         self.strict = strict
+        self.legacy = legacy
+        self.guarded = guarded
 
     def _get(self, key: str) -> Any:
         self.known.add(key)
         return self.table.get(key)
 
     def _name(self, key: str) -> str:
-        return f"{self.where}.{key}"
+        return f"{self.where}.{key}" if self.where else key
 
     def string(
         self, key: str, default: str | None = None, required: bool = False, empty: bool = False,
@@ -397,10 +406,11 @@ class _Section:
                 raise ConfigError(f"{self._name(candidate)}: unknown key (did you mean {key!r}?)")
 
     def finish(self) -> None:
+        own = any(key in self.table for key in self.known - self.legacy)
         for key in sorted(set(self.table) - self.known):
             close = difflib.get_close_matches(key, sorted(self.known), n=1, cutoff=0.7)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
-            if self.strict:
+            if self.strict and (own or difflib.get_close_matches(key, self.guarded, n=1, cutoff=0.7)):
                 raise ConfigError(f"{self._name(key)}: unknown key ({hint})")
             self.warnings.append(f"{self._name(key)}: unknown key, ignored ({hint})")
 
@@ -414,6 +424,19 @@ def _kind(value: object) -> str:
         list: "an array",
         dict: "a table",
     }.get(type(value), type(value).__name__)
+
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@([^/?#@]*)(.*)", re.DOTALL)
+
+
+def _url_credentials(url: str) -> tuple[str, UpstreamAuth | None]:
+    """A URL without its user:password@, and those (percent-decoded)."""
+    match = _USERINFO.fullmatch(url)
+    if match is None:
+        return url, None
+    scheme, userinfo, host, rest = match.groups()
+    username, _, password = userinfo.partition(":")
+    return scheme + host + rest, UpstreamAuth(unquote(username), unquote(password))
 
 
 def _check_url(where: str, url: str) -> None:
@@ -469,12 +492,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     warnings: list[str] = []
     top = _Section("", document, warnings)
-    top.where = ""
 
-    def section(key: str, strict: bool = False) -> _Section:
+    def section(key: str, strict: bool = False, legacy: frozenset[str] = frozenset(), guarded: tuple[str, ...] = ()) -> _Section:
         top.known.add(key)
         value = document.get(key, {})
-        return _Section(key, value, warnings, strict)
+        return _Section(key, value, warnings, strict, legacy, guarded)
 
     server_section = section("server")
     bind_address = server_section.string("bind_address", "0.0.0.0") or "0.0.0.0"
@@ -512,7 +534,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         shutdown_grace,
     )
 
-    auth_section = section("auth", strict=True)
+    auth_section = section("auth", strict=True, legacy=frozenset({"jwt_secret"}), guarded=("issuer", "audience"))
     if "auth" not in document:
         raise ConfigError("auth.jwt_secret: missing ([auth] jwt_secret is required)")
     secret = auth_section.string("jwt_secret", required=True, secret=True)
@@ -599,14 +621,32 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         seen_ids.add(registry_id)
         url = entry.string("url", required=True)
         assert url is not None
+        url, in_url = _url_credentials(url)
         _check_url(f"{where}.url", url)
         upstream_auth = None
         auth_table = entry.sub("auth")
+        if in_url is not None:
+            # The earlier implementation's HTTP client sent them as Basic
+            # credentials: its one way to a registry behind a password.
+            # (Never echoed: the part before "@" holds a password.)
+            upstream_auth = in_url
+            warnings.append(
+                f"{where}.url: the user:password@ in it ignored, [registries.auth] is the account used"
+                if auth_table is not None
+                else f"{where}.url: the user:password@ in it is taken as the registry's account; "
+                "[registries.auth] is the place for it"
+            )
         if auth_table is not None:
             username = auth_table.string("username", required=True, empty=True, secret=True)
             password = auth_table.string("password", required=True, empty=True, secret=True)
             auth_table.finish()
             assert username is not None and password is not None
+            empty = [key for key, value in (("username", username), ("password", password)) if not value]
+            if empty:
+                warnings.append(
+                    f"{where}.auth: empty {' and '.join(empty)}, sent as such in the Basic credentials "
+                    "(leave [auth] out for an anonymous registry)"
+                )
             upstream_auth = UpstreamAuth(username, password)
         hosts = tuple(h.lower() for h in entry.strings("hosts"))
         hostname = (urlsplit(url).hostname or "").lower()
@@ -692,7 +732,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         for r in registries
     ]
 
-    metrics_section = section("metrics", strict=True)
+    metrics_section = section("metrics", strict=True, guarded=("require_auth",))
     metrics_path = metrics_section.string("path", "/metrics") or "/metrics"
     if not metrics_path.startswith("/") or metrics_path.startswith("/v2") or metrics_path in ("/token", "/healthz", "/readyz"):
         raise ConfigError(f"metrics.path: {metrics_path!r} must be an absolute path outside the registry API")
@@ -712,19 +752,23 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     if log_format not in ("text", "json"):
         raise ConfigError(f"logging.format: must be 'text' or 'json', got {log_format!r}")
     log_level = (logging_section.string("level", "info") or "info").lower()
-    log_level = {"warning": "warn"}.get(log_level, log_level)  # as CARGOBAY_LOG_LEVEL takes it
+    log_level = LEVEL_ALIASES.get(log_level, log_level)  # as CARGOBAY_LOG_LEVEL and RUST_LOG take it
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     logging_section.finish()
 
+    strict_sections = {"auth": auth_section, "metrics": metrics_section, "logging": logging_section}
     for unknown in sorted(set(document) - top.known):
-        strict = difflib.get_close_matches(unknown, ["auth", "metrics", "logging"], n=1, cutoff=0.7)
-        if strict:  # (what it holds would be taken as strictly as that section's own keys)
-            raise ConfigError(f"{unknown}: unknown section (did you mean {strict[0]!r}?)")
-        warnings.append(
-            f"{unknown}: unknown section, ignored"
-            " (known: auth, cache, logging, metrics, registries, repositories, server)"
+        close = difflib.get_close_matches(unknown, list(strict_sections), n=1, cutoff=0.7)
+        value = document[unknown]
+        if close and isinstance(value, dict) and set(value) & strict_sections[close[0]].known:
+            # A misspelled [auth] that sets an audience: the audience must not go unchecked.
+            raise ConfigError(f"{unknown}: unknown section (did you mean {close[0]!r}?)")
+        hint = (
+            f"did you mean {close[0]!r}?" if close
+            else "known: auth, cache, logging, metrics, registries, repositories, server"
         )
+        warnings.append(f"{unknown}: unknown section, ignored ({hint})")
 
     return Config(
         server=server,

@@ -43,7 +43,8 @@ def printable(text: str, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
 _LEVELS = {"debug", "info", "warn", "error", "critical"}
-_ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}
+#: Other names of levels (Rust's tracing, Python's), in the environment and in [logging].
+LEVEL_ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}
 #: RUST_LOG targets that meant this program in the earlier implementation.
 _OWN_TARGETS = {"docker_registry_proxy", "cargo_bay", "cargobay"}
 
@@ -60,7 +61,7 @@ def level_from_environment(environ: Mapping[str, str], default: str) -> str:
         own = bare = None
         for item in value.replace(",", " ").split():
             target, _, level = item.rpartition("=")
-            level = _ALIASES.get(level, level)
+            level = LEVEL_ALIASES.get(level, level)
             if not target and level.split("::")[0] in _OWN_TARGETS:
                 own = "debug"
                 continue

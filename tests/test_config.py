@@ -124,12 +124,43 @@ def test_a_ca_file_that_is_not_a_pem_certificate_is_one_line(tmp_path):
         parse_config(text)
 
 
-def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
-    text = SEED.replace('url = "https://gcr.io"', 'url = "https://robot:hunter2@gcr.io"', 1)
+def test_a_registry_url_with_credentials_is_the_registry_s_account_and_never_echoed():
+    # The earlier implementation's HTTP client sent them as Basic
+    # credentials: its one way to a registry behind a password.
+    text = SEED.replace('url = "https://gcr.io"', 'url = "https://robot%2Bci:hunt%40er2@gcr.io:443/v2-prefix"', 1)
+    config = parse_config(text)
+    registry = config.registry("gcr")
+    assert registry.url == "https://gcr.io:443/v2-prefix"
+    assert registry.auth is not None and (registry.auth.username, registry.auth.password) == ("robot+ci", "hunt@er2")
+    assert not any("hunt" in w for w in config.warnings), config.warnings
+    # [registries.auth], when there, is the account.
+    text = SEED.replace('url = "https://private-registry.example.com"', 'url = "https://a:b@private-registry.example.com"', 1)
+    registry = parse_config(text).registry("private-registry")
+    assert registry.url == "https://private-registry.example.com"
+    assert registry.auth is not None and registry.auth.username == "registry-user"
+    # A mistake in such a URL names the key, not the password.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(SEED.replace('url = "https://gcr.io"', 'url = "ftp://robot:hunter2@gcr.io"', 1))
+    assert str(caught.value).startswith("registries[2].url: ") and "hunter2" not in str(caught.value)
+
+
+def test_a_public_url_with_credentials_is_refused_without_echoing_them():
+    text = SEED.replace('port = 5000', 'port = 5000\npublic_url = "https://u:hunter2@cache.example.com"', 1)
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
-    assert str(caught.value).startswith("registries[2].url: must not hold credentials")
+    assert str(caught.value).startswith("server.public_url: must not hold credentials")
     assert "hunter2" not in str(caught.value)
+
+
+def test_logging_level_takes_the_names_rust_log_takes():
+    # The earlier implementation ignored [logging]; RUST_LOG=trace is debug here.
+    for name, level in (("trace", "debug"), ("TRACE", "debug"), ("fatal", "critical"), ("warning", "warn")):
+        assert parse_config(SEED + f'\n[logging]\nlevel = "{name}"\n').logging.level == level
+
+
+def test_a_single_registries_table_names_the_key_without_a_leading_dot():
+    with pytest.raises(ConfigError, match=r"^registries: must be an array of tables"):
+        parse_config(SEED.replace("[[registries]]", "[registries]", 1).split("[[registries]]")[0])
 
 
 @pytest.mark.parametrize(
@@ -147,13 +178,17 @@ def test_a_registry_url_with_credentials_is_refused_without_echoing_them():
         (('port = 5000', 'port = 70000'), "server.port", "at most 65535"),
         (('port = 5000', 'port = "5000"'), "server.port", "must be an integer"),
         (('username = "registry-user"', 'usrname = "registry-user"'), "registries[1].auth.usrname", "unknown key"),
-        # [auth] is strict: a misspelled issuer or audience would let in
-        # tokens meant for others ([metrics] and [logging] are cargobay's own).
+        # [auth], [metrics] and [logging] written for cargobay (they set a key
+        # of cargobay's) are strict; and anywhere, a misspelled issuer,
+        # audience or require_auth would let in more than meant.
         (('jwt_secret = "your-secret-key-change-this-in-production"',
-          'jwt_secret = "your-secret-key-change-this-in-production"\nissuer = "idp"\naudiance = "cargobay"'),
+          'jwt_secret = "your-secret-key-change-this-in-production"\nissuer = "idp"\nalgorithm = "HS256"'),
+         "auth.algorithm", "unknown key"),
+        (('jwt_secret = "your-secret-key-change-this-in-production"',
+          'jwt_secret = "your-secret-key-change-this-in-production"\naudiance = "cargobay"'),
          "auth.audiance", "unknown key (did you mean 'audience'?)"),
         (('[server]', '[metrics]\nrequire_aut = true\n[server]'), "metrics.require_aut", "unknown key"),
-        (('[server]', '[logging]\nformatt = "json"\n[server]'), "logging.formatt", "unknown key"),
+        (('[server]', '[logging]\nlevel = "info"\nformatt = "json"\n[server]'), "logging.formatt", "unknown key"),
         (('[server]', '[metric]\nrequire_auth = true\n[server]'), "metric", "unknown section (did you mean 'metrics'?)"),
         (('id = "gcr"', 'id = "' + "x" * 193 + '"'), "registries[2].id", "at most 192 characters"),
         (('id = "gcr"', 'id = "tab\\there"'), "registries[2].id", "printable"),
@@ -203,6 +238,20 @@ def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
          "cache.max_age_secnds: unknown key, ignored (did you mean 'max_age_seconds'?)"),
         (('bind_address = "0.0.0.0"', 'bind_address = "0.0.0.0"\nworkers = 4'), "server.workers: unknown key, ignored"),
         (('[server]', '[extra]\nx = 1\n[server]'), "extra: unknown section, ignored"),
+        # Keys and tables it ignored in sections cargobay is strict about, in
+        # a file that sets none of cargobay's own keys there.
+        (('jwt_secret = "your-secret-key-change-this-in-production"',
+          'jwt_secret = "your-secret-key-change-this-in-production"\ntoken_expiry_seconds = 3600\nalgorithm = "HS256"'),
+         "auth.algorithm: unknown key, ignored"),
+        (('[server]', '[auth.extra]\nfoo = 1\n[server]'), "auth.extra: unknown key, ignored"),
+        (('[server]', '[metrics]\nport = 9090\n[server]'), "metrics.port: unknown key, ignored"),
+        (('[server]', '[logging]\nformatt = "json"\n[server]'), "logging.formatt: unknown key, ignored"),
+        (('[server]', '[oauth]\nclient_id = "x"\n[server]'), "oauth: unknown section, ignored (did you mean 'auth'?)"),
+        # A registry's account in its URL, as its HTTP client took it (never echoed).
+        (('url = "https://gcr.io"', 'url = "https://robot:hunter2@gcr.io"'),
+         "registries[2].url: the user:password@ in it is taken as the registry's account"),
+        (('url = "https://private-registry.example.com"', 'url = "https://robot:hunter2@private-registry.example.com"'),
+         "registries[1].url: the user:password@ in it ignored, [registries.auth] is the account used"),
         (('upstream_name = "library/alpine"', 'upstream_name = "library/alpine"\ndescription = "Alpine"'),
          "repositories[0].description: unknown key, ignored"),
         # Of two with one name, the first is used, as it was there.
@@ -242,6 +291,11 @@ def test_the_first_of_two_mappings_of_one_name_is_the_one_used():
 def test_an_upstream_account_with_an_empty_password_is_taken():
     config = parse_config(SEED.replace('password = "registry-password"', 'password = ""', 1))
     assert [r.auth.password for r in config.registries if r.auth is not None] == [""]
+    # Taken as the earlier implementation took it, with a warning.
+    assert config.warnings == (
+        "registries[1].auth: empty password, sent as such in the Basic credentials "
+        "(leave [auth] out for an anonymous registry)",
+    )
 
 
 def test_a_secret_may_hold_any_character_and_warning_is_a_level():
