@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from cargobay.config import ConfigError, load_config, resolve_config_path
+from cargobay.config import MIN_SECRET_BYTES, ConfigError, load_config, resolve_config_path
 from cargobay.reference import is_valid_name
 from cargobay.tokens import MAX_TOKEN_LENGTH, mint_token
 
@@ -69,6 +69,12 @@ class Arguments(usage.Options):
             # the secret would be the subject, in every access line.
             raise usage.UsageError(
                 "SUBJECT is a signing secret: give the subject alone (the secret comes from the config, or --secret)"
+            )
+        size = len(self["secret"].encode("utf-8"))
+        if size < MIN_SECRET_BYTES:
+            # Taken, as the earlier tool took it; said once, on stderr.
+            sys.stderr.write(
+                f"cargobay-token: warning: the secret is {size} bytes; HS256 wants at least {MIN_SECRET_BYTES} random ones\n"
             )
         length = len(self.token())
         if length > MAX_TOKEN_LENGTH:

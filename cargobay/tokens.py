@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,12 @@ from functools import cached_property
 from typing import Any
 
 import jwt
+
+# cargobay says it once, in its own words (Config.weak_secret, and
+# cargobay-token): PyJWT would print its own source line for every token.
+_SHORT_KEY = getattr(getattr(jwt, "warnings", None), "InsecureKeyLengthWarning", None)
+if _SHORT_KEY is not None:
+    warnings.filterwarnings("ignore", category=_SHORT_KEY)
 
 #: How long a verified token is remembered (never past its own expiry).
 VERIFIED_TOKEN_CACHE_SECONDS = 60.0
@@ -76,7 +83,9 @@ def _parse_access(access: Any) -> tuple[str, ...] | None:
         repos = access.get("repos")
         if not isinstance(repos, list) or not all(isinstance(r, str) for r in repos):
             raise InvalidToken("claim 'access.repos' must be a list of strings")
-        return tuple(r.strip("/") for r in repos if r.strip("/"))
+        # Verbatim, as the earlier implementation compared them: "team/" or
+        # "/team" names no repository, and grants none.
+        return tuple(repos)
     raise InvalidToken("claim 'access.type' must be 'all' or 'repositories'")
 
 
@@ -201,6 +210,8 @@ class TokenVerifier:
                     options={
                         "require": required, "verify_aud": self._audience is not None,
                         "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                        # Nor is "jti" (a number there is no reason to refuse a token).
+                        "verify_jti": False,
                     },
                 )
             except jwt.InvalidSignatureError:

@@ -1,3 +1,4 @@
+import json
 import time
 
 import jwt
@@ -250,3 +251,35 @@ def test_only_the_current_secret_s_tokens_may_say_which_key_they_rest_on():
     unknown = mint_token(SECRET, "m", origin="0" * 32)
     with pytest.raises(InvalidToken, match="no longer configured"):
         before.verify(unknown)
+
+
+def test_a_jti_of_any_kind_is_not_looked_at():
+    # The earlier implementation never read it; PyJWT would refuse a number.
+    grant = verify(seed_token('{"sub":"ci","exp":null,"jti":12345,"access":{"type":"all"}}', SECRET))
+    assert grant.subject == "ci"
+
+
+@pytest.mark.parametrize("entry", ["team/", "/team", "/team/app/", ""])
+def test_a_repository_entry_is_compared_verbatim_as_it_was_there(entry):
+    # "team/" granted neither "team" nor "team/app" there (it would take
+    # "team//app"), and its tokens never expire: it must not widen here.
+    claims = {"sub": "ci", "exp": None, "access": {"type": "repositories", "repos": [entry, "alpine"]}}
+    grant = verify(seed_token(json.dumps(claims), SECRET))
+    assert not grant.allows("team/app") and not grant.allows("team")
+    assert grant.allows("alpine")
+
+
+def test_cargobay_token_says_a_short_secret_is_short_in_one_line_of_its_own():
+    # PyJWT's warning would print its file and source line on stderr.
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cargobay.token_tap", "--secret", "secret", "ci", "alpine"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0
+    assert verify(result.stdout.strip(), ("secret",)).repositories == ("alpine",)
+    assert result.stderr.splitlines() == [
+        "cargobay-token: warning: the secret is 6 bytes; HS256 wants at least 32 random ones"
+    ]
