@@ -14,13 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-## Start the proxy: on config.toml (or $$CONFIG_PATH) when there is one,
+## Start the proxy: on $$CONFIG_PATH when set (a missing file is an error,
+## never the development config), else on config.toml when there is one,
 ## otherwise on the embedded development config.
 run: $(STAMP)
-	@if [ -f "$${CONFIG_PATH:-config.toml}" ]; then \
+	@if [ -n "$${CONFIG_PATH}" ] || [ -f config.toml ]; then \
 	    exec $(BIN)/twistd -n --pidfile= cargobay; \
 	else \
-	    echo "no $${CONFIG_PATH:-config.toml}: starting on the embedded development config"; \
+	    echo "no config.toml: starting on the embedded development config"; \
 	    exec $(BIN)/twistd -n --pidfile= cargobay --dev; \
 	fi
 

@@ -110,6 +110,24 @@ def test_skopeo_pull_is_byte_identical_to_upstream(proxy, request, tmp_path, loc
     assert raw_through == raw_direct
 
 
+def test_a_registry_whose_url_holds_its_account_is_pulled_from_with_it(images, upstream_basic, tmp_path):
+    # The earlier implementation's config reached a registry behind a
+    # password this way (its HTTP client sent user:password@ as Basic).
+    from urllib.parse import quote
+
+    url = upstream_basic.url.replace("://", f"://{quote(upstream_basic.username)}:{quote(upstream_basic.password, safe='')}@", 1)
+    proxy = start_proxy(tmp_path, [{"id": "basic", "url": url}], [("mycompany/app", "basic", "team/application")])
+    try:
+        through, direct = tmp_path / "through", tmp_path / "direct"
+        skopeo_pull(f"{proxy.host}/mycompany/app:latest", through, creds=f"tester:{ALL}")
+        skopeo_pull(f"{upstream_basic.host}/team/application:latest", direct, creds=upstream_basic.creds)
+        same_tree(through, direct)
+        assert upstream_basic.password not in proxy.process.log_text()
+        assert "the user:password@ in it is taken as the registry's account" in proxy.process.log_text()
+    finally:
+        proxy.process.stop()
+
+
 def test_manifest_headers_and_digests_equal_upstream(proxy, upstream_anon, images):
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
     status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=accept)
@@ -223,6 +241,25 @@ def test_bad_config_stops_startup_with_one_line(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["cargobay: repositories[0].registry_id: unknown registry 'nope' (defined: none)"]
+
+
+def test_make_run_on_a_config_path_that_names_no_file_stops_with_one_line(tmp_path):
+    # A typo in CONFIG_PATH must not start the development config, whose
+    # secret is public: `make run` falls back to it only with neither.
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    venv = Path(sys.prefix)
+    if not (venv / ".installed-stamp").exists():
+        pytest.skip("`make run` needs the Makefile's own venv (.installed-stamp)")
+    missing = tmp_path / "missing.toml"
+    result = subprocess.run(
+        ["make", "-s", "-C", str(root), "run", f"VENV={venv}"],
+        env={**os.environ, "CONFIG_PATH": str(missing)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"cargobay: {missing}: config file not found" in result.stderr.splitlines(), result.stderr
+    assert "development" not in result.stdout + result.stderr
 
 
 def test_a_published_secret_starts_with_a_warning(tmp_path):
