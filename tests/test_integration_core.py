@@ -365,6 +365,29 @@ def test_logs_go_where_twistd_is_told(upstream_anon, tmp_path):
     assert "GET /healthz" not in stdout
 
 
+def test_the_brief_s_editable_install_gives_twistd_the_plugin(tmp_path):
+    # `pip install -e '.[test]'`, without the Makefile's compat mode: the
+    # default editable install reaches packages through an import hook,
+    # which left twisted/plugins off sys.path ("Unknown command: cargobay").
+    import site
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    [site_packages] = (venv / "lib").glob("python3*/site-packages")
+    # This environment's packages (not its .pth files: not its own install of the checkout).
+    (site_packages / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps", "-e", str(root)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    twistd = "import sys; sys.argv = ['twistd', '-n', 'cargobay', '--help']; from twisted.scripts.twistd import run; run()"
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", twistd], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "Usage: twistd [options] cargobay " in result.stdout, (result.stdout[-1000:], result.stderr[-1000:])
+
+
 def test_cargobay_token_plugin_prints_only_the_token(tmp_path):
 
     result = run_to_completion([*twistd_command(), "-n", "--pidfile=", "cargobay-token", "--secret", SECRET, "--expires-in", "60", "bob", "alpine,team/app"])
