@@ -436,6 +436,8 @@ def _url_credentials(url: str) -> tuple[str, UpstreamAuth | None]:
         return url, None
     scheme, userinfo, host, rest = match.groups()
     username, _, password = userinfo.partition(":")
+    if not username and not password:
+        return scheme + host + rest, None  # "https://@host" (or ":@"): no account, as reqwest took it
     return scheme + host + rest, UpstreamAuth(unquote(username), unquote(password))
 
 

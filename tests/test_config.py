@@ -138,6 +138,9 @@ def test_a_registry_url_with_credentials_is_the_registry_s_account_and_never_ech
     registry = parse_config(text).registry("private-registry")
     assert registry.url == "https://private-registry.example.com"
     assert registry.auth is not None and registry.auth.username == "registry-user"
+    # An empty one is no account.
+    registry = parse_config(SEED.replace('url = "https://gcr.io"', 'url = "https://:@gcr.io"', 1)).registry("gcr")
+    assert (registry.url, registry.auth) == ("https://gcr.io", None)
     # A mistake in such a URL names the key, not the password.
     with pytest.raises(ConfigError) as caught:
         parse_config(SEED.replace('url = "https://gcr.io"', 'url = "ftp://robot:hunter2@gcr.io"', 1))
