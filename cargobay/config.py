@@ -686,15 +686,18 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         upstream_name = entry.string("upstream_name", required=True)
         entry.finish()
         assert name is not None and registry_id is not None and upstream_name is not None
-        capitals = [(key, value) for key, value in (("name", name), ("upstream_name", upstream_name))
-                    if not is_valid_pattern(value) and is_valid_pattern(value.lower())]
-        if capitals:
-            # The earlier implementation took it; no client can pull it.
-            key, value = capitals[0]
-            warnings.append(
-                f"{where}.{key}: {value!r} has capital letters, which no repository name may have: "
-                "this mapping is ignored"
+        # The earlier implementation took any name; no client can pull one
+        # that is not a repository name.  (A "*" is cargobay's own pattern:
+        # a mistake in one stops start-up, below.)
+        unusable = [(key, value) for key, value in (("name", name), ("upstream_name", upstream_name))
+                    if not is_valid_pattern(value) and "*" not in value]
+        if unusable:
+            key, value = unusable[0]
+            why = (
+                "has capital letters, which no repository name may have" if is_valid_pattern(value.lower())
+                else "is not a valid repository name"
             )
+            warnings.append(f"{where}.{key}: {value!r} {why}: this mapping is ignored")
             continue
         if not is_valid_pattern(name):
             raise ConfigError(

@@ -195,7 +195,7 @@ def test_a_single_registries_table_names_the_key_without_a_leading_dot():
         (('[server]', '[metric]\nrequire_auth = true\n[server]'), "metric", "unknown section (did you mean 'metrics'?)"),
         (('id = "gcr"', 'id = "' + "x" * 193 + '"'), "registries[2].id", "at most 192 characters"),
         (('id = "gcr"', 'id = "tab\\there"'), "registries[2].id", "printable"),
-        (('name = "alpine"', 'name = "../alpine"'), "repositories[0].name", "not a valid"),
+        (('name = "alpine"', 'name = "../alpine/*"'), "repositories[0].name", "not a valid"),
         (('port = 5000', 'port = 5000\nlisten = "bogus:1"'), "server.listen", "not a supported endpoint"),
         (('port = 5000', 'port = 5000\npublic_url = "example.com"'), "server.public_url", "not an http"),
         (('port = 5000', 'port = 5000\nshutdown_grace_seconds = -1'), "server.shutdown_grace_seconds", "at least 0"),
@@ -267,6 +267,10 @@ def test_every_mistake_is_one_line_naming_the_key(change, key, problem):
         # No client can pull a name with capitals: the mapping can never be used.
         (('upstream_name = "library/alpine"', 'upstream_name = "Library/Alpine"'),
          "repositories[0].upstream_name: 'Library/Alpine' has capital letters"),
+        (('name = "alpine"', 'name = "nginx-"'),
+         "repositories[0].name: 'nginx-' is not a valid repository name: this mapping is ignored"),
+        (('upstream_name = "library/alpine"', 'upstream_name = "library//alpine"'),
+         "repositories[0].upstream_name: 'library//alpine' is not a valid repository name: this mapping is ignored"),
     ],
 )
 def test_what_the_earlier_implementation_took_loads_with_a_warning(change, warning):
