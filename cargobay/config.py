@@ -293,14 +293,15 @@ class _Section:
 
     A C{strict} table refuses them instead once it was written for cargobay
     (it sets a key other than the C{legacy} ones the earlier implementation
-    read), and always refuses one that looks like a C{guarded} key: in
-    [auth], a misspelled issuer or audience would silently let in tokens
-    meant for others.
+    read), and always refuses one that may mean a C{guarded} key: in [auth],
+    an issuer or audience under another name would silently let in tokens
+    meant for others.  Any other table refuses the keys that belong in
+    those (L{_MISPLACED}).
     """
 
     def __init__(
         self, where: str, table: Any, warnings: list[str], strict: bool = False,
-        legacy: frozenset[str] = frozenset(), guarded: tuple[str, ...] = (),
+        legacy: frozenset[str] = frozenset(), guarded: _Guard | None = None,
     ) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
@@ -410,9 +411,38 @@ class _Section:
         for key in sorted(set(self.table) - self.known):
             close = difflib.get_close_matches(key, sorted(self.known), n=1, cutoff=0.7)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
-            if self.strict and (own or difflib.get_close_matches(key, self.guarded, n=1, cutoff=0.7)):
+            if self.strict and (own or (self.guarded is not None and self.guarded.may_mean(key))):
                 raise ConfigError(f"{self._name(key)}: unknown key ({hint})")
+            if not self.strict:
+                _refuse_misplaced(self._name(key), key)
             self.warnings.append(f"{self._name(key)}: unknown key, ignored ({hint})")
+
+
+@dataclass(frozen=True)
+class _Guard:
+    """Keys whose absence lets in more than meant, and what may be one of them written otherwise."""
+
+    names: tuple[str, ...]
+    parts: tuple[str, ...]
+
+    def may_mean(self, key: str) -> bool:
+        lowered = key.lower()
+        return any(part in lowered for part in self.parts) or bool(
+            difflib.get_close_matches(lowered, self.names, n=1, cutoff=0.7)
+        )
+
+
+_AUTH_GUARD = _Guard(("issuer", "audience"), ("aud", "iss"))
+_METRICS_GUARD = _Guard(("require_auth",), ("auth",))
+#: Keys of a strict table that, anywhere else, would go unread: an audience
+#: appended at the end of a file lands in its last [[repositories]] table.
+_MISPLACED = {"issuer": "auth", "audience": "auth", "require_auth": "metrics"}
+
+
+def _refuse_misplaced(name: str, key: str) -> None:
+    lowered = key.lower()
+    if lowered in _MISPLACED:
+        raise ConfigError(f"{name}: unknown key here (it belongs in [{_MISPLACED[lowered]}])")
 
 
 def _kind(value: object) -> str:
@@ -429,42 +459,60 @@ def _kind(value: object) -> str:
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@([^/?#@]*)(.*)", re.DOTALL)
 
 
-def _url_credentials(url: str) -> tuple[str, UpstreamAuth | None]:
+def _url_credentials(where: str, url: str) -> tuple[str, UpstreamAuth | None]:
     """A URL without its user:password@, and those (percent-decoded)."""
     match = _USERINFO.fullmatch(url)
     if match is None:
         return url, None
     scheme, userinfo, host, rest = match.groups()
+    if "\\" in userinfo:
+        # A URL parser as browsers' (the earlier implementation's) ends the
+        # host at the backslash: the account would go to another host.
+        raise ConfigError(f"{where}: a backslash before the '@' (percent-encode it as %5C in a password)")
     username, _, password = userinfo.partition(":")
     if not username and not password:
         return scheme + host + rest, None  # "https://@host" (or ":@"): no account, as reqwest took it
-    return scheme + host + rest, UpstreamAuth(unquote(username), unquote(password))
+    try:
+        account = UpstreamAuth(unquote(username, errors="strict"), unquote(password, errors="strict"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the user:password@ in it is not percent-encoded UTF-8") from None
+    return scheme + host + rest, account
+
+
+def _shown(url: str) -> str:
+    """A URL as an error may show it: never what comes before an '@' (a password, maybe with '/' or '#')."""
+    return repr(re.sub(r"://.*@", "://***@", url, flags=re.DOTALL))
 
 
 def _check_url(where: str, url: str) -> None:
+    shown = _shown(url)
     try:
         parts = urlsplit(url)
     except ValueError as e:  # a bracketed host that is no address
-        raise ConfigError(f"{where}: {url!r} is not a usable URL ({e})") from None
-    if "@" in parts.netloc:
-        # Never echo it: the part before "@" is a password.
-        hint = "; put them in [registries.auth]" if where.startswith("registries") else ""
+        raise ConfigError(f"{where}: {shown} is not a usable URL ({e})") from None
+    if "@" in url:
+        # Never echo it: the part before "@" is a password.  (A registry's
+        # account was taken out before, unless it could not be read.)
+        hint = (
+            "; percent-encode any '/', '?' or '#' in the password, or put it in [registries.auth]"
+            if where.startswith("registries") else ""
+        )
         raise ConfigError(f"{where}: must not hold credentials (user:password@){hint}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
+        raise ConfigError(f"{where}: {shown} is not an http:// or https:// URL")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{where}: {url!r} must not have a query or fragment")
+        raise ConfigError(f"{where}: {shown} must not have a query or fragment")
     if ":" in parts.hostname:
         try:
             ipaddress.IPv6Address(parts.hostname)
         except ValueError:
-            raise ConfigError(f"{where}: {url!r}: {parts.hostname!r} is not an IPv6 address") from None
+            raise ConfigError(f"{where}: {shown}: {parts.hostname!r} is not an IPv6 address") from None
         if "%" in parts.hostname:
-            raise ConfigError(f"{where}: {url!r}: an IPv6 address with a zone (%) is not supported; use a host name")
+            raise ConfigError(f"{where}: {shown}: an IPv6 address with a zone (%) is not supported; use a host name")
     try:
         _ = parts.port
     except ValueError:
-        raise ConfigError(f"{where}: {url!r} has an invalid port") from None
+        raise ConfigError(f"{where}: {shown} has an invalid port") from None
 
 
 #: A host name to bind to (an address is checked as one).
@@ -495,7 +543,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     warnings: list[str] = []
     top = _Section("", document, warnings)
 
-    def section(key: str, strict: bool = False, legacy: frozenset[str] = frozenset(), guarded: tuple[str, ...] = ()) -> _Section:
+    def section(
+        key: str, strict: bool = False, legacy: frozenset[str] = frozenset(), guarded: _Guard | None = None,
+    ) -> _Section:
         top.known.add(key)
         value = document.get(key, {})
         return _Section(key, value, warnings, strict, legacy, guarded)
@@ -536,7 +586,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         shutdown_grace,
     )
 
-    auth_section = section("auth", strict=True, legacy=frozenset({"jwt_secret"}), guarded=("issuer", "audience"))
+    auth_section = section("auth", strict=True, legacy=frozenset({"jwt_secret"}), guarded=_AUTH_GUARD)
     if "auth" not in document:
         raise ConfigError("auth.jwt_secret: missing ([auth] jwt_secret is required)")
     secret = auth_section.string("jwt_secret", required=True, secret=True)
@@ -623,7 +673,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         seen_ids.add(registry_id)
         url = entry.string("url", required=True)
         assert url is not None
-        url, in_url = _url_credentials(url)
+        url, in_url = _url_credentials(f"{where}.url", url)
         _check_url(f"{where}.url", url)
         upstream_auth = None
         auth_table = entry.sub("auth")
@@ -737,7 +787,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         for r in registries
     ]
 
-    metrics_section = section("metrics", strict=True, guarded=("require_auth",))
+    metrics_section = section("metrics", strict=True, guarded=_METRICS_GUARD)
     metrics_path = metrics_section.string("path", "/metrics") or "/metrics"
     if not metrics_path.startswith("/") or metrics_path.startswith("/v2") or metrics_path in ("/token", "/healthz", "/readyz"):
         raise ConfigError(f"metrics.path: {metrics_path!r} must be an absolute path outside the registry API")
@@ -766,6 +816,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     for unknown in sorted(set(document) - top.known):
         close = difflib.get_close_matches(unknown, list(strict_sections), n=1, cutoff=0.7)
         value = document[unknown]
+        if not isinstance(value, dict):
+            _refuse_misplaced(unknown, unknown)
         if close and isinstance(value, dict) and set(value) & strict_sections[close[0]].known:
             # A misspelled [auth] that sets an audience: the audience must not go unchecked.
             raise ConfigError(f"{unknown}: unknown section (did you mean {close[0]!r}?)")

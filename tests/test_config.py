@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,60 @@ def test_a_published_or_short_secret_is_taken_but_said_to_be_weak():
     # The old secrets still verify tokens: the same goes for them.
     rotating = parse_config(f'[auth]\njwt_secret = "{strong}"\nprevious_jwt_secrets = ["the-old-secret"]\n')
     assert rotating.weak_secret().startswith("previous_jwt_secrets[0] is an example's")
+
+
+@pytest.mark.parametrize("url", ["https://robot:hun/ter2@gcr.io", "https://robot:hun#ter2@gcr.io", "https://robot:hun?ter2@gcr.io"])
+def test_an_account_that_cannot_be_read_out_of_a_url_is_never_echoed(url):
+    # A raw "/", "#" or "?" ends the host: the URL is refused, password unshown.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(SEED.replace('url = "https://gcr.io"', f'url = "{url}"', 1))
+    assert str(caught.value).startswith("registries[2].url: ") and "ter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        # A browser's URL parser (the earlier implementation's) ends the host
+        # at the backslash: the account would go to another host.
+        ("https://evil.example\\\\@good.example/", "a backslash before the '@'"),
+        ("https://robot:%FF%FE@gcr.io", "the user:password@ in it is not percent-encoded UTF-8"),
+    ],
+)
+def test_an_account_in_a_url_that_means_something_else_elsewhere_is_refused(url, problem):
+    with pytest.raises(ConfigError, match=rf"^registries\[2\]\.url: {problem}"):
+        parse_config(SEED.replace('url = "https://gcr.io"', f'url = "{url}"', 1))
+
+
+SECRET_LINE = 'jwt_secret = "your-secret-key-change-this-in-production"'
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['aud = "r.example.com"', 'iss = "https://idp"', 'AUDIENCE = "r.example.com"', 'expected_audience = "r"',
+     'allowed_issuers = ["https://idp"]', 'isuer = "https://idp"'],
+)
+def test_an_audience_or_issuer_under_another_name_stops_start_up_in_a_legacy_auth(line):
+    # In an [auth] that sets only jwt_secret, unknown keys only warn; not
+    # these: the operator meant a check that would not be made.
+    with pytest.raises(ConfigError, match=r"^auth\."):
+        parse_config(SEED.replace(SECRET_LINE, f"{SECRET_LINE}\n{line}", 1))
+
+
+@pytest.mark.parametrize("line", ["auth_required = true", "REQUIRE_AUTH = true", "authenticate = true"])
+def test_a_metrics_require_auth_under_another_name_stops_start_up(line):
+    with pytest.raises(ConfigError, match=r"^metrics\."):
+        parse_config(SEED.replace("[server]", f"[metrics]\n{line}\n[server]", 1))
+
+
+@pytest.mark.parametrize(
+    "text, name, belongs",
+    [
+        (SEED + '\naudience = "r.example.com"\n', "repositories[1].audience", "auth"),  # appended: the last table's
+        (SEED.replace("port = 5000", 'port = 5000\nissuer = "https://idp"', 1), "server.issuer", "auth"),
+        (SEED.replace("port = 5000", "port = 5000\nrequire_auth = true", 1), "server.require_auth", "metrics"),
+        ('audience = "r.example.com"\n' + SEED, "audience", "auth"),  # before any table
+    ],
+)
+def test_a_security_key_in_the_wrong_table_stops_start_up(text, name, belongs):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(name)}: unknown key here \(it belongs in \[{belongs}\]\)"):
+        parse_config(text)

@@ -72,3 +72,22 @@ def test_a_registry_ca_file_renewed_in_place_is_read_again(tmp_path):
     ca.cert_path.write_bytes(TestCA(tmp_path / "renewed").cert_path.read_bytes())
     assert runtime.reload()
     assert runtime.app.upstreams["hub"] is not first
+
+
+def test_a_reload_refused_for_a_url_whose_account_cannot_be_read_does_not_log_the_password(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    mapped = [("alpine", "hub", "library/alpine")]
+    path = write_config(tmp_path / "config.toml", 5000, tmp_path / "cache",
+                        [{"id": "hub", "url": "https://robot:old-pass@registry.test"}], mapped)
+    runtime = Runtime(load_config(str(path)), str(path), global_reactor)
+    write_config(path, 5000, tmp_path / "cache", [{"id": "hub", "url": "https://robot:new/pass@registry.test"}], mapped)
+    said: list = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        assert not runtime.reload()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    logged = "\n".join(formatEvent(e) for e in said)
+    assert "reload refused" in logged and "registries[0].url: must not hold credentials" in logged
+    assert "new/pass" not in logged and "old-pass" not in logged, logged
