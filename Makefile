@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# compat mode puts the checkout on sys.path, so twistd finds
-	# twisted/plugins/cargobay_plugin.py from any directory.
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	# The editable install puts the checkout on sys.path (package-dir in
+	# pyproject.toml), so twistd finds twisted/plugins/cargobay_plugin.py
+	# from any directory.
+	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 ## Start the proxy: on $$CONFIG_PATH when set (a missing file is an error,
@@ -40,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/mypy cargobay
 
 bench: $(STAMP) peers
-	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/run.py
 
 clean:
