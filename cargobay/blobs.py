@@ -711,8 +711,11 @@ class BlobPipe(Protocol):
         offset: int = 0,
         max_cached: int | None = None,
         on_bad_content: Callable[[], None] | None = None,
+        send_timeout: float = SEND_STALL_TIMEOUT,
     ) -> None:
         self._digest = digest
+        #: The primary client is cut once it takes nothing for this long.
+        self._send_timeout = send_timeout
         #: Called when the body does not match the digest.
         self._on_bad_content = on_bad_content
         #: A body of unknown length that grows past this is not cached.
@@ -1014,7 +1017,7 @@ class BlobPipe(Protocol):
         # it would hold the upstream connection and the download for good.
         self._client_paused = paused
         if paused and self._client_stall is None:
-            self._client_stall = self._clock.callLater(SEND_STALL_TIMEOUT, self._client_stalled)
+            self._client_stall = self._clock.callLater(self._send_timeout, self._client_stalled)
         elif not paused and self._client_stall is not None:
             if self._client_stall.active():
                 self._client_stall.cancel()
@@ -1023,7 +1026,7 @@ class BlobPipe(Protocol):
     def _client_stalled(self) -> None:
         self._client_stall = None
         if self._request is not None:
-            log.info("client read nothing for {seconds} s; closing", seconds=SEND_STALL_TIMEOUT)
+            log.info("client read nothing for {seconds:g} s; closing", seconds=self._send_timeout)
             abort_request(self._request)
 
     def _wait_for_client(self, transport: Any) -> None:
@@ -1108,6 +1111,7 @@ class BlobPipe(Protocol):
             paused=True,
             follower=False,
             send_in_thread=self._send_in_thread,
+            send_timeout=self._send_timeout,
         )
         sender.start()
         self._set_client_paused(False)
@@ -1286,9 +1290,12 @@ class FileSender:
         paused: bool = False,
         follower: bool = True,
         send_in_thread: RunInThread | None = None,
+        send_timeout: float = SEND_STALL_TIMEOUT,
     ) -> None:
         self._request = request
         self._clock = clock
+        #: A client that takes nothing for this long is cut.
+        self._send_timeout = send_timeout
         #: Given, sendfile(2) runs on a sending thread (batches of
         #: SEND_BATCH), so that many clients use more than the reactor's core.
         self._send_in_thread = send_in_thread
@@ -1566,7 +1573,7 @@ class FileSender:
     # would hold a descriptor and keep its cache entry from being evicted.
     def _arm_stall(self) -> None:
         if self._clock is not None and self._stall is None:
-            self._stall = self._clock.callLater(SEND_STALL_TIMEOUT, self._stalled)
+            self._stall = self._clock.callLater(self._send_timeout, self._stalled)
 
     def _disarm_stall(self) -> None:
         if self._stall is not None:
@@ -1576,7 +1583,7 @@ class FileSender:
 
     def _stalled(self) -> None:
         self._stall = None
-        log.info("client read nothing for {seconds} s; closing", seconds=SEND_STALL_TIMEOUT)
+        log.info("client read nothing for {seconds:g} s; closing", seconds=self._send_timeout)
         self._close(ok=False)
 
     def stopProducing(self) -> None:
@@ -1938,8 +1945,11 @@ class BlobService:
         leave_disk_after: float = LEAVE_DISK_AFTER,
         send_in_thread: RunInThread | None = None,
         links: RepositoryLinks | None = None,
+        send_timeout: float = SEND_STALL_TIMEOUT,
     ) -> None:
         self.cache = cache
+        #: A client that takes nothing of a blob body for this long is cut.
+        self.send_timeout = send_timeout
         self._clock = clock
         #: Which names the upstream has shown each cached blob under.
         self.links = links if links is not None else RepositoryLinks(None)
@@ -2113,7 +2123,8 @@ class BlobService:
             release(ok=False)
             return done
         sender = FileSender(
-            request, fileobj, start, end, clock=self._clock, on_done=release, send_in_thread=self._send_in_thread
+            request, fileobj, start, end, clock=self._clock, on_done=release, send_in_thread=self._send_in_thread,
+            send_timeout=self.send_timeout,
         )
         try:
             sender.start()
@@ -2279,6 +2290,7 @@ class BlobService:
                 # length: max_size_bytes, or less on a disk short of room.
                 self.cache.size_limit() if length is None else None,
                 self._bad_content_counter(upstream.registry.id),
+                self.send_timeout,
             )
             response.deliverBody(pipe)
             if client is None or client.finished or getattr(client, "_disconnected", False):
@@ -2507,7 +2519,8 @@ class BlobService:
                     _fire(done)
 
             FileSender(
-                request, fileobj, start, end, fetch, self._clock, on_done=finished, send_in_thread=self._send_in_thread
+                request, fileobj, start, end, fetch, self._clock, on_done=finished, send_in_thread=self._send_in_thread,
+                send_timeout=self.send_timeout,
             ).start()
             return done
 

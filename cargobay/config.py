@@ -171,6 +171,8 @@ class ServerConfig:
     header_timeout: float = 30.0
     #: Seconds requests under way have to end once shutdown begins.
     shutdown_grace: float = 10.0
+    #: Seconds a client may take nothing of a blob body before it is cut.
+    send_timeout: float = 120.0
 
     @property
     def endpoint(self) -> str:
@@ -580,10 +582,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     shutdown_grace = server_section.number("shutdown_grace_seconds", 10.0, positive=False)
     if shutdown_grace < 0:
         raise ConfigError(f"server.shutdown_grace_seconds: must be at least 0, got {shutdown_grace:g}")
+    send_timeout = server_section.number("send_timeout_seconds", 120.0)
     server_section.finish()
     server = ServerConfig(
         bind_address, port, listen, public_url, trusted, max_connections, idle_timeout, header_timeout,
-        shutdown_grace,
+        shutdown_grace, send_timeout,
     )
 
     auth_section = section("auth", strict=True, legacy=frozenset({"jwt_secret"}), guarded=_AUTH_GUARD)

@@ -649,6 +649,7 @@ class Runtime:
             config.cache.leave_disk_after_seconds,
             send_in_thread if SEND_THREADS else None,
             links,
+            config.server.send_timeout,
         )
         self.sweeper.downloading = blobs.downloading
         metrics.gauge("cargobay_cache_size_bytes", "Bytes of blobs in the cache.", lambda: cache.total_size)
@@ -766,6 +767,7 @@ class Runtime:
         self._notice_moved_registries(config, previous)
         self.blobs.client_waits_for_disk = config.cache.client_waits_for_disk
         self.blobs.leave_disk_after = config.cache.leave_disk_after_seconds
+        self.blobs.send_timeout = config.server.send_timeout
         self.cache.direct_writes = config.cache.direct_writes
         self.app.reconfigure(config, authenticator, upstreams)
         for registry_id, upstream in previous.items():

@@ -481,3 +481,28 @@ def test_nothing_in_an_empty_blob_can_be_asked_for():
     assert parse_range("bytes=-5", 0) == "unsatisfiable"
     assert parse_range("bytes=0-", 0) == "unsatisfiable"
     assert parse_range("bytes=0-0", 1) == (0, 1)
+
+
+def test_a_primary_client_that_takes_nothing_is_cut_after_the_send_timeout():
+    # (server.send_timeout_seconds: it holds the upstream connection, the
+    # download and its file while it takes nothing.)
+    clock = Clock()
+    writer = HeldBackWriter()
+    writer.gate.set()
+    fetch = Fetch(BlobKey("up", DIGEST))
+    fetch.started(writer, len(BODY))  # type: ignore[arg-type]
+    reactor, client, upstream = Reactor(), Client(), UpstreamConnection()
+    pipe = BlobPipe(
+        DIGEST, len(BODY), writer, client, fetch, clock, 60.0, "up test@digest",  # type: ignore[arg-type]
+        call_from_thread=reactor.call_from_thread, send_timeout=7.0,
+    )
+    pipe.makeConnection(upstream)  # type: ignore[arg-type]
+    cut: list[float] = []
+    client.channel = SimpleNamespace(transport=SimpleNamespace(abortConnection=lambda: cut.append(clock.seconds())))
+    pipe.dataReceived(BODY[:MiB])
+    pipe.pauseProducing()  # its transport is full
+    assert upstream.paused
+    clock.advance(6.9)
+    assert cut == []
+    clock.advance(0.2)
+    assert cut == [clock.seconds()]

@@ -37,7 +37,7 @@ from peers import (
     twistd_command,
     wait_until,
 )
-from proxy import ALL, SECRET, start_proxy, write_config
+from proxy import ALL, SECRET, Proxy, start_proxy, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -518,6 +518,42 @@ def test_a_client_that_stops_reading_stops_the_upstream_read(streaming_proxy, bi
     assert upstream_anon.count_requests("GET", f"/blobs/{digest}") == 1
     # Nothing is left behind, once the earlier download (if any) is in too.
     assert wait_until(lambda: streaming_proxy.temp_files() == [], timeout=120), streaming_proxy.temp_files()
+
+
+def test_a_client_that_takes_nothing_is_cut_after_send_timeout_seconds(upstream_anon, tmp_path):
+    # Cold (the download's first client) and warm (from the cache file): a
+    # stopped client would hold its connection and the file for 120 s.
+    from peers import Twistd
+
+    size = 64 * 1024**2
+    digest = push_blob(upstream_anon, "library/stalled", size)
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", port, tmp_path / "cache", [{"id": "anon", "url": upstream_anon.url}],
+                          [("stalled", "anon", "library/stalled")])
+    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {port}\nsend_timeout_seconds = 2\n", 1))
+    process = Twistd(config_path=config, log_path=tmp_path / "log").start()
+    proxy = Proxy(process, port, tmp_path / "cache")
+    try:
+        process.wait_listening(port)
+        for round_, how in enumerate(("cold", "warm")):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /v2/stalled/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL}\r\n\r\n".encode())
+            received = len(sock.recv(65536))
+            assert wait_until(lambda n=round_: process.log_text().count("client read nothing for 2 s; closing") > n), how
+            sock.settimeout(60)
+            try:
+                while piece := sock.recv(1024 * 1024):
+                    received += len(piece)
+            except ConnectionResetError:
+                pass
+            sock.close()
+            assert received < size, how
+            if how == "cold":
+                # The download went on without it, into the cache.
+                assert wait_until(lambda: proxy.request(f"/v2/stalled/blobs/{digest}", method="HEAD")[1].get("x-cache") == "HIT")
+    finally:
+        process.stop()
 
 
 def test_a_token_naming_hundreds_of_repositories_logs_in_and_pulls(proxy, images, tmp_path):

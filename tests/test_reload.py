@@ -46,6 +46,7 @@ def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_
     runtime = Runtime(load_config(str(path)), str(path), global_reactor)
     write_config(path, 5001, tmp_path / "cache", [{"id": "hub", "url": "https://a.example"}], MAPPED,
                  "tag_ttl_seconds = 7\neviction_interval_seconds = 5")
+    path.write_text(path.read_text().replace("port = 5001\n", "port = 5001\nsend_timeout_seconds = 9\n", 1))
     said: list[str] = []
     globalLogPublisher.addObserver(said.append)
     try:
@@ -57,7 +58,7 @@ def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_
         "reload: cache.eviction_interval_seconds changed; it takes effect at the next restart",
         "reload: server listen endpoint changed; it takes effect at the next restart",
     ]
-    assert runtime.manifests.tag_ttl == 7  # applied at once
+    assert runtime.manifests.tag_ttl == 7 and runtime.blobs.send_timeout == 9  # applied at once
     assert runtime.config.cache.eviction_interval_seconds != 5 and runtime.config.server.port == 5000
 
 

@@ -417,3 +417,26 @@ def test_a_small_cached_blob_goes_through_the_transport_with_its_headers(pair, m
     pair[1].setblocking(False)
     with pytest.raises(BlockingIOError):
         pair[1].recv(1)  # nothing went to the socket directly
+
+
+def test_a_client_that_takes_nothing_is_cut_after_the_send_timeout(pair, monkeypatch):
+    # (server.send_timeout_seconds: it holds a descriptor, and its cache
+    # entry from eviction, while it takes nothing.)
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    monkeypatch.setattr(blobs, "_raw_socket", lambda request: pair[0].fileno())
+    with tempfile.TemporaryFile() as fileobj:
+        fileobj.write(os.urandom(MiB))
+        fileobj.flush()
+        request = Request()
+        cut: list[float] = []
+        request.channel.transport.abortConnection = lambda: cut.append(clock.seconds())  # type: ignore[attr-defined]
+        done: list[bool] = []
+        sender = FileSender(request, fileobj, 0, MiB, clock=clock, on_done=done.append, paused=True,  # type: ignore[arg-type]
+                            send_timeout=7.0)
+        sender.start()
+        clock.advance(6.9)
+        assert cut == [] and done == []
+        clock.advance(0.2)
+        assert cut == [clock.seconds()] and done == [False]
