@@ -24,6 +24,7 @@ RUN pip install --no-cache-dir . \
 USER cargobay
 VOLUME ["/var/cache/cargobay"]
 EXPOSE 5000
-# /healthz where the config says it listens (port, listen, or [metrics] listen).
+# /healthz where the running proxy says it listens (a file under /tmp), else
+# where the config says (port, listen, or [metrics] listen).
 HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-m", "cargobay.healthcheck"]
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "cargobay"]

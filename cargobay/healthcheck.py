@@ -1,15 +1,25 @@
 """
-``python -m cargobay.healthcheck``: GET /healthz where the config says the
-proxy listens (the container image's HEALTHCHECK).  Exit 0 when it answers
-200, 1 otherwise, with one line saying why.
+``python -m cargobay.healthcheck``: GET /healthz where the proxy of the
+config file listens (the container image's HEALTHCHECK).  Exit 0 when it
+answers 200, 1 otherwise, with one line saying why.
+
+The running proxy says where that is in a small file of its own
+(L{state_path}): a change to the listener that waits for a restart, or the
+file broken half-way through an edit, does not make a running proxy look
+unhealthy.  Without that file (no proxy running, or one that could not
+write it), the config file says.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import os
 import socket
 import ssl
+import stat
 import sys
+import tempfile
 
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
 
@@ -40,9 +50,54 @@ def _fields(description: str) -> tuple[str, dict[str, str], list[str]]:
     return kind, options, plain
 
 
+def health_endpoint(config: Config) -> str:
+    """Where /healthz is asked: the metrics listener when it has one, else the proxy's."""
+    return config.metrics.listen if config.metrics.enabled and config.metrics.listen else config.server.endpoint
+
+
+def state_path(config_path: str | None) -> str:
+    """The file where the proxy running on C{config_path} (None: the development config) says where it listens."""
+    named = os.path.realpath(config_path) if config_path is not None else "<embedded default>"
+    key = hashlib.sha256(named.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"cargobay-{os.getuid()}-{key}.health")
+
+
+def write_state(path: str, endpoint: str) -> None:
+    """Say (atomically) where the running proxy listens; L{OSError} if it cannot."""
+    fd, temporary = tempfile.mkstemp(prefix=".cargobay-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(endpoint)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def running_endpoint(path: str) -> str | None:
+    """
+    What the running proxy's state file says, if there is one of this
+    user's (in a shared temporary directory, another user's is not believed).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        text = f.read(4096).decode("utf-8", "replace").strip()
+    return text or None
+
+
 def connection(config: Config, timeout: float = 5.0) -> http.client.HTTPConnection:
-    """A connection to where the proxy (or its metrics listener) listens."""
-    description = config.metrics.listen if config.metrics.enabled and config.metrics.listen else config.server.endpoint
+    """A connection to where the config says the proxy (or its metrics listener) listens."""
+    return connection_to(health_endpoint(config), timeout)
+
+
+def connection_to(description: str, timeout: float = 5.0) -> http.client.HTTPConnection:
+    """A connection to a listener's strports description."""
     kind, options, plain = _fields(description)
     if kind == "unix":
         return _UnixConnection(options.get("address") or plain[0], timeout)
@@ -62,8 +117,9 @@ def connection(config: Config, timeout: float = 5.0) -> http.client.HTTPConnecti
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(resolve_config_path(args[0] if args else None))
-        conn = connection(config)
+        path = resolve_config_path(args[0] if args else None)
+        running = running_endpoint(state_path(path))
+        conn = connection_to(running) if running is not None else connection(load_config(path))
         conn.request("GET", "/healthz")
         status = conn.getresponse().status
     except (ConfigError, OSError, ValueError, IndexError, http.client.HTTPException) as e:

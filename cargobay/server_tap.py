@@ -4,6 +4,7 @@ The C{twistd cargobay} plugin: options, and the service tree that runs the proxy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -26,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http, resource, server
 from zope.interface import implementer
 
+from cargobay import healthcheck
 from cargobay.auth import Authenticator
 from cargobay.blobs import SEND_THREADS, BlobService, when_counted
 from cargobay.cache import BlobCache, Entry
@@ -566,7 +568,8 @@ class Runtime:
 
     def __init__(self, config: Config, config_path: str | None, reactor: Any, wall_clock: Any = None) -> None:
         self.config = config
-        self._config_path = config_path
+        #: The file the config comes from (None: the embedded development one).
+        self.config_path = config_path
         self._reactor = reactor
         #: What stored times (blobs' last use, manifests' and tags' ages, the
         #: sweep's) are measured on: calendar time, as file times are.  The
@@ -727,11 +730,11 @@ class Runtime:
         Re-read the config file.  A bad file is logged and the running config
         stays.  Returns whether the new config was applied.
         """
-        if self._config_path is None:
+        if self.config_path is None:
             log.warn("reload: running on the embedded development config; nothing to re-read")
             return False
         try:
-            config = load_config(self._config_path)
+            config = load_config(self.config_path)
         except ConfigError as e:
             log.error("reload refused, keeping the running config: {problem}", problem=str(e))
             return False
@@ -976,13 +979,33 @@ class CargobayService(service.MultiService):
         self._early_sighup = early_sighup
         #: The sites whose requests under way a shutdown lets end.
         self.sites: list[ProxySite] = []
+        #: Where this process says which listener answers /healthz.
+        self._health_state: str | None = None
 
     def startService(self) -> None:
         super().startService()
+        self._say_where_health_is_asked()
         previous = signal.signal(signal.SIGHUP, self._on_sighup)
         self._previous_handler = signal.SIG_DFL if isinstance(previous, HeldSighup) else previous
         if self._early_sighup is not None and self._early_sighup.asked:
             self._reactor.callLater(0, self.reload)
+
+    def _say_where_health_is_asked(self) -> None:
+        # For the image's HEALTHCHECK: the listeners run as they started
+        # until a restart, whatever the config file says meanwhile.
+        self._health_state = healthcheck.state_path(self._runtime.config_path)
+        try:
+            healthcheck.write_state(self._health_state, healthcheck.health_endpoint(self._runtime.config))
+        except OSError as e:
+            log.info("cannot say where /healthz is asked in {path} ({problem}): the healthcheck reads the config",
+                     path=self._health_state, problem=e.strerror or str(e))
+            self._health_state = None
+
+    def _forget_where_health_is_asked(self) -> None:
+        path, self._health_state = self._health_state, None
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def stopService(self) -> Any:
         """
@@ -991,6 +1014,7 @@ class CargobayService(service.MultiService):
         at once) before the reactor cuts what is left: a rolling restart
         does not break the pulls in progress.
         """
+        self._forget_where_health_is_asked()
         if self._previous_handler is not None:
             # Not the default action (which ends the process) while requests
             # under way may still end: a reload is no longer worth doing.

@@ -494,6 +494,32 @@ def healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def test_the_image_healthcheck_asks_the_running_proxy_whatever_its_config_file_says_meanwhile(upstream_anon, tmp_path):
+    # A listener change waits for a restart, and an edit may leave the file
+    # broken for a while: the proxy still answers where it listens.
+    from cargobay.healthcheck import state_path
+
+    proxy = start_proxy(tmp_path, [{"id": "up", "url": upstream_anon.url}], [])
+    config = tmp_path / "config.toml"
+    state = Path(state_path(str(config)))
+    try:
+        assert healthcheck(config).returncode == 0
+        config.write_text(config.read_text().replace(f"port = {proxy.port}\n", f"port = {free_port()}\n", 1))
+        result = healthcheck(config)
+        assert result.returncode == 0, result.stderr
+        good = config.read_text()
+        config.write_text(good[: len(good) // 2])  # half-way through an edit
+        result = healthcheck(config)
+        assert result.returncode == 0, result.stderr
+        assert state.exists()
+    finally:
+        proxy.process.stop()
+    # Once it has stopped, the file it wrote is gone, and the config file says.
+    assert not state.exists()
+    result = healthcheck(config)
+    assert result.returncode == 1 and result.stderr.startswith("cargobay healthcheck: "), result.stderr
+
+
 def test_the_image_healthcheck_asks_where_the_config_says_the_proxy_listens(upstream_anon, tmp_path):
     # It was hard-wired to port 5000: unhealthy on any other port or listener.
     metrics_port = free_port()
