@@ -203,6 +203,9 @@ class CacheConfig:
     max_age_seconds: int = 7 * 24 * 3600
     eviction_interval_seconds: float = 60.0
     tag_ttl_seconds: float = 60.0
+    #: How long a pull of a cached tag past its TTL waits for the upstream's
+    #: check before the cache answers (the check goes on).
+    revalidate_wait_seconds: float = 5.0
     #: Bytes of cached blobs re-verified against their digests per eviction
     #: interval (0: never).
     scrub_bytes_per_interval: int = 64 * 1024 * 1024
@@ -631,6 +634,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         ),
         tag_ttl_seconds=cache_section.number(
             "tag_ttl_seconds", CacheConfig.tag_ttl_seconds, positive=False
+        ),
+        revalidate_wait_seconds=cache_section.number(
+            "revalidate_wait_seconds", CacheConfig.revalidate_wait_seconds
         ),
         scrub_bytes_per_interval=cache_section.integer(
             "scrub_bytes_per_interval", CacheConfig.scrub_bytes_per_interval

@@ -10,11 +10,12 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
@@ -178,11 +179,15 @@ def _worth_serving_stale(error: RegistryError) -> bool:
 
 class ManifestService:
     def __init__(
-        self, store: ManifestStore, clock: Any, tag_ttl: float = 60.0, links: RepositoryLinks | None = None
+        self, store: ManifestStore, clock: Any, tag_ttl: float = 60.0, links: RepositoryLinks | None = None,
+        revalidate_wait: float = 5.0,
     ) -> None:
         self._store = store
         self._clock = clock
         self.tag_ttl = tag_ttl
+        #: How long a pull of a cached tag past its TTL waits for the
+        #: upstream's HEAD before the cache answers (the HEAD goes on).
+        self.revalidate_wait = revalidate_wait
         #: Which names the upstream has shown each cached digest under.
         self.links = links if links is not None else RepositoryLinks(None)
         #: Manifests whose references are linked under a name (this process).
@@ -292,12 +297,20 @@ class ManifestService:
                 # Revalidate with a HEAD: it does not count against Docker
                 # Hub's pull limit, and usually the tag has not moved.  It
                 # accepts every type, as the answer stored was asked with.
-                current = yield self.head(upstream, upstream_name, reference, widened(accept))
+                current = yield self._revalidate(upstream, upstream_name, reference, accept, cached)
             except RegistryError as error:
                 if not _worth_serving_stale(error):
                     store.drop_tag(registry_id, upstream_name, reference)
                     raise
                 _log_stale(upstream, upstream_name, reference, error)
+                return _answer(cached, head, "stale")
+            if current is None:
+                log.warn(
+                    "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer to its "
+                    "check within {seconds:g} s; the check goes on for the next pull)",
+                    registry=upstream.registry.id, name=upstream_name, reference=reference,
+                    seconds=self.revalidate_wait,
+                )
                 return _answer(cached, head, "stale")
             if current[1] == str(cached.digest):
                 store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
@@ -417,6 +430,44 @@ class ManifestService:
         """
         key = ("GET", upstream, upstream_name, reference, tuple(accept))
         return shared(self._asking, key, lambda: self._fetch(upstream, upstream_name, reference, accept))
+
+    def _revalidate(
+        self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str], cached: Manifest
+    ) -> Deferred[Any]:
+        """
+        The upstream's HEAD of a cached tag past its TTL, or None once it has
+        taken C{revalidate_wait}: a pull that already succeeded is not held
+        for a slow upstream's read timeout.  The HEAD goes on, and what it
+        finds late still counts for the next pull.
+        """
+        registry_id = upstream.registry.id
+        answer: Deferred[Any] = Deferred()
+
+        def waited_enough() -> None:
+            if not answer.called:
+                answer.callback(None)
+
+        timer = self._clock.callLater(self.revalidate_wait, waited_enough)
+
+        def landed(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answer.called:
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+                return
+            if isinstance(result, Failure):
+                if not result.check(RegistryError):
+                    log.failure("late check of {name}:{reference}", result, name=upstream_name, reference=reference)
+                elif not _worth_serving_stale(cast(RegistryError, result.value)):
+                    self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
+            elif cast(tuple, result)[1] == str(cached.digest):
+                self._store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
+
+        self.head(upstream, upstream_name, reference, widened(accept)).addBoth(landed)
+        return answer
 
     def head(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Deferred[Any]:
         """

@@ -609,7 +609,9 @@ class Runtime:
         cache.on_evict = evicted
         self.store = store = ManifestStore(config.cache.directory, wall)
         store.touch_every = _touch_every(config.cache.max_age_seconds)
-        self.manifests = ManifestService(store, wall, config.cache.tag_ttl_seconds, links)
+        self.manifests = ManifestService(
+            store, wall, config.cache.tag_ttl_seconds, links, config.cache.revalidate_wait_seconds
+        )
         self.sweeper = MetadataSweeper(cache, store, links, links_directory, wall)
         self._notice_moved_registries(config)
         if upgrading:
@@ -759,6 +761,7 @@ class Runtime:
             self.cache.evict()  # now, not at the next timer run
         self.store.touch_every = _touch_every(config.cache.max_age_seconds)
         self.manifests.tag_ttl = config.cache.tag_ttl_seconds
+        self.manifests.revalidate_wait = config.cache.revalidate_wait_seconds
         if (config.auth.jwt_secret, config.auth.previous_jwt_secrets) != (
             old.auth.jwt_secret, old.auth.previous_jwt_secrets
         ):

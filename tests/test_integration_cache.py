@@ -912,6 +912,37 @@ def test_a_registry_id_of_any_text_keeps_its_cache_across_a_restart(upstream, im
         (restarted or proxy).process.stop()
 
 
+def test_a_pull_of_a_cached_tag_waits_revalidate_wait_seconds_for_a_silent_upstream_not_its_read_timeout(tmp_path):
+    # The read timeout (120 s here) is longer than the client waits (60 s):
+    # only the cache answering after revalidate_wait_seconds gets it its tag.
+    registry = Registry(tmp_path / "up").start()
+    hole = None
+    try:
+        work = tmp_path / "img"
+        built = build_oci_layout(work, "latest", layer_sizes=[1000])
+        skopeo_push(work, "latest", f"{registry.host}/library/alpine:latest")
+        proxy = start_proxy(
+            tmp_path / "p", [{"id": "up", "url": registry.url, "read_timeout_seconds": 120}],
+            [("alpine", "up", "library/alpine")], "tag_ttl_seconds = 1\nrevalidate_wait_seconds = 2",
+        )
+        try:
+            accept = {"Accept": built["media_type"]}
+            assert proxy.request("/v2/alpine/manifests/latest", headers=accept)[0] == 200
+            registry.stop()
+            hole = BlackHole(registry.port)
+            time.sleep(1.5)  # the tag is due for revalidation
+            status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+            assert status == 200 and headers["docker-content-digest"] == built["manifest"] and "warning" in headers
+            assert hole.requests == ["HEAD /v2/library/alpine/manifests/latest HTTP/1.1"]
+            assert "upstream slow (no answer to its check within 2 s" in proxy.process.log_text()
+        finally:
+            proxy.process.stop()
+    finally:
+        if hole is not None:
+            hole.close()
+        registry.stop()
+
+
 def test_a_black_holed_upstream_holds_one_request_and_the_cache_answers_the_rest(tmp_path):
     # Every pull by tag waited the whole read timeout (60 s by default) for
     # a registry that took connections and never answered.

@@ -45,7 +45,7 @@ def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_
                         MAPPED, "tag_ttl_seconds = 60")
     runtime = Runtime(load_config(str(path)), str(path), global_reactor)
     write_config(path, 5001, tmp_path / "cache", [{"id": "hub", "url": "https://a.example"}], MAPPED,
-                 "tag_ttl_seconds = 7\neviction_interval_seconds = 5")
+                 "tag_ttl_seconds = 7\neviction_interval_seconds = 5\nrevalidate_wait_seconds = 3")
     path.write_text(path.read_text().replace("port = 5001\n", "port = 5001\nsend_timeout_seconds = 9\n", 1))
     said: list[str] = []
     globalLogPublisher.addObserver(said.append)
@@ -58,7 +58,8 @@ def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_
         "reload: cache.eviction_interval_seconds changed; it takes effect at the next restart",
         "reload: server listen endpoint changed; it takes effect at the next restart",
     ]
-    assert runtime.manifests.tag_ttl == 7 and runtime.blobs.send_timeout == 9  # applied at once
+    # Applied at once:
+    assert (runtime.manifests.tag_ttl, runtime.manifests.revalidate_wait, runtime.blobs.send_timeout) == (7, 3, 9)
     assert runtime.config.cache.eviction_interval_seconds != 5 and runtime.config.server.port == 5000
 
 

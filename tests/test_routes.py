@@ -1801,3 +1801,65 @@ def test_an_artifact_type_that_is_not_printable_ascii_is_refused(world):
     response, body = world.get(f"/v2/alpine/referrers/sha256:{'a' * 64}?artifactType=application/x%C3%A9", ALL)
     assert response.code == 400 and b"invalid artifactType" in body
     assert not world.upstream_registry.requests("/referrers/")
+
+
+def test_a_slow_upstream_does_not_hold_a_pull_of_a_cached_tag_past_the_revalidate_wait(world):
+    # It was held for the upstream's read timeout (60 s by default): a
+    # pull that already succeeded answered a minute late.
+    from twisted.web.server import NOT_DONE_YET
+
+    path = "/v2/alpine/manifests/latest"
+    assert world.get(path, ALL)[1] == MANIFEST
+    held = []
+
+    def slow_head(request):
+        held.append(request)
+        return NOT_DONE_YET
+
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", slow_head)
+    world.clock.advance(61)  # past the tag's TTL
+    answered = []
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    assert answered == [] and len(held) == 1
+    world.clock.advance(4.9)
+    world.client.flush()
+    assert answered == []
+    world.clock.advance(0.2)
+    world.client.flush()
+    [response] = answered
+    body = []
+    world.client.content(response).addBoth(body.append)
+    world.client.flush()
+    assert response.code == 200 and body == [MANIFEST] and response.headers.getRawHeaders("warning")
+    # The check went on: its late answer confirms the tag for the next pull.
+    _manifest_head(held[0])
+    held[0].finish()
+    world.upstream._http._agent._agent.flush()
+    asked = len(world.upstream_registry.seen)
+    assert world.get(path, ALL)[1] == MANIFEST
+    assert len(world.upstream_registry.seen) == asked
+
+
+def test_a_tag_a_late_check_finds_gone_is_not_served_again(world):
+    from twisted.web.server import NOT_DONE_YET
+
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    held = []
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    world.clock.advance(61)
+    answered = []
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    world.clock.advance(5.1)
+    world.client.flush()
+    assert answered[0].code == 200
+    held[0].setResponseCode(404)
+    held[0].finish()
+    world.upstream._http._agent._agent.flush()
+    # Gone upstream: not the fallback when the upstream then fails.
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _failing(503))
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _failing(503))
+    response, body = world.get(path, ALL)
+    assert response.code != 200 and body != MANIFEST
