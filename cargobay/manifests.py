@@ -441,6 +441,7 @@ class ManifestService:
         finds late still counts for the next pull.
         """
         registry_id = upstream.registry.id
+        asked_at = self._clock.seconds()
         answer: Deferred[Any] = Deferred()
 
         def waited_enough() -> None:
@@ -458,6 +459,9 @@ class ManifestService:
                 else:
                     answer.callback(result)
                 return
+            now = self._store.tag(registry_id, upstream_name, reference)
+            if now is None or now.digest != cached.digest or max(now.confirmed_at, now.moved_at) > asked_at:
+                return  # decided since by a newer answer (another client's check, a GET): it stands
             if isinstance(result, Failure):
                 if not result.check(RegistryError):
                     log.failure("late check of {name}:{reference}", result, name=upstream_name, reference=reference)

@@ -1863,3 +1863,34 @@ def test_a_tag_a_late_check_finds_gone_is_not_served_again(world):
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _failing(503))
     response, body = world.get(path, ALL)
     assert response.code != 200 and body != MANIFEST
+
+
+def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
+    # Two clients with different Accept headers each send a HEAD: the slow
+    # one sent before the tag moved must not confirm the old manifest after
+    # the quick one has followed the move.
+    from twisted.web.server import NOT_DONE_YET
+
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    held = []
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    world.clock.advance(61)
+    answered = []
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    world.clock.advance(5.1)
+    world.client.flush()
+    assert answered[0].code == 200 and len(held) == 1
+    # The tag moves; another client's check finds it at once.
+    world.upstream_registry.on("HEAD", "/v2/", _head_of_moved_tag)
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", lambda r: MOVED)
+    response, body = world.get(path, ALL, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert body == MOVED
+    # The first check answers now, with what the tag was when it was asked.
+    _manifest_head(held[0])
+    held[0].finish()
+    world.upstream._http._agent._agent.flush()
+    assert str(world.store.tag("up", "library/alpine", "latest").digest) == MOVED_DIGEST
+    response, body = world.get(path, ALL)
+    assert body == MOVED
