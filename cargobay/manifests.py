@@ -197,6 +197,8 @@ class ManifestService:
         self._tag_lists: dict[Any, list[Deferred[Any]]] = {}
         #: Manifest GETs and HEADs under way, and who waits for each.
         self._asking: dict[Any, list[Deferred[Any]]] = {}
+        #: When each tag check (a HEAD) under way was sent.
+        self._checks_sent: dict[Any, float] = {}
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -300,8 +302,7 @@ class ManifestService:
                 current = yield self._revalidate(upstream, upstream_name, reference, accept, cached)
             except RegistryError as error:
                 if not _worth_serving_stale(error):
-                    store.drop_tag(registry_id, upstream_name, reference)
-                    raise
+                    raise  # (the tag is dropped)
                 _log_stale(upstream, upstream_name, reference, error)
                 return _answer(cached, head, "stale")
             if current is None:
@@ -313,8 +314,7 @@ class ManifestService:
                 )
                 return _answer(cached, head, "stale")
             if current[1] == str(cached.digest):
-                store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
-                return _answer(cached, head, "revalidated")
+                return _answer(cached, head, "revalidated")  # (the tag is confirmed)
         every_type = accepts_every_type(accept)
         if cached is None and resolution is not None and upstream.unreachable:
             picked = self._platform_pick(registry_id, resolution, accept)
@@ -436,41 +436,50 @@ class ManifestService:
     ) -> Deferred[Any]:
         """
         The upstream's HEAD of a cached tag past its TTL, or None once it has
-        taken C{revalidate_wait}: a pull that already succeeded is not held
-        for a slow upstream's read timeout.  The HEAD goes on, and what it
-        finds late still counts for the next pull.
+        taken C{revalidate_wait} since it was sent (pulls that join it wait
+        only what is left): a pull that already succeeded is not held for a
+        slow upstream's read timeout.  The HEAD goes on, and what it finds
+        counts, late too: unless something newer decided the tag since it
+        was sent, it confirms the tag or (a 404) drops it.
         """
         registry_id = upstream.registry.id
-        asked_at = self._clock.seconds()
+        every_type = widened(accept)
+        key = _head_key(upstream, upstream_name, reference, every_type)
+        now = self._clock.seconds()
+        if key not in self._asking:
+            self._checks_sent[key] = now
+        sent_at = self._checks_sent.get(key, now)
         answer: Deferred[Any] = Deferred()
 
         def waited_enough() -> None:
             if not answer.called:
                 answer.callback(None)
 
-        timer = self._clock.callLater(self.revalidate_wait, waited_enough)
+        timer = self._clock.callLater(max(0.0, self.revalidate_wait - (now - sent_at)), waited_enough)
 
         def landed(result: object) -> None:
+            if self._checks_sent.get(key) == sent_at:
+                del self._checks_sent[key]
             if timer.active():
                 timer.cancel()
+            tag = self._store.tag(registry_id, upstream_name, reference)
+            # (A newer answer, another client's check that followed a move or
+            # a GET, stands: this one tells of the tag when it was sent.)
+            ours = tag is not None and tag.digest == cached.digest and max(tag.confirmed_at, tag.moved_at) <= sent_at
+            if isinstance(result, Failure):
+                if not result.check(RegistryError):
+                    log.failure("check of {name}:{reference}", result, name=upstream_name, reference=reference)
+                elif ours and not _worth_serving_stale(cast(RegistryError, result.value)):
+                    self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
+            elif ours and cast(tuple, result)[1] == str(cached.digest):
+                self._store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
             if not answer.called:
                 if isinstance(result, Failure):
                     answer.errback(result)
                 else:
                     answer.callback(result)
-                return
-            now = self._store.tag(registry_id, upstream_name, reference)
-            if now is None or now.digest != cached.digest or max(now.confirmed_at, now.moved_at) > asked_at:
-                return  # decided since by a newer answer (another client's check, a GET): it stands
-            if isinstance(result, Failure):
-                if not result.check(RegistryError):
-                    log.failure("late check of {name}:{reference}", result, name=upstream_name, reference=reference)
-                elif not _worth_serving_stale(cast(RegistryError, result.value)):
-                    self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
-            elif cast(tuple, result)[1] == str(cached.digest):
-                self._store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
 
-        self.head(upstream, upstream_name, reference, widened(accept)).addBoth(landed)
+        self.head(upstream, upstream_name, reference, every_type).addBoth(landed)
         return answer
 
     def head(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Deferred[Any]:
@@ -479,7 +488,7 @@ class ManifestService:
         against Docker Hub's pull limit).  Fires with (media type, digest,
         length).  Clients asking for the same at once share one request.
         """
-        key = ("HEAD", upstream, upstream_name, reference, tuple(accept))
+        key = _head_key(upstream, upstream_name, reference, accept)
         return shared(self._asking, key, lambda: self._head(upstream, upstream_name, reference, accept))
 
     @inlineCallbacks
@@ -693,6 +702,11 @@ def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:
         None if head else manifest.content,
         source,
     )
+
+
+def _head_key(upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> tuple[Any, ...]:
+    """What makes two manifest HEADs one request."""
+    return ("HEAD", upstream, upstream_name, reference, tuple(accept))
 
 
 def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: RegistryError) -> None:

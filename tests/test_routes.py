@@ -1894,3 +1894,29 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
     assert str(world.store.tag("up", "library/alpine", "latest").digest) == MOVED_DIGEST
     response, body = world.get(path, ALL)
     assert body == MOVED
+
+
+def test_a_pull_that_joins_a_check_under_way_waits_only_what_is_left_of_the_wait(world):
+    # Against a silent upstream every pull joined the one HEAD and waited
+    # a whole revalidate_wait of its own, for as long as the HEAD lasted.
+    from twisted.web.server import NOT_DONE_YET
+
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    held = []
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    world.clock.advance(61)
+    first, second, third = [], [], []
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(first.append)
+    world.client.flush()
+    world.clock.advance(4)
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(second.append)
+    world.client.flush()
+    world.clock.advance(1.1)
+    world.client.flush()
+    assert first and second and len(held) == 1  # one HEAD; both answered from the cache 5 s after it went
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(third.append)
+    world.client.flush()
+    world.clock.advance(0)
+    world.client.flush()
+    assert third and third[0].code == 200 and len(held) == 1  # past the wait: at once
