@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -56,18 +57,58 @@ def health_endpoint(config: Config) -> str:
 
 
 def state_path(config_path: str | None) -> str:
-    """The file where the proxy running on C{config_path} (None: the development config) says where it listens."""
-    named = os.path.realpath(config_path) if config_path is not None else "<embedded default>"
+    """
+    The file where the proxy running on C{config_path} (None: the
+    development config) says where it listens: in a directory of this
+    user's own under the temporary directory.  Named after the path as
+    given, not where its links lead (a Kubernetes ConfigMap update moves
+    those).
+    """
+    named = os.path.abspath(config_path) if config_path is not None else "<embedded default>"
     key = hashlib.sha256(named.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"cargobay-{os.getuid()}-{key}.health")
+    return os.path.join(_own_directory(), f"{key}.health")
+
+
+def _own_directory() -> str:
+    return os.path.join(tempfile.gettempdir(), f"cargobay-{os.getuid()}")
+
+
+def _private(directory: str) -> bool:
+    """Whether C{directory} is a directory (no link) of this user's that no one else may write in."""
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _started(pid: int) -> str | None:
+    """When process C{pid} started (clock ticks since boot), to tell it from a later one with its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def write_state(path: str, endpoint: str) -> None:
-    """Say (atomically) where the running proxy listens; L{OSError} if it cannot."""
-    fd, temporary = tempfile.mkstemp(prefix=".cargobay-", dir=os.path.dirname(path))
+    """
+    Say (atomically) where this process listens; L{OSError} if it cannot,
+    or if the directory is not this user's alone (another user could make
+    the healthcheck believe a dead proxy alive).
+    """
+    directory = os.path.dirname(path)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    if not _private(directory):
+        raise OSError(f"{directory} is not a directory of this user's alone")
+    state = {"pid": os.getpid(), "started": _started(os.getpid()), "endpoint": endpoint}
+    fd, temporary = tempfile.mkstemp(prefix=".cargobay-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(endpoint)
+            json.dump(state, f)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -76,19 +117,35 @@ def write_state(path: str, endpoint: str) -> None:
 
 def running_endpoint(path: str) -> str | None:
     """
-    What the running proxy's state file says, if there is one of this
-    user's (in a shared temporary directory, another user's is not believed).
+    Where the proxy that wrote C{path} listens, if that process still runs
+    (a file left by a proxy killed outright vouches for nothing), and the
+    file is this user's own.
     """
+    if not _private(os.path.dirname(path)):
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # (Not a FIFO's open that waits for a writer, nor a link.)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             return None
-        text = f.read(4096).decode("utf-8", "replace").strip()
-    return text or None
+        try:
+            state = json.loads(f.read(4096))
+            pid, started, endpoint = int(state["pid"]), state["started"], str(state["endpoint"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's: its start time says whether it is the one
+    if started is not None and _started(pid) != started:
+        return None  # the pid is another process's now
+    return endpoint or None
 
 
 def connection(config: Config, timeout: float = 5.0) -> http.client.HTTPConnection:

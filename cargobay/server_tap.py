@@ -1000,7 +1000,7 @@ class CargobayService(service.MultiService):
         try:
             healthcheck.write_state(self._health_state, healthcheck.health_endpoint(self._runtime.config))
         except OSError as e:
-            log.info("cannot say where /healthz is asked in {path} ({problem}): the healthcheck reads the config",
+            log.warn("cannot say where /healthz is asked in {path} ({problem}): the healthcheck reads the config",
                      path=self._health_state, problem=e.strerror or str(e))
             self._health_state = None
 

@@ -520,6 +520,72 @@ def test_the_image_healthcheck_asks_the_running_proxy_whatever_its_config_file_s
     assert result.returncode == 1 and result.stderr.startswith("cargobay healthcheck: "), result.stderr
 
 
+def test_a_healthcheck_file_left_by_a_killed_proxy_vouches_for_no_other_process(upstream_anon, tmp_path):
+    # kill -9 (the OOM killer) leaves the file; another process now answers
+    # /healthz on the old port.
+    from cargobay.healthcheck import state_path
+
+    proxy = start_proxy(tmp_path / "a", [{"id": "up", "url": upstream_anon.url}], [])
+    config = tmp_path / "a" / "config.toml"
+    state = Path(state_path(str(config)))
+    other = None
+    try:
+        assert state.exists()
+        proxy.process.kill9()
+        assert state.exists()  # left behind
+        config.write_text(config.read_text().replace(f"port = {proxy.port}\n", f"port = {free_port()}\n", 1))
+        other_config = write_config(tmp_path / "b" / "config.toml", proxy.port, tmp_path / "b" / "cache",
+                                    [{"id": "up", "url": upstream_anon.url}], [])
+        other = Twistd(config_path=other_config, log_path=tmp_path / "b" / "log").start()
+        other.wait_listening(proxy.port)
+        result = healthcheck(config)
+        assert result.returncode == 1, result.stderr
+    finally:
+        if other is not None:
+            other.stop()
+        proxy.process.stop()
+        state.unlink(missing_ok=True)
+
+
+def test_the_healthcheck_finds_the_running_proxy_after_a_configmap_update(upstream_anon, tmp_path):
+    # Kubernetes mounts a ConfigMap as config.toml -> ..data/config.toml,
+    # ..data -> ..<version>/; an update swaps ..data (here to a new port,
+    # which waits for a restart).
+    mount = tmp_path / "mount"
+    (mount / "..v1").mkdir(parents=True)
+    port = free_port()
+    write_config(mount / "..v1" / "config.toml", port, tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [])
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/config.toml", mount / "config.toml")
+    config = mount / "config.toml"
+    process = Twistd(config_path=config, log_path=tmp_path / "log").start()
+    try:
+        process.wait_listening(port)
+        assert healthcheck(config).returncode == 0
+        (mount / "..v2").mkdir()
+        write_config(mount / "..v2" / "config.toml", free_port(), tmp_path / "cache", [{"id": "up", "url": upstream_anon.url}], [])
+        os.symlink("..v2", mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")
+        result = healthcheck(config)
+        assert result.returncode == 0, result.stderr
+    finally:
+        process.stop()
+
+
+def test_a_fifo_where_the_healthcheck_file_goes_does_not_hang_it(tmp_path):
+    from cargobay.healthcheck import state_path
+
+    config = write_config(tmp_path / "config.toml", free_port(), tmp_path / "cache", [{"id": "up", "url": "http://127.0.0.1:9"}], [])
+    fifo = state_path(str(config))
+    os.makedirs(os.path.dirname(fifo), mode=0o700, exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        result = healthcheck(config)  # (it would wait for a writer)
+        assert result.returncode == 1 and "Connection refused" in result.stderr, result.stderr
+    finally:
+        os.unlink(fifo)
+
+
 def test_the_image_healthcheck_asks_where_the_config_says_the_proxy_listens(upstream_anon, tmp_path):
     # It was hard-wired to port 5000: unhealthy on any other port or listener.
     metrics_port = free_port()
