@@ -306,12 +306,7 @@ class ManifestService:
                 _log_stale(upstream, upstream_name, reference, error)
                 return _answer(cached, head, "stale")
             if current is None:
-                log.warn(
-                    "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer to its "
-                    "check within {seconds:g} s; the check goes on for the next pull)",
-                    registry=upstream.registry.id, name=upstream_name, reference=reference,
-                    seconds=self.revalidate_wait,
-                )
+                _log_slow(upstream, upstream_name, reference, self.revalidate_wait)
                 return _answer(cached, head, "stale")
             if current[1] == str(cached.digest):
                 return _answer(cached, head, "revalidated")  # (the tag is confirmed)
@@ -435,51 +430,73 @@ class ManifestService:
         self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str], cached: Manifest
     ) -> Deferred[Any]:
         """
-        The upstream's HEAD of a cached tag past its TTL, or None once it has
-        taken C{revalidate_wait} since it was sent (pulls that join it wait
-        only what is left): a pull that already succeeded is not held for a
-        slow upstream's read timeout.  The HEAD goes on, and what it finds
-        counts, late too: unless something newer decided the tag since it
-        was sent, it confirms the tag or (a 404) drops it.
+        The upstream's HEAD of a cached tag past its TTL, or None after
+        C{revalidate_wait} (L{_within_wait}).  What it finds counts, late
+        too: unless something newer decided the tag since it was sent, it
+        confirms the tag or (a 404) drops it.
         """
         registry_id = upstream.registry.id
         every_type = widened(accept)
         key = _head_key(upstream, upstream_name, reference, every_type)
+        sent_at = self._sent_at(self._asking, key)
+
+        def settle(result: object) -> object:
+            tag = self._store.tag(registry_id, upstream_name, reference)
+            # (A newer answer, another client's check that followed a move or
+            # a GET, stands: this one tells of the tag when it was sent.)
+            ours = tag is not None and tag.digest == cached.digest and max(tag.confirmed_at, tag.moved_at) <= sent_at
+            if isinstance(result, Failure):
+                if ours and result.check(RegistryError) and not _worth_serving_stale(cast(RegistryError, result.value)):
+                    self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
+            elif ours and cast(tuple, result)[1] == str(cached.digest):
+                self._store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
+            return result
+
+        asked = self.head(upstream, upstream_name, reference, every_type).addBoth(settle)
+        return self._within_wait(asked, key, sent_at, f"{upstream_name}:{reference}")
+
+    def _sent_at(self, pending: dict[Any, list[Deferred[Any]]], key: Any) -> float:
+        """When the shared request under C{key} was sent: now, unless one is under way."""
         now = self._clock.seconds()
-        if key not in self._asking:
+        if key not in pending:
             self._checks_sent[key] = now
-        sent_at = self._checks_sent.get(key, now)
+        return self._checks_sent.get(key, now)
+
+    def _forget_sent(self, result: object, key: Any, sent_at: float) -> object:
+        """The shared request under C{key} sent at C{sent_at} has ended (passes C{result} on)."""
+        if self._checks_sent.get(key) == sent_at:
+            del self._checks_sent[key]
+        return result
+
+    def _within_wait(self, asked: Deferred[Any], key: Any, sent_at: float, what: str) -> Deferred[Any]:
+        """
+        What C{asked} (a request shared under C{key}, sent at C{sent_at})
+        gives, or None once C{revalidate_wait} has passed since it was sent
+        (those that join it wait only what is left): what the cache holds
+        answers then, rather than after a slow upstream's read timeout.  The
+        request goes on; its callbacks added before still see what it gives.
+        """
         answer: Deferred[Any] = Deferred()
 
         def waited_enough() -> None:
             if not answer.called:
                 answer.callback(None)
 
-        timer = self._clock.callLater(max(0.0, self.revalidate_wait - (now - sent_at)), waited_enough)
+        timer = self._clock.callLater(max(0.0, self.revalidate_wait - (self._clock.seconds() - sent_at)), waited_enough)
 
         def landed(result: object) -> None:
-            if self._checks_sent.get(key) == sent_at:
-                del self._checks_sent[key]
+            self._forget_sent(None, key, sent_at)
             if timer.active():
                 timer.cancel()
-            tag = self._store.tag(registry_id, upstream_name, reference)
-            # (A newer answer, another client's check that followed a move or
-            # a GET, stands: this one tells of the tag when it was sent.)
-            ours = tag is not None and tag.digest == cached.digest and max(tag.confirmed_at, tag.moved_at) <= sent_at
-            if isinstance(result, Failure):
-                if not result.check(RegistryError):
-                    log.failure("check of {name}:{reference}", result, name=upstream_name, reference=reference)
-                elif ours and not _worth_serving_stale(cast(RegistryError, result.value)):
-                    self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
-            elif ours and cast(tuple, result)[1] == str(cached.digest):
-                self._store.set_tag(registry_id, upstream_name, reference, cached.digest, cached.media_type)
             if not answer.called:
                 if isinstance(result, Failure):
                     answer.errback(result)
                 else:
                     answer.callback(result)
+            elif isinstance(result, Failure) and not result.check(RegistryError):
+                log.failure("late answer about {what}", result, what=what)
 
-        self.head(upstream, upstream_name, reference, every_type).addBoth(landed)
+        asked.addBoth(landed)
         return answer
 
     def head(self, upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> Deferred[Any]:
@@ -573,23 +590,38 @@ class ManifestService:
             tags, link = paginate(remembered, n, last, local_name)
             return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
 
-        remembered = self._store.tag_list(registry_id, upstream_name) if upstream.unreachable else None
-        if remembered is not None:
+        remembered = self._store.tag_list(registry_id, upstream_name)
+        if remembered is not None and upstream.unreachable:
             return stale(remembered)
+        key = _tag_list_key(registry_id, path, local_name)
+        sent_at = self._sent_at(self._tag_lists, key)
+
+        def settle(result: object) -> object:
+            # (Late too: the list the next request falls back on.)
+            if isinstance(result, Failure):
+                if result.check(RegistryError) and not _worth_serving_stale(cast(RegistryError, result.value)):
+                    self._store.drop_tag_list(registry_id, upstream_name)
+            elif cast(tuple, result)[1] is None and not query:
+                self._store.set_tag_list(registry_id, upstream_name, cast(tuple, result)[0])
+            return result
+
+        asked = self._tag_list(upstream, upstream_name, path, local_name).addBoth(settle)
         try:
-            tags, raw_link = yield self._tag_list(upstream, upstream_name, path, local_name)
+            if remembered is None:  # nothing to answer with meanwhile
+                asked.addBoth(self._forget_sent, key, sent_at)
+                got = yield asked
+            else:
+                got = yield self._within_wait(asked, key, sent_at, f"{upstream_name} tags/list")
         except RegistryError as error:
-            if not _worth_serving_stale(error):
-                self._store.drop_tag_list(registry_id, upstream_name)
-                raise
-            remembered = self._store.tag_list(registry_id, upstream_name)
-            if remembered is None:
+            if not _worth_serving_stale(error) or remembered is None:
                 raise
             _log_stale(upstream, upstream_name, "tags/list", error)
             return stale(remembered)
+        if got is None:
+            _log_slow(upstream, upstream_name, "tags/list", self.revalidate_wait)
+            return stale(cast(list[str], remembered))
+        tags, raw_link = got
         link = rewrite_link(raw_link, upstream_name, local_name, prefix=upstream.path_prefix)
-        if raw_link is None and not query:
-            self._store.set_tag_list(registry_id, upstream_name, tags)
         if raw_link is not None:
             upstream.pages_tags = True
         elif (n is not None and len(tags) > n) or (last is not None and last in tags):
@@ -612,7 +644,7 @@ class ManifestService:
         """
         return shared(
             self._tag_lists,
-            (upstream.registry.id, path, local_name),
+            _tag_list_key(upstream.registry.id, path, local_name),
             lambda: self._fetch_tag_list(upstream, upstream_name, path, local_name),
         )
 
@@ -707,6 +739,19 @@ def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:
 def _head_key(upstream: Upstream, upstream_name: str, reference: str, accept: list[str]) -> tuple[Any, ...]:
     """What makes two manifest HEADs one request."""
     return ("HEAD", upstream, upstream_name, reference, tuple(accept))
+
+
+def _tag_list_key(registry_id: str, path: str, local_name: str) -> tuple[Any, ...]:
+    """What makes two tag list requests one."""
+    return (registry_id, path, local_name)
+
+
+def _log_slow(upstream: Upstream, upstream_name: str, reference: str, seconds: float) -> None:
+    log.warn(
+        "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer within {seconds:g} s;"
+        " the request goes on for the next one)",
+        registry=upstream.registry.id, name=upstream_name, reference=reference, seconds=seconds,
+    )
 
 
 def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: RegistryError) -> None:

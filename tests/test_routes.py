@@ -1920,3 +1920,35 @@ def test_a_pull_that_joins_a_check_under_way_waits_only_what_is_left_of_the_wait
     world.clock.advance(0)
     world.client.flush()
     assert third and third[0].code == 200 and len(held) == 1  # past the wait: at once
+
+
+def test_a_slow_upstream_does_not_hold_a_tag_list_past_the_revalidate_wait(world):
+    # (skopeo list-tags, renovate-like tools: they waited the read timeout.)
+    from twisted.web.server import NOT_DONE_YET
+
+    world.upstream_registry.on(
+        "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a"]}).encode()
+    )
+    assert json.loads(world.get("/v2/alpine/tags/list", ALL)[1])["tags"] == ["a", "b"]
+    held = []
+    world.upstream_registry.on("GET", "/v2/library/alpine/tags/list", lambda request: held.append(request) or NOT_DONE_YET)
+    answered = []
+    world.client.request("GET", "http://proxy.test/v2/alpine/tags/list", headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    world.clock.advance(4.9)
+    world.client.flush()
+    assert answered == [] and len(held) == 1
+    world.clock.advance(0.2)
+    world.client.flush()
+    [response] = answered
+    body = []
+    world.client.content(response).addBoth(body.append)
+    world.client.flush()
+    assert response.code == 200 and json.loads(body[0])["tags"] == ["a", "b"] and response.headers.getRawHeaders("warning")
+    # Its late answer is the list the next request falls back on.
+    held[0].write(json.dumps({"name": "library/alpine", "tags": ["a", "b", "c"]}).encode())
+    held[0].finish()
+    world.upstream._http._agent._agent.flush()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get("/v2/alpine/tags/list", ALL)
+    assert json.loads(body)["tags"] == ["a", "b", "c"] and response.headers.getRawHeaders("warning")
