@@ -690,40 +690,66 @@ class ManifestService:
         if query:
             path += "?" + urlencode(query)
         not_found = manifest_unknown(str(digest))
-        if upstream.unreachable and not cursor:
-            remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
-            if remembered is not None:
-                return (*remembered, None, True)
+        remembered = None if cursor else store.referrers(registry_id, upstream_name, digest, artifact_type)
+        if upstream.unreachable and remembered is not None:
+            return (*remembered, None, True)
+
+        def answered(got: tuple[Any, bytes]) -> tuple[bytes, str, str | None, str | None, bool]:
+            response, body = got
+            document = manifest_document(body)
+            if document is None:
+                raise _Unusable.of(
+                    upstream.bad_content(f"{upstream_name} referrers/{digest}", "sent referrers that are not an image index")
+                )
+            content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
+            filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
+            raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])
+            link = rewrite_link(raw_link, upstream_name, local_name, f"referrers/{digest}", upstream.path_prefix)
+            if content_type is None or not manifest_media_type(content_type):
+                content_type = "application/vnd.oci.image.index.v1+json"
+            if cursor:
+                pass  # a later page: what is remembered is the first, whole
+            elif document.get("manifests") and raw_link is None:
+                # (None is remembered as none: a 404 tells a client as much, and
+                # any digest and artifactType may be asked about.)
+                store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
+            else:
+                store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
+            return body, content_type, filters, link, False
+
+        def failed(failure: Failure) -> Failure:
+            if not cursor and failure.check(RegistryError) and not _worth_serving_stale(cast(RegistryError, failure.value)):
+                store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
+            return failure
+
+        # (Late too: what it finds is what the next request falls back on.)
+        asked = _get_body(upstream, path, upstream_name, not_found, "referrers").addCallbacks(answered, failed)
         try:
-            response, body = yield _get_body(upstream, path, upstream_name, not_found, "referrers")
+            if remembered is None:
+                got = yield asked
+            else:
+                got = yield self._within_wait(asked, object(), self._clock.seconds(), f"{upstream_name} referrers/{digest}")
+        except _Unusable:
+            raise  # it answered, wrongly: its error, not the cache's copy
         except RegistryError as error:
             if not _worth_serving_stale(error) or cursor:
-                if not cursor:
-                    store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
                 raise
-            remembered = store.referrers(registry_id, upstream_name, digest, artifact_type)
             _log_stale(upstream, upstream_name, f"referrers/{digest}", error)
             if remembered is None:
                 raise not_found from None
             return (*remembered, None, True)
-        document = manifest_document(body)
-        if document is None:
-            raise upstream.bad_content(f"{upstream_name} referrers/{digest}", "sent referrers that are not an image index")
-        content_type = valid_media_type((response.headers.getRawHeaders("content-type") or [""])[0])
-        filters = header_text((response.headers.getRawHeaders("oci-filters-applied") or [None])[0])
-        raw_link = header_text((response.headers.getRawHeaders("link") or [None])[0])
-        link = rewrite_link(raw_link, upstream_name, local_name, f"referrers/{digest}", upstream.path_prefix)
-        if content_type is None or not manifest_media_type(content_type):
-            content_type = "application/vnd.oci.image.index.v1+json"
-        if cursor:
-            pass  # a later page: what is remembered is the first, whole
-        elif document.get("manifests") and raw_link is None:
-            # (None is remembered as none: a 404 tells a client as much, and
-            # any digest and artifactType may be asked about.)
-            store.set_referrers(registry_id, upstream_name, digest, artifact_type, (body, content_type, filters))
-        else:
-            store.drop_referrers(registry_id, upstream_name, digest, artifact_type)
-        return body, content_type, filters, link, False
+        if got is None:
+            _log_slow(upstream, upstream_name, f"referrers/{digest}", self.revalidate_wait)
+            return (*cast(tuple, remembered), None, True)
+        return got
+
+
+class _Unusable(RegistryError):
+    """An upstream answer that came but cannot be used: the client gets its error, not the cache's copy."""
+
+    @classmethod
+    def of(cls, error: RegistryError) -> _Unusable:
+        return cls(error.status, error.code, error.message, error.detail, error.headers)
 
 
 def _answer(manifest: Manifest, head: bool, source: str) -> ManifestAnswer:

@@ -1952,3 +1952,40 @@ def test_a_slow_upstream_does_not_hold_a_tag_list_past_the_revalidate_wait(world
     world.upstream_registry.on("GET", "/v2/", _failing(503))
     response, body = world.get("/v2/alpine/tags/list", ALL)
     assert json.loads(body)["tags"] == ["a", "b", "c"] and response.headers.getRawHeaders("warning")
+
+
+def test_a_slow_upstream_does_not_hold_remembered_referrers_past_the_revalidate_wait(world):
+    # (Admission controllers that verify signatures ask on every pod start.)
+    from twisted.web.server import NOT_DONE_YET
+
+    def index_of(*digests):
+        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": 10} for d in digests
+        ]}).encode()
+
+    path = f"/v2/alpine/referrers/{MANIFEST_DIGEST}"
+    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda r: index_of(BLOB_DIGEST))
+    assert world.get(path, ALL)[1] == index_of(BLOB_DIGEST)
+    held = []
+    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda request: held.append(request) or NOT_DONE_YET)
+    answered = []
+    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    world.clock.advance(4.9)
+    world.client.flush()
+    assert answered == [] and len(held) == 1
+    world.clock.advance(0.2)
+    world.client.flush()
+    [response] = answered
+    body = []
+    world.client.content(response).addBoth(body.append)
+    world.client.flush()
+    assert response.code == 200 and body == [index_of(BLOB_DIGEST)] and response.headers.getRawHeaders("warning")
+    # Its late answer is what the next request falls back on.
+    held[0].setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+    held[0].write(index_of(BLOB_DIGEST, MANIFEST_DIGEST))
+    held[0].finish()
+    world.upstream._http._agent._agent.flush()
+    world.upstream_registry.on("GET", "/v2/", _failing(503))
+    response, body = world.get(path, ALL)
+    assert body == index_of(BLOB_DIGEST, MANIFEST_DIGEST) and response.headers.getRawHeaders("warning")
