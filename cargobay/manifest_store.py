@@ -457,6 +457,10 @@ class ManifestStore:
         # the directory of a longer name.
         return os.path.join(self.directory, "taglists", registry_directory(registry_id), upstream_name, "@list.json")
 
+    def has_tag_list(self, registry_id: str, upstream_name: str) -> bool:
+        """Whether a whole tag list is kept (without reading it)."""
+        return os.path.isfile(self._tag_list_path(registry_id, upstream_name))
+
     def tag_list(self, registry_id: str, upstream_name: str) -> list[str] | None:
         path = self._tag_list_path(registry_id, upstream_name)
         try:

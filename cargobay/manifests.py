@@ -443,8 +443,11 @@ class ManifestService:
         def settle(result: object) -> object:
             tag = self._store.tag(registry_id, upstream_name, reference)
             # (A newer answer, another client's check that followed a move or
-            # a GET, stands: this one tells of the tag when it was sent.)
-            ours = tag is not None and tag.digest == cached.digest and max(tag.confirmed_at, tag.moved_at) <= sent_at
+            # a GET, stands: this one tells of the tag when it was sent.  One
+            # "in the future" was made while the clock ran ahead: not newer.)
+            decided = max(tag.confirmed_at, tag.moved_at) if tag is not None else 0.0
+            newer = sent_at < decided <= self._clock.seconds()
+            ours = tag is not None and tag.digest == cached.digest and not newer
             if isinstance(result, Failure):
                 if ours and result.check(RegistryError) and not _worth_serving_stale(cast(RegistryError, result.value)):
                     self._store.drop_tag(registry_id, upstream_name, reference)  # gone upstream
@@ -590,9 +593,14 @@ class ManifestService:
             tags, link = paginate(remembered, n, last, local_name)
             return json.dumps({"name": local_name, "tags": tags}).encode(), link, True
 
-        remembered = self._store.tag_list(registry_id, upstream_name)
-        if remembered is not None and upstream.unreachable:
+        remembered = self._store.tag_list(registry_id, upstream_name) if upstream.unreachable else None
+        if remembered is not None:
             return stale(remembered)
+        # Waited for no longer than revalidate_wait when a whole list is kept
+        # to answer with meanwhile; not a page the upstream's own cursor names
+        # (or of an upstream that pages itself): the kept list, paged here,
+        # would be another page.
+        may_wait = not cursor and upstream.pages_tags is not True and self._store.has_tag_list(registry_id, upstream_name)
         key = _tag_list_key(registry_id, path, local_name)
         sent_at = self._sent_at(self._tag_lists, key)
 
@@ -607,19 +615,25 @@ class ManifestService:
 
         asked = self._tag_list(upstream, upstream_name, path, local_name).addBoth(settle)
         try:
-            if remembered is None:  # nothing to answer with meanwhile
+            if may_wait:
+                got = yield self._within_wait(asked, key, sent_at, f"{upstream_name} tags/list")
+            else:
                 asked.addBoth(self._forget_sent, key, sent_at)
                 got = yield asked
-            else:
-                got = yield self._within_wait(asked, key, sent_at, f"{upstream_name} tags/list")
         except RegistryError as error:
-            if not _worth_serving_stale(error) or remembered is None:
+            if not _worth_serving_stale(error):
+                raise
+            remembered = self._store.tag_list(registry_id, upstream_name)
+            if remembered is None:
                 raise
             _log_stale(upstream, upstream_name, "tags/list", error)
             return stale(remembered)
         if got is None:
+            remembered = self._store.tag_list(registry_id, upstream_name)
+            if remembered is None:  # (evicted meanwhile)
+                raise upstream.error(504, "UNAVAILABLE", f"sent no tag list within {self.revalidate_wait:g} s")
             _log_slow(upstream, upstream_name, "tags/list", self.revalidate_wait)
-            return stale(cast(list[str], remembered))
+            return stale(remembered)
         tags, raw_link = got
         link = rewrite_link(raw_link, upstream_name, local_name, prefix=upstream.path_prefix)
         if raw_link is not None:

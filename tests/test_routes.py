@@ -1989,3 +1989,85 @@ def test_a_slow_upstream_does_not_hold_remembered_referrers_past_the_revalidate_
     world.upstream_registry.on("GET", "/v2/", _failing(503))
     response, body = world.get(path, ALL)
     assert body == index_of(BLOB_DIGEST, MANIFEST_DIGEST) and response.headers.getRawHeaders("warning")
+
+
+def _manifest_heads(world):
+    return sum(1 for s in world.upstream_registry.seen if s.method == "HEAD")
+
+
+def test_an_in_time_check_reconfirms_a_tag_confirmed_while_the_clock_ran_ahead(world):
+    # A confirmation "in the future" (made while the clock ran ahead) is no
+    # newer answer: the check replaces it, else every pull costs a HEAD until
+    # the clock catches up (here 30 days).
+    world.clock.advance(40 * 86400)
+    world.get("/v2/alpine/manifests/latest", ALL)
+    world.clock.advance(-30 * 86400)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _manifest_head)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 200 and body == MANIFEST
+    heads = _manifest_heads(world)
+    assert heads >= 1
+    assert world.store.tag("up", "library/alpine", "latest").confirmed_at == world.clock.seconds()
+    world.clock.advance(1)
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 200 and _manifest_heads(world) == heads  # fresh now: no second HEAD
+
+
+def test_an_in_time_404_drops_a_tag_confirmed_while_the_clock_ran_ahead(world):
+    # Else it is served stale once the upstream fails: a tag gone upstream comes back.
+    world.clock.advance(40 * 86400)
+    world.get("/v2/alpine/manifests/latest", ALL)
+    world.clock.advance(-30 * 86400)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _failing(404))
+    response, _ = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code == 404
+    assert world.store.tag("up", "library/alpine", "latest") is None
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _failing(503))
+    world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _failing(503))
+    response, body = world.get("/v2/alpine/manifests/latest", ALL)
+    assert response.code != 200 and body != MANIFEST
+
+
+def test_a_slow_cursor_page_of_a_tag_list_is_not_answered_with_the_first_page(world):
+    # The kept list, paged here by n and last, would be another page than the
+    # one the upstream's own cursor names (Quay's next_page, ECR's opaque
+    # last), with a Link such an upstream does not take: it is waited for.
+    import json
+
+    from twisted.web.server import NOT_DONE_YET
+
+    whole = ["B", "a", "c", "D", "e"]
+    held = []
+
+    def listing(request):
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        if "next_page" in args:
+            held.append(request)
+            return NOT_DONE_YET
+        if "n" in args:
+            request.setHeader(b"Link", b'</v2/library/alpine/tags/list?n=2&next_page=gAAA%3D%3D>; rel="next"')
+            return json.dumps({"name": "library/alpine", "tags": whole[:2]}).encode()
+        return json.dumps({"name": "library/alpine", "tags": whole}).encode()
+
+    world.upstream_registry.on("GET", "/v2/library/alpine/tags/list", listing)
+    world.get("/v2/alpine/tags/list", ALL)  # the whole list, remembered
+    response, body = world.get("/v2/alpine/tags/list?n=2", ALL)
+    assert json.loads(body)["tags"] == ["B", "a"]
+    link = response.headers.getRawHeaders("link")[0]
+    page2 = link[1 : link.index(">")]
+    assert "next_page=" in page2
+    answered = []
+    world.client.request("GET", "http://proxy.test" + page2, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+    world.client.flush()
+    world.clock.advance(6)  # slow, not failing: it answers after 6 s
+    world.client.flush()
+    [request] = held
+    request.write(json.dumps({"name": "library/alpine", "tags": ["c", "D"]}).encode())
+    request.finish()
+    world.upstream._http._agent._agent.flush()
+    world.client.flush()
+    [response] = answered
+    got = []
+    world.client.content(response).addBoth(got.append)
+    world.client.flush()
+    assert json.loads(got[0])["tags"] == ["D", "c"]  # page 2, not ["B", "D"] (the remembered list from its start)
