@@ -164,6 +164,8 @@ def widened(accept: list[str]) -> list[str]:
     return [*accept, ", ".join(MANIFEST_MEDIA_TYPES)]
 
 
+#: Seconds between two "upstream slow" warnings about one registry.
+SLOW_SAID_EVERY = 10.0
 #: Manifests remembered as having their references linked.
 LINKED_MEMORY = 20_000
 #: The most references of one manifest linked to its name (an image has at
@@ -199,6 +201,8 @@ class ManifestService:
         self._asking: dict[Any, list[Deferred[Any]]] = {}
         #: When each tag check (a HEAD) under way was sent.
         self._checks_sent: dict[Any, float] = {}
+        #: Per registry: when "upstream slow" was last said, and answers since.
+        self._slow_said: dict[str, tuple[float | None, int]] = {}
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -306,7 +310,7 @@ class ManifestService:
                 _log_stale(upstream, upstream_name, reference, error)
                 return _answer(cached, head, "stale")
             if current is None:
-                _log_slow(upstream, upstream_name, reference, self.revalidate_wait)
+                self._log_slow(upstream, upstream_name, reference)
                 return _answer(cached, head, "stale")
             if current[1] == str(cached.digest):
                 return _answer(cached, head, "revalidated")  # (the tag is confirmed)
@@ -457,6 +461,25 @@ class ManifestService:
 
         asked = self.head(upstream, upstream_name, reference, every_type).addBoth(settle)
         return self._within_wait(asked, key, sent_at, f"{upstream_name}:{reference}")
+
+    def _log_slow(self, upstream: Upstream, upstream_name: str, reference: str) -> None:
+        """
+        Say that the cache answered for a slow upstream: once per registry
+        every L{SLOW_SAID_EVERY} seconds, with how many more since (a busy
+        proxy would say it for every pull until the upstream's read timeout).
+        """
+        registry_id, now = upstream.registry.id, self._clock.seconds()
+        said_at, more = self._slow_said.get(registry_id, (None, 0))
+        if said_at is not None and 0 <= now - said_at < SLOW_SAID_EVERY:
+            self._slow_said[registry_id] = (said_at, more + 1)
+            return
+        self._slow_said[registry_id] = (now, 0)
+        log.warn(
+            "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer within {seconds:g} s;"
+            " the request goes on for the next one){more}",
+            registry=registry_id, name=upstream_name, reference=reference, seconds=self.revalidate_wait,
+            more=f"; {more} more such answers since the last time this was said" if more else "",
+        )
 
     def _sent_at(self, pending: dict[Any, list[Deferred[Any]]], key: Any) -> float:
         """When the shared request under C{key} was sent: now, unless one is under way."""
@@ -632,7 +655,7 @@ class ManifestService:
             remembered = self._store.tag_list(registry_id, upstream_name)
             if remembered is None:  # (evicted meanwhile)
                 raise upstream.error(504, "UNAVAILABLE", f"sent no tag list within {self.revalidate_wait:g} s")
-            _log_slow(upstream, upstream_name, "tags/list", self.revalidate_wait)
+            self._log_slow(upstream, upstream_name, "tags/list")
             return stale(remembered)
         tags, raw_link = got
         link = rewrite_link(raw_link, upstream_name, local_name, prefix=upstream.path_prefix)
@@ -753,7 +776,7 @@ class ManifestService:
                 raise not_found from None
             return (*remembered, None, True)
         if got is None:
-            _log_slow(upstream, upstream_name, f"referrers/{digest}", self.revalidate_wait)
+            self._log_slow(upstream, upstream_name, f"referrers/{digest}")
             return (*cast(tuple, remembered), None, True)
         return got
 
@@ -784,14 +807,6 @@ def _head_key(upstream: Upstream, upstream_name: str, reference: str, accept: li
 def _tag_list_key(registry_id: str, path: str, local_name: str) -> tuple[Any, ...]:
     """What makes two tag list requests one."""
     return (registry_id, path, local_name)
-
-
-def _log_slow(upstream: Upstream, upstream_name: str, reference: str, seconds: float) -> None:
-    log.warn(
-        "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer within {seconds:g} s;"
-        " the request goes on for the next one)",
-        registry=upstream.registry.id, name=upstream_name, reference=reference, seconds=seconds,
-    )
 
 
 def _log_stale(upstream: Upstream, upstream_name: str, reference: str, error: RegistryError) -> None:

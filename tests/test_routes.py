@@ -2071,3 +2071,34 @@ def test_a_slow_cursor_page_of_a_tag_list_is_not_answered_with_the_first_page(wo
     world.client.content(response).addBoth(got.append)
     world.client.flush()
     assert json.loads(got[0])["tags"] == ["D", "c"]  # page 2, not ["B", "D"] (the remembered list from its start)
+
+
+def test_upstream_slow_is_said_once_per_registry_every_ten_seconds_with_the_count(world):
+    # Every pull of a busy proxy said it, until the upstream's read timeout.
+    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.web.server import NOT_DONE_YET
+
+    path = "/v2/alpine/manifests/latest"
+    world.get(path, ALL)
+    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: NOT_DONE_YET)
+    world.clock.advance(61)
+    said: list[str] = []
+
+    def heard(event):
+        text = formatEvent(event)
+        if "upstream slow" in text:
+            said.append(text)
+
+    globalLogPublisher.addObserver(heard)
+    try:
+        answered = []
+        for wait in (5.1, 1, 1, 10):
+            world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
+            world.client.flush()
+            world.clock.advance(wait)
+            world.client.flush()
+    finally:
+        globalLogPublisher.removeObserver(heard)
+    assert [r.code for r in answered] == [200, 200, 200, 200]
+    assert len(said) == 2 and "more such" not in said[0]
+    assert said[1].endswith("; 2 more such answers since the last time this was said"), said[1]
