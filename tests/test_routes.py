@@ -83,6 +83,43 @@ class World:
         self.app = RegistryApp(config, auth, {"up": upstream}, self.blobs, manifests)
         self.client = StubTreq(self.app.resource())
 
+    def send(self, path, token=None, headers=None):
+        """A GET under way: the list it returns gets the response once it comes."""
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        answered = []
+        self.client.request("GET", "http://proxy.test" + path, headers=headers).addBoth(answered.append)
+        self.client.flush()
+        return answered
+
+    def wait(self, seconds):
+        """Let C{seconds} pass, and what is due by then happen."""
+        self.clock.advance(seconds)
+        self.client.flush()
+
+    def body_of(self, response):
+        body = []
+        self.client.content(response).addBoth(body.append)
+        self.client.flush()
+        return body[0]
+
+    def hold(self, method, prefix):
+        """From now on the upstream answers none of these requests until the test does (L{answer}): the list of them."""
+        from twisted.web.server import NOT_DONE_YET
+
+        held = []
+        self.upstream_registry.on(method, prefix, lambda request: held.append(request) or NOT_DONE_YET)
+        return held
+
+    def answer(self, request, body=b""):
+        """The upstream answers a held request now, and what follows from it happens."""
+        if body:
+            request.write(body)
+        request.finish()
+        self.upstream._http._agent._agent.flush()
+        self.client.flush()
+
     def get(self, path, token=None, method="GET", headers=None):
         headers = dict(headers or {})
         if token is not None:
@@ -95,10 +132,7 @@ class World:
         response = results[0]
         if hasattr(response, "raiseException"):
             response.raiseException()
-        body = []
-        self.client.content(response).addBoth(body.append)
-        self.client.flush()
-        return response, body[0]
+        return response, self.body_of(response)
 
 
 @pytest.fixture
@@ -1806,58 +1840,34 @@ def test_an_artifact_type_that_is_not_printable_ascii_is_refused(world):
 def test_a_slow_upstream_does_not_hold_a_pull_of_a_cached_tag_past_the_revalidate_wait(world):
     # It was held for the upstream's read timeout (60 s by default): a
     # pull that already succeeded answered a minute late.
-    from twisted.web.server import NOT_DONE_YET
-
     path = "/v2/alpine/manifests/latest"
     assert world.get(path, ALL)[1] == MANIFEST
-    held = []
-
-    def slow_head(request):
-        held.append(request)
-        return NOT_DONE_YET
-
-    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", slow_head)
+    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
     world.clock.advance(61)  # past the tag's TTL
-    answered = []
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
+    answered = world.send(path, ALL)
+    world.wait(4.9)
     assert answered == [] and len(held) == 1
-    world.clock.advance(4.9)
-    world.client.flush()
-    assert answered == []
-    world.clock.advance(0.2)
-    world.client.flush()
+    world.wait(0.2)
     [response] = answered
-    body = []
-    world.client.content(response).addBoth(body.append)
-    world.client.flush()
-    assert response.code == 200 and body == [MANIFEST] and response.headers.getRawHeaders("warning")
+    assert response.code == 200 and world.body_of(response) == MANIFEST and response.headers.getRawHeaders("warning")
     # The check went on: its late answer confirms the tag for the next pull.
     _manifest_head(held[0])
-    held[0].finish()
-    world.upstream._http._agent._agent.flush()
+    world.answer(held[0])
     asked = len(world.upstream_registry.seen)
     assert world.get(path, ALL)[1] == MANIFEST
     assert len(world.upstream_registry.seen) == asked
 
 
 def test_a_tag_a_late_check_finds_gone_is_not_served_again(world):
-    from twisted.web.server import NOT_DONE_YET
-
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    held = []
-    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
     world.clock.advance(61)
-    answered = []
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
-    world.clock.advance(5.1)
-    world.client.flush()
+    answered = world.send(path, ALL)
+    world.wait(5.1)
     assert answered[0].code == 200
     held[0].setResponseCode(404)
-    held[0].finish()
-    world.upstream._http._agent._agent.flush()
+    world.answer(held[0])
     # Gone upstream: not the fallback when the upstream then fails.
     world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", _failing(503))
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", _failing(503))
@@ -1869,18 +1879,12 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
     # Two clients with different Accept headers each send a HEAD: the slow
     # one sent before the tag moved must not confirm the old manifest after
     # the quick one has followed the move.
-    from twisted.web.server import NOT_DONE_YET
-
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    held = []
-    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
     world.clock.advance(61)
-    answered = []
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
-    world.clock.advance(5.1)
-    world.client.flush()
+    answered = world.send(path, ALL)
+    world.wait(5.1)
     assert answered[0].code == 200 and len(held) == 1
     # The tag moves; another client's check finds it at once.
     world.upstream_registry.on("HEAD", "/v2/", _head_of_moved_tag)
@@ -1889,8 +1893,7 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
     assert body == MOVED
     # The first check answers now, with what the tag was when it was asked.
     _manifest_head(held[0])
-    held[0].finish()
-    world.upstream._http._agent._agent.flush()
+    world.answer(held[0])
     assert str(world.store.tag("up", "library/alpine", "latest").digest) == MOVED_DIGEST
     response, body = world.get(path, ALL)
     assert body == MOVED
@@ -1899,56 +1902,36 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
 def test_a_pull_that_joins_a_check_under_way_waits_only_what_is_left_of_the_wait(world):
     # Against a silent upstream every pull joined the one HEAD and waited
     # a whole revalidate_wait of its own, for as long as the HEAD lasted.
-    from twisted.web.server import NOT_DONE_YET
-
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    held = []
-    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: held.append(request) or NOT_DONE_YET)
+    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
     world.clock.advance(61)
-    first, second, third = [], [], []
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(first.append)
-    world.client.flush()
-    world.clock.advance(4)
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(second.append)
-    world.client.flush()
-    world.clock.advance(1.1)
-    world.client.flush()
+    first = world.send(path, ALL)
+    world.wait(4)
+    second = world.send(path, ALL)
+    world.wait(1.1)
     assert first and second and len(held) == 1  # one HEAD; both answered from the cache 5 s after it went
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(third.append)
-    world.client.flush()
-    world.clock.advance(0)
-    world.client.flush()
+    third = world.send(path, ALL)
+    world.wait(0)
     assert third and third[0].code == 200 and len(held) == 1  # past the wait: at once
 
 
 def test_a_slow_upstream_does_not_hold_a_tag_list_past_the_revalidate_wait(world):
     # (skopeo list-tags, renovate-like tools: they waited the read timeout.)
-    from twisted.web.server import NOT_DONE_YET
-
     world.upstream_registry.on(
         "GET", "/v2/library/alpine/tags/list", lambda r: json.dumps({"name": "library/alpine", "tags": ["b", "a"]}).encode()
     )
     assert json.loads(world.get("/v2/alpine/tags/list", ALL)[1])["tags"] == ["a", "b"]
-    held = []
-    world.upstream_registry.on("GET", "/v2/library/alpine/tags/list", lambda request: held.append(request) or NOT_DONE_YET)
-    answered = []
-    world.client.request("GET", "http://proxy.test/v2/alpine/tags/list", headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
-    world.clock.advance(4.9)
-    world.client.flush()
+    held = world.hold("GET", "/v2/library/alpine/tags/list")
+    answered = world.send("/v2/alpine/tags/list", ALL)
+    world.wait(4.9)
     assert answered == [] and len(held) == 1
-    world.clock.advance(0.2)
-    world.client.flush()
+    world.wait(0.2)
     [response] = answered
-    body = []
-    world.client.content(response).addBoth(body.append)
-    world.client.flush()
-    assert response.code == 200 and json.loads(body[0])["tags"] == ["a", "b"] and response.headers.getRawHeaders("warning")
+    assert response.code == 200 and response.headers.getRawHeaders("warning")
+    assert json.loads(world.body_of(response))["tags"] == ["a", "b"]
     # Its late answer is the list the next request falls back on.
-    held[0].write(json.dumps({"name": "library/alpine", "tags": ["a", "b", "c"]}).encode())
-    held[0].finish()
-    world.upstream._http._agent._agent.flush()
+    world.answer(held[0], json.dumps({"name": "library/alpine", "tags": ["a", "b", "c"]}).encode())
     world.upstream_registry.on("GET", "/v2/", _failing(503))
     response, body = world.get("/v2/alpine/tags/list", ALL)
     assert json.loads(body)["tags"] == ["a", "b", "c"] and response.headers.getRawHeaders("warning")
@@ -1956,8 +1939,6 @@ def test_a_slow_upstream_does_not_hold_a_tag_list_past_the_revalidate_wait(world
 
 def test_a_slow_upstream_does_not_hold_remembered_referrers_past_the_revalidate_wait(world):
     # (Admission controllers that verify signatures ask on every pod start.)
-    from twisted.web.server import NOT_DONE_YET
-
     def index_of(*digests):
         return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
             {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": 10} for d in digests
@@ -1966,26 +1947,17 @@ def test_a_slow_upstream_does_not_hold_remembered_referrers_past_the_revalidate_
     path = f"/v2/alpine/referrers/{MANIFEST_DIGEST}"
     world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda r: index_of(BLOB_DIGEST))
     assert world.get(path, ALL)[1] == index_of(BLOB_DIGEST)
-    held = []
-    world.upstream_registry.on("GET", "/v2/library/alpine/referrers/", lambda request: held.append(request) or NOT_DONE_YET)
-    answered = []
-    world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
-    world.clock.advance(4.9)
-    world.client.flush()
+    held = world.hold("GET", "/v2/library/alpine/referrers/")
+    answered = world.send(path, ALL)
+    world.wait(4.9)
     assert answered == [] and len(held) == 1
-    world.clock.advance(0.2)
-    world.client.flush()
+    world.wait(0.2)
     [response] = answered
-    body = []
-    world.client.content(response).addBoth(body.append)
-    world.client.flush()
-    assert response.code == 200 and body == [index_of(BLOB_DIGEST)] and response.headers.getRawHeaders("warning")
+    assert response.code == 200 and world.body_of(response) == index_of(BLOB_DIGEST)
+    assert response.headers.getRawHeaders("warning")
     # Its late answer is what the next request falls back on.
     held[0].setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
-    held[0].write(index_of(BLOB_DIGEST, MANIFEST_DIGEST))
-    held[0].finish()
-    world.upstream._http._agent._agent.flush()
+    world.answer(held[0], index_of(BLOB_DIGEST, MANIFEST_DIGEST))
     world.upstream_registry.on("GET", "/v2/", _failing(503))
     response, body = world.get(path, ALL)
     assert body == index_of(BLOB_DIGEST, MANIFEST_DIGEST) and response.headers.getRawHeaders("warning")
@@ -2032,19 +2004,10 @@ def test_a_slow_cursor_page_of_a_tag_list_is_not_answered_with_the_first_page(wo
     # The kept list, paged here by n and last, would be another page than the
     # one the upstream's own cursor names (Quay's next_page, ECR's opaque
     # last), with a Link such an upstream does not take: it is waited for.
-    import json
-
-    from twisted.web.server import NOT_DONE_YET
-
     whole = ["B", "a", "c", "D", "e"]
-    held = []
 
     def listing(request):
-        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
-        if "next_page" in args:
-            held.append(request)
-            return NOT_DONE_YET
-        if "n" in args:
+        if b"n" in request.args:
             request.setHeader(b"Link", b'</v2/library/alpine/tags/list?n=2&next_page=gAAA%3D%3D>; rel="next"')
             return json.dumps({"name": "library/alpine", "tags": whole[:2]}).encode()
         return json.dumps({"name": "library/alpine", "tags": whole}).encode()
@@ -2056,31 +2019,21 @@ def test_a_slow_cursor_page_of_a_tag_list_is_not_answered_with_the_first_page(wo
     link = response.headers.getRawHeaders("link")[0]
     page2 = link[1 : link.index(">")]
     assert "next_page=" in page2
-    answered = []
-    world.client.request("GET", "http://proxy.test" + page2, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-    world.client.flush()
-    world.clock.advance(6)  # slow, not failing: it answers after 6 s
-    world.client.flush()
-    [request] = held
-    request.write(json.dumps({"name": "library/alpine", "tags": ["c", "D"]}).encode())
-    request.finish()
-    world.upstream._http._agent._agent.flush()
-    world.client.flush()
+    held = world.hold("GET", "/v2/library/alpine/tags/list")
+    answered = world.send(page2, ALL)
+    world.wait(6)  # slow, not failing: it answers after 6 s
+    world.answer(held[0], json.dumps({"name": "library/alpine", "tags": ["c", "D"]}).encode())
     [response] = answered
-    got = []
-    world.client.content(response).addBoth(got.append)
-    world.client.flush()
-    assert json.loads(got[0])["tags"] == ["D", "c"]  # page 2, not ["B", "D"] (the remembered list from its start)
+    assert json.loads(world.body_of(response))["tags"] == ["D", "c"]  # page 2, not the kept list's start
 
 
 def test_upstream_slow_is_said_once_per_registry_every_ten_seconds_with_the_count(world):
     # Every pull of a busy proxy said it, until the upstream's read timeout.
     from twisted.logger import formatEvent, globalLogPublisher
-    from twisted.web.server import NOT_DONE_YET
 
     path = "/v2/alpine/manifests/latest"
     world.get(path, ALL)
-    world.upstream_registry.on("HEAD", "/v2/library/alpine/manifests/", lambda request: NOT_DONE_YET)
+    world.hold("HEAD", "/v2/library/alpine/manifests/")
     world.clock.advance(61)
     said: list[str] = []
 
@@ -2091,14 +2044,12 @@ def test_upstream_slow_is_said_once_per_registry_every_ten_seconds_with_the_coun
 
     globalLogPublisher.addObserver(heard)
     try:
-        answered = []
+        pulls = []
         for wait in (5.1, 1, 1, 10):
-            world.client.request("GET", "http://proxy.test" + path, headers={"Authorization": f"Bearer {ALL}"}).addBoth(answered.append)
-            world.client.flush()
-            world.clock.advance(wait)
-            world.client.flush()
+            pulls.append(world.send(path, ALL))
+            world.wait(wait)
     finally:
         globalLogPublisher.removeObserver(heard)
-    assert [r.code for r in answered] == [200, 200, 200, 200]
+    assert [response.code for [response] in pulls] == [200, 200, 200, 200]
     assert len(said) == 2 and "more such" not in said[0]
     assert said[1].endswith("; 2 more such answers since the last time this was said"), said[1]
