@@ -912,76 +912,76 @@ def test_a_registry_id_of_any_text_keeps_its_cache_across_a_restart(upstream, im
         (restarted or proxy).process.stop()
 
 
-def test_a_pull_of_a_cached_tag_waits_revalidate_wait_seconds_for_a_silent_upstream_not_its_read_timeout(tmp_path):
-    # The read timeout (120 s here) is longer than the client waits (60 s):
-    # only the cache answering after revalidate_wait_seconds gets it its tag.
+@contextlib.contextmanager
+def _proxy_of_a_registry_that_falls_silent(tmp_path, read_timeout, cache_extra):
+    """
+    A proxy of a registry holding alpine:latest (an OCI image), the image,
+    and a function that replaces the registry by a L{BlackHole} on its port
+    (and returns it).
+    """
     registry = Registry(tmp_path / "up").start()
-    hole = None
+    holes = []
+
+    def fall_silent():
+        registry.stop()
+        holes.append(BlackHole(registry.port))
+        return holes[-1]
+
     try:
         work = tmp_path / "img"
         built = build_oci_layout(work, "latest", layer_sizes=[1000])
         skopeo_push(work, "latest", f"{registry.host}/library/alpine:latest")
         proxy = start_proxy(
-            tmp_path / "p", [{"id": "up", "url": registry.url, "read_timeout_seconds": 120}],
-            [("alpine", "up", "library/alpine")], "tag_ttl_seconds = 1\nrevalidate_wait_seconds = 2",
+            tmp_path / "p", [{"id": "up", "url": registry.url, "read_timeout_seconds": read_timeout}],
+            [("alpine", "up", "library/alpine")], cache_extra,
         )
         try:
-            accept = {"Accept": built["media_type"]}
-            assert proxy.request("/v2/alpine/manifests/latest", headers=accept)[0] == 200
-            registry.stop()
-            hole = BlackHole(registry.port)
-            time.sleep(1.5)  # the tag is due for revalidation
-            status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=accept)
-            assert status == 200 and headers["docker-content-digest"] == built["manifest"] and "warning" in headers
-            assert hole.requests == ["HEAD /v2/library/alpine/manifests/latest HTTP/1.1"]
-            assert "upstream slow (no answer within 2 s" in proxy.process.log_text()
+            yield proxy, built, fall_silent
         finally:
             proxy.process.stop()
     finally:
-        if hole is not None:
+        for hole in holes:
             hole.close()
         registry.stop()
+
+
+def test_a_pull_of_a_cached_tag_waits_revalidate_wait_seconds_for_a_silent_upstream_not_its_read_timeout(tmp_path):
+    # The read timeout (120 s here) is longer than the client waits (60 s):
+    # only the cache answering after revalidate_wait_seconds gets it its tag.
+    extra = "tag_ttl_seconds = 1\nrevalidate_wait_seconds = 2"
+    with _proxy_of_a_registry_that_falls_silent(tmp_path, 120, extra) as (proxy, built, fall_silent):
+        accept = {"Accept": built["media_type"]}
+        assert proxy.request("/v2/alpine/manifests/latest", headers=accept)[0] == 200
+        hole = fall_silent()
+        time.sleep(1.5)  # the tag is due for revalidation
+        status, headers, body = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+        assert status == 200 and headers["docker-content-digest"] == built["manifest"] and "warning" in headers
+        assert hole.requests == ["HEAD /v2/library/alpine/manifests/latest HTTP/1.1"]
+        assert "upstream slow (no answer within 2 s" in proxy.process.log_text()
 
 
 def test_a_black_holed_upstream_holds_one_request_and_the_cache_answers_the_rest(tmp_path):
     # Every pull by tag waited the whole read timeout (60 s by default) for
     # a registry that took connections and never answered.
-    registry = Registry(tmp_path / "up").start()
-    hole = None
-    try:
-        work = tmp_path / "img"
-        built = build_oci_layout(work, "latest", layer_sizes=[1000])
-        skopeo_push(work, "latest", f"{registry.host}/library/alpine:latest")
-        proxy = start_proxy(
-            tmp_path / "p", [{"id": "up", "url": registry.url, "read_timeout_seconds": 2}],
-            [("alpine", "up", "library/alpine")], "tag_ttl_seconds = 1",
-        )
-        try:
-            accept = {"Accept": built["media_type"]}
+    with _proxy_of_a_registry_that_falls_silent(tmp_path, 2, "tag_ttl_seconds = 1") as (proxy, built, fall_silent):
+        accept = {"Accept": built["media_type"]}
+        status, headers, _ = proxy.request("/v2/alpine/manifests/latest", headers=accept)
+        assert status == 200 and headers["docker-content-digest"] == built["manifest"]
+        assert proxy.request("/v2/alpine/tags/list")[0] == 200
+        hole = fall_silent()
+        time.sleep(1.5)  # the tag is due for revalidation
+        for _ in range(4):
             status, headers, _ = proxy.request("/v2/alpine/manifests/latest", headers=accept)
             assert status == 200 and headers["docker-content-digest"] == built["manifest"]
-            assert proxy.request("/v2/alpine/tags/list")[0] == 200
-            registry.stop()
-            hole = BlackHole(registry.port)
-            time.sleep(1.5)  # the tag is due for revalidation
-            for _ in range(4):
-                status, headers, _ = proxy.request("/v2/alpine/manifests/latest", headers=accept)
-                assert status == 200 and headers["docker-content-digest"] == built["manifest"]
-                assert "warning" in headers
-            status, headers, body = proxy.request("/v2/alpine/tags/list")
-            assert status == 200 and json.loads(body)["tags"] == ["latest"] and "warning" in headers
-            # The first revalidation met the silence (and a check of the base
-            # endpoint, which met it too); the rest were answered from the
-            # cache without asking.
-            assert [r for r in hole.requests if "/manifests/" in r or "/tags/" in r] == [
-                "HEAD /v2/library/alpine/manifests/latest HTTP/1.1"
-            ]
-            log = proxy.process.log_text()
-            assert log.count("what the cache holds is served without asking it") == 1
-            assert "timed out" in log
-        finally:
-            proxy.process.stop()
-    finally:
-        if hole is not None:
-            hole.close()
-        registry.stop()
+            assert "warning" in headers
+        status, headers, body = proxy.request("/v2/alpine/tags/list")
+        assert status == 200 and json.loads(body)["tags"] == ["latest"] and "warning" in headers
+        # The first revalidation met the silence (and a check of the base
+        # endpoint, which met it too); the rest were answered from the
+        # cache without asking.
+        assert [r for r in hole.requests if "/manifests/" in r or "/tags/" in r] == [
+            "HEAD /v2/library/alpine/manifests/latest HTTP/1.1"
+        ]
+        log = proxy.process.log_text()
+        assert log.count("what the cache holds is served without asking it") == 1
+        assert "timed out" in log
