@@ -231,10 +231,12 @@ class ManifestService:
 
     def link_stored_tags(self) -> int:
         """
-        Link what the tags kept on disk resolve to (and what those manifests,
-        and an index's manifests, reference) under their names: for a cache
-        written before links were kept, so that its pulls by digest keep
-        working with the upstream down.  Returns how many tags it read.
+        Link what the tags kept on disk resolve to (and what those manifests
+        reference) under their names: for a cache written before links were
+        kept, so that its pulls by digest keep working with the upstream
+        down.  An index's manifests are not: it may name what its repository
+        does not hold (they are served as cached before links were kept, see
+        L{mark_stored_legacy}).  Returns how many tags it read.
         """
         store, count = self._store, 0
         for registry_id, upstream_name, tag in store.tags_on_disk():
@@ -244,10 +246,6 @@ class ManifestService:
                 continue
             count += 1
             self._link(registry_id, upstream_name, manifest)
-            for child in referenced_digests(manifest.content):
-                child_manifest = store.get(registry_id, child)
-                if child_manifest is not None:
-                    self._link(registry_id, upstream_name, child_manifest)
         return count
 
     @inlineCallbacks
@@ -316,7 +314,7 @@ class ManifestService:
                 return _answer(cached, head, "revalidated")  # (the tag is confirmed)
         every_type = accepts_every_type(accept)
         if cached is None and resolution is not None and upstream.unreachable:
-            picked = self._platform_pick(registry_id, resolution, accept)
+            picked = self._platform_pick(registry_id, upstream_name, resolution, accept, unavailable=True)
             if picked is not None:
                 return _answer(picked, head, "stale")
         try:
@@ -327,7 +325,9 @@ class ManifestService:
                     store.drop_tag(registry_id, upstream_name, reference)
                 raise
             if cached is None and resolution is not None:
-                cached = self._platform_pick(registry_id, resolution, accept)
+                cached = self._platform_pick(
+                    registry_id, upstream_name, resolution, accept, unavailable=upstream_unavailable(error)
+                )
             if cached is None:
                 raise
             _log_stale(upstream, upstream_name, reference, error)
@@ -358,12 +358,18 @@ class ManifestService:
             store.set_tag(registry_id, upstream_name, reference, answer.digest, answer.media_type)
         return answer
 
-    def _platform_pick(self, registry_id: str, resolution: TagResolution, accept: list[str]) -> Manifest | None:
+    def _platform_pick(
+        self, registry_id: str, upstream_name: str, resolution: TagResolution, accept: list[str], unavailable: bool
+    ) -> Manifest | None:
         """
         For a client that takes no index, what a registry answers it for a
         tag that points at one, from the cache: the index's linux/amd64
         manifest (distribution's and Docker Hub's default platform), if the
-        client takes its type and it is cached.
+        client takes its type, it is cached, and the upstream showed it under
+        this name.  (An index may name manifests its repository does not
+        hold: another repository's, cached for that one.  What was cached
+        before links were kept is taken, as by digest, while the upstream is
+        C{unavailable}.)
         """
         if essence(resolution.media_type) not in INDEX_MEDIA_TYPES:
             return None
@@ -377,6 +383,11 @@ class ManifestService:
             try:
                 digest = Digest.parse(str(entry.get("digest")))
             except InvalidDigest:
+                return None
+            if not (
+                self.links.known(registry_id, upstream_name, digest)
+                or (unavailable and self.links.legacy(registry_id, digest))
+            ):
                 return None
             picked = self._store.get(registry_id, digest)
             return picked if picked is not None and acceptable(picked.media_type, accept) else None

@@ -518,7 +518,8 @@ def test_an_index_proves_nothing_of_the_manifests_it_names(world):
     assert world.get("/v2/alpine/manifests/latest", ALL)[1] == image
     assert world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
     index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": len(image)}]}).encode()
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": len(image),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
 
     def get_index(request):
         request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
@@ -532,6 +533,35 @@ def test_an_index_proves_nothing_of_the_manifests_it_names(world):
     assert response.code == 404
     assert [seen.method for seen in world.upstream_registry.seen] == ["HEAD"]
     assert world.get(f"/v2/mycompany/app/blobs/{BLOB_DIGEST}", ALL)[0].code == 404
+    # Nor when the upstream fails or refuses: a client that takes no index
+    # was handed the index's linux/amd64 manifest, alpine's, from the cache.
+    narrow = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    for status in (503, 429, 403, 401):
+        world.upstream_registry.on("GET", "/v2/team/application/manifests/evil", _failing(status))
+        world.wait(61)  # (the tag is due for a check)
+        response, body = world.get("/v2/mycompany/app/manifests/evil", ALL, headers=narrow)
+        assert response.code != 200 and body != image, status
+
+
+def test_upgrading_a_cache_links_an_index_but_not_the_manifests_it_names(world):
+    # A cache from before links were kept: what its tags resolve to is linked
+    # to their names at start, an index's manifests not (it may name another
+    # repository's); they stay servable as legacy while the upstream is down.
+    from cargobay.manifest_store import Manifest
+
+    image, _ = manifest_naming_the_blob()
+    image_digest = Digest.parse("sha256:" + hashlib.sha256(image).hexdigest())
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": str(image_digest), "size": len(image),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index_digest = Digest.parse("sha256:" + hashlib.sha256(index).hexdigest())
+    world.store.put("up", Manifest(image, "application/vnd.oci.image.manifest.v1+json", image_digest))
+    world.store.put("up", Manifest(index, "application/vnd.oci.image.index.v1+json", index_digest))
+    world.store.set_tag("up", "team/application", "evil", index_digest, "application/vnd.oci.image.index.v1+json")
+    service = ManifestService(world.store, world.clock, links=world.links)
+    assert service.link_stored_tags() == 1
+    assert world.links.known("up", "team/application", index_digest)
+    assert not world.links.known("up", "team/application", image_digest)
 
 
 def test_the_blobs_a_manifest_names_need_no_confirmation_under_its_name(world):
