@@ -42,6 +42,19 @@ def printable(text: str, limit: int = 300) -> str:
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
+def field_value(text: str, limit: int = 300) -> str:
+    """
+    C{text} as the value of a C{name=value} field of a log line: as
+    L{printable}, and quoted (a JSON string) when it holds a space, a quote
+    or an C{=}, so that it cannot pass for more fields (a token's subject
+    C{"x repository=secret"}).
+    """
+    shown = printable(text, limit)
+    if shown and not any(c in shown for c in ' "=\\'):
+        return shown
+    return json.dumps(shown, ensure_ascii=False)
+
+
 _LEVELS = {"debug", "info", "warn", "error", "critical"}
 #: Other names of levels (Rust's tracing, Python's), in the environment and in [logging].
 LEVEL_ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}

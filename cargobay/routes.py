@@ -35,7 +35,7 @@ from cargobay.errors import (
     name_unknown,
     pagination_invalid,
 )
-from cargobay.logs import printable
+from cargobay.logs import field_value
 from cargobay.manifests import ManifestService, accept_headers, paginate, valid_media_type
 from cargobay.mapping import Mapper, Resolved
 from cargobay.metrics import Metrics
@@ -459,7 +459,7 @@ class RegistryApp:
             audit.info(
                 "pull subject={subject} repository={name} upstream={registry}/{upstream_name} "
                 "reference={reference} status={status} bytes={sent} cache={cache} complete={complete}",
-                subject=printable(grant.subject, 200),
+                subject=field_value(grant.subject, 200),
                 name=mapping.local_name,
                 registry=mapping.registry_id,
                 upstream_name=mapping.upstream_name,

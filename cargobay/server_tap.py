@@ -34,7 +34,7 @@ from cargobay.cache import BlobCache, Entry
 from cargobay.config import Config, ConfigError, load_config, resolve_config_path
 from cargobay.errors import RegistryError, denied
 from cargobay.links import RepositoryLinks
-from cargobay.logs import make_observer, printable
+from cargobay.logs import field_value, make_observer, printable
 from cargobay.manifest_store import ManifestStore
 from cargobay.manifests import ManifestService
 from cargobay.metrics import Metrics
@@ -496,7 +496,7 @@ class ProxySite(server.Site):
             # (Cut before any answer went: nginx's 499, "client closed request".)
             status=request.code if not cut or request.startedWriting else 499,
             bytes=request.sentLength,
-            subject=printable(grant.subject, 200) if grant is not None else "-",
+            subject=field_value(grant.subject, 200) if grant is not None else "-",
             agent=printable((request.getHeader(b"user-agent") or b"-").decode("latin-1"), 120),
         )
 

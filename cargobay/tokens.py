@@ -11,6 +11,7 @@ C{team/app} and C{team/app/x}, never C{team/apple}.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import warnings
@@ -21,6 +22,7 @@ from functools import cached_property
 from typing import Any
 
 import jwt
+from jwt.utils import base64url_decode
 
 # cargobay says it once, in its own words (Config.weak_secret, and
 # cargobay-token): PyJWT would print its own source line for every token.
@@ -185,6 +187,7 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise InvalidToken("malformed token") from None
+        _refuse_duplicate_names(token)
         algorithm = header.get("alg")
         candidates = [k for k in self._keys if algorithm in k.algorithms]
         if not candidates:
@@ -242,11 +245,40 @@ class TokenVerifier:
                 # Traded at /token for a token another key verified: good
                 # only while that key is configured (a retired secret or a
                 # removed public key must not live on in what it bought).
+                if not isinstance(origin, str):
+                    raise InvalidToken(f"claim {ORIGIN_CLAIM!r} must be a string")
                 if origin not in self._fingerprints:
                     raise InvalidToken("token was traded for one whose key is no longer configured")
                 key = origin
             return Grant(subject, _parse_access(claims["access"]), expires_at, key)
         raise InvalidToken(last_error)
+
+
+class _DuplicateName(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _DuplicateName(next(name for name in names if names.count(name) > 1))
+    return dict(pairs)
+
+
+def _refuse_duplicate_names(token: str) -> None:
+    """
+    Refuse a token whose header or claims name a member twice, at any
+    depth (two C{access}, two C{type}): the earlier implementation did, and
+    a checker that reads the first of them would read another token than
+    the lexically last that PyJWT takes.
+    """
+    for segment in token.split(".")[:2]:
+        try:
+            json.loads(base64url_decode(segment.encode("ascii")), object_pairs_hook=_no_duplicates)
+        except _DuplicateName as e:
+            raise InvalidToken(f"token names {str(e)[:40]!r} twice") from None
+        except (ValueError, UnicodeError, RecursionError):
+            pass  # (malformed: PyJWT says so, in its words)
 
 
 #: What PyJWT's complaints mean, for the client.

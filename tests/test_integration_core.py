@@ -593,12 +593,17 @@ def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes
 
 def test_a_subject_that_does_not_print_is_logged_escaped(proxy):
     # A lone surrogate in a token's sub lost the request's access line (the
-    # log file cannot encode it); a line break would have forged a line.
+    # log file cannot encode it); a line break would have forged a line, and
+    # a space another field.
     token = mint_token(SECRET, "\ud800\nforged subject=admin")
     status, _, _ = proxy.request("/v2/", token)
     assert status == 200
-    assert wait_until(lambda: "subject=\\ud800\\nforged subject=admin agent=" in proxy.process.log_text(), timeout=10)
+    logged = '"\\\\ud800\\\\nforged subject=admin"'
+    assert wait_until(lambda: f"subject={logged} agent=" in proxy.process.log_text(), timeout=10)
     assert "\nforged" not in proxy.process.log_text()
+    status, _, _ = proxy.request("/v2/alpine/manifests/latest", mint_token(SECRET, "x repository=secret"))
+    assert status == 200
+    assert wait_until(lambda: 'pull subject="x repository=secret" repository=alpine ' in proxy.process.log_text(), timeout=10)
 
 
 def test_a_token_request_whose_body_is_a_broken_multipart_form_gets_an_oci_error(proxy):

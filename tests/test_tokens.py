@@ -49,6 +49,22 @@ def test_minted_tokens_round_trip():
     assert verify(mint_token(SECRET, "bob")).repositories is None
 
 
+def _signed(payload, header='{"alg":"HS256","typ":"JWT"}'):
+    """A token of these very bytes (PyJWT would write its own JSON), signed with SECRET."""
+    import hashlib
+    import hmac
+
+    from jwt.utils import base64url_encode
+
+    signing_input = base64url_encode(header.encode()) + b"." + base64url_encode(payload.encode())
+    signature = base64url_encode(hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode()
+
+
+def test_a_token_of_exact_bytes_is_taken_when_it_names_nothing_twice():
+    assert verify(_signed('{"sub":"x","access":{"type":"repositories","repos":["a"]}}')).repositories == ("a",)
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -65,6 +81,16 @@ def test_minted_tokens_round_trip():
         # Said in words, not as PyJWT's exception names.
         (lambda: jwt.api_jws.encode(b"not json", SECRET, "HS256"), r"malformed token \(its parts do not decode"),
         (lambda: jwt.encode({"sub": 7, "access": {"type": "all"}}, SECRET, "HS256"), "claim 'sub' must be a string"),
+        # (A 500 and a traceback: the claim was looked up in a set.)
+        (lambda: jwt.encode({"sub": "x", "access": {"type": "all"}, "cargobay_key": ["a"]}, SECRET, "HS256"),
+         "claim 'cargobay_key' must be a string"),
+        (lambda: jwt.encode({"sub": "x", "access": {"type": "all"}, "cargobay_key": {}}, SECRET, "HS256"),
+         "claim 'cargobay_key' must be a string"),
+        # A name twice, at any depth, in the claims or the header: the earlier
+        # implementation refused it, PyJWT takes the last.
+        (lambda: _signed('{"sub":"x","access":{"type":"repositories","repos":["a"],"type":"all"}}'), "names 'type' twice"),
+        (lambda: _signed('{"sub":"x","access":{"type":"all"},"sub":"y"}'), "names 'sub' twice"),
+        (lambda: _signed('{"sub":"x","access":{"type":"all"}}', header='{"alg":"HS256","alg":"none"}'), "names 'alg' twice"),
     ],
 )
 def test_bad_tokens_are_refused_with_a_reason(make, reason):
