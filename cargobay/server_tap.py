@@ -588,6 +588,7 @@ class Runtime:
             wall,
             config.cache.direct_writes,
         )
+        cache.recheck_served = config.cache.scrub_bytes_per_interval > 0
         cache.open()
         links_directory = os.path.join(config.cache.directory, "links")
         # Until the upgrade below has run to its end, this file says so: a

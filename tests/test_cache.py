@@ -199,6 +199,74 @@ def test_scrub_finds_and_removes_bit_rot(tmp_path):
     assert not os.path.exists(path)
 
 
+def _damage(path):
+    with open(path, "r+b") as f:
+        f.seek(1234)
+        byte = f.read(1)
+        f.seek(1234)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_served_file_not_checked_for_an_hour_is_checked_soon_after_ahead_of_the_rest(tmp_path):
+    # A file damaged in place was served (200, whole, wrong) until the scrub
+    # came round to it: in a 10 GiB cache at 64 MiB a minute, hours.
+    cache, clock = make(tmp_path)
+    others = [store(cache, os.urandom(300_000)) for _ in range(3)]
+    served = store(cache, os.urandom(300_000))
+    _damage(cache.lookup(served).path)
+    entry, fileobj = cache.open_entry(served)  # written by this process: checked
+    fileobj.close()
+    cache.release(entry)
+    run(clock, seconds=5)
+    assert cache.lookup(served) is not None
+    clock.advance(3601)
+    for key in others + [served]:
+        cache.lookup(key).verified_at = clock.seconds() - 3601 + 1  # (all due a scrub, none yet a served check)
+    cache.lookup(served).verified_at = 0.5  # the least due of all for the scrub, if not served
+    entry, fileobj = cache.open_entry(served)
+    fileobj.close()
+    cache.release(entry)
+    run(clock, seconds=2, steps=200)
+    assert cache.lookup(served) is None and not os.path.exists(entry.path)
+    # Only what was served was read: the scrub's turn for the rest is its own.
+    assert all(cache.lookup(key).verified_at < clock.seconds() - 3000 for key in others)
+
+
+def test_no_served_file_is_checked_with_the_scrub_off(tmp_path):
+    cache, clock = make(tmp_path)
+    cache.recheck_served = False
+    served = store(cache, os.urandom(300_000))
+    _damage(cache.lookup(served).path)
+    clock.advance(3601)
+    entry, fileobj = cache.open_entry(served)
+    fileobj.close()
+    cache.release(entry)
+    run(clock, seconds=5)
+    assert cache.lookup(served) is not None
+
+
+def test_a_served_file_the_check_cannot_open_is_not_checked_over_and_over(tmp_path, monkeypatch):
+    import builtins
+
+    cache, clock = make(tmp_path)
+    served = store(cache, os.urandom(300_000))
+    clock.advance(3601)
+    entry, fileobj = cache.open_entry(served)
+    fileobj.close()
+    cache.release(entry)
+    real_open, opened = builtins.open, []
+
+    def no_descriptors(path, *args, **kwargs):
+        if str(path).startswith(cache.directory):
+            opened.append(path)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_descriptors)
+    run(clock, seconds=30, steps=300)
+    assert len(opened) == 1 and cache.lookup(served) is not None
+
+
 def test_a_file_the_scrub_cannot_open_is_not_damage(tmp_path, monkeypatch):
     # Out of descriptors, every file "failed" its check: the whole cache was
     # removed in one run.

@@ -314,6 +314,50 @@ def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
         proxy.process.stop()
 
 
+def test_a_file_damaged_in_place_is_served_once_then_checked_and_fetched_again(upstream, image, tmp_path):
+    # The same size, one byte changed, while the proxy was stopped: a hit
+    # checks the size only, so the first GET is served as it is (clients
+    # check digests and refuse it); it had been served until the scrub,
+    # 64 MiB a minute, came round to it.  The scrub here reads one file
+    # at start-up and then not for an hour.
+    extra = "eviction_interval_seconds = 3600\nscrub_bytes_per_interval = 1"
+    proxy = proxy_for(tmp_path / "p", upstream, extra)
+    restarted = None
+    try:
+        digests = [*image["layers"], image["configs"][0]]
+        good = {}
+        for digest in digests:
+            status, _, good[digest] = proxy.request(f"/v2/alpine/blobs/{digest}")
+            assert status == 200
+        paths = {digest: proxy.cached_blob(digest) for digest in digests}
+        proxy.process.stop()
+        for path in paths.values():
+            with open(path, "r+b") as f:
+                first = f.read(1)
+                f.seek(0)
+                f.write(bytes([first[0] ^ 0xFF]))
+        process = Twistd(args=proxy.process.args, log_path=tmp_path / "restarted.log").start()
+        process.wait_listening(proxy.port)
+        restarted = Proxy(process, proxy.port, proxy.cache)
+        served_damaged = []
+        for digest in digests:
+            status, headers, body = restarted.request(f"/v2/alpine/blobs/{digest}")
+            assert status == 200
+            if body != good[digest]:
+                assert headers.get("x-cache") == "HIT"
+                served_damaged.append(digest)
+        assert len(served_damaged) >= len(digests) - 1, "the start-up scrub read more than one file"
+        assert wait_until(lambda: not any(paths[d].exists() for d in served_damaged), timeout=30), \
+            process.log_text()[-2000:]
+        for digest in digests:
+            status, _, body = restarted.request(f"/v2/alpine/blobs/{digest}")
+            assert status == 200 and body == good[digest]
+    finally:
+        if restarted is not None:
+            restarted.process.stop()
+        proxy.process.stop()
+
+
 # -- a lying or failing upstream ----------------------------------------------
 
 
