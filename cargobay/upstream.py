@@ -34,6 +34,7 @@ from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet import error as netError
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
@@ -224,13 +225,18 @@ _newclient.HTTPClientParser = _BoundedResponseParser  # type: ignore[misc]
 class RegistryTLSPolicy:
     """
     Verify the registry's own host against its configured CA file (if any),
-    every other host (CDNs, token realms) against the platform's trust store.
+    every other host (CDNs, storage and token services it sends cargobay
+    to) against the platform's trust store and that CA file: a private
+    registry's token service or storage often has a host name of its own,
+    signed by the same CA (Docker and containerd trust a registry's CA for
+    them too).
     """
 
     def __init__(self, hostname: str, ca_file: str | None) -> None:
         self._hostname = hostname
         self._default = webclient.BrowserLikePolicyForHTTPS()
         self._trust: Any = None
+        self._with_platform: Any = None
         #: What the CA file held when it was read (see L{ca_file_fingerprint}).
         self.ca_fingerprint: bytes | None = None
         if ca_file is not None:
@@ -239,15 +245,32 @@ class RegistryTLSPolicy:
             self.ca_fingerprint = hashlib.sha256(pem).digest()
             # Every certificate in it: while a CA is rotated, the file holds
             # the old one and the new one.
-            self._trust = trustRootFromCertificates(
-                [Certificate(cert) for cert in _pem_certificates(pem)]
-            )
+            certificates = _pem_certificates(pem)
+            self._trust = trustRootFromCertificates([Certificate(cert) for cert in certificates])
+            self._with_platform = _PlatformAnd(certificates)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         host = hostname.decode("ascii")
-        if self._trust is not None and host == self._hostname:
-            return optionsForClientTLS(host, trustRoot=self._trust)
+        if self._trust is not None:
+            return optionsForClientTLS(host, trustRoot=self._trust if host == self._hostname else self._with_platform)
         return self._default.creatorForNetloc(hostname, port)
+
+
+@implementer(IOpenSSLTrustRoot)
+class _PlatformAnd:
+    """The platform's trust store (as Twisted's C{platformTrust}), and these CA certificates."""
+
+    def __init__(self, certificates: list[Any]) -> None:
+        self._certificates = certificates
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        context.set_default_verify_paths()
+        store = context.get_cert_store()
+        for certificate in self._certificates:
+            try:
+                store.add_cert(certificate)
+            except OpenSSLCrypto.Error:  # (already there, with an older OpenSSL)
+                pass
 
 
 def _pem_certificates(pem: bytes) -> list[Any]:

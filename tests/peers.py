@@ -505,7 +505,13 @@ class TokenServer:
         expires_in: int = 300,
         key_headers: Sequence[Literal["x5c", "kid"]] = ("x5c", "kid"),
         port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        """
+        With C{tls} (a certificate and its key), it serves HTTPS; C{host} is
+        the name its URL and realm give for 127.0.0.1.
+        """
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
@@ -520,7 +526,8 @@ class TokenServer:
         self.expires_in = expires_in
         self.key_headers = tuple(key_headers)
         self.port = port if port is not None else free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
         self.realm = self.url + "/token"
         self.requests: list[TokenRequest] = []
         self._lock = threading.Lock()
@@ -687,6 +694,12 @@ class TokenServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"token-server-{self.port}", daemon=True,
         )

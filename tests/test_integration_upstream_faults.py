@@ -276,6 +276,50 @@ def test_tls_upstream_with_ca_file_pulls(ca, tls_upstreams, tmp_path, host):
         proxy.process.stop()
 
 
+def test_a_token_service_of_its_own_host_is_trusted_with_the_registry_s_ca_file(ca, tmp_path):
+    """
+    A private registry whose token service has a host name of its own
+    (GitLab's, Keycloak's), signed by the same CA: the ca_file was trusted
+    for the registry's host only, and every pull was a 502 ("failed TLS
+    verification (token service at localhost:...)").  A token service that
+    CA did not sign is still refused.
+    """
+    need("skopeo")
+    other_ca = TestCA(tmp_path / "other-ca")
+    for signer, works in ((ca, True), (other_ca, False)):
+        served = signer.issue(f"tokens-{works}", ["localhost"])
+        tokens = TokenServer(tmp_path / f"tokens-{works}", {"puller": "pulling-secret"},
+                             tls=(served.cert_path, served.key_path), host="localhost")
+        registry = Registry(tmp_path / f"registry-{works}", "token", token_server=tokens,
+                            username="puller", password="pulling-secret")
+        tokens.start()
+        proxy = None
+        try:
+            registry.start()
+            layout = build_oci_layout(tmp_path / f"img-{works}", "v1", layer_sizes=[100_000])
+            # (skopeo's --dest-tls-verify=false covers its token requests too.)
+            skopeo_push(tmp_path / f"img-{works}", "v1", f"{registry.host}/team/app:v1", creds=registry.creds)
+            asked = len(tokens.requests)
+            proxy = start_proxy(
+                tmp_path / f"proxy-{works}",
+                [{"id": "corp", "url": registry.url, "ca_file": ca.cert_path,
+                  "username": "puller", "password": "pulling-secret"}],
+                [("app", "corp", "team/app")],
+            )
+            status, _, body = proxy.request("/v2/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
+            if works:
+                assert status == 200, body
+                assert pull_http(proxy, "app", "v1").keys() == {layout["manifest"], *layout["configs"], *layout["layers"]}
+            else:
+                assert status == 502 and "failed TLS verification (token service at localhost" in body.decode(), body
+            assert len(tokens.requests) - asked == (1 if works else 0)
+        finally:
+            if proxy is not None:
+                proxy.process.stop()
+            registry.stop()
+            tokens.stop()
+
+
 @pytest.mark.parametrize("case", ["untrusted", "mismatch"])
 def test_tls_failures_are_prompt_502s_and_cache_nothing(ca, tls_upstreams, tmp_path, case):
     """
