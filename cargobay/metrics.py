@@ -155,9 +155,9 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "cargobay_upstream_errors_total",
-            "Upstream requests that got no answer (network, timeout), a 5xx or 429 (status), or a body "
+            "Upstream requests that got no answer (network, timeout), a 5xx or 429 (status), a body "
             "that is not what was asked for (content: a digest mismatch, a manifest or list that is "
-            "not one), by registry.",
+            "not one), or no token or a refusal of the configured credentials (auth), by registry.",
             ("registry", "kind"),
         )
         self.token_fetches = Counter(

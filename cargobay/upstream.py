@@ -84,6 +84,10 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 #: A token is refreshed this long before the upstream says it expires.
 TOKEN_EXPIRY_MARGIN = 10.0
 DEFAULT_TOKEN_LIFETIME = 60.0
+#: How often one kind of authentication failure of a registry is warned of.
+AUTH_WARNING_EVERY = 60.0
+#: What an upstream token may hold: visible ASCII (it goes into a header).
+_TOKEN_CHARACTERS = re.compile(r"[!-~]+")
 #: Upstream tokens kept (one per repository scope).
 MAX_CACHED_TOKENS = 10_000
 #: After the upstream could not be reached (no connection, no answer in
@@ -516,6 +520,8 @@ class Upstream:
         # without a bound, and keeps and sends back cookies: neither here.
         self._http = _Client(_AsSent(agent), cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
         self._tokens: dict[str, _CachedToken] = {}
+        #: When each authentication failure was last warned of.
+        self._auth_warned: dict[str, float] = {}
         self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
         # Set once the registry answered with a Basic challenge: send the
         # credentials up front from then on instead of paying a 401 each time.
@@ -704,6 +710,8 @@ class Upstream:
                 retry = yield self._answer_challenge(challenges, scope)
             if retry:
                 response = yield self._send(method, url, scope, headers)
+        if response.code in (401, 403):
+            self._refused(scope, response)
         redirects = 0
         while follow_redirects and response.code in REDIRECT_CODES:
             location = response.headers.getRawHeaders("location", [None])[0]
@@ -745,6 +753,38 @@ class Upstream:
         if self._basic and self.registry.auth is not None:
             return self._basic_header()
         return None
+
+    def _refused(self, scope: str, response: IResponse) -> None:
+        """
+        The registry refused what was sent (a 401 even after a challenge
+        was answered, or a 403): a token of its is not sent again (revoked,
+        or expired before its time: it was kept as long as it said, up to a
+        day, and every request for what the cache lacks was refused), and
+        credentials it refuses are worth a warning.
+        """
+        sent = getattr(response, "_cargobay_authorization", None)
+        cached = self._tokens.get(scope)
+        if cached is not None and sent == f"Bearer {cached.token}":
+            del self._tokens[scope]
+        if response.code == 401 and sent is not None and sent.startswith("Basic "):
+            self._auth_failed(f"refused the configured credentials (answered {response.code})")
+
+    def _auth_failed(self, what: str, counted: bool = False) -> None:
+        """
+        Tell the operator (a warning, once a minute per kind of failure, and
+        C{cargobay_upstream_errors_total{kind="auth"}}, unless C{counted}
+        as a 5xx already) that the registry or its token service refused
+        cargobay's credentials or failed to give a token: the client's 403
+        or 502 alone reads as a client's problem.
+        """
+        if self._metrics is not None and not counted:
+            self._metrics.upstream_errors.inc(1, self.registry.id, "auth")
+        now = self._clock.seconds()
+        said = self._auth_warned.get(what)
+        if said is not None and 0 <= now - said < AUTH_WARNING_EVERY:
+            return
+        self._auth_warned[what] = now
+        log.warn("upstream {registry} {what}", registry=self.registry.id, what=what)
 
     def _basic_header(self) -> str:
         assert self.registry.auth is not None
@@ -788,6 +828,12 @@ class Upstream:
         if challenge.service:
             query.append(("service", challenge.service))
         query.append(("scope", scope))
+        # What else the challenge names (containerd asks for it too): not
+        # the repository's other actions (push), but a registry's own scope.
+        own = scope.rsplit(":", 1)[0] + ":"
+        for named in (challenge.scope or "").split():
+            if named != scope and not named.startswith(own) and ("scope", named) not in query:
+                query.append(("scope", named))
         headers = Headers()
         if self.registry.auth is not None:
             headers.setRawHeaders("authorization", [self._basic_header()])
@@ -817,18 +863,21 @@ class Upstream:
             if self._metrics is not None:
                 self._metrics.upstream_errors.inc(1, self.registry.id, "status")
         if response.code in (401, 403):
-            raise UpstreamError(
-                self.error(403, "DENIED", "refused cargobay's credentials (token service answered "
-                            f"{response.code})")
-            )
+            if self.registry.auth is not None:
+                what = f"refused cargobay's credentials (token service answered {response.code})"
+            else:
+                what = f"wants credentials, and the config gives none (token service answered {response.code})"
+            self._auth_failed(what)
+            raise UpstreamError(self.error(403, "DENIED", what))
         if response.code != 200:
-            raise UpstreamError(
-                self.error(502, "UNAVAILABLE", f"token service answered {response.code}")
-            )
+            what = f"token service answered {response.code}"
+            self._auth_failed(what, counted=response.code >= 500 or response.code == 429)
+            raise UpstreamError(self.error(502, "UNAVAILABLE", what))
         try:
             document = json.loads(body)
             token = document.get("token") or document.get("access_token")
-            if not isinstance(token, str) or not token:
+            # (What a header may carry: a NUL or a space in it went out as it was.)
+            if not isinstance(token, str) or not token or not _TOKEN_CHARACTERS.fullmatch(token):
                 raise ValueError("no token")
             if len(token) > MAX_UPSTREAM_TOKEN:
                 raise UpstreamError(self.error(
@@ -841,9 +890,9 @@ class Upstream:
                 lifetime = DEFAULT_TOKEN_LIFETIME
             lifetime = float(min(lifetime, MAX_TOKEN_LIFETIME))
         except (ValueError, AttributeError, RecursionError):
-            raise UpstreamError(
-                self.error(502, "UNAVAILABLE", "token service answered something that is not a token")
-            ) from None
+            what = "token service answered something that is not a token"
+            self._auth_failed(what)
+            raise UpstreamError(self.error(502, "UNAVAILABLE", what)) from None
         now = self._clock.seconds()
         expires_at = now + max(lifetime - TOKEN_EXPIRY_MARGIN, lifetime / 2)
         if len(self._tokens) >= MAX_CACHED_TOKENS:
@@ -906,6 +955,7 @@ class Upstream:
             raise UpstreamError(error) from None
         # (What discard_body gives a body that stops coming.)
         response._cargobay_idle = (self._clock, self.registry.read_timeout)
+        response._cargobay_authorization = authorization
         if origin(url) == origin(self.registry.url):
             self._reached()
         if self._metrics is not None:

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 
 from cargobay.cache import BlobCache, BlobKey
 from cargobay.config import RegistryConfig, UpstreamAuth
+from cargobay.metrics import Metrics
 from cargobay.reference import Digest
 from cargobay.upstream import Upstream
 
@@ -111,9 +112,10 @@ def make_upstream(
     url: str = "http://upstream.test",
     auth: UpstreamAuth | None = None,
     read_timeout: float = 30.0,
+    metrics: Metrics | None = None,
 ) -> Upstream:
     config = RegistryConfig(id="up", url=url, auth=auth, read_timeout=read_timeout)
-    return Upstream(config, reactor, agent=RequestTraversalAgent(registry))
+    return Upstream(config, reactor, agent=RequestTraversalAgent(registry), metrics=metrics)
 
 
 @dataclass

@@ -54,6 +54,7 @@ from peers import (
     sha256_digest,
     skopeo_pull,
     skopeo_push,
+    wait_until,
 )
 from proxy import ALL, SECRET, Proxy
 
@@ -318,6 +319,28 @@ def test_a_token_service_of_its_own_host_is_trusted_with_the_registry_s_ca_file(
                 proxy.process.stop()
             registry.stop()
             tokens.stop()
+
+
+def test_credentials_the_upstream_refuses_are_warned_of_and_counted(upstream_token, tmp_path):
+    # The client's 403 was all there was: the access line read as a client's
+    # own problem, with nothing in the log or the metrics for the operator.
+    proxy = start_proxy(
+        tmp_path,
+        [{"id": "corp", "url": upstream_token.url, "username": upstream_token.username, "password": "not-the-password"}],
+        [("app", "corp", "library/alpine")],
+    )
+    try:
+        for _ in range(2):
+            status, _, body = proxy.request("/v2/app/manifests/latest", headers={"Accept": OCI_MANIFEST})
+            assert status == 403 and b"refused cargobay's credentials (token service answered 401)" in body, body
+        said = "upstream corp refused cargobay's credentials (token service answered 401)"
+        assert wait_until(lambda: said in proxy.process.log_text(), timeout=10)
+        assert proxy.process.log_text().count(said) == 1  # (once a minute)
+        assert "not-the-password" not in proxy.process.log_text()
+        _, _, metrics = proxy.request("/metrics")
+        assert 'cargobay_upstream_errors_total{registry="corp",kind="auth"} 2' in metrics.decode()
+    finally:
+        proxy.process.stop()
 
 
 @pytest.mark.parametrize("case", ["untrusted", "mismatch"])

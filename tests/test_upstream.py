@@ -512,6 +512,123 @@ def test_token_service_refusing_credentials_is_denied_naming_the_registry():
     assert "'up'" in caught.value.error.message
 
 
+def _logged_warnings(run):
+    """What C{run()} logged at warn level, formatted."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    said: list = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        run()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    return [formatEvent(e) for e in said if e.get("log_level") == LogLevel.warn]
+
+
+@pytest.mark.parametrize("refused_with", [403, 401])
+def test_a_token_the_registry_stops_taking_is_not_sent_again(refused_with):
+    # Revoked, or expired before its time: refused with a 403 or a 401 with
+    # no challenge, it was kept as long as it had said (up to a day), and
+    # every request for what the cache lacks was refused.
+    registry = FakeRegistry()
+    tokens = iter(["T1", "T2"])
+    registry.on("GET", "/token", lambda r: json.dumps({"token": next(tokens), "expires_in": 86400}).encode())
+    valid = ["T1"]
+
+    def protected(request):
+        sent = request.getHeader(b"authorization")
+        if sent is None:
+            return bearer_protected(registry, "http://upstream.test/token", "-", lambda r: b"")(request)
+        if sent != f"Bearer {valid[0]}".encode():
+            return answering(refused_with)(request)
+        return b"ok"
+
+    registry.on("GET", "/v2/", protected)
+    upstream = make_upstream(registry, Clock())
+    assert result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE)).code == 200
+    valid[0] = "T2"
+    assert result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE)).code == refused_with
+    assert result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE)).code == 200
+    assert [s.authorization for s in registry.requests("/v2/")] == [None, "Bearer T1", "Bearer T1", None, "Bearer T2"]
+
+
+@pytest.mark.parametrize("auth, token_answer, status, said", [
+    (UpstreamAuth("u", "wrong"), answering(401), 403, "refused cargobay's credentials (token service answered 401)"),
+    # (It said "refused cargobay's credentials" when none were sent.)
+    (None, answering(401), 403, "wants credentials, and the config gives none (token service answered 401)"),
+    (None, answering(404), 502, "token service answered 404"),
+    (None, lambda r: b'{"token": null}', 502, "token service answered something that is not a token"),
+    # (What a header may not carry: it went out as it was.)
+    (None, lambda r: b'{"token": "abc\\u0000def"}', 502, "token service answered something that is not a token"),
+    (None, lambda r: b'{"token": "abc def"}', 502, "token service answered something that is not a token"),
+])
+def test_an_upstream_that_gives_no_token_is_warned_of_once_a_minute_and_counted(auth, token_answer, status, said):
+    # The client's error was all there was: the log's access line read as a
+    # client's problem, and nothing was counted.
+    from cargobay.metrics import Metrics
+
+    registry = FakeRegistry()
+    registry.on("GET", "/token", token_answer)
+    registry.on("GET", "/v2/", bearer_protected(registry, "http://upstream.test/token", "T", lambda r: b"ok"))
+    clock, metrics = Clock(), Metrics()
+    upstream = make_upstream(registry, clock, auth=auth, metrics=metrics)
+    errors = []
+
+    def pull(times):
+        for _ in range(times):
+            with pytest.raises(UpstreamError) as caught:
+                result_of(upstream.request("GET", "/v2/a/manifests/x", SCOPE))
+            errors.append(caught.value.error)
+
+    assert _logged_warnings(lambda: pull(3)) == [f"upstream up {said}"]
+    assert [(e.status, e.message) for e in errors] == [(status, f"upstream registry 'up' {said}")] * 3
+    assert metrics.upstream_errors.value("up", "auth") == 3
+    clock.advance(61)
+    assert _logged_warnings(lambda: pull(1)) == [f"upstream up {said}"]
+
+
+def test_a_basic_registry_refusing_the_credentials_is_warned_of_and_counted():
+    from cargobay.metrics import Metrics
+
+    registry = FakeRegistry()
+    registry.on("GET", "/v2/", answering(401, WWW_Authenticate=b'Basic realm="r"'))
+    metrics = Metrics()
+    upstream = make_upstream(registry, Clock(), auth=UpstreamAuth("u", "wrong"), metrics=metrics)
+    codes = []
+    warned = _logged_warnings(lambda: codes.extend(result_of(upstream.request("GET", "/v2/a/tags/list", SCOPE)).code
+                                                   for _ in range(2)))
+    assert codes == [401, 401]
+    assert warned == ["upstream up refused the configured credentials (answered 401)"]
+    assert metrics.upstream_errors.value("up", "auth") == 2
+
+
+@pytest.mark.parametrize("challenged, asked", [
+    # containerd asks for what the challenge names too: a registry's own scope...
+    ('scope="aws"', ["repository:library/alpine:pull", "aws"]),
+    ('scope="repository:library/alpine:pull registry:catalog:*"', ["repository:library/alpine:pull", "registry:catalog:*"]),
+    # ...but not the repository's other actions (a pull needs no push).
+    ('scope="repository:library/alpine:pull,push"', ["repository:library/alpine:pull"]),
+    ("", ["repository:library/alpine:pull"]),
+])
+def test_the_token_is_asked_for_what_the_challenge_names_too(challenged, asked):
+    from urllib.parse import parse_qs, urlsplit
+
+    registry = FakeRegistry()
+    registry.on("GET", "/token", token_handler("T"))
+
+    def protected(request):
+        if request.getHeader(b"authorization") != b"Bearer T":
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", f'Bearer realm="http://upstream.test/token",{challenged}'.encode())
+            return b""
+        return b"ok"
+
+    registry.on("GET", "/v2/", protected)
+    upstream = make_upstream(registry, Clock())
+    assert result_of(upstream.request("GET", "/v2/library/alpine/manifests/x", SCOPE)).code == 200
+    assert parse_qs(urlsplit(registry.requests("/token")[0].url).query)["scope"] == asked
+
+
 def test_the_credentials_of_an_https_registry_never_go_to_a_plain_http_token_realm():
     registry = FakeRegistry()
     registry.on("GET", "/token", token_handler("T", user="u", password="secret"))
