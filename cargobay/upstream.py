@@ -720,6 +720,10 @@ class Upstream:
             try:
                 target = urljoin(url, location)
                 target_origin = origin(target)
+                if "\\" in target or "@" in urlsplit(target).netloc:
+                    # Credentials of its own (shown back in an error), or a
+                    # backslash, which parsers read as different hosts.
+                    raise ValueError("a redirect to a URL with user information or a backslash")
             except ValueError:
                 discard_body(response)  # (unread, it would hold its connection)
                 raise
@@ -950,7 +954,13 @@ class Upstream:
             # (A registry failing TLS answers, only not as it should; a CDN
             # it redirects to is not the registry.)
             # (Nor is a 503: cargobay out of descriptors.)
-            if error.status != 503 and not is_tls_failure(failure) and origin(url) == origin(self.registry.url):
+            # (Nor is a URL that cannot be used: the registry was not asked.)
+            if (
+                error.status != 503
+                and not is_tls_failure(failure)
+                and not failure.check(ValueError, UnicodeError)
+                and origin(url) == origin(self.registry.url)
+            ):
                 self._unreachable(error)
             raise UpstreamError(error) from None
         # (What discard_body gives a body that stops coming.)
@@ -988,7 +998,8 @@ class Upstream:
         )
 
     def _network_error(self, failure: Failure, what: str) -> RegistryError:
-        host = urlsplit(what).netloc if "://" in what else what
+        # (Never what comes before an "@": credentials.)
+        host = urlsplit(what).netloc.rpartition("@")[2] if "://" in what else what
         if failure_within(failure, defer.CancelledError, netError.TimeoutError, defer.TimeoutError):
             return self.error(504, "UNAVAILABLE", f"timed out ({host})")
         if _out_of_descriptors(failure):

@@ -340,6 +340,26 @@ def test_a_redirect_to_a_location_that_cannot_be_used_reads_its_body():
         yield _stop(port, upstream)
 
 
+@pytest.mark.parametrize("location", [
+    "http://cdnuser:CDN-SECRET@cdn.test/blob",
+    "http://cdn.test:1\\@upstream.test:80/blob",
+    "http://upstream.test:1\\@cdn.test/blob",
+])
+def test_a_redirect_to_a_url_with_credentials_or_a_backslash_is_not_followed_nor_shown(location):
+    # The client's 502 showed the URL's credentials; a backslash, which
+    # parsers read as different hosts, failed as the registry being down.
+    registry = FakeRegistry()
+    registry.on("GET", "/v2/", answering(307, Location=location.encode()))
+    upstream = make_upstream(registry, Clock())
+    for _ in range(2):
+        with pytest.raises(UpstreamError) as caught:
+            result_of(upstream.request("GET", "/v2/a/blobs/sha256:x", SCOPE, any_origin=True))
+        assert caught.value.error.status == 502
+        assert "SECRET" not in caught.value.error.message and "cdnuser" not in caught.value.error.message
+    assert [s.url for s in registry.seen] == ["upstream.test/v2/a/blobs/sha256:x"] * 2  # (none to the target)
+    assert not upstream.unreachable
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_connection_busy_when_a_reload_closes_its_pool_is_closed_once_its_request_ends():
     # It went back to the replaced pool and stayed open for its 120 s.
