@@ -145,6 +145,24 @@ def abort_request(request: Any) -> None:
         transport.loseConnection()
 
 
+def answer_error_now(request: Any, error: RegistryError) -> None:
+    """
+    End a response whose blob headers were set but not sent with C{error}
+    instead (an OCI error body).
+    """
+    request.setResponseCode(error.status)
+    for header in (b"content-length", b"etag", b"accept-ranges", b"docker-content-digest", b"content-type"):
+        request.responseHeaders.removeHeader(header)
+    for name, value in error.headers.items():
+        request.setHeader(name.encode(), value.encode("ascii", "replace"))
+    body = error.body()
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
 class Fetch:
     """
     One upstream download of one blob into a temporary cache file, followed by
@@ -712,10 +730,14 @@ class BlobPipe(Protocol):
         max_cached: int | None = None,
         on_bad_content: Callable[[], None] | None = None,
         send_timeout: float = SEND_STALL_TIMEOUT,
+        error_for: Callable[[int, str], RegistryError] | None = None,
     ) -> None:
         self._digest = digest
         #: The primary client is cut once it takes nothing for this long.
         self._send_timeout = send_timeout
+        #: The error (status, what went wrong) the primary client gets for a
+        #: body that failed before any of it was sent; without, it is cut.
+        self._error_for = error_for
         #: Called when the body does not match the digest.
         self._on_bad_content = on_bad_content
         #: A body of unknown length that grows past this is not cached.
@@ -815,9 +837,9 @@ class BlobPipe(Protocol):
             _widen_buffer(request.channel.transport if request.channel else None)  # type: ignore[attr-defined]
             request.registerProducer(self, True)
             if self._expected is not None:
+                # (The headers go with the first bytes of the body: until
+                # then a failure is an error the client can read.)
                 self._client_fd = _raw_socket(request)
-                if self._client_fd is not None:
-                    request.write(b"")  # the headers, through the transport
         # Read the upstream in bigger gulps than Twisted's 64 KiB.
         _widen_buffer(getattr(self.transport, "_producer", None))
         self._arm()
@@ -973,6 +995,8 @@ class BlobPipe(Protocol):
             self._sent += len(data)
             request.write(data)
             return
+        if not getattr(request, "startedWriting", True):
+            request.write(b"")  # the headers, through the transport
         self._unsent.append(memoryview(data))
         self._flush()
 
@@ -1210,6 +1234,11 @@ class BlobPipe(Protocol):
             if held:
                 request.write(held)
             request.finish()
+        elif not getattr(request, "startedWriting", True) and self._error_for is not None and self._failure_reason is not None:
+            # Nothing of the body has gone: an error, not a cut connection
+            # (which the log took for a client that left).
+            status = 504 if self._failure_reason.startswith("sent nothing") else 502
+            answer_error_now(request, self._error_for(status, self._failure_reason))
         else:
             abort_request(request)
 
@@ -2291,6 +2320,7 @@ class BlobService:
                 self.cache.size_limit() if length is None else None,
                 self._bad_content_counter(upstream.registry.id),
                 self.send_timeout,
+                lambda status, reason: upstream.error(status, "UNAVAILABLE", reason),
             )
             response.deliverBody(pipe)
             if client is None or client.finished or getattr(client, "_disconnected", False):

@@ -118,6 +118,13 @@ def main(port: int) -> None:
                 return server.NOT_DONE_YET
             if mode == "wrong":
                 return BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+            if mode == "empty":
+                return b""
+            if mode == "silentbody" and request.method == b"GET":
+                # The headers, and then nothing.
+                request.setHeader(b"Content-Length", str(len(BLOB)).encode())
+                request.write(b"")
+                return server.NOT_DONE_YET
             if mode == "longer":
                 request.setHeader(b"Content-Length", str(len(BLOB)).encode())
                 request.channel.transport.write(b"")

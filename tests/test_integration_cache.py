@@ -376,7 +376,7 @@ def evil(tmp_path_factory):
 def evil_proxy(evil, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evil-proxy")
     modes = ["good", "wrong", "truncate", "stall", "chunkedcut", "chunkedslow", "longer", "status429", "status500", "status503",
-             "closedelimited", "closedelimitedcut"]
+             "closedelimited", "closedelimitedcut", "empty", "silentbody"]
     # One registry id per mode: cached blobs are shared by every repository
     # of one registry, and every mode serves the same digest.
     proxy = start_proxy(
@@ -619,6 +619,21 @@ def test_bad_bytes_never_look_complete_and_never_enter_the_cache(evil_proxy, mod
     cached = [p for p in evil_proxy.cached_blob_files() if "evil" in str(p) and p.name.startswith(digest_hex)]
     for path in cached:
         assert path.read_bytes() == BLOB  # only the good mode's bytes may be there
+
+
+@pytest.mark.parametrize("mode, status, said", [
+    ("empty", 502, "upstream registry 'evil-empty' sent content that does not match the digest"),
+    ("silentbody", 504, "upstream registry 'evil-silentbody' sent nothing for 2 s"),
+])
+def test_an_upstream_that_fails_before_any_byte_went_out_is_an_error_not_a_cut(evil_proxy, mode, status, said):
+    # The client's connection was cut with no status line (and the access
+    # log said 499, as for a client that left): nothing of the body had gone.
+    got, headers, body = evil_proxy.request(f"/v2/{mode}/blobs/{DIGEST}")
+    assert got == status, body
+    assert json.loads(body)["errors"][0]["message"].startswith(said), body
+    assert "docker-content-digest" not in headers
+    assert wait_until(lambda: f"GET /v2/{mode}/blobs/{DIGEST} {status} " in evil_proxy.process.log_text(), timeout=10)
+    assert wait_until(lambda: evil_proxy.temp_files() == [], timeout=30)
 
 
 def _content_errors(proxy: Proxy, registry: str) -> float:
