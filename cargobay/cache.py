@@ -34,13 +34,11 @@ log = Logger()
 #: How often (seconds) a cache hit updates the entry's mtime on disk.
 TOUCH_INTERVAL = 60.0
 #: A hit on a file not checked against its digest for this long (or since
-#: start-up) has it checked soon after, ahead of the scrub's turn: a file
-#: damaged in place is served once, not until the scrub comes round to it.
+#: start-up) puts it first in the scrub's next run: a file damaged in place
+#: is served until then, not until the scrub comes round to it (hours, in
+#: a large cache).
 RECHECK_SERVED_AFTER = 3600.0
-#: How soon after such a hit, and what one such check reads at most.
-RECHECK_DELAY = 1.0
-RECHECK_BUDGET = 1024 * 1024 * 1024
-#: Files waiting for such a check, at most (the rest wait for the scrub).
+#: Files waiting for such a check, at most (the rest wait for their turn).
 MAX_RECHECK_QUEUE = 4096
 #: Entries removed per reactor turn while evicting.
 EVICTION_BATCH = 256
@@ -335,12 +333,11 @@ class BlobCache:
         self._write_error_logged = False
         self._evicting: Deferred[None] | None = None
         self._scrubbing = False
-        #: Whether a hit has its file checked soon (L{RECHECK_SERVED_AFTER});
-        #: off with the scrub.
+        #: Whether a hit puts its file first in the scrub's next run
+        #: (L{RECHECK_SERVED_AFTER}); off with the scrub.
         self.recheck_served = True
-        #: Served files waiting for that check, and the call that makes it.
+        #: Served files waiting for that check.
         self._to_recheck: dict[BlobKey, None] = {}
-        self._recheck_call: Any = None
         #: Set when an eviction was asked for while one ran: it runs again.
         self._evict_again = False
         #: Bytes a download that met a full disk wanted: the next eviction
@@ -546,8 +543,10 @@ class BlobCache:
         entry.readers += 1
         now = self._clock.seconds()
         entry.last_used = now
-        if self.recheck_served and now - entry.verified_at > RECHECK_SERVED_AFTER:
-            self._recheck_soon(entry)
+        # (Checked "in the future": while the clock ran ahead; due now.)
+        if self.recheck_served and not 0 <= now - entry.verified_at <= RECHECK_SERVED_AFTER:
+            if entry.key not in self._to_recheck and len(self._to_recheck) < MAX_RECHECK_QUEUE:
+                self._to_recheck[entry.key] = None
         # (Well within the age limit: a file's time is its last use after a
         # restart.)
         touch_every = min(TOUCH_INTERVAL, self.max_age_seconds / 8) if self.max_age_seconds > 0 else TOUCH_INTERVAL
@@ -647,41 +646,16 @@ class BlobCache:
 
     # -- scrubbing ---------------------------------------------------------
 
-    def _recheck_soon(self, entry: Entry) -> None:
-        if entry.key in self._to_recheck or len(self._to_recheck) >= MAX_RECHECK_QUEUE:
-            return
-        self._to_recheck[entry.key] = None
-        if self._recheck_call is None:
-            self._recheck_call = self._clock.callLater(RECHECK_DELAY, self._recheck)
-
-    def _recheck(self) -> None:
-        self._recheck_call = None
-        if not self._to_recheck:
-            return
-        if self._scrubbing:
-            # (The run under way chose its files before these were served.)
-            self._recheck_call = self._clock.callLater(RECHECK_DELAY, self._recheck)
-            return
-
-        def again(result: object) -> object:
-            if self._to_recheck and self._recheck_call is None:
-                self._recheck_call = self._clock.callLater(RECHECK_DELAY, self._recheck)
-            return result
-
-        self.scrub(RECHECK_BUDGET, served_only=True).addBoth(again).addErrback(
-            lambda f: log.failure("checking served blobs failed", f)
-        )
-
-    def scrub(self, budget_bytes: int, served_only: bool = False) -> Deferred[int]:
+    def scrub(self, budget_bytes: int) -> Deferred[int]:
         """
         Re-verify cached files against their digests, reading at most about
         C{budget_bytes}, one chunk per reactor turn: the files served since
-        they were last checked first (see L{RECHECK_SERVED_AFTER}; only those
-        with C{served_only}), then the least recently verified.  A file that
-        no longer matches is removed (it will be fetched again).  Fires with
-        the number of damaged files found.  While one runs, another is not
-        started (fires with 0): a disk slower than the budget would pile them
-        up, each over the same files.
+        they were last checked first (see L{RECHECK_SERVED_AFTER}), then the
+        least recently verified.  A file that no longer matches is removed
+        (it will be fetched again).  Fires with the number of damaged files
+        found.  While one runs, another is not started (fires with 0): a
+        disk slower than the budget would pile them up, each over the same
+        files.
         """
         if self._scrubbing:
             return succeed(0)
@@ -689,10 +663,8 @@ class BlobCache:
         served = [self._entries[key] for key in self._to_recheck if key in self._entries]
         for key in [key for key in self._to_recheck if key not in self._entries]:
             del self._to_recheck[key]
-        ordered = served
-        if not served_only:
-            rest = sorted((e for e in self._entries.values() if e.key not in self._to_recheck), key=lambda e: e.verified_at)
-            ordered = served + rest
+        rest = sorted((e for e in self._entries.values() if e.key not in self._to_recheck), key=lambda e: e.verified_at)
+        ordered = served + rest
         damaged = [0]
 
         def work() -> Iterator[None]:

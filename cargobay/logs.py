@@ -42,17 +42,28 @@ def printable(text: str, limit: int = 300) -> str:
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
+class _Field(str):
+    """
+    A field's value: itself (in a JSON line's field), and quoted where a
+    message is formatted from it (see L{field_value}).
+    """
+
+    def __format__(self, spec: str) -> str:
+        text = str(self)
+        if text and not any(c in text for c in ' "=\\'):
+            return format(text, spec)
+        return format(json.dumps(text, ensure_ascii=False), spec)
+
+
 def field_value(text: str, limit: int = 300) -> str:
     """
     C{text} as the value of a C{name=value} field of a log line: as
-    L{printable}, and quoted (a JSON string) when it holds a space, a quote
-    or an C{=}, so that it cannot pass for more fields (a token's subject
-    C{"x repository=secret"}).
+    L{printable}, and quoted (a JSON string) in the line's text when it
+    holds a space, a quote, an C{=} or a backslash, so that it cannot pass
+    for more fields (a token's subject C{"x repository=secret"}).  A JSON
+    line's field of the same name holds it unquoted.
     """
-    shown = printable(text, limit)
-    if shown and not any(c in shown for c in ' "=\\'):
-        return shown
-    return json.dumps(shown, ensure_ascii=False)
+    return _Field(printable(text, limit))
 
 
 _LEVELS = {"debug", "info", "warn", "error", "critical"}

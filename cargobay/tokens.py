@@ -258,19 +258,29 @@ class _DuplicateName(ValueError):
     pass
 
 
+#: The names of a token's header and claims that are read (here, or by the
+#: earlier implementation, whose decoding refused one of them twice).
+_READ_NAMES = frozenset({
+    "alg", "typ", "cty", "kid", "jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit",
+    "sub", "access", "type", "repos", "exp", "nbf", "iat", "iss", "aud", "jti", ORIGIN_CLAIM,
+})
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
-        raise _DuplicateName(next(name for name in names if names.count(name) > 1))
+        for name in names:
+            if name in _READ_NAMES and names.count(name) > 1:
+                raise _DuplicateName(name)
     return dict(pairs)
 
 
 def _refuse_duplicate_names(token: str) -> None:
     """
-    Refuse a token whose header or claims name a member twice, at any
-    depth (two C{access}, two C{type}): the earlier implementation did, and
-    a checker that reads the first of them would read another token than
-    the lexically last that PyJWT takes.
+    Refuse a token whose header or claims name a member that is read twice
+    (two C{access}, two C{type}): the earlier implementation did, and a
+    checker that reads the first of them would read another token than the
+    lexically last that PyJWT takes.  Other names may come twice, as there.
     """
     for segment in token.split(".")[:2]:
         try:

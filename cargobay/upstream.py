@@ -710,7 +710,7 @@ class Upstream:
                 retry = yield self._answer_challenge(challenges, scope)
             if retry:
                 response = yield self._send(method, url, scope, headers)
-        if response.code in (401, 403):
+        if response.code == 401:
             self._refused(scope, response)
         redirects = 0
         while follow_redirects and response.code in REDIRECT_CODES:
@@ -760,17 +760,18 @@ class Upstream:
 
     def _refused(self, scope: str, response: IResponse) -> None:
         """
-        The registry refused what was sent (a 401 even after a challenge
-        was answered, or a 403): a token of its is not sent again (revoked,
-        or expired before its time: it was kept as long as it said, up to a
-        day, and every request for what the cache lacks was refused), and
-        credentials it refuses are worth a warning.
+        The registry refused what was sent with a 401 (even after a
+        challenge was answered, or with none to answer): a token of its is
+        not sent again (revoked, or expired before its time: it was kept as
+        long as it said, up to a day, and every request for what the cache
+        lacks was refused), and credentials it refuses are worth a warning.
+        (A 403 is a token that is good, for other things.)
         """
         sent = getattr(response, "_cargobay_authorization", None)
         cached = self._tokens.get(scope)
         if cached is not None and sent == f"Bearer {cached.token}":
             del self._tokens[scope]
-        if response.code == 401 and sent is not None and sent.startswith("Basic "):
+        if sent is not None and sent.startswith("Basic "):
             self._auth_failed(f"refused the configured credentials (answered {response.code})")
 
     def _auth_failed(self, what: str, counted: bool = False) -> None:
@@ -832,11 +833,11 @@ class Upstream:
         if challenge.service:
             query.append(("service", challenge.service))
         query.append(("scope", scope))
-        # What else the challenge names (containerd asks for it too): not
-        # the repository's other actions (push), but a registry's own scope.
-        own = scope.rsplit(":", 1)[0] + ":"
+        # What else the challenge names (containerd asks for it too): a
+        # registry's own scope, not a repository's (this one's other
+        # actions, push; another's, which the credentials were not given for).
         for named in (challenge.scope or "").split():
-            if named != scope and not named.startswith(own) and ("scope", named) not in query:
+            if not named.startswith("repository:") and ("scope", named) not in query:
                 query.append(("scope", named))
         headers = Headers()
         if self.registry.auth is not None:

@@ -207,64 +207,51 @@ def _damage(path):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_a_served_file_not_checked_for_an_hour_is_checked_soon_after_ahead_of_the_rest(tmp_path):
-    # A file damaged in place was served (200, whole, wrong) until the scrub
-    # came round to it: in a 10 GiB cache at 64 MiB a minute, hours.
+def _served_first_world(tmp_path, served_at, recheck=True):
+    """
+    A cache of four files, all due a scrub, of which one, damaged in place,
+    is served at C{served_at} seconds and is the one the scrub would read
+    last: the scrub's next run, reading one file, reads which?
+    """
     cache, clock = make(tmp_path)
+    cache.recheck_served = recheck
+    clock.advance(10_000)
     others = [store(cache, os.urandom(300_000)) for _ in range(3)]
     served = store(cache, os.urandom(300_000))
     _damage(cache.lookup(served).path)
-    entry, fileobj = cache.open_entry(served)  # written by this process: checked
-    fileobj.close()
-    cache.release(entry)
-    run(clock, seconds=5)
-    assert cache.lookup(served) is not None
-    clock.advance(3601)
-    for key in others + [served]:
-        cache.lookup(key).verified_at = clock.seconds() - 3601 + 1  # (all due a scrub, none yet a served check)
-    cache.lookup(served).verified_at = 0.5  # the least due of all for the scrub, if not served
+    for age, key in enumerate(others):
+        cache.lookup(key).verified_at = 100.0 + age
+    cache.lookup(served).verified_at = clock.seconds() - served_at
     entry, fileobj = cache.open_entry(served)
     fileobj.close()
     cache.release(entry)
-    run(clock, seconds=2, steps=200)
-    assert cache.lookup(served) is None and not os.path.exists(entry.path)
-    # Only what was served was read: the scrub's turn for the rest is its own.
-    assert all(cache.lookup(key).verified_at < clock.seconds() - 3000 for key in others)
+    found = []
+    cache.scrub(1).addCallback(found.append)  # (one file: a file is read to its end)
+    run(clock, steps=100)
+    return cache, served, others, found
 
 
-def test_no_served_file_is_checked_with_the_scrub_off(tmp_path):
-    cache, clock = make(tmp_path)
-    cache.recheck_served = False
-    served = store(cache, os.urandom(300_000))
-    _damage(cache.lookup(served).path)
-    clock.advance(3601)
-    entry, fileobj = cache.open_entry(served)
-    fileobj.close()
-    cache.release(entry)
-    run(clock, seconds=5)
-    assert cache.lookup(served) is not None
+def test_a_served_file_not_checked_for_an_hour_is_first_in_the_scrub_s_next_run(tmp_path):
+    # A file damaged in place was served (200, whole, wrong) until the scrub
+    # came round to it: in a 10 GiB cache at 64 MiB a minute, hours.
+    cache, served, others, found = _served_first_world(tmp_path, served_at=3601)
+    assert found == [1] and cache.lookup(served) is None
+    assert all(cache.lookup(key).verified_at < 1000 for key in others)
 
 
-def test_a_served_file_the_check_cannot_open_is_not_checked_over_and_over(tmp_path, monkeypatch):
-    import builtins
+@pytest.mark.parametrize("served_at, recheck", [
+    (60, True),  # checked within the hour: its turn, as before
+    (3601, False),  # the scrub is off (scrub_bytes_per_interval = 0)
+])
+def test_a_served_file_is_not_put_first_when_checked_lately_or_with_the_scrub_off(tmp_path, served_at, recheck):
+    cache, served, others, found = _served_first_world(tmp_path, served_at, recheck)
+    assert found == [0] and cache.lookup(served) is not None
+    assert cache.lookup(others[0]).verified_at > 1000  # the least recently checked went first
 
-    cache, clock = make(tmp_path)
-    served = store(cache, os.urandom(300_000))
-    clock.advance(3601)
-    entry, fileobj = cache.open_entry(served)
-    fileobj.close()
-    cache.release(entry)
-    real_open, opened = builtins.open, []
 
-    def no_descriptors(path, *args, **kwargs):
-        if str(path).startswith(cache.directory):
-            opened.append(path)
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", no_descriptors)
-    run(clock, seconds=30, steps=300)
-    assert len(opened) == 1 and cache.lookup(served) is not None
+def test_a_served_file_checked_while_the_clock_ran_ahead_is_first_too(tmp_path):
+    cache, served, others, found = _served_first_world(tmp_path, served_at=-7200)
+    assert found == [1] and cache.lookup(served) is None
 
 
 def test_a_file_the_scrub_cannot_open_is_not_damage(tmp_path, monkeypatch):

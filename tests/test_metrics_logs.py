@@ -1,6 +1,7 @@
 import io
 import json
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cargobay.logs import level_from_environment, make_observer
@@ -142,3 +143,24 @@ def test_what_does_not_print_is_escaped_in_log_lines():
     observer = make_observer("text", "info", stream)
     Logger(namespace="cargobay.access", observer=observer).info("subject={subject}", subject=printable("\ud800\nx"))
     assert "subject=\\ud800\\nx" in stream.getvalue() and stream.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("subject, in_text", [
+    ("ci-bot", "subject=ci-bot repository=a"),
+    # A space, a quote, an = or a backslash could pass for more fields.
+    ("x repository=secret", 'subject="x repository=secret" repository=a'),
+    ('CN=ci, O="corp"', 'subject="CN=ci, O=\\"corp\\"" repository=a'),
+    ("", 'subject="" repository=a'),
+])
+def test_a_field_is_quoted_in_the_text_and_kept_as_it_is_in_json(subject, in_text):
+    from twisted.logger import Logger
+
+    from cargobay.logs import field_value
+
+    text, lines = io.StringIO(), io.StringIO()
+    for stream, kind in ((text, "text"), (lines, "json")):
+        Logger(namespace="cargobay.audit", observer=make_observer(kind, "info", stream)).info(
+            "pull subject={subject} repository={name}", subject=field_value(subject), name="a")
+    assert in_text in text.getvalue()
+    record = json.loads(lines.getvalue())
+    assert record["subject"] == subject and in_text in record["message"]

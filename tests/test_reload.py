@@ -5,6 +5,7 @@ what changes at once, and what runs as it was until a restart.
 
 import json
 
+import pytest
 from tls import TestCA
 from twisted.internet import reactor as global_reactor
 
@@ -36,6 +37,13 @@ def test_a_registry_moved_by_a_reload_that_also_changes_the_cache_directory_leav
     assert runtime.config.cache.directory == str(cache)
     assert runtime.config.server.port == 5000
     assert runtime.app.config.server.port == 5000
+
+
+@pytest.mark.parametrize("scrub, recheck", [("", True), ("scrub_bytes_per_interval = 0", False)])
+def test_served_files_are_put_first_in_the_scrub_unless_it_is_off(tmp_path, scrub, recheck):
+    path = write_config(tmp_path / "config.toml", 5000, tmp_path / "cache", [{"id": "hub", "url": "https://a.example"}],
+                        MAPPED, scrub)
+    assert Runtime(load_config(str(path)), str(path), global_reactor).cache.recheck_served is recheck
 
 
 def test_a_reload_names_each_change_that_waits_for_a_restart_and_only_those(tmp_path):

@@ -509,6 +509,19 @@ def manifest_naming_the_blob():
     return manifest, get_manifest
 
 
+def index_naming(manifest_digest, size):
+    """An OCI index naming one linux/amd64 manifest, and an upstream handler serving it."""
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": str(manifest_digest), "size": size,
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+
+    def get_index(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+        return index
+
+    return index, get_index
+
+
 def test_an_index_proves_nothing_of_the_manifests_it_names(world):
     # A registry may take an index naming manifests it does not hold in that
     # repository (distribution 3's sparse indexes): one pushed under another
@@ -520,14 +533,7 @@ def test_an_index_proves_nothing_of_the_manifests_it_names(world):
     world.upstream_registry.on("GET", "/v2/library/alpine/manifests/", get_image)
     assert world.get("/v2/alpine/manifests/latest", ALL)[1] == image
     assert world.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", ALL)[1] == BLOB
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": len(image),
-         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
-
-    def get_index(request):
-        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
-        return index
-
+    _, get_index = index_naming(image_digest, len(image))
     world.upstream_registry.on("GET", "/v2/team/application/manifests/evil", get_index)
     world.upstream_registry.on("HEAD", "/v2/team/application/manifests/sha256:", _failing(404))
     assert world.get("/v2/mycompany/app/manifests/evil", ALL)[0].code == 200
@@ -546,6 +552,22 @@ def test_an_index_proves_nothing_of_the_manifests_it_names(world):
         assert response.code != 200 and body != image, status
 
 
+@pytest.mark.parametrize("status", [503, 429, 403, 401])
+def test_an_index_s_manifest_shown_under_its_name_is_served_to_a_narrow_client_while_the_upstream_fails(world, status):
+    image, get_image = manifest_naming_the_blob()
+    image_digest = "sha256:" + hashlib.sha256(image).hexdigest()
+    _, get_index = index_naming(image_digest, len(image))
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/multi", get_index)
+    world.upstream_registry.on("GET", f"/v2/team/application/manifests/{image_digest}", get_image)
+    assert world.get("/v2/mycompany/app/manifests/multi", ALL)[0].code == 200
+    assert world.get(f"/v2/mycompany/app/manifests/{image_digest}", ALL)[1] == image  # (as docker does)
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/multi", _failing(status))
+    world.wait(61)  # (the tag is due for a check)
+    response, body = world.get("/v2/mycompany/app/manifests/multi", ALL,
+                               headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert (response.code, body) == (200, image) and response.headers.getRawHeaders("warning")
+
+
 def test_upgrading_a_cache_links_an_index_but_not_the_manifests_it_names(world):
     # A cache from before links were kept: what its tags resolve to is linked
     # to their names at start, an index's manifests not (it may name another
@@ -554,9 +576,7 @@ def test_upgrading_a_cache_links_an_index_but_not_the_manifests_it_names(world):
 
     image, _ = manifest_naming_the_blob()
     image_digest = Digest.parse("sha256:" + hashlib.sha256(image).hexdigest())
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": str(image_digest), "size": len(image),
-         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index, _ = index_naming(image_digest, len(image))
     index_digest = Digest.parse("sha256:" + hashlib.sha256(index).hexdigest())
     world.store.put("up", Manifest(image, "application/vnd.oci.image.manifest.v1+json", image_digest))
     world.store.put("up", Manifest(index, "application/vnd.oci.image.index.v1+json", index_digest))

@@ -61,8 +61,10 @@ def _signed(payload, header='{"alg":"HS256","typ":"JWT"}'):
     return (signing_input + b"." + signature).decode()
 
 
-def test_a_token_of_exact_bytes_is_taken_when_it_names_nothing_twice():
+def test_a_token_of_exact_bytes_is_taken_when_it_names_nothing_read_twice():
     assert verify(_signed('{"sub":"x","access":{"type":"repositories","repos":["a"]}}')).repositories == ("a",)
+    # (A claim no one reads may come twice, as the earlier implementation took it.)
+    assert verify(_signed('{"sub":"x","team":"a","team":"b","access":{"type":"all"}}')).repositories is None
 
 
 @pytest.mark.parametrize(
