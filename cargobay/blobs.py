@@ -1153,8 +1153,11 @@ class BlobPipe(Protocol):
         if self._failure_reason is None:
             # A body of no announced length may end with the connection
             # (HTTP/1.0's way): whether it is whole, the digest says.
+            # So may a 206 whose length only its Content-Range gave: whole
+            # if every byte came.
             ended = reason.check(webclient.ResponseDone) or (
-                self._expected is None and reason.check(webclient.PotentialDataLoss)
+                reason.check(webclient.PotentialDataLoss)
+                and (self._expected is None or self._received == self._expected)
             )
             if not ended:
                 self._failure_reason = f"failed mid-body ({reason.type.__name__})"
@@ -1828,7 +1831,7 @@ class _RescuePipe(Protocol):
         if self._gone:
             return
         ok = (
-            reason.check(webclient.ResponseDone) is not None
+            reason.check(webclient.ResponseDone, webclient.PotentialDataLoss) is not None
             and self._position == self._total
             and self._hasher.hexdigest() == self._digest.encoded
         )
@@ -2267,7 +2270,14 @@ class BlobService:
                     resume.abort()
                     discard_body(response)
                     if response.code in (200, 206):
-                        raise _retry_error()  # another range, too big, or the disk refused
+                        # (Said as it is: "the download this request joined
+                        # failed" told the operator nothing of a refill.)
+                        raise upstream.error(
+                            503, "UNAVAILABLE",
+                            "answered the request for the rest of the blob with another range, or the rest no "
+                            "longer fits the cache; retry",
+                            headers={"Retry-After": "1"},
+                        )
                     raise map_status(upstream, response, blob_unknown(str(digest)))
                 offset, length = resumed
             elif response.code != 200:

@@ -589,7 +589,14 @@ class BlobCache:
             return None
         return BlobWriter(self, key, path, fileobj, self.direct_writes)
 
-    def _adopt(self, key: BlobKey, temp_path: str, size: int) -> Entry:
+    def _adopt(self, key: BlobKey, temp_path: str, size: int) -> Entry | None:
+        if size > self.max_size_bytes:
+            # The limit was lowered (a reload) while it downloaded: as an
+            # entry it would have every other evicted, and then itself.
+            log.info("not caching {digest}: {size} bytes is more than max_size_bytes now",
+                     digest=str(key.digest), size=size)
+            _unlink(temp_path)
+            return None
         directory = os.path.join(self.directory, key.relative_dir())
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{key.digest.encoded}-{size}")

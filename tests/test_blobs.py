@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -190,10 +191,10 @@ def feed(pipe: BlobPipe) -> None:
         pipe.dataReceived(BODY[start:start + MiB])
 
 
-def finish(pipe: BlobPipe, reactor: Reactor) -> bool:
+def finish(pipe: BlobPipe, reactor: Reactor, how: Exception | None = None) -> bool:
     results: list[bool] = []
     pipe.done.addCallback(results.append)
-    pipe.connectionLost(Failure(ResponseDone()))
+    pipe.connectionLost(Failure(how or ResponseDone()))
     reactor.run_until(lambda: bool(results))
     return results[0]
 
@@ -307,6 +308,23 @@ def test_a_cache_file_short_of_the_verified_body_never_becomes_an_entry():
     assert client.finished and bytes(client.body) == BODY
     assert writer.aborted and not writer.committed
     assert fetch.state == "failed"
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_body_of_known_length_that_ends_with_its_connection_is_whole_if_every_byte_came(whole):
+    # A 206 whose length only its Content-Range gave, ended by closing its
+    # connection (no Content-Length): refused as "PotentialDataLoss" at
+    # every pull, so that the blob was never cached.
+    from twisted.web.http import PotentialDataLoss
+
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    writer.gate.set()
+    body = BODY if whole else BODY[:-1]
+    for start in range(0, len(body), MiB):
+        pipe.dataReceived(body[start:start + MiB])
+    reactor.run_until(lambda: not upstream.paused)
+    assert finish(pipe, reactor, PotentialDataLoss()) is whole
+    assert writer.committed is whole
 
 
 class FailingFollower(Follower):

@@ -137,12 +137,12 @@ def test_an_entry_being_read_is_never_removed(tmp_path):
     writer = cache.begin(key)
     writer.write_raw(data)
     writer.wrote(len(data))
-    entry = writer.commit()
+    assert writer.commit() is None
     run(clock)
     assert cache.lookup(key) is None  # limit 0: nothing stays...
+    cache.max_size_bytes = 10**9
     key = store(cache, data)
     # ...unless someone reads it while eviction runs.
-    cache.max_size_bytes = 10**9
     entry, f = cache.open_entry(key)
     cache.max_size_bytes = 0
     cache.evict()
@@ -197,6 +197,23 @@ def test_scrub_finds_and_removes_bit_rot(tmp_path):
     assert found == [1]
     assert again.lookup(bad) is None and again.lookup(good) is not None
     assert not os.path.exists(path)
+
+
+def test_a_blob_bigger_than_a_limit_lowered_while_it_downloaded_is_not_cached_and_evicts_nothing(tmp_path):
+    # A reload lowered max_size_bytes: the blob became an entry over the
+    # limit, and the eviction that followed emptied the cache, itself last.
+    cache, clock = make(tmp_path, max_size=10**6)
+    kept = [store(cache, os.urandom(100_000)) for _ in range(3)]
+    data = os.urandom(800_000)
+    key = BlobKey("up", Digest("sha256", hashlib.sha256(data).hexdigest()))
+    writer = cache.begin(key, len(data))
+    writer.write_raw(data)
+    writer.wrote(len(data))
+    cache.max_size_bytes = 700_000
+    assert writer.commit() is None
+    run(clock)
+    assert cache.lookup(key) is None and all(cache.lookup(k) is not None for k in kept)
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
 
 
 def _damage(path):
