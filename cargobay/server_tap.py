@@ -15,6 +15,7 @@ import time
 from functools import partial
 from typing import Any, cast
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from twisted.application import internet, service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -98,11 +99,58 @@ class Options(usage.Options):
         if self.config.metrics.enabled and self.config.metrics.listen:
             listeners.append(("metrics.listen", self.config.metrics.listen))
         for key, description in listeners:
+            problem, _ = tls_files_problem(description, time.time())
+            if problem is not None:
+                fail(f"{key}: {problem}")
             try:
                 # Parses the description (and loads TLS files) without listening.
                 endpoints.serverFromString(reactor, description)
             except Exception as e:
                 fail(f"{key}: {description!r} is not a usable endpoint ({e})")
+
+
+def tls_files_problem(description: str, now: float) -> tuple[str | None, str | None]:
+    """
+    For an C{ssl:} listener: what is wrong with its key and certificate
+    files (said in words, naming the file, before OpenSSL's error list), and
+    whether its certificate is out of its dates (a warning at start; a
+    reload keeps the one in use).  A key with a passphrase is refused here:
+    OpenSSL would ask for it on the terminal, if any, and every request
+    would wait for an answer.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        args, kwargs = endpoints._parse(description)
+    except Exception:  # (serverFromString says)
+        return None, None
+    if not args or args[0] != "ssl":
+        return None, None
+    key_path = kwargs.get("privateKey", "server.pem")
+    cert_path = kwargs.get("certKey") or key_path
+    try:
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+        with open(cert_path, "rb") as f:
+            cert_pem = key_pem if cert_path == key_path else f.read()
+    except OSError as e:
+        return f"cannot read TLS file {e.filename!r} ({e.strerror})", None
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        return f"privateKey {key_path!r} is encrypted with a passphrase; cargobay takes an unencrypted key", None
+    except (ValueError, UnsupportedAlgorithm):
+        return f"privateKey {key_path!r} holds no PEM private key cargobay can use", None
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        return f"certKey {cert_path!r} holds no PEM certificate", None
+    if leaf.not_valid_after_utc.timestamp() < now:
+        return None, f"the certificate in {cert_path!r} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if leaf.not_valid_before_utc.timestamp() > now:
+        return None, f"the certificate in {cert_path!r} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None, None
 
 
 @implementer(IOpenSSLContextFactory)
@@ -140,6 +188,9 @@ class Listener(internet.StreamServerEndpointService):
         if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
             self._tls = ReloadableTLS(endpoint._sslContextFactory)
             endpoint._sslContextFactory = self._tls
+            _, dated = tls_files_problem(description, time.time())
+            if dated is not None:
+                log.error("{key}: {problem}: clients will refuse it", key=key, problem=dated)
 
     def reload_tls(self) -> None:
         """
@@ -148,6 +199,10 @@ class Listener(internet.StreamServerEndpointService):
         files that do not make a working pair are logged and the ones in use stay.
         """
         if self._tls is None:
+            return
+        problem, dated = tls_files_problem(self._description, time.time())
+        if problem is not None or dated is not None:
+            log.error("reload: {key}: keeping the TLS certificate in use: {problem}", key=self._key, problem=problem or dated)
             return
         try:
             fresh = endpoints.serverFromString(self._reactor, self._description)._sslContextFactory

@@ -327,6 +327,9 @@ def test_a_second_process_on_one_cache_directory_stops_with_one_line(tmp_path):
 def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
     # A taken port, an address that is not an address, a bad metrics
     # endpoint: each was a forty-line traceback (exit 1) after "listening".
+    from tls import TestCA
+
+    locked = TestCA(tmp_path / "ca").issue("locked", ip_addresses=["127.0.0.1"], passphrase=b"secret")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -336,6 +339,15 @@ def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
             (f'bind_address = "127.0.0.1"\nport = {port}', "cargobay: server.listen: cannot listen on"),
             ('bind_address = "127.0.0.1:5000"', "cargobay: server.bind_address: '127.0.0.1:5000' is not an IP address"),
             (f'port = {free_port()}\n[metrics]\nlisten = "tcp:notaport"', "cargobay: metrics.listen: 'tcp:notaport'"),
+            # TLS files said in words, naming the file; a key with a passphrase
+            # had OpenSSL ask for it on the terminal, if any.
+            (f'listen = "ssl:{free_port()}:privateKey={locked.key_path}:certKey={locked.cert_path}"',
+             f"cargobay: server.listen: privateKey '{locked.key_path}' is encrypted with a passphrase; "
+             "cargobay takes an unencrypted key"),
+            (f'listen = "ssl:{free_port()}:privateKey={locked.cert_path}:certKey={locked.cert_path}"',
+             f"cargobay: server.listen: privateKey '{locked.cert_path}' holds no PEM private key cargobay can use"),
+            (f'listen = "ssl:{free_port()}:privateKey={tmp_path / "none.pem"}"',
+             f"cargobay: server.listen: cannot read TLS file '{tmp_path / 'none.pem'}' (No such file or directory)"),
         ]:
             config = tmp_path / "bad.toml"
             config.write_text(f"[server]\n{server}\n{base}")

@@ -209,13 +209,41 @@ def test_sighup_serves_a_renewed_certificate_to_new_connections(tmp_path):
         response.read()
         kept.close()
         # Half a renewal (the new certificate, the old key): refused, the
-        # renewed pair goes on being served.
-        key.write_bytes(first.key_path.read_bytes())
-        os.kill(process.pid, signal.SIGHUP)
-        assert wait_until(lambda: "keeping the TLS certificate in use" in process.log_text(), timeout=10)
-        assert _served_certificate(port, ca) == _der(renewed.cert_path)
+        # renewed pair goes on being served.  So is a pair whose certificate
+        # has expired (every new pull would have failed), and a key with a
+        # passphrase (OpenSSL asked for it on the terminal, if the process
+        # had one, and every request waited).
+        expired = ca.issue("expired", ip_addresses=["127.0.0.1"], valid_days=(-30, -1))
+        locked = ca.issue("locked", ip_addresses=["127.0.0.1"], passphrase=b"secret")
+        for pair, said in (
+            ((first.key_path, renewed.cert_path), "keeping the TLS certificate in use, the files do not make a usable one"),
+            ((expired.key_path, expired.cert_path), f"keeping the TLS certificate in use: the certificate in '{cert}' expired on"),
+            ((locked.key_path, locked.cert_path), f"keeping the TLS certificate in use: privateKey '{key}' is encrypted"),
+        ):
+            key.write_bytes(pair[0].read_bytes())
+            cert.write_bytes(pair[1].read_bytes())
+            os.kill(process.pid, signal.SIGHUP)
+            assert wait_until(lambda said=said: said in process.log_text(), timeout=10), process.log_text()[-2000:]
+            assert _served_certificate(port, ca) == _der(renewed.cert_path)
         assert process.returncode is None
         assert "Traceback" not in process.log_text()
+    finally:
+        process.stop()
+
+
+def test_a_certificate_out_of_its_dates_at_start_is_logged_as_an_error(tmp_path):
+    # It started without a word, and every client refused it.
+    ca = TestCA(tmp_path / "ca")
+    expired = ca.issue("expired", ip_addresses=["127.0.0.1"], valid_days=(-30, -1))
+    port = free_port()
+    config = write_config(tmp_path / "tls.toml", port, tmp_path / "cache",
+                          [{"id": "up", "url": "http://127.0.0.1:9"}], [("eco", "up", "library/ecosystem")])
+    config.write_text(config.read_text().replace(f"port = {port}\n", f'port = {port}\nlisten = "ssl:{port}:interface=127.0.0.1:'
+                                                 f'privateKey={expired.key_path}:certKey={expired.cert_path}"\n', 1))
+    process = Twistd(config_path=config, log_path=tmp_path / "tls.log").start()
+    try:
+        process.wait_listening(port)
+        assert f"server.listen: the certificate in '{expired.cert_path}' expired on" in process.log_text()
     finally:
         process.stop()
 

@@ -80,8 +80,14 @@ class TestCA:
         name: str,
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
+        valid_days: tuple[int, int] = (-1, 30),
+        passphrase: bytes | None = None,
     ) -> ServerCert:
-        """A server certificate (and key) for these subject alternative names."""
+        """
+        A server certificate (and key) for these subject alternative names,
+        valid from and until these days from now; the key encrypted with
+        C{passphrase}, if given.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
@@ -92,8 +98,8 @@ class TestCA:
             .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=30))
+            .not_valid_before(now + timedelta(days=valid_days[0]))
+            .not_valid_after(now + timedelta(days=valid_days[1]))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -106,7 +112,13 @@ class TestCA:
         cert_path = self.workdir / f"{name}.pem"
         key_path = self.workdir / f"{name}-key.pem"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(_key_pem(key))
+        if passphrase is None:
+            key_path.write_bytes(_key_pem(key))
+        else:
+            key_path.write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(passphrase),
+            ))
         key_path.chmod(0o600)
         return ServerCert(cert_path, key_path)
 
