@@ -53,6 +53,12 @@ MANIFEST = (
 )
 MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 WRONG_MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST + b" ").hexdigest()
+#: A large index (3.5 MB: an upstream's manifests may be up to 4 MiB).
+BIG_INDEX = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+    {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+     "digest": "sha256:" + hashlib.sha256(b"%d" % i).hexdigest(), "size": 1000 + i,
+     "platform": {"os": "linux", "architecture": f"arch{i}"}} for i in range(17000)]}).encode()
+BIG_INDEX_DIGEST = "sha256:" + hashlib.sha256(BIG_INDEX).hexdigest()
 #: Every subject's referrers.
 REFERRERS = (
     b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"mediaType":'
@@ -84,6 +90,10 @@ def main(port: int) -> None:
             if "referrers" in parts:
                 request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
                 return REFERRERS
+            if "manifests" in parts and parts[parts.index("manifests") - 1] == "bigindex":
+                request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+                request.setHeader(b"Docker-Content-Digest", BIG_INDEX_DIGEST.encode())
+                return BIG_INDEX
             if "manifests" in parts and parts[parts.index("manifests") - 1] in ("good", "wrong"):
                 request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
                 wrong = parts[parts.index("manifests") - 1] == "wrong"

@@ -568,6 +568,41 @@ def test_an_index_s_manifest_shown_under_its_name_is_served_to_a_narrow_client_w
     assert (response.code, body) == (200, image) and response.headers.getRawHeaders("warning")
 
 
+def test_a_large_index_goes_out_whole_a_piece_at_a_time(world):
+    # Written whole, every connection held a copy of what its client had not
+    # taken yet: 100 clients that read nothing of a 3.5 MB manifest, 330 MiB.
+    entries = [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + hashlib.sha256(b"%d" % i).hexdigest(), "size": 1000 + i,
+                "platform": {"os": "linux", "architecture": f"arch{i}"}} for i in range(4000)]
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    assert len(index) > 512 * 1024
+
+    def get_index(request):
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.index.v1+json")
+        return index
+
+    world.upstream_registry.on("GET", "/v2/team/application/manifests/big", get_index)
+    written: list = []
+    for _ in range(2):  # from the upstream, then from the cache
+        response, body = world.get("/v2/mycompany/app/manifests/big", ALL)
+        assert (response.code, body) == (200, index)
+    from cargobay import routes
+
+    original = routes._PieceSender._send
+
+    def counted(self):
+        written.append(self)
+        return original(self)
+
+    routes._PieceSender._send = counted
+    try:
+        assert world.get("/v2/mycompany/app/manifests/big", ALL)[1] == index
+    finally:
+        routes._PieceSender._send = original
+    assert len(written) == 1  # (sent by a sender of pieces)
+
+
 def test_upgrading_a_cache_links_an_index_but_not_the_manifests_it_names(world):
     # A cache from before links were kept: what its tags resolve to is linked
     # to their names at start, an index's manifests not (it may name another
