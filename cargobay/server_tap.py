@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,6 +23,8 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
@@ -169,6 +172,37 @@ class ReloadableTLS:
         return self.current.getContext()
 
 
+#: How plain HTTP begins: a method (upper case) and a space.
+_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} ")
+
+
+class _PlainHTTPGuardProtocol(ProtocolWrapper):
+    """
+    The first bytes on a TLS port: a TLS record goes on to the TLS layer;
+    an HTTP request line is answered 400 naming the mistake (as nginx does),
+    and the connection closed.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if _REQUEST_LINE.match(data) and self.transport is not None:
+                transport = self.transport
+                error = RegistryError(400, "UNSUPPORTED", "plain HTTP sent to an HTTPS port: use https://")
+                method, _, rest = data.partition(b" ")
+                answer_unparsed(transport, 400, "plain HTTP on an HTTPS port", error,
+                                method=method, path=rest.split(b" ", 1)[0][:300])
+                transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class PlainHTTPGuard(WrappingFactory):
+    protocol = _PlainHTTPGuardProtocol
+
+
 class Listener(internet.StreamServerEndpointService):
     """
     A listening endpoint that, when it cannot listen (the port is taken, the
@@ -187,7 +221,12 @@ class Listener(internet.StreamServerEndpointService):
         self._tls: ReloadableTLS | None = None
         if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
             self._tls = ReloadableTLS(endpoint._sslContextFactory)
-            endpoint._sslContextFactory = self._tls
+            # TCP, then TLS by hand: plain HTTP sent to it is answered, not
+            # cut without a word (ctr said "EOF", hiding a missing CA).
+            self.endpoint = endpoints.TCP4ServerEndpoint(
+                reactor, endpoint._port, endpoint._backlog, endpoint._interface
+            )
+            self.factory = PlainHTTPGuard(TLSMemoryBIOFactory(self._tls, False, factory))
             _, dated = tls_files_problem(description, time.time())
             if dated is not None:
                 log.error("{key}: {problem}: clients will refuse it", key=key, problem=dated)

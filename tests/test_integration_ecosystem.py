@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -191,6 +192,16 @@ def test_sighup_serves_a_renewed_certificate_to_new_connections(tmp_path):
     try:
         process.wait_listening(port)
         assert _served_certificate(port, ca) == _der(first.cert_path)
+        # Plain HTTP sent to it is answered, naming the mistake: it was cut
+        # without a word (ctr said only "EOF", hiding a missing CA).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            plain.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := plain.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"plain HTTP sent to an HTTPS port: use https://" in answer, answer
+        assert wait_until(lambda: "GET /v2/ 400 0 subject=- agent=- (plain HTTP on an HTTPS port)" in process.log_text(),
+                          timeout=10)
         # A connection open across the reload keeps working.
         import http.client
 
