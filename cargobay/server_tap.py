@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import os
 import re
@@ -126,12 +127,15 @@ def tls_files_problem(description: str, now: float) -> tuple[str | None, str | N
 
     try:
         args, kwargs = endpoints._parse(description)
+        if not args or args[0] != "ssl":
+            return None, None
+        # (As Twisted reads them: by name, or in order after the port.)
+        given = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **kwargs)
     except Exception:  # (serverFromString says)
         return None, None
-    if not args or args[0] != "ssl":
-        return None, None
-    key_path = kwargs.get("privateKey", "server.pem")
-    cert_path = kwargs.get("certKey") or key_path
+    given.apply_defaults()
+    key_path = given.arguments["privateKey"]
+    cert_path = given.arguments["certKey"] or key_path
     try:
         with open(key_path, "rb") as f:
             key_pem = f.read()
@@ -183,11 +187,15 @@ class _PlainHTTPGuardProtocol(ProtocolWrapper):
     and the connection closed.
     """
 
-    _first = True
+    _first: bytes | None = b""
 
     def dataReceived(self, data: bytes) -> None:
-        if self._first:
-            self._first = False
+        if self._first is not None:
+            data = self._first + data
+            if data[:1] != b"\x16" and len(data) < 11 and b" " not in data:
+                self._first = data  # (a method and its space, before deciding)
+                return
+            self._first = None
             if _REQUEST_LINE.match(data) and self.transport is not None:
                 transport = self.transport
                 error = RegistryError(400, "UNSUPPORTED", "plain HTTP sent to an HTTPS port: use https://")
@@ -240,9 +248,14 @@ class Listener(internet.StreamServerEndpointService):
         if self._tls is None:
             return
         problem, dated = tls_files_problem(self._description, time.time())
-        if problem is not None or dated is not None:
-            log.error("reload: {key}: keeping the TLS certificate in use: {problem}", key=self._key, problem=problem or dated)
+        if problem is None and dated is not None and " expired on " in dated:
+            problem = dated
+        if problem is not None:
+            log.error("reload: {key}: keeping the TLS certificate in use: {problem}", key=self._key, problem=problem)
             return
+        if dated is not None:
+            # (Not yet valid: a clock a little behind the issuer's; taken.)
+            log.error("reload: {key}: {problem}: clients will refuse it until then", key=self._key, problem=dated)
         try:
             fresh = endpoints.serverFromString(self._reactor, self._description)._sslContextFactory
             fresh.getContext()  # the key must match the certificate

@@ -323,7 +323,7 @@ def test_damaged_cache_file_is_fetched_again(upstream, image, tmp_path):
         proxy.process.stop()
 
 
-def test_a_file_damaged_in_place_is_served_once_then_checked_and_fetched_again(upstream, image, tmp_path):
+def test_a_file_damaged_in_place_is_served_until_the_scrub_s_next_run_then_fetched_again(upstream, image, tmp_path):
     # The same size, one byte changed, while the proxy was stopped: a hit
     # checks the size only, so the first GET is served as it is (clients
     # check digests and refuse it); it had been served until the scrub,

@@ -348,6 +348,10 @@ def test_what_cannot_listen_stops_startup_with_one_line(tmp_path):
              f"cargobay: server.listen: privateKey '{locked.cert_path}' holds no PEM private key cargobay can use"),
             (f'listen = "ssl:{free_port()}:privateKey={tmp_path / "none.pem"}"',
              f"cargobay: server.listen: cannot read TLS file '{tmp_path / 'none.pem'}' (No such file or directory)"),
+            # (Twisted takes them in order after the port too.)
+            (f'listen = "ssl:{free_port()}:{locked.key_path}:{locked.cert_path}"',
+             f"cargobay: server.listen: privateKey '{locked.key_path}' is encrypted with a passphrase; "
+             "cargobay takes an unencrypted key"),
         ]:
             config = tmp_path / "bad.toml"
             config.write_text(f"[server]\n{server}\n{base}")

@@ -603,6 +603,46 @@ def test_a_large_index_goes_out_whole_a_piece_at_a_time(world):
     assert len(written) == 1  # (sent by a sender of pieces)
 
 
+class _SlowClient:
+    """A request whose transport is full after every write: it pauses its producer at once."""
+
+    def __init__(self):
+        self.written, self.producer, self.unregistered = [], None, 0
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.unregistered += 1
+
+    def write(self, data):
+        self.written.append(data)
+        self.producer.pauseProducing()
+
+
+def test_a_body_sent_a_piece_at_a_time_waits_for_its_client_and_stops_with_it():
+    from cargobay.routes import STREAM_PIECE, _PieceSender
+
+    body = os.urandom(5 * STREAM_PIECE + 123)
+    client = _SlowClient()
+    sender = _PieceSender(client, body)
+    ended = []
+    sender.done.addBoth(ended.append)
+    assert len(client.written) == 1 and not ended  # one piece, then paused
+    for _ in range(10):
+        client.producer.resumeProducing()
+    assert b"".join(client.written) == body and ended == [None] and client.unregistered == 1
+    # A client that leaves: nothing more is written, and Klein's cancel ends it.
+    client = _SlowClient()
+    sender = _PieceSender(client, body)
+    sender.stopProducing()
+    client.producer.resumeProducing()
+    assert len(client.written) == 1 and client.unregistered == 0
+    sender.done.cancel()
+    assert sender.done.called
+
+
 def test_upgrading_a_cache_links_an_index_but_not_the_manifests_it_names(world):
     # A cache from before links were kept: what its tags resolve to is linked
     # to their names at start, an index's manifests not (it may name another
