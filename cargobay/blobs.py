@@ -2238,8 +2238,12 @@ class BlobService:
                 del self._fetches[key]
             return result
 
+        also_when_failed = fetch.on_failed  # (the caller's)
+
         def failed_on_the_way() -> None:
             forget(None)  # whoever comes next starts a download of their own
+            if also_when_failed is not None:
+                also_when_failed()
 
         fetch.on_failed = failed_on_the_way
         fetch.rescue = lambda request, fileobj, position, end, total, on_done: self._rescue(
@@ -2272,12 +2276,12 @@ class BlobService:
                     if response.code in (200, 206):
                         # (Said as it is: "the download this request joined
                         # failed" told the operator nothing of a refill.)
-                        raise upstream.error(
+                        raise _RangeRefused(upstream.error(
                             503, "UNAVAILABLE",
                             "answered the request for the rest of the blob with another range, or the rest no "
                             "longer fits the cache; retry",
                             headers={"Retry-After": "1"},
-                        )
+                        ))
                     raise map_status(upstream, response, blob_unknown(str(digest)))
                 offset, length = resumed
             elif response.code != 200:
@@ -2488,6 +2492,16 @@ class BlobService:
                 writer.abort()
             return
 
+        # Once, the whole blob anew when the rest will not do (the upstream
+        # answered another range, or the file and the rest are not the
+        # blob): else every pull of it downloaded it and refilled in vain.
+        whole_once = [writer is not None]
+
+        def whole() -> None:
+            if whole_once[0]:
+                whole_once[0] = False
+                self._clock.callLater(0, self._refill_from, key, upstream, upstream_name, digest, None)
+
         def failed(failure: Failure) -> None:
             log.warn(
                 "fetching {registry} {name}@{digest} into the cache failed: {why}",
@@ -2496,8 +2510,12 @@ class BlobService:
                 digest=str(digest),
                 why=_as_registry_error(failure, upstream).message,
             )
+            if failure.check(_RangeRefused):
+                whole()
 
-        self._start_fetch(None, key, upstream, upstream_name, digest, writer).addErrback(failed)
+        fetch = Fetch(key, upstream_name)
+        fetch.on_failed = whole
+        self._start_fetch(None, key, upstream, upstream_name, digest, writer, fetch=fetch).addErrback(failed)
 
     def _follow(
         self,
@@ -2619,6 +2637,13 @@ def _fire(d: Deferred[None]) -> None:
     # Klein cancels a handler's Deferred when the client goes away.
     if not d.called:
         d.callback(None)
+
+
+class _RangeRefused(RegistryError):
+    """The rest of a blob, asked for with C{Range}, did not come as asked (or no longer fits)."""
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(error.status, error.code, error.message, error.detail, error.headers)
 
 
 def _retry_error() -> RegistryError:

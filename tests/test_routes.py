@@ -423,26 +423,61 @@ def test_a_refill_from_an_upstream_that_ignores_range_starts_the_file_over(world
     {"total": len(BLOB) + 1},  # a different blob
     {"total": "*", "end": 199_999},  # of unknown total, and short of the blob's end
 ])
-def test_a_refill_given_some_other_range_caches_nothing(world, answer):
-    assert_nothing_cached(world, refill_onto(world, BLOB[:100_000], ranged(BLOB, **answer)))
+def test_a_refill_given_some_other_range_caches_nothing_of_it_and_fetches_the_whole_blob_once(world, answer):
+    # (Without the whole blob once, every pull downloaded it, left the slow
+    # disk behind, and refilled in vain.)
+    writer = refill_onto(world, BLOB[:100_000], ranged(BLOB, **answer))
+    assert_nothing_cached(world, writer)
+    world.wait(0)
+    assert_whole_blob_fetched_once_more(world)
 
 
-def test_a_refill_onto_a_file_with_wrong_bytes_caches_nothing(world):
+def test_a_refill_onto_a_file_with_wrong_bytes_caches_nothing_of_it_and_fetches_the_whole_blob_once(world):
     # The prefix is hashed from the file itself: a file that does not hold
     # the blob's first bytes can never become the entry.
-    assert_nothing_cached(world, refill_onto(world, bytes([BLOB[0] ^ 1]) + BLOB[1:100_000], ranged(BLOB)))
+    writer = refill_onto(world, bytes([BLOB[0] ^ 1]) + BLOB[1:100_000], ranged(BLOB))
+    assert_nothing_cached(world, writer)
+    world.wait(0)
+    assert_whole_blob_fetched_once_more(world)
+
+
+def assert_whole_blob_fetched_once_more(world):
+    gets = world.upstream_registry.requests("/blobs/")
+    assert [g.headers.get("range") for g in gets][-1] is None and len(gets) == 2
+    entry = world.cache.lookup(KEY)
+    assert entry is not None
+    with open(entry.path, "rb") as f:
+        assert f.read() == BLOB
+
+
+@pytest.mark.parametrize("answer", [
+    {"start": 99_999},
+    {"total": len(BLOB) + 1},
+])
+def test_a_refill_s_whole_blob_is_fetched_only_once(world, answer):
+    # An upstream whose whole blob is not right either: two GETs, then no more.
+    wrong = BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+    refill_onto(world, BLOB[:100_000], ranged(wrong, **answer))
+    for _ in range(3):
+        world.wait(0)
+    assert len(world.upstream_registry.requests("/blobs/")) == 2
+    assert world.cache.lookup(KEY) is None
 
 
 def test_a_refill_whose_upstream_cannot_be_reached_leaves_no_file(world, monkeypatch):
     unreachable = UpstreamError(RegistryError(502, "UNKNOWN", "connection refused"))
-    monkeypatch.setattr(world.upstream, "request", lambda *args, **kwargs: fail(unreachable))
+    asked = []
+    monkeypatch.setattr(world.upstream, "request", lambda *args, **kwargs: asked.append(args) or fail(unreachable))
     assert_nothing_cached(world, refill_onto(world, BLOB[:100_000]))
-    assert world.blobs.in_flight() == 0
+    world.wait(0)
+    assert world.blobs.in_flight() == 0 and len(asked) == 1  # (no whole blob: the upstream is down)
 
 
 def test_a_refill_of_a_blob_too_big_for_the_cache_leaves_no_file(world):
     world.cache.max_size_bytes = len(BLOB) - 1
     assert_nothing_cached(world, refill_onto(world, BLOB[:100_000], ranged(BLOB)))
+    world.wait(0)
+    assert world.cache.lookup(KEY) is None
 
 
 def test_blob_with_wrong_content_is_never_cached(world):
