@@ -796,6 +796,8 @@ class BlobPipe(Protocol):
             fetch.on_follower_joined = self._follower_joined
         self._timer: IDelayedCall | None = None
         self._failure_reason: str | None = None
+        #: The status a primary client that got nothing yet is answered for it.
+        self._failure_status = 502
         self._began = clock.seconds()
         self.done: Deferred[bool] = Deferred()
 
@@ -1240,8 +1242,7 @@ class BlobPipe(Protocol):
         elif not getattr(request, "startedWriting", True) and self._error_for is not None and self._failure_reason is not None:
             # Nothing of the body has gone: an error, not a cut connection
             # (which the log took for a client that left).
-            status = 504 if self._failure_reason.startswith("sent nothing") else 502
-            answer_error_now(request, self._error_for(status, self._failure_reason))
+            answer_error_now(request, self._error_for(self._failure_status, self._failure_reason))
         else:
             abort_request(request)
 
@@ -1262,11 +1263,12 @@ class BlobPipe(Protocol):
 
     def _idle(self) -> None:
         self._timer = None
-        self._give_up(f"sent nothing for {self._idle_timeout:g} s")
+        self._give_up(f"sent nothing for {self._idle_timeout:g} s", status=504)
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, status: int = 502) -> None:
         if self._failure_reason is None:
             self._failure_reason = reason
+            self._failure_status = status
         self._upstream().stopProducing()
 
     # -- IPushProducer (primary client side) -------------------------------

@@ -66,6 +66,26 @@ def field_value(text: str, limit: int = 300) -> str:
     return _Field(printable(text, limit))
 
 
+class Throttle:
+    """
+    Whether a warning said again and again is due: at most once every
+    C{every} seconds for each key, and how many were held back since.
+    """
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._said: dict[Any, tuple[float, int]] = {}
+
+    def due(self, key: Any, now: float) -> int | None:
+        """None if not due (then counted); else how many were held back since it was last said."""
+        said = self._said.get(key)
+        if said is not None and 0 <= now - said[0] < self._every:
+            self._said[key] = (said[0], said[1] + 1)
+            return None
+        self._said[key] = (now, 0)
+        return said[1] if said is not None else 0
+
+
 _LEVELS = {"debug", "info", "warn", "error", "critical"}
 #: Other names of levels (Rust's tracing, Python's), in the environment and in [logging].
 LEVEL_ALIASES = {"warning": "warn", "trace": "debug", "fatal": "critical"}

@@ -20,6 +20,7 @@ from twisted.web.server import Request
 
 from cargobay.errors import RegistryError, manifest_unknown, name_unknown
 from cargobay.links import RepositoryLinks, referenced_digests, upstream_unavailable
+from cargobay.logs import Throttle
 from cargobay.manifest_store import (
     Manifest,
     ManifestStore,
@@ -201,8 +202,8 @@ class ManifestService:
         self._asking: dict[Any, list[Deferred[Any]]] = {}
         #: When each tag check (a HEAD) under way was sent.
         self._checks_sent: dict[Any, float] = {}
-        #: Per registry: when "upstream slow" was last said, and answers since.
-        self._slow_said: dict[str, tuple[float | None, int]] = {}
+        #: "upstream slow", per registry.
+        self._slow_said = Throttle(SLOW_SAID_EVERY)
 
     def _link(self, registry_id: str, upstream_name: str, manifest: Manifest) -> None:
         """The upstream has shown C{manifest} under this name: and what it references."""
@@ -479,12 +480,10 @@ class ManifestService:
         every L{SLOW_SAID_EVERY} seconds, with how many more since (a busy
         proxy would say it for every pull until the upstream's read timeout).
         """
-        registry_id, now = upstream.registry.id, self._clock.seconds()
-        said_at, more = self._slow_said.get(registry_id, (None, 0))
-        if said_at is not None and 0 <= now - said_at < SLOW_SAID_EVERY:
-            self._slow_said[registry_id] = (said_at, more + 1)
+        registry_id = upstream.registry.id
+        more = self._slow_said.due(registry_id, self._clock.seconds())
+        if more is None:
             return
-        self._slow_said[registry_id] = (now, 0)
         log.warn(
             "serving {registry}/{name}:{reference} from the cache: upstream slow (no answer within {seconds:g} s;"
             " the request goes on for the next one){more}",

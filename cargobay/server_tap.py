@@ -103,7 +103,7 @@ class Options(usage.Options):
         if self.config.metrics.enabled and self.config.metrics.listen:
             listeners.append(("metrics.listen", self.config.metrics.listen))
         for key, description in listeners:
-            problem, _ = tls_files_problem(description, time.time())
+            problem = check_tls_files(description, time.time()).problem
             if problem is not None:
                 fail(f"{key}: {problem}")
             try:
@@ -113,14 +113,24 @@ class Options(usage.Options):
                 fail(f"{key}: {description!r} is not a usable endpoint ({e})")
 
 
-def tls_files_problem(description: str, now: float) -> tuple[str | None, str | None]:
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """What is wrong with a TLS listener's files, said in words (None: nothing)."""
+
+    #: They cannot be used (unreadable, no PEM key or certificate, a passphrase).
+    problem: str | None = None
+    #: The certificate has expired.
+    expired: str | None = None
+    #: The certificate is not valid yet.
+    early: str | None = None
+
+
+def check_tls_files(description: str, now: float) -> TLSFiles:
     """
     For an C{ssl:} listener: what is wrong with its key and certificate
-    files (said in words, naming the file, before OpenSSL's error list), and
-    whether its certificate is out of its dates (a warning at start; a
-    reload keeps the one in use).  A key with a passphrase is refused here:
-    OpenSSL would ask for it on the terminal, if any, and every request
-    would wait for an answer.
+    files, naming the file (before OpenSSL's error list).  A key with a
+    passphrase is refused here: OpenSSL would ask for it on the terminal,
+    if any, and every request would wait for an answer.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -128,11 +138,11 @@ def tls_files_problem(description: str, now: float) -> tuple[str | None, str | N
     try:
         args, kwargs = endpoints._parse(description)
         if not args or args[0] != "ssl":
-            return None, None
+            return TLSFiles()
         # (As Twisted reads them: by name, or in order after the port.)
         given = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **kwargs)
     except Exception:  # (serverFromString says)
-        return None, None
+        return TLSFiles()
     given.apply_defaults()
     key_path = given.arguments["privateKey"]
     cert_path = given.arguments["certKey"] or key_path
@@ -142,22 +152,22 @@ def tls_files_problem(description: str, now: float) -> tuple[str | None, str | N
         with open(cert_path, "rb") as f:
             cert_pem = key_pem if cert_path == key_path else f.read()
     except OSError as e:
-        return f"cannot read TLS file {e.filename!r} ({e.strerror})", None
+        return TLSFiles(f"cannot read TLS file {e.filename!r} ({e.strerror})")
     try:
         serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
-        return f"privateKey {key_path!r} is encrypted with a passphrase; cargobay takes an unencrypted key", None
+        return TLSFiles(f"privateKey {key_path!r} is encrypted with a passphrase; cargobay takes an unencrypted key")
     except (ValueError, UnsupportedAlgorithm):
-        return f"privateKey {key_path!r} holds no PEM private key cargobay can use", None
+        return TLSFiles(f"privateKey {key_path!r} holds no PEM private key cargobay can use")
     try:
         leaf = x509.load_pem_x509_certificates(cert_pem)[0]
     except ValueError:
-        return f"certKey {cert_path!r} holds no PEM certificate", None
+        return TLSFiles(f"certKey {cert_path!r} holds no PEM certificate")
     if leaf.not_valid_after_utc.timestamp() < now:
-        return None, f"the certificate in {cert_path!r} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        return TLSFiles(expired=f"the certificate in {cert_path!r} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     if leaf.not_valid_before_utc.timestamp() > now:
-        return None, f"the certificate in {cert_path!r} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-    return None, None
+        return TLSFiles(early=f"the certificate in {cert_path!r} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    return TLSFiles()
 
 
 @implementer(IOpenSSLContextFactory)
@@ -235,9 +245,9 @@ class Listener(internet.StreamServerEndpointService):
                 reactor, endpoint._port, endpoint._backlog, endpoint._interface
             )
             self.factory = PlainHTTPGuard(TLSMemoryBIOFactory(self._tls, False, factory))
-            _, dated = tls_files_problem(description, time.time())
-            if dated is not None:
-                log.error("{key}: {problem}: clients will refuse it", key=key, problem=dated)
+            files = check_tls_files(description, time.time())
+            if files.expired or files.early:
+                log.error("{key}: {problem}: clients will refuse it", key=key, problem=files.expired or files.early)
 
     def reload_tls(self) -> None:
         """
@@ -247,15 +257,14 @@ class Listener(internet.StreamServerEndpointService):
         """
         if self._tls is None:
             return
-        problem, dated = tls_files_problem(self._description, time.time())
-        if problem is None and dated is not None and " expired on " in dated:
-            problem = dated
-        if problem is not None:
-            log.error("reload: {key}: keeping the TLS certificate in use: {problem}", key=self._key, problem=problem)
+        files = check_tls_files(self._description, time.time())
+        if files.problem or files.expired:
+            log.error("reload: {key}: keeping the TLS certificate in use: {problem}", key=self._key,
+                      problem=files.problem or files.expired)
             return
-        if dated is not None:
-            # (Not yet valid: a clock a little behind the issuer's; taken.)
-            log.error("reload: {key}: {problem}: clients will refuse it until then", key=self._key, problem=dated)
+        if files.early:
+            # (A clock a little behind the issuer's: taken.)
+            log.error("reload: {key}: {problem}: clients will refuse it until then", key=self._key, problem=files.early)
         try:
             fresh = endpoints.serverFromString(self._reactor, self._description)._sslContextFactory
             fresh.getContext()  # the key must match the certificate

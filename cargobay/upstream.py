@@ -61,6 +61,7 @@ from zope.interface import implementer
 from cargobay.challenge import Challenge, find_challenge
 from cargobay.config import RegistryConfig
 from cargobay.errors import RegistryError, failure_within, is_tls_failure
+from cargobay.logs import Throttle
 from cargobay.metrics import Metrics
 from cargobay.outbound import OutboundAgent, ProxyError, ProxySettings, TunnelEndpoint
 from cargobay.reach import InternalAddressRefused, Reach
@@ -520,8 +521,8 @@ class Upstream:
         # without a bound, and keeps and sends back cookies: neither here.
         self._http = _Client(_AsSent(agent), cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
         self._tokens: dict[str, _CachedToken] = {}
-        #: When each authentication failure was last warned of.
-        self._auth_warned: dict[str, float] = {}
+        #: Authentication failures warned of, by what failed.
+        self._auth_warned = Throttle(AUTH_WARNING_EVERY)
         self._pending_tokens: dict[str, list[Deferred[Any]]] = {}
         # Set once the registry answered with a Basic challenge: send the
         # credentials up front from then on instead of paying a 401 each time.
@@ -784,12 +785,8 @@ class Upstream:
         """
         if self._metrics is not None and not counted:
             self._metrics.upstream_errors.inc(1, self.registry.id, "auth")
-        now = self._clock.seconds()
-        said = self._auth_warned.get(what)
-        if said is not None and 0 <= now - said < AUTH_WARNING_EVERY:
-            return
-        self._auth_warned[what] = now
-        log.warn("upstream {registry} {what}", registry=self.registry.id, what=what)
+        if self._auth_warned.due(what, self._clock.seconds()) is not None:
+            log.warn("upstream {registry} {what}", registry=self.registry.id, what=what)
 
     def _basic_header(self) -> str:
         assert self.registry.auth is not None

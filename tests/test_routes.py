@@ -112,6 +112,17 @@ class World:
         self.upstream_registry.on(method, prefix, lambda request: held.append(request) or NOT_DONE_YET)
         return held
 
+    def cached_tag_due_with_a_silent_check(self):
+        """
+        alpine:latest cached, its TTL past, and the upstream holding every
+        manifest HEAD (see L{hold}): the tag's path, and the held HEADs.
+        """
+        path = "/v2/alpine/manifests/latest"
+        assert self.get(path, ALL)[1] == MANIFEST
+        held = self.hold("HEAD", "/v2/library/alpine/manifests/")
+        self.clock.advance(61)  # past the tag's TTL
+        return path, held
+
     def answer(self, request, body=b""):
         """The upstream answers a held request now, and what follows from it happens."""
         if body:
@@ -2003,10 +2014,7 @@ def test_an_artifact_type_that_is_not_printable_ascii_is_refused(world):
 def test_a_slow_upstream_does_not_hold_a_pull_of_a_cached_tag_past_the_revalidate_wait(world):
     # It was held for the upstream's read timeout (60 s by default): a
     # pull that already succeeded answered a minute late.
-    path = "/v2/alpine/manifests/latest"
-    assert world.get(path, ALL)[1] == MANIFEST
-    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
-    world.clock.advance(61)  # past the tag's TTL
+    path, held = world.cached_tag_due_with_a_silent_check()
     answered = world.send(path, ALL)
     world.wait(4.9)
     assert answered == [] and len(held) == 1
@@ -2022,10 +2030,7 @@ def test_a_slow_upstream_does_not_hold_a_pull_of_a_cached_tag_past_the_revalidat
 
 
 def test_a_tag_a_late_check_finds_gone_is_not_served_again(world):
-    path = "/v2/alpine/manifests/latest"
-    world.get(path, ALL)
-    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
-    world.clock.advance(61)
+    path, held = world.cached_tag_due_with_a_silent_check()
     answered = world.send(path, ALL)
     world.wait(5.1)
     assert answered[0].code == 200
@@ -2042,10 +2047,7 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
     # Two clients with different Accept headers each send a HEAD: the slow
     # one sent before the tag moved must not confirm the old manifest after
     # the quick one has followed the move.
-    path = "/v2/alpine/manifests/latest"
-    world.get(path, ALL)
-    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
-    world.clock.advance(61)
+    path, held = world.cached_tag_due_with_a_silent_check()
     answered = world.send(path, ALL)
     world.wait(5.1)
     assert answered[0].code == 200 and len(held) == 1
@@ -2065,10 +2067,7 @@ def test_a_late_check_never_takes_a_tag_back_from_a_newer_answer(world):
 def test_a_pull_that_joins_a_check_under_way_waits_only_what_is_left_of_the_wait(world):
     # Against a silent upstream every pull joined the one HEAD and waited
     # a whole revalidate_wait of its own, for as long as the HEAD lasted.
-    path = "/v2/alpine/manifests/latest"
-    world.get(path, ALL)
-    held = world.hold("HEAD", "/v2/library/alpine/manifests/")
-    world.clock.advance(61)
+    path, held = world.cached_tag_due_with_a_silent_check()
     first = world.send(path, ALL)
     world.wait(4)
     second = world.send(path, ALL)
