@@ -431,6 +431,42 @@ def test_a_download_keeps_its_recent_bytes_only_while_followed():
     assert fetch.recent_views(MiB, MiB + 1) is None and fetch.recent_views(2 * MiB, 2 * MiB + 1) is None
 
 
+def test_the_primary_client_has_its_last_bytes_once_the_body_is_hashed_before_the_disk_is_done():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    feed(pipe)  # the writing thread is stuck in its first write
+    pipe.connectionLost(Failure(ResponseDone()))
+    reactor.run_until(lambda: client.finished)
+    assert bytes(client.body) == BODY
+    # Followers read the file: they wait for the disk, and nothing is an entry yet.
+    assert fetch.verified_size is None and fetch.state == "running" and not writer.committed
+    results: list[bool] = []
+    pipe.done.addCallback(results.append)
+    writer.gate.set()
+    reactor.run_until(lambda: bool(results))
+    assert results == [True] and writer.committed and bytes(writer.written) == BODY
+    assert fetch.verified_size == len(BODY)
+
+
+def test_a_wrong_body_hashed_before_the_disk_is_done_is_not_released():
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    wrong = bytes([BODY[0] ^ 1]) + BODY[1:]
+    for start in range(0, len(wrong), MiB):
+        pipe.dataReceived(wrong[start:start + MiB])
+    store = pipe._store
+    assert isinstance(store, ThreadedHashAndStore)
+    hashed: list[object] = []
+    store.hashed().addCallback(hashed.append)
+    pipe.connectionLost(Failure(ResponseDone()))
+    reactor.run_until(lambda: bool(hashed))
+    assert not client.finished and len(client.body) < len(BODY)
+    results: list[bool] = []
+    pipe.done.addCallback(results.append)
+    writer.gate.set()
+    reactor.run_until(lambda: bool(results))
+    assert results == [False]
+    assert not client.finished and not writer.committed and writer.aborted
+
+
 def test_a_wrong_body_left_behind_is_still_refused():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=True)
     for start in range(0, len(BODY), MiB):
