@@ -10,6 +10,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from cargobay import blobs
 from cargobay.blobs import (
     GATHER,
     LEAVE_DISK_AFTER,
+    REPORT_EVERY,
     STORE_BACKLOG,
     TRANSPORT_BUFFER,
     BlobPipe,
@@ -366,6 +368,60 @@ def test_readers_of_the_file_keep_the_disk_in_the_loop():
     fetch.add_reader(Follower(), follower=False)  # type: ignore[arg-type]
     feed(pipe)
     assert_the_disk_paces_the_download(pipe, writer, reactor, upstream, events)
+
+
+def unwatched_store(writer: HeldBackWriter) -> tuple[ThreadedHashAndStore, Reactor, list[int]]:
+    reactor, reports = Reactor(), []
+    store = ThreadedHashAndStore(DIGEST, writer, reactor.call_from_thread, reports.append, lambda e: None)  # type: ignore[arg-type]
+    store.watch(False)
+    return store, reactor, reports
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("waited 30 s")
+
+
+def test_unwatched_worker_threads_report_every_few_megabytes_and_at_once_when_watched():
+    writer = HeldBackWriter()
+    writer.gate.set()
+    store, reactor, reports = unwatched_store(writer)
+    for start in range(0, 3 * MiB, MiB):
+        store.feed(BODY[start:start + MiB])
+    # Both threads are done with it, and the reactor knows (it reads their
+    # counts) without being woken for it.
+    wait_for(lambda: store.pending_bytes == 0)
+    assert reactor.calls.empty() and store.stored == 0
+    store.watch(True)  # now something waits on their progress
+    reactor.run_until(lambda: store.stored == 3 * MiB)
+    store.feed(BODY[3 * MiB:4 * MiB])
+    reactor.run_until(lambda: store.stored == 4 * MiB)  # as each chunk is done
+    store.watch(False)
+    for start in range(4 * MiB, 4 * MiB + REPORT_EVERY, MiB):
+        store.feed(BODY[start:start + MiB])
+    reactor.run_until(lambda: store.stored == 4 * MiB + REPORT_EVERY)  # every REPORT_EVERY
+    done: list[object] = []
+    store.drained().addCallback(done.append)
+    reactor.run_until(lambda: bool(done))
+
+
+def test_a_download_paused_for_its_threads_watches_them_and_resumes():
+    # Unwatched, the threads would not say that they caught up: the
+    # upstream, paused for them, would wait for good.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    store = pipe._store
+    assert isinstance(store, ThreadedHashAndStore)
+    assert not store._watched  # no readers, not paused
+    feed(pipe)
+    assert upstream.paused and store._watched
+    writer.gate.set()
+    reactor.run_until(lambda: not upstream.paused)
+    assert not store._watched
+    fetch.add_reader(Follower())  # type: ignore[arg-type]
+    assert store._watched
 
 
 def test_a_fetch_keeps_its_most_recent_bytes_for_its_readers(monkeypatch):
