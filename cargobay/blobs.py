@@ -207,6 +207,9 @@ class Fetch:
         #: upstream for the rest; it returns whether it took the request.
         self.file_given_up = False
         self.rescue: Callable[..., bool] | None = None
+        #: Why the download failed, as the error a reader that has sent
+        #: nothing yet answers with (rather than cutting its connection).
+        self.failed_with: RegistryError | None = None
         #: The body's most recent pieces, (offset, bytes), oldest first: see
         #: L{RECENT_BYTES}.
         self._recent: deque[tuple[int, bytes]] = deque()
@@ -1319,6 +1322,8 @@ class BlobPipe(Protocol):
 
     def _conclude(self, entry: Entry | None, ok: bool) -> None:
         if self._fetch is not None:
+            if not ok and self._error_for is not None and self._failure_reason is not None:
+                self._fetch.failed_with = self._error_for(self._failure_status, self._failure_reason)
             self._fetch.finished(entry, ok)
         self._end_primary(ok)
         self.done.callback(ok)
@@ -1459,9 +1464,11 @@ class FileSender:
         self._request.registerProducer(self, True)
         if self._fetch is not None:
             self._fetch.add_reader(self, follower=self._follower)
-        if self._socket is not None and not self._request.startedWriting:
+        if self._socket is not None and self._fetch is None and not self._request.startedWriting:
             # The headers go out through the transport's buffer; the body
-            # then goes from the file to the socket by sendfile(2).
+            # then goes from the file to the socket by sendfile(2).  (A
+            # reader of a download sends them with its first bytes: until
+            # then, the download's failure is an error it can answer.)
             self._request.write(b"")
         if self._paused:
             self._arm_stall()
@@ -1564,6 +1571,8 @@ class FileSender:
         """
         transport = cast(Any, self._request.channel.transport)
         assert self._socket is not None
+        if not self._request.startedWriting:
+            self._request.write(b"")  # the headers, through the transport, first
         if transport.dataBuffer or transport._tempDataBuffer:
             self._wait_for_socket(transport)
             return False
@@ -1675,14 +1684,27 @@ class FileSender:
 
     def _close(self, ok: bool) -> None:
         self._disarm_stall()
-        if self._fetch is not None:
-            self._fetch.remove_reader(self)
+        fetch = self._fetch
+        if fetch is not None:
+            fetch.remove_reader(self)
         self._let_go_of_file()
         request = self._request
         try:
             request.unregisterProducer()
             if ok:
                 request.finish()
+            elif (
+                fetch is not None
+                and fetch.failed_with is not None
+                and not getattr(request, "startedWriting", True)
+                and not getattr(request, "_disconnected", False)
+            ):
+                # Nothing of the body went: the download's error, which the
+                # client can read, rather than a cut connection (which the
+                # access log takes for a client that left).  The response
+                # is whole: its handler is done.
+                answer_error_now(request, fetch.failed_with)
+                ok = True
             else:
                 abort_request(request)
         finally:

@@ -645,6 +645,32 @@ def test_an_upstream_that_fails_before_any_byte_went_out_is_an_error_not_a_cut(e
     assert wait_until(lambda: evil_proxy.temp_files() == [], timeout=30)
 
 
+def test_clients_that_joined_a_download_that_fails_before_any_byte_get_its_error_too(evil_proxy):
+    # They followed its file, and were cut with no status line when it
+    # failed; only the client that caused the download had a 504.
+    path = f"/v2/silentbody/blobs/{DIGEST}"
+    logged_before = evil_proxy.process.log_text().count(f"GET {path} 504 ")
+    answers: list[tuple[int, str] | BaseException] = []
+
+    def pull() -> None:
+        try:
+            got, _, body = evil_proxy.request(path)
+            answers.append((got, json.loads(body)["errors"][0]["message"]))
+        except BaseException as e:  # reported below
+            answers.append(e)
+
+    threads = [threading.Thread(target=pull) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # (all within the 2 s the upstream is silent)
+    for thread in threads:
+        thread.join(timeout=60)
+    said = "upstream registry 'evil-silentbody' sent nothing for 2 s"
+    assert len(answers) == 4 and all(not isinstance(a, BaseException) and a[0] == 504 and a[1].startswith(said) for a in answers), answers
+    assert evil_proxy.process.log_text().count(f"GET {path} 504 ") == logged_before + 4
+    assert wait_until(lambda: evil_proxy.temp_files() == [], timeout=30)
+
+
 def test_clients_that_read_nothing_of_a_large_manifest_do_not_each_hold_a_copy(evil, tmp_path):
     # Written whole, every connection held a copy of what its client had
     # not taken yet: 100 such clients of a 3.5 MB index took 330 MiB more.
