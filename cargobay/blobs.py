@@ -627,8 +627,9 @@ class ThreadedHashAndStore:
 
     def hashed(self) -> Deferred[None]:
         """
-        Fires once everything fed is hashed (the disk may still be writing):
-        the body's digest can be checked then.
+        Ends the feed, as L{drained} does, and fires once everything fed is
+        hashed (the disk may still be writing): the body's digest can be
+        checked then.
         """
         self._drain()
         if not self._hash_running:
@@ -1165,6 +1166,10 @@ class BlobPipe(Protocol):
             self._fetch.finished(None, ok=False)
             self._fetch = None
         self._window_paused = False
+        if self._finished:
+            # The body has all come (and its client may have had it, once
+            # hashed): only the file is lost, not the download.
+            return
         if self._request is None:
             self._give_up("cannot be cached and has no client left")
             return

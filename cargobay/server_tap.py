@@ -1152,9 +1152,34 @@ class CargobayService(service.MultiService):
                 signal.signal(number, cut)
 
         def drain(result: object) -> Any:
-            return DeferredList([site.drain(grace) for site in self.sites]).addCallback(lambda _: result)
+            deadline = self._reactor.seconds() + grace
+            drained = DeferredList([site.drain(grace) for site in self.sites])
+            return drained.addCallback(lambda _: self._downloads_ended(deadline)).addCallback(lambda _: result)
 
         return maybeDeferred(super().stopService).addCallback(drain)
+
+    def _downloads_ended(self, deadline: float) -> Deferred[None]:
+        """
+        Fires once no blob download is under way, or at C{deadline}: a
+        download whose clients are served may still be finishing its cache
+        file (its last writes, fsync, rename), or filling it for the next
+        pull; cut off, the file is thrown away at the next start.
+        """
+        done: Deferred[None] = Deferred()
+        blobs = self._runtime.blobs
+
+        def check() -> None:
+            left = blobs.in_flight()
+            if not left:
+                done.callback(None)
+            elif self._reactor.seconds() >= deadline or any(site.cut_short for site in self.sites):
+                log.warn("shutting down with {count} blob downloads still under way; not cached", count=left)
+                done.callback(None)
+            else:
+                self._reactor.callLater(DRAIN_CHECK_EVERY, check)
+
+        check()
+        return done
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: hand the work to the reactor.

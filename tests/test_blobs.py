@@ -6,6 +6,7 @@ up with the upstream.  (Against real peers, see test_integration_cache.py.)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from twisted.internet import tcp
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -501,6 +503,48 @@ def test_the_primary_client_has_its_last_bytes_once_the_body_is_hashed_before_th
     reactor.run_until(lambda: bool(results))
     assert results == [True] and writer.committed and bytes(writer.written) == BODY
     assert fetch.verified_size == len(BODY)
+
+
+class DiskFullOnceOpen(HeldBackWriter):
+    """Writes wait for the gate; once it opens, the disk is full."""
+
+    def write_raw(self, data: bytes) -> int:
+        assert self.gate.wait(30), "the test never opened the gate"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_that_fails_after_the_primary_client_had_its_bytes_is_not_the_upstreams_fault():
+    # The pipe took the lost file for a lost client: "upstream ... cannot be
+    # cached and has no client left", and the download concluded as failed.
+    writer = DiskFullOnceOpen()
+    fetch = Fetch(BlobKey("up", DIGEST))
+    fetch.started(writer, len(BODY))  # type: ignore[arg-type]
+    reactor, client, upstream = Reactor(), Client(), UpstreamConnection()
+    pipe = BlobPipe(
+        DIGEST, len(BODY), writer, client, fetch, Clock(), 60.0, "up test@digest",  # type: ignore[arg-type]
+        call_from_thread=reactor.call_from_thread,
+    )
+    pipe.makeConnection(upstream)  # type: ignore[arg-type]
+    logged: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        feed(pipe)  # the writing thread waits in its first write
+        results: list[bool] = []
+        pipe.done.addCallback(results.append)
+        pipe.connectionLost(Failure(ResponseDone()))
+        reactor.run_until(lambda: client.finished)
+        assert bytes(client.body) == BODY
+        writer.gate.set()  # the disk refuses the rest
+        reactor.run_until(lambda: bool(results))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert results == [True] and not upstream.stopped
+    assert not [line for line in logged if "no client left" in line or "nothing cached" in line], logged
+    assert fetch.state == "failed" and fetch.file_given_up  # (its followers are rescued)
 
 
 def test_a_wrong_body_hashed_before_the_disk_is_done_is_not_released():

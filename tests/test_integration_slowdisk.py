@@ -143,6 +143,22 @@ def test_a_client_told_to_wait_for_the_disk_gets_the_blob_from_one_download(upst
         proxy.process.stop()
 
 
+def test_a_stop_just_after_a_pull_waits_for_its_cache_file(upstream, slow_disk, tmp_path):
+    # The client has its last bytes once the body is hashed, while the disk
+    # may still have megabytes to write: a graceful stop right then (nothing
+    # busy) threw the file away.
+    digest = push_blob(upstream, "library/big", SIZE)
+    proxy = start(tmp_path, slow_disk, upstream, "client_waits_for_disk = true")
+    try:
+        status, size, got, _ = curl(proxy, digest)
+        assert (status, size, got) == (200, SIZE, digest)
+    finally:
+        proxy.process.stop()
+    final_name = digest.split(":")[1] + f"-{SIZE}"
+    assert [p.name for p in proxy.cached_blob_files()] == [final_name]
+    assert "not cached" not in proxy.process.log_text()
+
+
 def test_clients_that_come_together_share_one_download_on_a_slow_disk(upstream, slow_disk, tmp_path):
     digest = push_blob(upstream, "library/big", SIZE)
     proxy = start(tmp_path, slow_disk, upstream)
