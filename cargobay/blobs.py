@@ -476,6 +476,9 @@ _REPORT = object()
 #: 512 times per 256 MiB download; a cold 256 MiB GET, 16 interleaved
 #: rounds: 1,129 MB/s reporting so against 1,088 at each megabyte.)
 REPORT_EVERY = 4 * 1024 * 1024
+#: While the reactor watches, a worker thread reports at least this often
+#: (readers of the file see it grow by so much at a time).
+WATCHED_REPORT_EVERY = 1024 * 1024
 
 
 class ThreadedHashAndStore:
@@ -719,8 +722,9 @@ class ThreadedHashAndStore:
         """
         A worker thread's loop: handle each chunk, C{last} at the end, and
         C{count} what each is done with (what C{handle} returns) at once;
-        report it when asked, every L{REPORT_EVERY}, and whenever the queue
-        is empty while the reactor watches.
+        report it when asked, every L{REPORT_EVERY}, and while the reactor
+        watches, every L{WATCHED_REPORT_EVERY} and whenever the queue is
+        empty.
         """
         unreported = 0
         try:
@@ -735,7 +739,10 @@ class ThreadedHashAndStore:
                     done = handle(cast(bytes, item))
                     count(done)
                     unreported += done
-                    if unreported < REPORT_EVERY and not (self._watched and work.empty()):
+                    if self._watched:
+                        if unreported < WATCHED_REPORT_EVERY and not work.empty():
+                            continue
+                    elif unreported < REPORT_EVERY:
                         continue
                 self._call_from_thread(progressed, unreported)
                 unreported = 0
@@ -1064,10 +1071,12 @@ class BlobPipe(Protocol):
         self._on_disk_left_behind(kept)
 
     def _stored(self, stored: int) -> None:
+        if self._fetch is not None:
+            # (Also once the body has all come: the disk may have megabytes
+            # left to write, which followers may read as they are.)
+            self._fetch.progressed(stored)
         if self._finished:
             return
-        if self._fetch is not None:
-            self._fetch.progressed(stored)
         self._store_paused = self._store.pending_bytes > STORE_BACKLOG // 2 and self._store_paused
         self._check_window()
         self._update_flow()

@@ -547,6 +547,34 @@ def test_a_disk_that_fails_after_the_primary_client_had_its_bytes_is_not_the_ups
     assert fetch.state == "failed" and fetch.file_given_up  # (its followers are rescued)
 
 
+class CountedWriter(HeldBackWriter):
+    """Takes as many writes as the test lets through, one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed = threading.Semaphore(0)
+
+    def write_raw(self, data: bytes) -> int:
+        assert self.allowed.acquire(timeout=30), "the test let no more writes through"
+        self.gate.set()
+        return super().write_raw(data)
+
+
+def test_followers_read_what_the_disk_writes_after_the_body_has_all_come():
+    # They got nothing more until the whole file was written and verified.
+    pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
+    pipe._writer = pipe._store.writer = fetch.writer = writer = CountedWriter()  # type: ignore[assignment,union-attr]
+    fetch.add_reader(Follower())  # type: ignore[arg-type]
+    feed(pipe)
+    pipe.connectionLost(Failure(ResponseDone()))
+    writer.allowed.release(3)
+    reactor.run_until(lambda: fetch.written == 3 * MiB)
+    assert fetch.verified_size is None
+    for _ in range(len(BODY) // MiB):
+        writer.allowed.release()
+    reactor.run_until(lambda: fetch.verified_size == len(BODY))
+
+
 def test_a_wrong_body_hashed_before_the_disk_is_done_is_not_released():
     pipe, writer, fetch, reactor, client, upstream, events = make_pipe(may_leave=False)
     wrong = bytes([BODY[0] ^ 1]) + BODY[1:]
