@@ -392,14 +392,21 @@ class RegistryApp:
         """
         The repositories this token may pull, of those the config names one
         by one (a pattern's, C{hub/*}, are any name): lexical order, C{n}
-        and C{last} as for tag lists.
+        and C{last} as for tag lists.  With a mirror's C{?ns=}, those that
+        name that registry's repository of the same name (what a pull with
+        that C{ns} would reach).
         """
-        names = [name for name in self.mapper.names() if grant.allows(name)]
-        last_values = _args(request).get(b"last")
+        args = _args(request)
+        ns_values = args.get(b"ns")
+        ns = ns_values[0].decode("latin-1") if ns_values else None
+        names = [
+            name for name in self.mapper.names()
+            if grant.allows(name) and (not ns or self.mapper.resolve(name, ns) is not None)
+        ]
+        last_values = args.get(b"last")
         last = last_values[0].decode("latin-1") if last_values else None
         page, link = paginate(names, _count(request), last, CATALOG)
-        if link is not None:
-            request.setHeader(b"Link", link.encode("latin-1"))
+        _set_link(request, link, ns)
         return _json(request, json.dumps({"repositories": page}).encode())
 
     @inlineCallbacks

@@ -1879,6 +1879,20 @@ def test_the_catalog_lists_the_mapped_repositories_a_token_may_pull(world):
     assert 'scope="registry:catalog:*"' in response.headers.getRawHeaders("www-authenticate")[0]
 
 
+def test_a_mirrors_catalog_lists_what_a_pull_with_its_ns_reaches(world):
+    # ?ns= was ignored: every mapped name was listed for any registry.
+    response, body = world.get("/v2/_catalog?ns=upstream.test", ALL)
+    assert response.code == 200 and json.loads(body) == {"repositories": ["library/busybox"]}
+    response, body = world.get("/v2/_catalog?ns=elsewhere.test", ALL)
+    assert response.code == 200 and json.loads(body) == {"repositories": []}
+    response, body = world.get("/v2/_catalog?ns=upstream.test&n=0", ALL)
+    assert json.loads(body) == {"repositories": []}
+    response, body = world.get("/v2/_catalog?ns=UPSTREAM.test&n=1&last=alpine", ALL)
+    assert json.loads(body) == {"repositories": ["library/busybox"]} and not response.headers.hasHeader("link")
+    response, body = world.get("/v2/_catalog?ns=upstream.test", ALPINE_ONLY)
+    assert json.loads(body) == {"repositories": []}
+
+
 def test_a_token_for_the_catalog_scope_carries_what_the_credential_may_pull(world):
     # (Asked for without a scope, as podman search does, the same.)
     for query in ("&scope=registry:catalog:*", ""):
