@@ -145,13 +145,29 @@ def abort_request(request: Any) -> None:
         transport.loseConnection()
 
 
+def end_unsent_or_cut(request: Any, error: RegistryError) -> bool:
+    """
+    End a blob response that cannot be completed: with C{error} while
+    nothing of it has gone (the client can read that, and the access log
+    does not take it for a client that left), else by cutting it.  Returns
+    whether it was answered: the response is then whole.
+    """
+    if not getattr(request, "startedWriting", True) and not getattr(request, "_disconnected", False):
+        answer_error_now(request, error)
+        return True
+    abort_request(request)
+    return False
+
+
 def answer_error_now(request: Any, error: RegistryError) -> None:
     """
     End a response whose blob headers were set but not sent with C{error}
     instead (an OCI error body).
     """
     request.setResponseCode(error.status)
-    for header in (b"content-length", b"etag", b"accept-ranges", b"docker-content-digest", b"content-type"):
+    for header in (
+        b"content-length", b"content-range", b"etag", b"accept-ranges", b"docker-content-digest", b"content-type",
+    ):
         request.responseHeaders.removeHeader(header)
     for name, value in error.headers.items():
         request.setHeader(name.encode(), value.encode("ascii", "replace"))
@@ -1572,9 +1588,9 @@ class FileSender:
         if fetch.rescue(self._request, fileobj, self.position, self._end, fetch.total, on_done):
             return True
         fileobj.close()
-        abort_request(self._request)
+        answered = end_unsent_or_cut(self._request, _retry_error())
         if on_done is not None:
-            on_done(False)
+            on_done(answered)
         return True
 
     def _send_file(self, limit: int) -> bool:
@@ -1707,18 +1723,10 @@ class FileSender:
             request.unregisterProducer()
             if ok:
                 request.finish()
-            elif (
-                fetch is not None
-                and fetch.failed_with is not None
-                and not getattr(request, "startedWriting", True)
-                and not getattr(request, "_disconnected", False)
-            ):
-                # Nothing of the body went: the download's error, which the
-                # client can read, rather than a cut connection (which the
-                # access log takes for a client that left).  The response
-                # is whole: its handler is done.
-                answer_error_now(request, fetch.failed_with)
-                ok = True
+            elif fetch is not None and fetch.failed_with is not None:
+                # The download's error, if nothing of the body went (the
+                # response is then whole: its handler is done).
+                ok = end_unsent_or_cut(request, fetch.failed_with)
             else:
                 abort_request(request)
         finally:
@@ -1978,16 +1986,17 @@ class _RescuePipe(Protocol):
             self._request.write(self._held)
             self._request.finish()
         else:
-            log.warn("the rest of {digest} for a follower did not come whole and right; cut", digest=str(self._digest))
-            abort_request(self._request)
+            log.warn("the rest of {digest} for a follower did not come whole and right", digest=str(self._digest))
+            ok = end_unsent_or_cut(self._request, _retry_error())
         self._done(ok)
 
     def failed(self, failure: Failure) -> None:
+        answered = False
         if not self._gone:
             log.warn("the rest of {digest} for a follower could not be had: {error}",
                      digest=str(self._digest), error=failure.getErrorMessage())
-            abort_request(self._request)
-        self._done(False)
+            answered = end_unsent_or_cut(self._request, _retry_error())
+        self._done(answered)
 
     def _client_left(self, _: object) -> None:
         self._gone = True

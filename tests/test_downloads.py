@@ -7,10 +7,13 @@ that outgrows the cache.
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
 from handfed import Body, World
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 
 from fakes import cache_by_hand
 
@@ -250,3 +253,49 @@ def test_a_hit_whose_client_left_while_the_upstream_confirmed_it_lets_go_of_its_
     world.cache.evict()
     world.clock.advance(0)
     assert world.cache.lookup(world.key) is None
+
+
+def test_a_range_follower_answered_with_the_downloads_error_has_no_content_range(tmp_path):
+    data = os.urandom(4 * MiB + 5)
+    world = World(tmp_path, data)
+    first, _ = world.get()
+    body = Body(length=len(data))
+    world.requests[0].d.callback(body)
+    body.send(data[:MiB])
+    world.clock.advance(0)
+    follower, _ = world.get(f"bytes={3 * MiB}-")  # waits past what the file holds
+    world.clock.advance(0)
+    assert follower.body == b"" and not follower.startedWriting
+    body.protocol.connectionLost(Failure(ConnectionLost()))  # the upstream cuts mid-body
+    world.clock.advance(0)
+    assert follower.code == 502 and follower.finished
+    assert json.loads(follower.body)["errors"][0]["code"] == "UNAVAILABLE"
+    # (An error body does not carry the 206's Content-Range.)
+    assert follower.responseHeaders.getRawHeaders(b"content-range") is None, follower.responseHeaders
+
+
+def test_a_follower_that_sent_nothing_and_whose_rescue_fails_gets_an_error_not_a_cut(tmp_path):
+    data = os.urandom(4 * MiB + 5)
+    world = World(tmp_path, data)
+    first, _ = world.get()
+    body = Body(length=len(data))
+    world.requests[0].d.callback(body)
+    body.send(data[:MiB])
+    world.clock.advance(0)
+    follower, _ = world.get(f"bytes={3 * MiB}-")
+    world.clock.advance(0)
+
+    def full(chunk: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    body.protocol._writer.write_raw = full
+    body.send(data[MiB : 2 * MiB])
+    world.clock.advance(0)
+    assert len(world.requests) == 2  # the rescue asks the upstream for the rest
+    refused = Body(code=500, length=0)
+    world.requests[1].d.callback(refused)
+    world.clock.advance(0)
+    # Nothing of it went: answered (503, retry), not cut (which the access
+    # log took for a client that left).
+    assert follower.finished and follower.code == 503, (follower.code, follower.finished)
+    assert json.loads(follower.body)["errors"][0]["code"] == "UNAVAILABLE"
