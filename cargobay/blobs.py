@@ -2627,7 +2627,19 @@ class BlobService:
         left behind, is completed rather than started over.
         """
         if partial is not None:
-            partial.addCallback(lambda writer: self._refill_from(key, upstream, upstream_name, digest, writer))
+            # Under way from now (a graceful stop waits for it), though it
+            # starts only once the writing thread has let go of the file.
+            self._downloads += 1
+
+            def go(writer: BlobWriter) -> None:
+                self._downloads -= 1
+                self._refill_from(key, upstream, upstream_name, digest, writer)
+
+            def not_kept(failure: Failure) -> None:
+                self._downloads -= 1
+                log.failure("keeping the file a download left behind failed", failure)
+
+            partial.addCallbacks(go, not_kept)
             return
         self._refill_from(key, upstream, upstream_name, digest, None)
 

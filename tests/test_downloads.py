@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+from typing import Any
 
 import pytest
 from handfed import Body, World
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
@@ -299,3 +301,20 @@ def test_a_follower_that_sent_nothing_and_whose_rescue_fails_gets_an_error_not_a
     # log took for a client that left).
     assert follower.finished and follower.code == 503, (follower.code, follower.finished)
     assert json.loads(follower.body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_the_rest_of_a_file_left_behind_counts_as_under_way_before_its_download_starts(tmp_path):
+    # (A graceful stop waits for the downloads under way.)  It starts only
+    # once the writing thread has let go of the file: until then it was not
+    # counted, and a stop did not wait for it.
+    world = World(tmp_path, os.urandom(MiB))
+    kept: Deferred[Any] = Deferred()
+    world.service._refill(world.key, world.upstream, "library/x", world.digest, kept)
+    assert world.service.in_flight() == 1 and world.requests == []
+    writer = world.cache.begin(world.key, MiB)
+    kept.callback(writer)
+    assert world.service.in_flight() == 1 and len(world.requests) == 1  # its own download now
+    failed: Deferred[Any] = Deferred()
+    world.service._refill(world.key, world.upstream, "library/x", world.digest, failed)
+    failed.errback(OSError("the file could not be kept"))
+    assert world.service.in_flight() == 1

@@ -159,6 +159,25 @@ def test_a_stop_just_after_a_pull_waits_for_its_cache_file(upstream, slow_disk, 
     assert "not cached" not in proxy.process.log_text()
 
 
+def test_a_stop_just_after_a_pull_that_left_the_disk_behind_waits_for_the_rest(upstream, slow_disk, tmp_path):
+    # The rest of the blob is fetched into the file once the client is
+    # served; a graceful stop right then did not wait for it.
+    digest = push_blob(upstream, "library/big", SIZE)
+    proxy = start(tmp_path, slow_disk, upstream)
+    try:
+        status, size, got, _ = curl(proxy, digest)
+        assert (status, size, got) == (200, SIZE, digest)
+    finally:
+        proxy.process.stop()
+    assert left_behind_in_log(proxy)
+    final_name = digest.split(":")[1] + f"-{SIZE}"
+    assert [p.name for p in proxy.cached_blob_files()] == [final_name]
+
+
+def left_behind_in_log(proxy: Proxy) -> bool:
+    return "the cache's disk fell behind upstream" in proxy.process.log_text()
+
+
 def test_clients_that_come_together_share_one_download_on_a_slow_disk(upstream, slow_disk, tmp_path):
     digest = push_blob(upstream, "library/big", SIZE)
     proxy = start(tmp_path, slow_disk, upstream)
