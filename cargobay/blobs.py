@@ -1374,10 +1374,8 @@ class BlobPipe(Protocol):
             if held:
                 request.write(held)
             request.finish()
-        elif not getattr(request, "startedWriting", True) and self._error_for is not None and self._failure_reason is not None:
-            # Nothing of the body has gone: an error, not a cut connection
-            # (which the log took for a client that left).
-            answer_error_now(request, self._error_for(self._failure_status, self._failure_reason))
+        elif self._error_for is not None and self._failure_reason is not None:
+            end_unsent_or_cut(request, self._error_for(self._failure_status, self._failure_reason))
         else:
             abort_request(request)
 

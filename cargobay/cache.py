@@ -667,9 +667,8 @@ class BlobCache:
         if self._scrubbing:
             return succeed(0)
         chunk = 1024 * 1024
-        served = [self._entries[key] for key in self._to_recheck if key in self._entries]
-        for key in [key for key in self._to_recheck if key not in self._entries]:
-            del self._to_recheck[key]
+        self._to_recheck = {key: None for key in self._to_recheck if key in self._entries}
+        served = [self._entries[key] for key in self._to_recheck]
         rest = sorted((e for e in self._entries.values() if e.key not in self._to_recheck), key=lambda e: e.verified_at)
         ordered = served + rest
         damaged = [0]

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
@@ -547,6 +548,29 @@ def answer_unparsed(
     )
 
 
+def until_none_left(
+    reactor: Any, left: Callable[[], int], deadline: float, cut_short: Callable[[], bool], cut: Callable[[int], None]
+) -> Deferred[None]:
+    """
+    Fires once C{left()} is 0, asked every L{DRAIN_CHECK_EVERY} seconds; or
+    at C{deadline}, or once C{cut_short()}, after C{cut} was told how many
+    were left.
+    """
+    done: Deferred[None] = Deferred()
+
+    def check() -> None:
+        count = left()
+        if count and (reactor.seconds() >= deadline or cut_short()):
+            cut(count)
+        elif count:
+            reactor.callLater(DRAIN_CHECK_EVERY, check)
+            return
+        done.callback(None)
+
+    check()
+    return done
+
+
 class ProxySite(server.Site):
     # Tracebacks never reach clients.
     displayTracebacks = False
@@ -575,26 +599,18 @@ class ProxySite(server.Site):
         self.draining = True
         for channel in list(self.channels):
             channel.close_when_idle()
-        done: Deferred[None] = Deferred()
-        deadline = self.reactor.seconds() + grace
 
-        def check() -> None:
-            busy = [channel for channel in self.channels if channel.busy]
-            if not busy:
-                done.callback(None)
-            elif self.reactor.seconds() >= deadline or self.cut_short:
-                log.warn(
-                    "shutting down with {count} requests still under way {why}; their connections are cut",
-                    count=len(busy),
-                    why="at a second signal" if self.cut_short
-                    else f"after server.shutdown_grace_seconds ({grace:g} s)",
-                )
-                done.callback(None)
-            else:
-                self.reactor.callLater(DRAIN_CHECK_EVERY, check)
+        def busy() -> int:
+            return sum(1 for channel in self.channels if channel.busy)
 
-        check()
-        return done
+        def cut(count: int) -> None:
+            log.warn(
+                "shutting down with {count} requests still under way {why}; their connections are cut",
+                count=count,
+                why="at a second signal" if self.cut_short else f"after server.shutdown_grace_seconds ({grace:g} s)",
+            )
+
+        return until_none_left(self.reactor, busy, self.reactor.seconds() + grace, lambda: self.cut_short, cut)
 
     def log(self, request: http.Request, cut: bool = False) -> None:
         """
@@ -1165,21 +1181,12 @@ class CargobayService(service.MultiService):
         file (its last writes, fsync, rename), or filling it for the next
         pull; cut off, the file is thrown away at the next start.
         """
-        done: Deferred[None] = Deferred()
-        blobs = self._runtime.blobs
+        def cut(count: int) -> None:
+            log.warn("shutting down with {count} blob downloads still under way; not cached", count=count)
 
-        def check() -> None:
-            left = blobs.in_flight()
-            if not left:
-                done.callback(None)
-            elif self._reactor.seconds() >= deadline or any(site.cut_short for site in self.sites):
-                log.warn("shutting down with {count} blob downloads still under way; not cached", count=left)
-                done.callback(None)
-            else:
-                self._reactor.callLater(DRAIN_CHECK_EVERY, check)
-
-        check()
-        return done
+        return until_none_left(
+            self._reactor, self._runtime.blobs.in_flight, deadline, lambda: any(site.cut_short for site in self.sites), cut
+        )
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: hand the work to the reactor.

@@ -56,7 +56,8 @@ def test_after_a_write_error_the_next_client_starts_a_download_of_its_own(tmp_pa
     assert second.body == data
 
 
-def _followed_download_whose_disk_fills_up(tmp_path, range_=None, reads_the_file=True):
+def _followed_download(tmp_path, range_=None, reads_the_file=True):
+    """A download with its first MiB in the file, and a follower."""
     data = os.urandom(4 * MiB + 5)
     world = World(tmp_path, data)
     first, _ = world.get()
@@ -67,6 +68,11 @@ def _followed_download_whose_disk_fills_up(tmp_path, range_=None, reads_the_file
     follower, _ = world.get(range_)  # joins the download (reads the file, or waits for it)
     world.clock.advance(0)
     assert len(world.requests) == 1 and (len(follower.body) > 0) == reads_the_file
+    return world, data, body, first, follower
+
+
+def _followed_download_whose_disk_fills_up(tmp_path, range_=None, reads_the_file=True):
+    world, data, body, first, follower = _followed_download(tmp_path, range_, reads_the_file)
     fill_up(body)
     body.send(data[MiB:2 * MiB])
     world.clock.advance(0)
@@ -258,16 +264,9 @@ def test_a_hit_whose_client_left_while_the_upstream_confirmed_it_lets_go_of_its_
 
 
 def test_a_range_follower_answered_with_the_downloads_error_has_no_content_range(tmp_path):
-    data = os.urandom(4 * MiB + 5)
-    world = World(tmp_path, data)
-    first, _ = world.get()
-    body = Body(length=len(data))
-    world.requests[0].d.callback(body)
-    body.send(data[:MiB])
-    world.clock.advance(0)
-    follower, _ = world.get(f"bytes={3 * MiB}-")  # waits past what the file holds
-    world.clock.advance(0)
-    assert follower.body == b"" and not follower.startedWriting
+    # (It waits past what the file holds.)
+    world, data, body, first, follower = _followed_download(tmp_path, f"bytes={3 * MiB}-", reads_the_file=False)
+    assert not follower.startedWriting
     body.protocol.connectionLost(Failure(ConnectionLost()))  # the upstream cuts mid-body
     world.clock.advance(0)
     assert follower.code == 502 and follower.finished
@@ -277,22 +276,9 @@ def test_a_range_follower_answered_with_the_downloads_error_has_no_content_range
 
 
 def test_a_follower_that_sent_nothing_and_whose_rescue_fails_gets_an_error_not_a_cut(tmp_path):
-    data = os.urandom(4 * MiB + 5)
-    world = World(tmp_path, data)
-    first, _ = world.get()
-    body = Body(length=len(data))
-    world.requests[0].d.callback(body)
-    body.send(data[:MiB])
-    world.clock.advance(0)
-    follower, _ = world.get(f"bytes={3 * MiB}-")
-    world.clock.advance(0)
-
-    def full(chunk: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    body.protocol._writer.write_raw = full
-    body.send(data[MiB : 2 * MiB])
-    world.clock.advance(0)
+    world, data, body, first, follower = _followed_download_whose_disk_fills_up(
+        tmp_path, f"bytes={3 * MiB}-", reads_the_file=False
+    )
     assert len(world.requests) == 2  # the rescue asks the upstream for the rest
     refused = Body(code=500, length=0)
     world.requests[1].d.callback(refused)
