@@ -13,7 +13,7 @@ import queue
 import pytest
 from twisted.internet.task import Clock
 
-from cargobay.cache import DIRECT_BLOCK, BlobCache, BlobKey
+from cargobay.cache import DIRECT_BLOCK, DIRECT_BUFFER, BlobCache, BlobKey, _direct_buffers
 from cargobay.reference import Digest
 from fakes import cache_by_hand
 
@@ -394,6 +394,81 @@ def test_what_a_stopped_direct_writer_held_is_dropped_and_the_file_ends_on_a_blo
     assert writer.flush_raw() == 500 and in_file(writer) == data
     writer.abort()
     assert not os.path.exists(writer.path)
+
+
+def test_a_write_bigger_than_the_direct_buffer_goes_out_in_turns(tmp_path):
+    data = os.urandom(2 * DIRECT_BUFFER + 3 * DIRECT_BLOCK + 77)
+    cache, writer = direct_writer(tmp_path, data)
+    counted = writer.write_raw(data[:10])
+    counted += writer.write_raw(data[10:])
+    assert counted == len(data) - 77 and in_file(writer) == data[:counted]
+    assert writer.flush_raw() == 77 and in_file(writer) == data
+    writer.abort()
+
+
+def test_a_reused_direct_buffer_carries_nothing_of_the_last_download(tmp_path):
+    first = os.urandom(DIRECT_BUFFER)
+    cache, writer = direct_writer(tmp_path, first)
+    writer.write_raw(first)
+    buffer = writer._buffer
+    writer.abort()
+    # The next writer goes out from the same buffer, which still holds the
+    # first one's bytes: its file holds its own and nothing more.
+    second = os.urandom(DIRECT_BLOCK + 5)
+    other = cache.begin(key_for(second))
+    assert other is not None
+    assert other.write_raw(second) == DIRECT_BLOCK and other._buffer is buffer
+    assert other.flush_raw() == 5 and in_file(other) == second
+    other.abort()
+
+
+def _mapping_flags(buffer) -> str:
+    """The permissions /proc/self/maps shows for the mapping holding C{buffer}."""
+    import ctypes
+
+    pointer = ctypes.c_char.from_buffer(buffer)
+    address = ctypes.addressof(pointer)
+    del pointer
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, flags = line.split()[:2]
+            start, end = (int(a, 16) for a in span.split("-"))
+            if start <= address < end:
+                return flags
+    raise AssertionError("no mapping holds the buffer")
+
+
+def test_direct_buffers_are_private_memory_kept_a_few_at_a_time():
+    from cargobay.cache import DIRECT_BUFFERS_KEPT, _DirectBuffers
+
+    buffers = _DirectBuffers()
+    taken = [buffers.take() for _ in range(DIRECT_BUFFERS_KEPT + 2)]
+    assert all(len(b) == DIRECT_BUFFER for b in taken)
+    # Private: shared anonymous memory (Python's default) gets no huge pages.
+    assert _mapping_flags(taken[0]) == "rw-p"
+    for b in taken:
+        buffers.give_back(b)
+    assert sum(not b.closed for b in taken) == DIRECT_BUFFERS_KEPT
+    assert buffers.take() is taken[DIRECT_BUFFERS_KEPT - 1]
+
+
+def test_a_direct_write_refused_after_a_first_buffer_went_out_ends_through_the_page_cache(tmp_path, monkeypatch):
+    data = os.urandom(DIRECT_BUFFER + 3 * DIRECT_BLOCK + 9)
+    cache, writer = direct_writer(tmp_path, data)
+    direct_fd, pwrite = writer._direct_fd, os.pwrite
+    calls = [0]
+
+    def refusing_after_one(fd, buffer, offset):
+        if fd == direct_fd:
+            calls[0] += 1
+            if calls[0] > 1:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing_after_one)
+    assert writer.write_raw(data) == len(data)
+    assert writer._direct_fd is None and in_file(writer) == data
+    writer.abort()
 
 
 def test_a_resume_mid_block_goes_on_through_the_page_cache(tmp_path):
