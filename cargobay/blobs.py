@@ -24,18 +24,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.http import _IdentityTransferDecoder
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from cargobay.cache import BlobKey, BlobStore, BlobWriter, Entry
+from cargobay.cache import DIRECT_BLOCK, BlobKey, BlobStore, BlobWriter, Entry, _direct_buffers
 from cargobay.errors import RegistryError, blob_unknown
 from cargobay.links import RepositoryLinks, upstream_unavailable
 from cargobay.metrics import Metrics
@@ -89,6 +91,13 @@ SEND_COPY = os.environ.get("CARGOBAY_SEND_COPY", "1") != "0"
 #: 1,870-2,150 MB/s through 128 KiB, 2,610-2,940 through 256 KiB,
 #: 2,740-3,140 through 1 MiB, 3,170-3,200 through 2 MiB.)
 COPY_CHUNK = 512 * 1024
+#: Whether the bulk of a plain-HTTP upstream body of known length that goes
+#: to a direct-writing cache file is received straight into the buffers the
+#: file is written from (L{_DirectReceive}; CARGOBAY_DIRECT_RECEIVE=0 turns it
+#: off, to compare).
+DIRECT_RECEIVE = os.environ.get("CARGOBAY_DIRECT_RECEIVE", "1") != "0"
+#: ...for a body with at least this much still to come.
+DIRECT_RECEIVE_FROM = 4 * 1024 * 1024
 #: Bytes a blob connection buffers (and reads at once) before pausing.
 TRANSPORT_BUFFER = 1024 * 1024
 #: Upstream body pieces are gathered up to this size (or to the end of the
@@ -439,7 +448,8 @@ class InlineHashAndStore:
         self._on_stored = on_stored
         self._on_write_error = on_write_error
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | _Chunk) -> None:
+        data = _as_bytes(data)  # (only a threaded store is fed chunks)
         self.hasher.update(data)
         self._write(lambda writer: writer.write_raw(data))
         self._on_stored(self.stored)
@@ -589,7 +599,7 @@ class ThreadedHashAndStore:
             return None
         return self._disk_bytes / seconds
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | _Chunk) -> None:
         self._fed += len(data)
         self._hash_queue.put(data)
         if self._writing:
@@ -627,7 +637,7 @@ class ThreadedHashAndStore:
             except queue.Empty:
                 break
             if item is not _DRAIN and item is not _REPORT:
-                dropped += len(cast(bytes, item))
+                dropped += len(cast("bytes | _Chunk", item))
         self._passed_over += dropped
         self._write_queue.put(_DRAIN)
         self._check_drained()
@@ -678,8 +688,8 @@ class ThreadedHashAndStore:
         if self._prefix is not None:
             hash_prefix(self.hasher, *self._prefix)
 
-        def hash_(data: bytes) -> int:
-            self.hasher.update(data)
+        def hash_(data: bytes | _Chunk) -> int:
+            self.hasher.update(data.view if isinstance(data, _Chunk) else data)
             return len(data)
 
         def count(done: int) -> None:
@@ -698,10 +708,12 @@ class ThreadedHashAndStore:
             failed = True
             self._call_from_thread(self._failed, writer, error)
 
-        def write(data: bytes) -> int:
+        def write(data: bytes | _Chunk) -> int:
             if self._writing and not failed:
                 began = self._write_began = time.monotonic()
                 try:
+                    if isinstance(data, _Chunk):
+                        return writer.write_block(data.block, data.start, data.end, data.fresh)
                     return writer.write_raw(data)
                 except OSError as e:
                     fail(e)
@@ -729,7 +741,7 @@ class ThreadedHashAndStore:
     def _work(
         self,
         work: queue.SimpleQueue[object],
-        handle: Callable[[bytes], int],
+        handle: Callable[[bytes | _Chunk], int],
         last: Callable[[], int],
         count: Callable[[int], None],
         progressed: Callable[[int], None],
@@ -752,7 +764,7 @@ class ThreadedHashAndStore:
                     unreported += done
                     return
                 if item is not _REPORT:
-                    done = handle(cast(bytes, item))
+                    done = handle(cast("bytes | _Chunk", item))
                     count(done)
                     unreported += done
                     if self._watched:
@@ -794,6 +806,168 @@ class ThreadedHashAndStore:
         if self.writer is writer:
             self.writer = None
             self._on_write_error(error)
+
+
+class _Chunk:
+    """
+    Body bytes received straight into a buffer of L{_DirectReceive}:
+    C{block[start:end]}.  C{fresh}: the first bytes of that buffer (what
+    comes before C{start} in it belongs to nobody yet).
+    """
+
+    __slots__ = ("block", "start", "end", "fresh")
+
+    def __init__(self, block: memoryview, start: int, end: int, fresh: bool) -> None:
+        self.block = block
+        self.start = start
+        self.end = end
+        self.fresh = fresh
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    @property
+    def view(self) -> memoryview:
+        return self.block[self.start : self.end]
+
+    def tobytes(self) -> bytes:
+        return self.block[self.start : self.end].tobytes()
+
+
+def _as_bytes(data: bytes | _Chunk) -> bytes:
+    return data.tobytes() if isinstance(data, _Chunk) else data
+
+
+class _DirectReceive:
+    """
+    Receives the bulk of an upstream body into the buffers its cache file is
+    written from with C{O_DIRECT} (huge pages, see L{cache._DirectBuffers}),
+    placed so that each byte sits where it falls in a disk block: the
+    writing thread writes them from there, the hashing thread hashes them
+    and the client is sent them, and none copies them first.  It stands in
+    for the TCP transport's reads (C{doRead}) while the body's known length
+    has more than its last byte to come, and tells Twisted's HTTP parser
+    what it took; the last byte goes through the parser, which then ends the
+    response (and may keep the connection for the next request) as ever.
+
+    A buffer goes back for reuse once the hashing and writing threads and
+    the client are past its bytes (L{release}); one that something may still
+    read when the download ends is left to be freed once nothing refers to
+    it.  It stops (and the rest comes as bytes again) once followers join,
+    whose recent bytes are kept as bytes, or the file is given up.
+    """
+
+    def __init__(self, pipe: BlobPipe, transport: tcp.Connection, decoder: _IdentityTransferDecoder) -> None:
+        self._pipe = pipe
+        self._transport = transport
+        self._socket = transport.socket
+        self._decoder = decoder
+        self._block: Any = None
+        self._view: memoryview | None = None
+        #: Where the next byte goes in the buffer, and whether what is
+        #: received next is the buffer's first.
+        self._position = 0
+        self._fresh = True
+        #: Buffers received past: (buffer, where in the body its bytes end).
+        self._past: deque[tuple[Any, int]] = deque()
+        self._reading = True
+        transport.doRead = self._read  # type: ignore[method-assign, assignment]
+
+    @classmethod
+    def attach(cls, pipe: BlobPipe) -> _DirectReceive | None:
+        """One for C{pipe}'s body if it can have one now, else None."""
+        writer = pipe._writer
+        if (
+            not DIRECT_RECEIVE
+            or not isinstance(pipe._store, ThreadedHashAndStore)
+            or writer is None
+            or not getattr(writer, "direct", False)
+            or pipe._expected is None
+            or pipe._expected - pipe._received < DIRECT_RECEIVE_FROM
+            or (pipe._request is not None and pipe._client_fd is None)
+            or (pipe._fetch is not None and pipe._fetch.has_readers())
+        ):
+            return None
+        transport = getattr(pipe.transport, "_producer", None)
+        protocol = getattr(transport, "protocol", None)
+        protocol = getattr(protocol, "_wrappedProtocol", protocol)
+        if not isinstance(transport, tcp.Connection) or not isinstance(protocol, HTTP11ClientProtocol):
+            return None  # (under TLS the TCP transport's protocol is the TLS layer)
+        parser = protocol._parser
+        decoder = getattr(parser, "bodyDecoder", None)
+        if (
+            type(decoder) is not _IdentityTransferDecoder
+            or getattr(parser, "_buffer", None) != b""
+            # Everything the parser took is here: the rest is all to come.
+            or decoder.contentLength != pipe._expected - pipe._received
+        ):
+            return None
+        log.debug("receiving {what} into its cache file's buffers", what=pipe._describe)
+        return cls(pipe, transport, decoder)
+
+    def _wanted(self) -> bool:
+        pipe = self._pipe
+        return (
+            not pipe._finished
+            and pipe._writer is not None
+            and not (pipe._fetch is not None and pipe._fetch.has_readers())
+        )
+
+    def _read(self) -> object:
+        if self._decoder.contentLength > 1 and self._wanted():
+            if self._view is None or self._position == len(self._view):
+                self._next_block()
+        left = self._decoder.contentLength - 1
+        if left <= 0 or not self._wanted():
+            self.stop()
+            return self._transport.doRead()
+        view = self._view
+        assert view is not None
+        start = self._position
+        try:
+            count = self._socket.recv_into(view[start : start + min(len(view) - start, left)])
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self._decoder.contentLength -= count
+        self._position += count
+        fresh, self._fresh = self._fresh, False
+        self._pipe.dataReceived(_Chunk(view, start, start + count, fresh))
+        return None
+
+    def _next_block(self) -> None:
+        pipe = self._pipe
+        pipe._pass_on()  # (a chunk never spans two buffers)
+        if self._block is not None:
+            self._past.append((self._block, pipe._received))
+        self._block = _direct_buffers.take()
+        self._view = memoryview(self._block)
+        self._position = (pipe._offset + pipe._received) % DIRECT_BLOCK
+        self._fresh = True
+
+    def stop(self) -> None:
+        """The rest of the body comes through the parser, as bytes."""
+        if self._reading:
+            self._reading = False
+            self._transport.__dict__.pop("doRead", None)
+            self._pipe._pass_on()
+
+    def release(self, done: int) -> None:
+        """Everything reading the body is past byte C{done}: free the buffers before it."""
+        while self._past and self._past[0][1] <= done:
+            _direct_buffers.give_back(self._past.popleft()[0])
+
+    def close(self, done: int) -> None:
+        """The download is over: free what is done with, drop the rest."""
+        self.stop()
+        if self._block is not None:
+            self._past.append((self._block, self._pipe._received))
+            self._block = self._view = None
+        self.release(done)
+        self._past.clear()
 
 
 @implementer(IPushProducer)
@@ -869,10 +1043,15 @@ class BlobPipe(Protocol):
         #: Bytes of the body passed on so far.
         self._passed = 0
         #: Body pieces not yet passed on (see L{GATHER}).
-        self._gathered: list[bytes] = []
+        self._gathered: list[bytes | _Chunk] = []
         self._gathered_size = 0
         self._pass_on_call: IDelayedCall | None = None
-        self._held = b""
+        #: The last piece passed on, which the primary client gets with the
+        #: next (the last, once the body is hashed).
+        self._held: bytes | _Chunk = b""
+        #: Receiving into the file's buffers, once it can (L{_DirectReceive}).
+        self._receive: _DirectReceive | None = None
+        self._receive_tries = 0
         #: Bytes actually written to the primary client.
         self._sent = 0
         #: The primary client's socket when the body goes to it directly
@@ -952,8 +1131,17 @@ class BlobPipe(Protocol):
         _widen_buffer(getattr(self.transport, "_producer", None))
         self._watch_store()
         self._arm()
+        self._try_direct_receive()
 
-    def dataReceived(self, data: bytes) -> None:
+    def _try_direct_receive(self) -> None:
+        # Once the parser has passed on what it read with the headers (a
+        # few tries at most), the rest may come straight into the file's
+        # buffers.
+        if self._receive is None and self._receive_tries < 8 and not self._finished:
+            self._receive_tries += 1
+            self._receive = _DirectReceive.attach(self)
+
+    def dataReceived(self, data: bytes | _Chunk) -> None:  # type: ignore[override]
         self._received += len(data)
         if self._expected is not None and self._received > self._expected:
             self._give_up("sent more bytes than its Content-Length")
@@ -976,6 +1164,8 @@ class BlobPipe(Protocol):
         elif self._pass_on_call is None:
             # The rest of what this reactor turn read comes in the same turn.
             self._pass_on_call = self._clock.callLater(0, self._pass_on)
+        if not isinstance(data, _Chunk):
+            self._try_direct_receive()
 
     def _pass_on(self) -> None:
         """Hand what was gathered to the hash-and-store worker and the client."""
@@ -987,7 +1177,15 @@ class BlobPipe(Protocol):
             return
         pieces, self._gathered = self._gathered, []
         self._gathered_size = 0
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        data: bytes | _Chunk
+        first = pieces[0]
+        if len(pieces) == 1:
+            data = first
+        elif isinstance(first, _Chunk):
+            # Received one after the other into one buffer: one piece.
+            data = _Chunk(first.block, first.start, cast(_Chunk, pieces[-1]).end, first.fresh)
+        else:
+            data = b"".join(cast("list[bytes]", pieces))
         self._arm()
         if self._on_bytes is not None:
             self._on_bytes(len(data))
@@ -995,7 +1193,8 @@ class BlobPipe(Protocol):
         fetch = self._fetch
         if fetch is not None:
             if fetch.has_readers():
-                fetch.remember(self._offset + self._passed, data)
+                # (Kept as bytes: followers may read them for a while.)
+                fetch.remember(self._offset + self._passed, _as_bytes(data))
             else:
                 fetch.forget_recent()
         self._passed += len(data)
@@ -1003,12 +1202,27 @@ class BlobPipe(Protocol):
             held, self._held = self._held, data
             if held:
                 self._send(held)
+        self._release_buffers()
         if self._store.pending_bytes > STORE_BACKLOG:
             self._maybe_leave_disk_behind()
             if self._store.pending_bytes > STORE_BACKLOG:
                 self._store_paused = True
                 self._update_flow()
                 self._check_disk_later()
+
+    def _done_with(self) -> int:
+        """Where in the body the threads and the primary client all are past."""
+        store = self._store
+        if not isinstance(store, ThreadedHashAndStore):
+            return 0
+        done = min(store._hashed, store._handled + store._passed_over)
+        if self._unsent or self._held:
+            done = min(done, self._sent)
+        return done
+
+    def _release_buffers(self) -> None:
+        if self._receive is not None:
+            self._receive.release(self._done_with())
 
     def _maybe_leave_disk_behind(self) -> None:
         if (
@@ -1087,6 +1301,7 @@ class BlobPipe(Protocol):
         self._on_disk_left_behind(kept)
 
     def _stored(self, stored: int) -> None:
+        self._release_buffers()
         if self._fetch is not None:
             # (Also once the body has all come: the disk may have megabytes
             # left to write, which followers may read as they are.)
@@ -1099,16 +1314,16 @@ class BlobPipe(Protocol):
 
     # -- the primary client ------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes | _Chunk) -> None:
         request = self._request
         assert request is not None
         if self._client_fd is None:
             self._sent += len(data)
-            request.write(data)
+            request.write(_as_bytes(data))
             return
         if not getattr(request, "startedWriting", True):
             request.write(b"")  # the headers, through the transport
-        self._unsent.append(memoryview(data))
+        self._unsent.append(data.view if isinstance(data, _Chunk) else memoryview(data))
         self._flush()
 
     def _flush(self) -> None:
@@ -1351,6 +1566,8 @@ class BlobPipe(Protocol):
         self._conclude(entry, ok=True)
 
     def _conclude(self, entry: Entry | None, ok: bool) -> None:
+        if self._receive is not None:
+            self._receive.close(self._done_with())
         if self._fetch is not None:
             if not ok and self._error_for is not None and self._failure_reason is not None:
                 self._fetch.failed_with = self._error_for(self._failure_status, self._failure_reason)
@@ -1372,7 +1589,7 @@ class BlobPipe(Protocol):
             for view in unsent:
                 request.write(bytes(view))
             if held:
-                request.write(held)
+                request.write(_as_bytes(held))
             request.finish()
         elif self._error_for is not None and self._failure_reason is not None:
             end_unsent_or_cut(request, self._error_for(self._failure_status, self._failure_reason))

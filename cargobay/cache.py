@@ -50,7 +50,7 @@ DIRECT_BLOCK = 4096
 #: page, where the kernel gives one (see L{_DirectBuffers}).
 DIRECT_BUFFER = 2 * 1024 * 1024
 #: Direct-write buffers kept for the next downloads once their own ended.
-DIRECT_BUFFERS_KEPT = 4
+DIRECT_BUFFERS_KEPT = 8
 
 
 class _DirectBuffers:
@@ -82,11 +82,18 @@ class _DirectBuffers:
         return buffer
 
     def give_back(self, buffer: mmap.mmap) -> None:
+        """
+        C{buffer} is free for another download: nothing reads or writes it
+        any more (views of it may still exist, unused).
+        """
         # (list.append and pop are atomic: writing threads give back too.)
         if len(self._kept) < DIRECT_BUFFERS_KEPT:
             self._kept.append(buffer)
-        else:
+            return
+        try:
             buffer.close()
+        except BufferError:
+            pass  # views of it remain: it goes once they do
 
 
 _direct_buffers = _DirectBuffers()
@@ -186,7 +193,7 @@ class BlobWriter:
             except OSError:
                 pass  # the filesystem has no O_DIRECT (tmpfs before Linux 6.6): the page cache it is
 
-    def write_raw(self, data: bytes) -> int:
+    def write_raw(self, data: bytes | memoryview) -> int:
         """
         Write to the file and nothing else (no bookkeeping), so that a worker
         thread may call it; the reactor then calls L{wrote} or L{failed} with
@@ -205,7 +212,7 @@ class BlobWriter:
             self._end += written
         return len(data)
 
-    def _write_direct(self, data: bytes) -> int:
+    def _write_direct(self, data: bytes | memoryview) -> int:
         if self._buffer is None:
             self._buffer = _direct_buffers.take()
         added = 0
@@ -231,6 +238,43 @@ class BlobWriter:
         self._held = 0
         self._stop_direct()
         return added + self.write_raw(pending)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the file is still written with C{O_DIRECT}."""
+        return self._direct_fd is not None
+
+    def write_block(self, block: memoryview, start: int, end: int, fresh: bool) -> int:
+        """
+        L{write_raw} of C{block[start:end]}, where C{block} is a buffer of
+        whole blocks received into so that C{start} is where the file's end
+        falls in a block: the bytes go to the disk from there, not copied
+        first.  What the file's last partial block holds goes in front of
+        them: it is in C{block} already (the bytes before C{start} came
+        through this same buffer) unless C{fresh}, when it is put there.
+        """
+        held = self._held
+        if self._direct_fd is None or start % DIRECT_BLOCK != held:
+            return self.write_raw(block[start:end])
+        if self._buffer is None:
+            self._buffer = _direct_buffers.take()
+        first = start - held
+        if fresh and held:
+            block[first:start] = self._buffer[:held]
+        whole = end - end % DIRECT_BLOCK
+        added = 0
+        if whole > first:
+            if not self._pwrite_direct(block[first:whole], whole - first):
+                # The filesystem took O_DIRECT at open but not for writing.
+                pending = block[first:end].tobytes()
+                self._held = 0
+                self._stop_direct()
+                return self.write_raw(pending)
+            added, first = whole - first, whole
+        # The last partial block, as every direct write keeps it.
+        self._held = end - first
+        self._buffer[: self._held] = block[first:end]
+        return added
 
     def _pwrite_direct(self, view: memoryview, length: int) -> bool:
         """

@@ -104,10 +104,13 @@ class Proxy:
         return [p for p in (self.cache / "tmp").iterdir() if p.is_file()]
 
 
-def start_proxy(tmp: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "") -> Proxy:
+def start_proxy(
+    tmp: Path, registries: list[dict], repositories: list[tuple[str, str, str]], extra: str = "",
+    env: dict[str, str] | None = None,
+) -> Proxy:
     port = free_port()
     cache = tmp / "cache"
     config = write_config(tmp / "config.toml", port, cache, registries, repositories, extra)
-    process = Twistd(config_path=config, log_path=tmp / "cargobay.log").start()
+    process = Twistd(config_path=config, log_path=tmp / "cargobay.log", env=env).start()
     process.wait_listening(port)
     return Proxy(process, port, cache)

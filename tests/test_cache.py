@@ -13,7 +13,7 @@ import queue
 import pytest
 from twisted.internet.task import Clock
 
-from cargobay.cache import DIRECT_BLOCK, DIRECT_BUFFER, BlobCache, BlobKey, _direct_buffers
+from cargobay.cache import DIRECT_BLOCK, DIRECT_BUFFER, BlobCache, BlobKey
 from cargobay.reference import Digest
 from fakes import cache_by_hand
 

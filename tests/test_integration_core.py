@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -484,6 +485,40 @@ def test_one_gib_blob_streams_with_flat_memory(streaming_proxy, big_blobs):
     assert "sha256:" + hasher.hexdigest() == digest
     peak = streaming_proxy.rss_peak_kib()
     assert peak < 100 * 1024, f"peak RSS {peak} KiB (baseline {baseline} KiB)"
+
+
+def test_cold_blobs_received_into_the_cache_file_s_buffers_are_whole_for_clients_and_on_disk(upstream_anon, tmp_path):
+    # Several cold blobs at once and then one more: the buffers each download
+    # receives into and writes from are reused across downloads, and the
+    # upstream connection each used is kept for the next request.
+    sizes = [24 * 1024**2 + 123, 17 * 1024**2, 9 * 1024**2 + 4095, 33 * 1024**2 + 1]
+    digests = [push_blob(upstream_anon, "library/direct", size) for size in sizes]
+    proxy = start_proxy(
+        tmp_path, [{"id": "anon", "url": upstream_anon.url}], [("direct", "anon", "library/direct")],
+        env={"CARGOBAY_LOG_LEVEL": "debug"},
+    )
+    try:
+        def pull(digest: str) -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
+            conn.request("GET", f"/v2/direct/blobs/{digest}", headers={"Authorization": f"Bearer {ALL}"})
+            response = conn.getresponse()
+            assert response.status == 200 and response.getheader("X-Cache") == "MISS"
+            hasher = hashlib.sha256()
+            while piece := response.read(256 * 1024):
+                hasher.update(piece)
+            conn.close()
+            return "sha256:" + hasher.hexdigest()
+
+        with ThreadPoolExecutor(len(digests) - 1) as pool:
+            assert list(pool.map(pull, digests[:-1])) == digests[:-1]
+        assert pull(digests[-1]) == digests[-1]
+        for digest in digests:
+            with open(proxy.cached_blob(digest, timeout=60), "rb") as f:
+                assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == digest
+        # (Else this tested the copying path.)
+        assert proxy.process.log_text().count("into its cache file's buffers") == len(digests)
+    finally:
+        proxy.process.stop()
 
 
 def test_a_client_that_leaves_mid_body_has_its_access_line(streaming_proxy, big_blobs):
