@@ -42,10 +42,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sys
 
 BLOB = bytes(range(256)) * 4096
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+#: What modes named ``big<mode>`` (``biggood``, ``bigwrong``...) serve
+#: instead: big enough for cargobay to receive it into its cache file's
+#: buffers (``wrong`` changes its middle byte, which goes there).
+BIG_BLOB = random.Random(12).randbytes(12 * 1024 * 1024)
+BIG_DIGEST = "sha256:" + hashlib.sha256(BIG_BLOB).hexdigest()
 MANIFEST = (
     b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": {"mediaType":'
     b' "application/vnd.oci.image.config.v1+json", "digest": "' + DIGEST.encode() + b'", "size": 1048576},'
@@ -115,9 +121,12 @@ def main(port: int) -> None:
                     "tobadhost": f"http://[::zz]:{port}/v2/evil/good/blobs/{DIGEST}".encode(),
                 }[mode])
                 return b""
-            half = BLOB[: len(BLOB) // 2]
+            blob = BLOB
+            if mode.startswith("big"):
+                blob, mode = BIG_BLOB, mode[len("big"):]
+            half = blob[: len(blob) // 2]
             if mode == "good":
-                return BLOB
+                return blob
             if mode in ("closedelimited", "closedelimitedcut") and request.method == b"GET":
                 # HTTP/1.0's framing: no length, the body ends with the connection.
                 body = BLOB if mode == "closedelimited" else half
@@ -127,7 +136,8 @@ def main(port: int) -> None:
                 transport.loseConnection()
                 return server.NOT_DONE_YET
             if mode == "wrong":
-                return BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+                at = len(blob) - 1 if blob is BLOB else len(blob) // 2
+                return blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:]
             if mode == "empty":
                 return b""
             if mode == "silentbody" and request.method == b"GET":
@@ -136,15 +146,15 @@ def main(port: int) -> None:
                 request.write(b"")
                 return server.NOT_DONE_YET
             if mode == "longer":
-                request.setHeader(b"Content-Length", str(len(BLOB)).encode())
+                request.setHeader(b"Content-Length", str(len(blob)).encode())
                 request.channel.transport.write(b"")
-                request.write(BLOB + b"extra bytes")
+                request.write(blob + b"extra bytes")
                 request.finish()
                 return server.NOT_DONE_YET
             if request.method == b"HEAD":
-                return BLOB
+                return blob
             if mode in ("truncate", "stall"):
-                request.setHeader(b"Content-Length", str(len(BLOB)).encode())
+                request.setHeader(b"Content-Length", str(len(blob)).encode())
                 request.write(half)
                 if mode == "truncate":
                     reactor.callLater(0.2, request.channel.transport.abortConnection)

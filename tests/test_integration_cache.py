@@ -28,6 +28,8 @@ import pytest
 
 from cargobay.tokens import mint_token
 from evil_upstream import (
+    BIG_BLOB,
+    BIG_DIGEST,
     BIG_INDEX,
     BIG_INDEX_DIGEST,
     BLOB,
@@ -628,6 +630,47 @@ def test_bad_bytes_never_look_complete_and_never_enter_the_cache(evil_proxy, mod
     cached = [p for p in evil_proxy.cached_blob_files() if "evil" in str(p) and p.name.startswith(digest_hex)]
     for path in cached:
         assert path.read_bytes() == BLOB  # only the good mode's bytes may be there
+
+
+@pytest.fixture(scope="module")
+def evil_big_proxy(evil, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evil-big-proxy")
+    modes = ["biggood", "bigwrong", "bigtruncate", "bigstall", "biglonger"]
+    proxy = start_proxy(
+        tmp,
+        [{"id": f"evil-{mode}", "url": evil, "read_timeout_seconds": 2} for mode in modes],
+        [(mode, f"evil-{mode}", f"evil/{mode}") for mode in modes],
+        env={"CARGOBAY_LOG_LEVEL": "debug"},
+    )
+    yield proxy
+    proxy.process.stop()
+
+
+@pytest.mark.parametrize("mode", ["biggood", "bigwrong", "bigtruncate", "bigstall", "biglonger"])
+def test_bad_bytes_received_into_the_cache_file_s_buffers_never_enter_the_cache(evil_big_proxy, mode):
+    # A 12 MiB blob: its bulk is received straight into the buffers its
+    # cache file is written from (the mode's middle byte, for "bigwrong").
+    conn = http.client.HTTPConnection("127.0.0.1", evil_big_proxy.port, timeout=30)
+    conn.request("GET", f"/v2/{mode}/blobs/{BIG_DIGEST}", headers={"Authorization": f"Bearer {ALL}"})
+    response = conn.getresponse()
+    try:
+        body: bytes | None = response.read()
+    except (http.client.IncompleteRead, ConnectionError):
+        body = None
+    conn.close()
+    assert response.status == 200
+    if mode in ("biggood", "biglonger"):
+        assert body == BIG_BLOB
+    else:
+        assert body is None
+    assert wait_until(lambda: evil_big_proxy.temp_files() == [], timeout=30)
+    cached = [p for p in evil_big_proxy.cached_blob_files() if p.name.startswith(BIG_DIGEST.split(":")[1])]
+    for path in cached:
+        assert path.read_bytes() == BIG_BLOB
+    log = evil_big_proxy.process.log_text()
+    assert f"receiving evil-{mode} evil/{mode}@{BIG_DIGEST} into its cache file's buffers" in log
+    if mode == "biggood":
+        assert len(cached) == 1
 
 
 @pytest.mark.parametrize("mode, status, said", [
