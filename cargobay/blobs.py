@@ -569,6 +569,15 @@ class ThreadedHashAndStore:
         """Bytes fed but not yet both hashed and written."""
         return self._fed - min(self._hashed, self._handled + self._passed_over)
 
+    def read_past(self) -> int:
+        """
+        How far into what was fed both threads are done with it.  (What
+        the writing thread was given counts as in use until it lets go of
+        it: after L{stop_writing}, it may still be in the middle of a
+        write, while what was waiting behind it is passed over.)
+        """
+        return min(self._hashed, self._handled if self._write_running else self._fed)
+
     def write_backlog(self) -> int:
         """Bytes fed but not yet written (0 when not writing)."""
         return self._fed - self._handled - self._passed_over if self._writing else 0
@@ -1215,7 +1224,7 @@ class BlobPipe(Protocol):
         store = self._store
         if not isinstance(store, ThreadedHashAndStore):
             return 0
-        done = min(store._hashed, store._handled + store._passed_over)
+        done = store.read_past()
         if self._unsent or self._held:
             done = min(done, self._sent)
         return done
@@ -1566,13 +1575,16 @@ class BlobPipe(Protocol):
         self._conclude(entry, ok=True)
 
     def _conclude(self, entry: Entry | None, ok: bool) -> None:
-        if self._receive is not None:
-            self._receive.close(self._done_with())
         if self._fetch is not None:
             if not ok and self._error_for is not None and self._failure_reason is not None:
                 self._fetch.failed_with = self._error_for(self._failure_status, self._failure_reason)
             self._fetch.finished(entry, ok)
         self._end_primary(ok)
+        if self._receive is not None:
+            # (Once the client has let go of its views: what the threads
+            # are done with goes back for reuse, anything else is freed
+            # when nothing refers to it any more.)
+            self._receive.close(self._done_with())
         self.done.callback(ok)
 
     def _end_primary(self, ok: bool) -> None:

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import queue
+import time
 
 import pytest
 from twisted.internet.task import Clock
@@ -520,6 +521,53 @@ def test_direct_writes_through_the_threaded_store_end_with_the_whole_blob(tmp_pa
     assert store.hasher.hexdigest() == digest.encoded
     assert stored[-1] == len(data) == writer.size and in_file(writer) == data
     assert writer.commit(synced=False) is not None
+
+
+def test_what_the_writing_thread_writes_from_stays_in_use_after_writing_stops(tmp_path):
+    # Buffers a body is received into are reused once both threads are
+    # past them: a chunk the writing thread is in the middle of writing
+    # when writing stops is still read, though what queued behind it is
+    # passed over.
+    import threading
+
+    from cargobay.blobs import ThreadedHashAndStore
+
+    entered, go_on = threading.Event(), threading.Event()
+
+    class SlowWriter:
+        path = str(tmp_path / "slow")
+
+        def write_raw(self, data):
+            entered.set()
+            assert go_on.wait(30)
+            return len(data)
+
+        def flush_raw(self):
+            return 0
+
+        def drop_held(self):
+            return 0
+
+    data = b"x" * 600
+    calls: queue.SimpleQueue = queue.SimpleQueue()
+    store = ThreadedHashAndStore(
+        key_for(data).digest, SlowWriter(), lambda f, *a: calls.put((f, a)), lambda stored: None, lambda e: None
+    )
+    for start, end in [(0, 100), (100, 300), (300, 600)]:
+        store.feed(data[start:end])
+    assert entered.wait(30)
+    for _ in range(3000):
+        if store._hashed == 600:
+            break
+        time.sleep(0.01)
+    stopped: list[object] = []
+    store.stop_writing().addCallback(stopped.append)
+    assert store.read_past() == 0  # the first chunk is still being written
+    go_on.set()
+    while not stopped:
+        f, a = calls.get(timeout=30)
+        f(*a)
+    assert store.read_past() == 600
 
 
 def test_a_full_disk_under_direct_writes_is_a_write_error_and_the_hash_goes_on(tmp_path, monkeypatch):
