@@ -902,7 +902,7 @@ class _DirectReceive:
         protocol = getattr(protocol, "_wrappedProtocol", protocol)
         if not isinstance(transport, tcp.Connection) or not isinstance(protocol, HTTP11ClientProtocol):
             return None  # (under TLS the TCP transport's protocol is the TLS layer)
-        parser = protocol._parser
+        parser = getattr(protocol, "_parser", None)  # (Twisted's own: what it calls it may change)
         decoder = getattr(parser, "bodyDecoder", None)
         if (
             type(decoder) is not _IdentityTransferDecoder
