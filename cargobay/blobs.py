@@ -575,6 +575,11 @@ class ThreadedHashAndStore:
         the writing thread was given counts as in use until it lets go of
         it: after L{stop_writing}, it may still be in the middle of a
         write, while what was waiting behind it is passed over.)
+
+        The buffers a body is received into are reused on this count
+        (L{_DirectReceive.release}): each thread must count a piece only
+        once it no longer reads it, or the writing thread's C{fresh} copy
+        of its held bytes would go into another download's buffer.
         """
         return min(self._hashed, self._handled if self._write_running else self._fed)
 
@@ -926,6 +931,8 @@ class _DirectReceive:
         if self._decoder.contentLength > 1 and self._wanted():
             if self._view is None or self._position == len(self._view):
                 self._next_block()
+                if self._pipe._upstream_paused:
+                    return None  # (what it passed on paused the upstream: read on when resumed)
         left = self._decoder.contentLength - 1
         if left <= 0 or not self._wanted():
             self.stop()
