@@ -885,6 +885,9 @@ class _DirectReceive:
         #: Buffers received past: (buffer, where in the body its bytes end).
         self._past: deque[tuple[Any, int]] = deque()
         self._reading = True
+        # What came as bytes goes on first: pieces gathered together are
+        # all bytes, or all of one buffer (and then one piece of it).
+        pipe._pass_on()
         transport.doRead = self._read  # type: ignore[method-assign, assignment]
 
     @classmethod
