@@ -884,7 +884,6 @@ class _DirectReceive:
         self._fresh = True
         #: Buffers received past: (buffer, where in the body its bytes end).
         self._past: deque[tuple[Any, int]] = deque()
-        self._reading = True
         # What came as bytes goes on first: pieces gathered together are
         # all bytes, or all of one buffer (and then one piece of it).
         pipe._pass_on()
@@ -969,10 +968,8 @@ class _DirectReceive:
 
     def stop(self) -> None:
         """The rest of the body comes through the parser, as bytes."""
-        if self._reading:
-            self._reading = False
-            self._transport.__dict__.pop("doRead", None)
-            self._pipe._pass_on()
+        self._transport.__dict__.pop("doRead", None)
+        self._pipe._pass_on()
 
     def release(self, done: int) -> None:
         """Everything reading the body is past byte C{done}: free the buffers before it."""

@@ -234,10 +234,17 @@ class BlobWriter:
                 view[: self._held] = view[whole:total]
             else:
                 return added
-        # The filesystem took O_DIRECT at open but not for writing.
+        return added + self._without_direct(pending)
+
+    def _without_direct(self, pending: bytes) -> int:
+        """
+        The filesystem took O_DIRECT at open but not for writing: C{pending}
+        (what was held back included) and all that follows go through the
+        page cache.
+        """
         self._held = 0
         self._stop_direct()
-        return added + self.write_raw(pending)
+        return self.write_raw(pending)
 
     @property
     def direct(self) -> bool:
@@ -265,11 +272,7 @@ class BlobWriter:
         added = 0
         if whole > first:
             if not self._pwrite_direct(block[first:whole], whole - first):
-                # The filesystem took O_DIRECT at open but not for writing.
-                pending = block[first:end].tobytes()
-                self._held = 0
-                self._stop_direct()
-                return self.write_raw(pending)
+                return self._without_direct(block[first:end].tobytes())
             added, first = whole - first, whole
         # The last partial block, as every direct write keeps it.
         self._held = end - first

@@ -472,6 +472,32 @@ def test_a_direct_write_refused_after_a_first_buffer_went_out_ends_through_the_p
     writer.abort()
 
 
+def test_writes_from_a_received_buffer_go_out_unmoved_and_fall_back_as_copies_do(tmp_path, monkeypatch):
+    import mmap
+
+    data = os.urandom(3 * DIRECT_BLOCK + 700)
+    cache, writer = direct_writer(tmp_path, data)
+    block = memoryview(mmap.mmap(-1, DIRECT_BUFFER))
+    # Bytes as a receive places them: where they fall in a disk block.
+    block[: len(data)] = data
+    assert writer.write_block(block, 0, 100, fresh=True) == 0
+    assert writer.write_block(block, 100, 2 * DIRECT_BLOCK + 5, fresh=False) == 2 * DIRECT_BLOCK
+    # A new buffer holds only what follows: the held bytes go in front of it.
+    other = memoryview(mmap.mmap(-1, DIRECT_BUFFER))
+    other[5 : len(data) - 2 * DIRECT_BLOCK] = data[2 * DIRECT_BLOCK + 5 :]
+    direct_fd, pwrite = writer._direct_fd, os.pwrite
+
+    def refusing(fd, buffer, offset):
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    assert writer.write_block(other, 5, len(data) - 2 * DIRECT_BLOCK, fresh=True) == len(data) - 2 * DIRECT_BLOCK
+    assert writer._direct_fd is None and in_file(writer) == data
+    writer.abort()
+
+
 def test_a_resume_mid_block_goes_on_through_the_page_cache(tmp_path):
     data = os.urandom(3 * DIRECT_BLOCK)
     cache, writer = direct_writer(tmp_path, data)
